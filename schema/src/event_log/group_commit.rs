@@ -1,0 +1,206 @@
+//! Group commit: many callers' appends share one transaction, and each caller hears back
+//! only after that transaction has committed.
+//!
+//! Callers put their request on a bounded queue and await a reply. A few writer tasks each
+//! take a batch off the queue (whatever is waiting, up to `max_batch_events`, lingering at
+//! most `max_wait` for more) and commit it in one transaction. While one writer waits for
+//! its commit to flush, the next batch accumulates, so the cost of each flush is shared.
+//!
+//! Failure rules:
+//! - A request refused on its own merits (wrong expected version) is answered alone; the
+//!   rest of its batch commits.
+//! - If the batch's transaction fails because of the data (a statement error), each request
+//!   is retried in a transaction of its own, so one bad request cannot fail its neighbours.
+//! - If it fails because the database is unreachable, or the commit's outcome is unknown,
+//!   every caller in the batch gets the error. None is told "stored" unless the commit
+//!   returned success; a caller told "failed" may find its event stored after all, which
+//!   its retry (same event id) absorbs as a duplicate.
+//! - A full queue is refused at once ([`Error::Overloaded`]) so a gateway can answer 503
+//!   well inside a sender's timeout instead of queueing without bound.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::{AppendRequest, Appended, append};
+use crate::{Error, Result};
+
+/// Tuning of the group-commit appender.
+#[derive(Debug, Clone)]
+pub struct AppenderConfig {
+    /// Most events in one transaction.
+    pub max_batch_events: usize,
+    /// Longest a writer lingers for more requests once it has one. Zero takes only what is
+    /// already queued: lowest latency, and batches still grow under load.
+    pub max_wait: Duration,
+    /// Requests that may wait; beyond this, appends fail fast with `Overloaded`.
+    pub queue_capacity: usize,
+    /// Concurrent writer transactions (each holds a pool connection while it commits).
+    pub writers: usize,
+}
+
+impl Default for AppenderConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_events: 500,
+            max_wait: Duration::ZERO,
+            queue_capacity: 10_000,
+            writers: 2,
+        }
+    }
+}
+
+struct Job {
+    request: AppendRequest,
+    reply: oneshot::Sender<Result<Vec<Appended>>>,
+    enqueued: Instant,
+}
+
+/// Handle to the group-commit appender. Cheap to clone; the writers stop once every clone
+/// is dropped and the queue is drained.
+#[derive(Debug, Clone)]
+pub struct Appender {
+    queue: mpsc::Sender<Job>,
+}
+
+/// The writer tasks; await [`AppenderTasks::join`] after dropping every [`Appender`] for a
+/// graceful shutdown that answers every queued caller.
+#[derive(Debug)]
+pub struct AppenderTasks(JoinSet<()>);
+
+impl AppenderTasks {
+    pub async fn join(mut self) {
+        while let Some(res) = self.0.join_next().await {
+            if let Err(e) = res {
+                warn!(error = %e, "event log writer task ended abnormally");
+            }
+        }
+    }
+}
+
+impl Appender {
+    /// Starts the writer tasks on the current runtime.
+    pub fn start(pool: PgPool, config: AppenderConfig) -> (Self, AppenderTasks) {
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        let mut tasks = JoinSet::new();
+        for writer in 0..config.writers.max(1) {
+            let (pool, rx, config) = (pool.clone(), rx.clone(), config.clone());
+            tasks.spawn(
+                writer_loop(pool, rx, config).instrument(info_span!("event_log_writer", writer)),
+            );
+        }
+        (Self { queue: tx }, AppenderTasks(tasks))
+    }
+
+    /// Appends one request; resolves after the batch holding it has committed.
+    pub async fn append(&self, request: AppendRequest) -> Result<Vec<Appended>> {
+        append::validate(&request)?;
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            request,
+            reply,
+            enqueued: Instant::now(),
+        };
+        self.queue.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                metrics::counter!("warren_event_log_append_shed_total").increment(1);
+                Error::Overloaded
+            }
+            mpsc::error::TrySendError::Closed(_) => Error::AppenderStopped,
+        })?;
+        answer.await.map_err(|_| Error::AppenderStopped)?
+    }
+
+    /// Requests waiting for a writer.
+    pub fn queued(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+}
+
+async fn writer_loop(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>, config: AppenderConfig) {
+    while let Some(batch) = next_batch(&rx, &config).await {
+        commit_jobs(&pool, batch).await;
+    }
+}
+
+/// Takes the next batch; `None` when the queue is closed and drained.
+async fn next_batch(rx: &Mutex<mpsc::Receiver<Job>>, config: &AppenderConfig) -> Option<Vec<Job>> {
+    let mut rx = rx.lock().await;
+    let first = rx.recv().await?;
+    let mut events = first.request.events.len();
+    let mut batch = vec![first];
+    let deadline = Instant::now() + config.max_wait;
+    while events < config.max_batch_events {
+        let job = match rx.try_recv() {
+            Ok(job) => job,
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout(left, rx.recv()).await {
+                    Ok(Some(job)) => job,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        };
+        events += job.request.events.len();
+        batch.push(job);
+    }
+    Some(batch)
+}
+
+async fn commit_jobs(pool: &PgPool, jobs: Vec<Job>) {
+    let started = Instant::now();
+    let requests: Vec<&AppendRequest> = jobs.iter().map(|j| &j.request).collect();
+    let events: usize = requests.iter().map(|r| r.events.len()).sum();
+    let span = info_span!("event_log_commit", requests = jobs.len(), events);
+    let result = super::commit_requests(pool, &requests)
+        .instrument(span)
+        .await;
+    drop(requests);
+
+    match result {
+        Ok(outcomes) => {
+            metrics::histogram!("warren_event_log_batch_events").record(events as f64);
+            metrics::histogram!("warren_event_log_commit_seconds")
+                .record(started.elapsed().as_secs_f64());
+            metrics::counter!("warren_event_log_appended_events_total").increment(events as u64);
+            for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                reply(job, outcome);
+            }
+        }
+        Err(e) if jobs.len() > 1 && !e.is_unavailable() => {
+            // A statement failed because of something in the batch: isolate it.
+            debug!(error = %e, "batch failed; retrying its requests one by one");
+            for job in jobs {
+                let outcome = super::commit_requests(pool, &[&job.request])
+                    .await
+                    .and_then(|mut o| o.remove(0));
+                reply(job, outcome);
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, requests = jobs.len(), "event log batch failed");
+            metrics::counter!("warren_event_log_batch_failures_total", "error" => e.metric_label())
+                .increment(1);
+            for job in jobs {
+                reply(job, Err(e.clone()));
+            }
+        }
+    }
+}
+
+fn reply(job: Job, outcome: Result<Vec<Appended>>) {
+    metrics::histogram!("warren_event_log_append_seconds")
+        .record(job.enqueued.elapsed().as_secs_f64());
+    // A caller that went away (a cancelled request) still had its event stored; its
+    // sender's retry will be answered as a duplicate.
+    let _ = job.reply.send(outcome);
+}

@@ -1,0 +1,196 @@
+//! The versioned event types every Warren service shares.
+//!
+//! Names are past tense (a fact that happened). Each type has a stable wire name and a
+//! version; its JSON form is pinned by a snapshot file in `schema/tests/snapshots/`, so a
+//! change to a stored format shows up in review. A change that old readers cannot read gets
+//! a new version (a new struct), never an edit of the old one: the log keeps old events
+//! forever.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+/// A typed event payload with a stable wire name and version.
+pub trait DomainEvent: Serialize + DeserializeOwned {
+    /// Wire name, `noun.past_tense_verb`.
+    const TYPE: &'static str;
+    /// Payload schema version, starting at 1.
+    const VERSION: i16;
+}
+
+macro_rules! domain_events {
+    ($($ty:ident => $name:literal v $version:literal),+ $(,)?) => {
+        $(impl DomainEvent for $ty {
+            const TYPE: &'static str = $name;
+            const VERSION: i16 = $version;
+        })+
+
+        /// The `(type, version)` of every event type this build knows.
+        pub const KNOWN_EVENT_TYPES: &[(&str, i16)] = &[$(($name, $version)),+];
+    };
+}
+
+domain_events! {
+    SlackEventReceived => "slack.event_received" v 1,
+    WebhookReceived => "webhook.received" v 1,
+    MessageReceived => "message.received" v 1,
+    MessageRouted => "message.routed" v 1,
+    WorkspaceStartRequested => "workspace.start_requested" v 1,
+    WorkspaceStopRequested => "workspace.stop_requested" v 1,
+    WorkspaceObserved => "workspace.observed" v 1,
+    AgentReplied => "agent.replied" v 1,
+    AgentMentioned => "agent.mentioned" v 1,
+    ReplyDelivered => "reply.delivered" v 1,
+}
+
+/// A Slack Events API `event_callback`, stored as received (after signature verification).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlackEventReceived {
+    pub team_id: String,
+    /// Slack's `event_id`: with `team_id`, the idempotency key of the delivery.
+    pub event_id: String,
+    pub event_time: i64,
+    /// The whole JSON body Slack sent.
+    pub body: Value,
+}
+
+/// A webhook delivery, stored as received (after signature verification).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookReceived {
+    /// The configured endpoint name (`/webhooks/{endpoint}`).
+    pub endpoint: String,
+    /// Signature scheme that verified it: `github`, `standard_webhooks` or `hmac_sha256`.
+    pub scheme: String,
+    /// The sender's delivery id, or a body hash where the scheme has none.
+    pub delivery_id: String,
+    /// The sender's event kind where it names one (`X-GitHub-Event`).
+    pub event: Option<String>,
+    pub content_type: Option<String>,
+    /// The body: parsed JSON where it was JSON, else the text as a JSON string.
+    pub body: Value,
+}
+
+/// Where a message came from, normalised across channels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Origin {
+    Slack {
+        team_id: String,
+        channel: String,
+        /// The thread a reply belongs in: the parent's `ts`, or the message's own `ts`.
+        thread_ts: String,
+        ts: String,
+        user: String,
+    },
+    Webhook {
+        endpoint: String,
+        delivery_id: String,
+    },
+    Agent {
+        workspace: String,
+        agent: String,
+    },
+}
+
+/// A file attached to a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    pub id: String,
+    pub name: Option<String>,
+    pub mimetype: Option<String>,
+    pub url: Option<String>,
+}
+
+/// A message addressed to Warren, normalised from whichever channel carried it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageReceived {
+    pub origin: Origin,
+    pub text: String,
+    /// Agents addressed by `@name` or by the app's user id, in order of first mention.
+    pub addressed_agents: Vec<String>,
+    pub files: Vec<FileRef>,
+}
+
+/// Decision: deliver a message to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRouted {
+    /// The `message.received` or `agent.mentioned` event being routed.
+    pub message_id: crate::EventId,
+    pub agent: String,
+    pub workspace: String,
+    /// Why this agent: `mention`, `channel_route`, `webhook_route`, `agent_mention`.
+    pub reason: String,
+}
+
+/// Decision: a workspace should be running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceStartRequested {
+    pub workspace: String,
+    /// Why: `message_waiting`, `restart_after_failure`, ...
+    pub reason: String,
+    /// Restart attempt number (0 for a first start).
+    pub attempt: u32,
+}
+
+/// Decision: a workspace should stop; its files remain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceStopRequested {
+    pub workspace: String,
+    /// Why: `idle`, `operator`, `failed`, ...
+    pub reason: String,
+}
+
+/// What a runtime backend observed about a workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspacePhase {
+    Starting,
+    Ready,
+    Exited,
+    Failed,
+    Gone,
+}
+
+/// Observation: a workspace's runtime changed phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceObserved {
+    pub workspace: String,
+    pub phase: WorkspacePhase,
+    /// `kubernetes` or `local`.
+    pub backend: String,
+    /// Pod name or process id.
+    pub instance: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// An agent's reply to a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentReplied {
+    pub workspace: String,
+    pub agent: String,
+    /// Where the reply goes: the origin of the message being answered.
+    pub reply_to: Origin,
+    pub text: String,
+}
+
+/// An agent addressed another agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentMentioned {
+    pub from_workspace: String,
+    pub from_agent: String,
+    pub to_agent: String,
+    pub text: String,
+    /// Who asked whom, oldest first: bounds mention depth.
+    pub chain: Vec<String>,
+    /// Where the conversation's replies go.
+    pub reply_to: Origin,
+}
+
+/// A reply was posted to Slack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyDelivered {
+    /// The `agent.replied` event delivered.
+    pub reply_id: crate::EventId,
+    pub channel: String,
+    /// Slack's `ts` of the posted message.
+    pub ts: String,
+}
