@@ -82,21 +82,37 @@ CREATE TRIGGER events_xact_id_first
     BEFORE INSERT ON events
     FOR EACH STATEMENT EXECUTE FUNCTION events_assign_xact_id();
 
--- The reader's watermark. `allocated` is read first, then a new snapshot is taken (each
--- statement of a VOLATILE function gets its own). Every position <= allocated was handed out
--- by a transaction whose id is below that snapshot's xmax, so once the oldest running
--- transaction id (a later snapshot's xmin) reaches this xmax, every position <= allocated is
--- settled: committed rows are visible and missing ones are rolled back for good.
+-- The reader's watermark, three readings taken in this order:
+--   allocated       the highest position handed out so far;
+--   next_xid        the next transaction id to be assigned (nothing assigned yet is >= it);
+--   oldest_running  the oldest transaction id still running (a snapshot's xmin).
+-- Every position <= allocated was handed out by a transaction whose id is < next_xid (the
+-- id comes first, see above). So once a *later* reading's oldest_running is >= this
+-- reading's next_xid, all of those transactions have ended, and every position <= allocated
+-- is settled: committed rows are visible, missing ones are holes for good.
+--
+-- Why not pg_snapshot_xmax? It is latestCompletedXid + 1, not the next id: a transaction
+-- running with a higher id is neither below it nor in the snapshot's xip list. The next id
+-- is read with age(), which in a transaction without an id of its own measures against
+-- ReadNextTransactionId() without assigning one (so a reader writes no WAL). age() is
+-- 32-bit; it is widened against the 64-bit xmax of the same statement, which is at most
+-- 2^31 behind it.
 CREATE FUNCTION event_log_watermark(
-    OUT allocated bigint, OUT snapshot_xmin bigint, OUT snapshot_xmax bigint
+    OUT allocated bigint, OUT next_xid bigint, OUT oldest_running bigint
 ) LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     snap pg_snapshot;
+    next32 bigint;
+    xmax64 bigint;
 BEGIN
     allocated := coalesce(pg_sequence_last_value('events_position_seq'), 0);
+    SELECT (d.datfrozenxid::text::bigint + age(d.datfrozenxid)) % 4294967296,
+           pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+      INTO next32, xmax64
+      FROM pg_database d WHERE d.datname = current_database();
+    next_xid := xmax64 + (next32 - xmax64 % 4294967296 + 4294967296) % 4294967296;
     SELECT pg_current_snapshot() INTO snap;
-    snapshot_xmin := pg_snapshot_xmin(snap)::text::bigint;
-    snapshot_xmax := pg_snapshot_xmax(snap)::text::bigint;
+    oldest_running := pg_snapshot_xmin(snap)::text::bigint;
 END
 $$;
 

@@ -3,11 +3,11 @@
 //! Positions are allocated when a row is inserted, not when it commits, so position 7 can
 //! become visible after position 8. A reader that moved its checkpoint past 8 would never see
 //! 7 (the lost-event bug of sequence-ordered logs). The database gives each reader a
-//! [`Watermark`]: the highest position allocated so far, and then a snapshot's transaction
-//! bounds. Every position up to `allocated` belongs to a transaction whose id is below
-//! `snapshot_xmax` (the log assigns a transaction id before allocating; see the migration).
-//! Once a later snapshot's `xmin` (the oldest transaction still running) reaches that
-//! `snapshot_xmax`, all of those transactions have ended and every position up to
+//! [`Watermark`]: the highest position allocated so far, then the next transaction id to be
+//! assigned, then the oldest transaction still running. Every position up to `allocated`
+//! belongs to a transaction whose id is below `next_xid` (the log assigns a transaction id
+//! before allocating; see the migration). Once a later reading's `oldest_running` reaches
+//! that `next_xid`, all of those transactions have ended and every position up to
 //! `allocated` is settled.
 //!
 //! This module is the bookkeeping of those candidates, with no I/O.
@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 pub struct Watermark {
     /// Highest position handed out so far (0 when none).
     pub allocated: i64,
-    /// Oldest transaction id still running when the snapshot was taken.
-    pub snapshot_xmin: i64,
-    /// First transaction id not yet assigned when the snapshot was taken.
-    pub snapshot_xmax: i64,
+    /// Next transaction id to be assigned, read after `allocated`.
+    pub next_xid: i64,
+    /// Oldest transaction id still running, read after `next_xid`.
+    pub oldest_running: i64,
 }
 
 /// Candidates kept before they are merged; each poll adds at most one.
@@ -32,7 +32,7 @@ const MAX_PENDING: usize = 256;
 #[derive(Debug, Clone)]
 struct Candidate {
     allocated: i64,
-    settled_when_xmin_reaches: i64,
+    settled_when_oldest_reaches: i64,
     seen_at: Instant,
 }
 
@@ -89,25 +89,25 @@ impl Horizon {
             if newer {
                 let candidate = Candidate {
                     allocated: w.allocated,
-                    settled_when_xmin_reaches: w.snapshot_xmax,
+                    settled_when_oldest_reaches: w.next_xid,
                     seen_at: now,
                 };
                 if self.pending.len() >= MAX_PENDING {
-                    // Merging into the newest candidate is safe: it waits for a later xmax,
+                    // Merging into the newest candidate is safe: it waits for a later id,
                     // so it settles no earlier than either would have.
                     let last = self
                         .pending
                         .back_mut()
                         .expect("pending is full, so non-empty");
                     last.allocated = candidate.allocated;
-                    last.settled_when_xmin_reaches = candidate.settled_when_xmin_reaches;
+                    last.settled_when_oldest_reaches = candidate.settled_when_oldest_reaches;
                 } else {
                     self.pending.push_back(candidate);
                 }
             }
         }
         while let Some(front) = self.pending.front() {
-            if w.snapshot_xmin >= front.settled_when_xmin_reaches {
+            if w.oldest_running >= front.settled_when_oldest_reaches {
                 self.safe = self.safe.max(front.allocated);
                 self.pending.pop_front();
             } else {
@@ -122,18 +122,18 @@ impl Horizon {
 mod tests {
     use super::*;
 
-    fn w(allocated: i64, snapshot_xmin: i64, snapshot_xmax: i64) -> Watermark {
+    fn w(allocated: i64, oldest_running: i64, next_xid: i64) -> Watermark {
         Watermark {
             allocated,
-            snapshot_xmin,
-            snapshot_xmax,
+            next_xid,
+            oldest_running,
         }
     }
 
     #[test]
     fn settles_at_once_when_nothing_is_in_flight() {
         let mut h = Horizon::new(0);
-        // xmin == xmax: no transaction running.
+        // oldest_running == next_xid: no transaction running.
         assert_eq!(h.observe(w(10, 100, 100), Instant::now()), 10);
         assert!(!h.has_pending());
     }

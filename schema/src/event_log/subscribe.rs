@@ -191,15 +191,15 @@ impl Subscription {
 
 /// Reads the log's watermark (see the migration's `event_log_watermark`).
 pub async fn watermark(pool: &PgPool) -> Result<Watermark> {
-    let (allocated, snapshot_xmin, snapshot_xmax) = sqlx::query_as::<_, (i64, i64, i64)>(
-        "SELECT allocated, snapshot_xmin, snapshot_xmax FROM event_log_watermark()",
+    let (allocated, next_xid, oldest_running) = sqlx::query_as::<_, (i64, i64, i64)>(
+        "SELECT allocated, next_xid, oldest_running FROM event_log_watermark()",
     )
     .fetch_one(pool)
     .await
     .map_err(Error::db("reading the log watermark"))?;
     Ok(Watermark {
         allocated,
-        snapshot_xmin,
-        snapshot_xmax,
+        next_xid,
+        oldest_running,
     })
 }

@@ -1,0 +1,152 @@
+//! Every event type round-trips through JSON, and its wire form is pinned by a snapshot file
+//! in `tests/snapshots/`. A failing snapshot means a stored format changed: old events in
+//! the log would no longer read. Add a new version instead of editing the old one. Only a
+//! brand-new type gets a new file: run with `WARREN_WRITE_NEW_SNAPSHOTS=1` to write missing
+//! files (existing ones are never overwritten).
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use warren_schema::EventId;
+use warren_schema::events::*;
+
+fn slack_origin() -> Origin {
+    Origin::Slack {
+        team_id: "T0001".into(),
+        channel: "C0001".into(),
+        thread_ts: "1700000000.000100".into(),
+        ts: "1700000000.000200".into(),
+        user: "U0001".into(),
+    }
+}
+
+fn id(n: &str) -> EventId {
+    EventId::derive(&["snapshot", n])
+}
+
+/// One sample per known type, serialised by the type itself.
+fn samples() -> Vec<(&'static str, i16, Value, Box<dyn Fn(&Value) -> Value>)> {
+    fn entry<
+        E: DomainEvent + Serialize + DeserializeOwned + PartialEq + std::fmt::Debug + 'static,
+    >(
+        sample: E,
+    ) -> (&'static str, i16, Value, Box<dyn Fn(&Value) -> Value>) {
+        let value = serde_json::to_value(&sample).expect("serialise");
+        let roundtrip = Box::new(move |v: &Value| {
+            let back: E = serde_json::from_value(v.clone()).expect("deserialise snapshot");
+            assert_eq!(back, sample, "{} does not round-trip", E::TYPE);
+            serde_json::to_value(&back).expect("serialise")
+        });
+        (E::TYPE, E::VERSION, value, roundtrip)
+    }
+    vec![
+        entry(SlackEventReceived {
+            team_id: "T0001".into(),
+            event_id: "Ev0001".into(),
+            event_time: 1_700_000_000,
+            body: json!({"type": "event_callback", "event": {"type": "app_mention", "text": "<@U0APP> hi"}}),
+        }),
+        entry(WebhookReceived {
+            endpoint: "github".into(),
+            scheme: "github".into(),
+            delivery_id: "72d3162e-cc78-11e3-81ab-4c9367dc0958".into(),
+            event: Some("issues".into()),
+            content_type: Some("application/json".into()),
+            body: json!({"action": "opened"}),
+        }),
+        entry(MessageReceived {
+            origin: slack_origin(),
+            text: "@alice summarise the thread".into(),
+            addressed_agents: vec!["alice".into()],
+            files: vec![FileRef {
+                id: "F0001".into(),
+                name: Some("log.txt".into()),
+                mimetype: Some("text/plain".into()),
+                url: None,
+            }],
+        }),
+        entry(MessageRouted {
+            message_id: id("message"),
+            agent: "alice".into(),
+            workspace: "research".into(),
+            reason: "mention".into(),
+        }),
+        entry(WorkspaceStartRequested {
+            workspace: "research".into(),
+            reason: "message_waiting".into(),
+            attempt: 0,
+        }),
+        entry(WorkspaceStopRequested {
+            workspace: "research".into(),
+            reason: "idle".into(),
+        }),
+        entry(WorkspaceObserved {
+            workspace: "research".into(),
+            phase: WorkspacePhase::Ready,
+            backend: "local".into(),
+            instance: Some("4242".into()),
+            detail: None,
+        }),
+        entry(AgentReplied {
+            workspace: "research".into(),
+            agent: "alice".into(),
+            reply_to: slack_origin(),
+            text: "Here is the summary.".into(),
+        }),
+        entry(AgentMentioned {
+            from_workspace: "research".into(),
+            from_agent: "alice".into(),
+            to_agent: "bob".into(),
+            text: "@bob check the numbers".into(),
+            chain: vec!["alice".into()],
+            reply_to: Origin::Webhook {
+                endpoint: "github".into(),
+                delivery_id: "d1".into(),
+            },
+        }),
+        entry(ReplyDelivered {
+            reply_id: id("reply"),
+            channel: "C0001".into(),
+            ts: "1700000001.000300".into(),
+        }),
+    ]
+}
+
+#[test]
+fn every_event_type_matches_its_snapshot_and_round_trips() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots");
+    let write_new = std::env::var_os("WARREN_WRITE_NEW_SNAPSHOTS").is_some();
+    let samples = samples();
+
+    let covered: Vec<(&str, i16)> = samples.iter().map(|(t, v, _, _)| (*t, *v)).collect();
+    assert_eq!(
+        covered, KNOWN_EVENT_TYPES,
+        "every known event type needs a sample here"
+    );
+
+    let mut missing = Vec::new();
+    for (event_type, version, value, roundtrip) in &samples {
+        let path = dir.join(format!("{event_type}.v{version}.json"));
+        let rendered = serde_json::to_string_pretty(value).expect("render") + "\n";
+        match std::fs::read_to_string(&path) {
+            Ok(stored) => {
+                assert_eq!(
+                    rendered,
+                    stored,
+                    "wire form of {event_type} v{version} changed (see {})",
+                    path.display()
+                );
+                let stored: Value = serde_json::from_str(&stored).expect("snapshot is JSON");
+                assert_eq!(&roundtrip(&stored), value);
+            }
+            Err(_) if write_new => {
+                std::fs::create_dir_all(&dir).expect("mkdir");
+                std::fs::write(&path, rendered).expect("write snapshot");
+            }
+            Err(_) => missing.push(path.display().to_string()),
+        }
+    }
+    assert!(missing.is_empty(), "missing snapshots: {missing:?}");
+}
