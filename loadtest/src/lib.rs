@@ -1,1 +1,37 @@
-//! placeholder
+//! Warren's load generators and benchmarks.
+//!
+//! Every benchmark prints its figures beside a baseline measured in the same run on the
+//! same machine, and the ratio between them: absolute numbers swing with whatever else the
+//! machine is doing, ratios much less. Nothing here asserts a figure; the closing notes of
+//! the issues quote what these commands printed.
+
+pub mod event_log;
+mod pgbench;
+mod report;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "warren-loadtest", about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Event log benchmarks (each in fresh databases on the server at DATABASE_URL).
+    EventLog(event_log::Args),
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::EventLog(args) => event_log::run(args).await,
+    }
+}

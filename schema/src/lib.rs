@@ -9,9 +9,11 @@ pub mod envelope;
 mod error;
 pub mod event_log;
 pub mod events;
+pub mod secret;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use envelope::{EventId, Metadata, NewEvent, RecordedEvent};
 pub use error::{Error, Result};
 pub use event_log::{AppendRequest, Appended, EventLog, ExpectedVersion};
+pub use secret::Secret;

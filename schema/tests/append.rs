@@ -386,6 +386,11 @@ async fn a_full_queue_is_refused_at_once() {
     assert_eq!(count(&db, "SELECT count(*) FROM events").await, 2);
 }
 
+/// Backends waiting for advisory lock 4242 (single-key advisory locks keep the key's low
+/// half in objid).
+const WAITING_ON_4242: &str = "SELECT count(*) FROM pg_locks \
+     WHERE locktype = 'advisory' AND NOT granted AND objid = 4242";
+
 #[tokio::test]
 async fn a_connection_killed_mid_batch_leaves_no_half_batch_and_no_false_ack() {
     let db = TestDatabase::with_pool_size(4).await;
@@ -433,20 +438,12 @@ async fn a_connection_killed_mid_batch_leaves_no_half_batch_and_no_false_ack() {
     wait_for(
         &db,
         "the batch to block between insert and commit",
-        || async {
-            count(
-                &db,
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-             AND query LIKE 'INSERT INTO events%'",
-            )
-            .await
-                == 1
-        },
+        || async { count(&db, WAITING_ON_4242).await == 1 },
     )
     .await;
     let killed: bool = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO events%'",
+        "SELECT pg_terminate_backend(pid) FROM pg_locks \
+         WHERE locktype = 'advisory' AND NOT granted AND objid = 4242",
     )
     .fetch_one(&mut holder)
     .await

@@ -5,11 +5,13 @@
 //!    batches never deadlock). Two writers of the same stream are serialised from here to
 //!    commit, so stream versions have no holes, an "any version" append never fails on a
 //!    concurrent one, and a later version always gets a later position.
-//! 2. Look up ids that already exist (idempotency) and each stream's current version. Both
-//!    reads come after the locks, so they see everything a previous writer of the stream
+//! 2. Look up ids that already exist (idempotency) and each stream's current version, in one
+//!    statement after the locks, so it sees everything a previous writer of the stream
 //!    committed.
 //! 3. Decide per request, in memory: duplicates, expected-version conflicts, new versions.
-//! 4. Insert the new rows in one statement and queue a NOTIFY (delivered on commit).
+//! 4. Insert the new rows and queue a NOTIFY (delivered on commit), in one statement.
+//!
+//! With the caller's BEGIN and COMMIT that is four round trips per batch, whatever its size.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -20,7 +22,8 @@ use uuid::Uuid;
 use super::{AppendRequest, Appended, ExpectedVersion};
 use crate::{Error, EventId, NewEvent, Result};
 
-/// The LISTEN/NOTIFY channel that announces committed appends.
+/// The LISTEN/NOTIFY channel that announces committed appends (empty payload; the INSERT in
+/// [`append_in_tx`] spells the name out so the statement stays a literal).
 pub const NOTIFY_CHANNEL: &str = "warren_events";
 
 /// Longest stream name the log accepts (matches the table's check constraint).
@@ -48,33 +51,37 @@ pub async fn append_in_tx(
     .await
     .map_err(Error::db("locking streams"))?;
 
-    // 2. Existing ids and current versions.
+    // 2. Existing ids and current versions, in one statement. max() over the
+    //    (stream, stream_version) index is one backward index probe per stream.
     let ids: Vec<Uuid> = requests
         .iter()
         .flat_map(|r| r.events.iter().map(|e| e.id.0))
         .collect();
-    let existing: HashMap<Uuid, (i64, i64)> = sqlx::query_as::<_, (Uuid, i64, i64)>(
-        "SELECT event_id, position, stream_version FROM events WHERE event_id = ANY($1)",
+    let rows: Vec<(Option<String>, Option<Uuid>, i64, i64)> = sqlx::query_as(
+        "SELECT s, NULL::uuid, \
+                coalesce((SELECT max(stream_version) FROM events e WHERE e.stream = s), 0), 0::int8 \
+           FROM unnest($1::text[]) AS s \
+         UNION ALL \
+         SELECT NULL, event_id, position, stream_version FROM events WHERE event_id = ANY($2)",
     )
+    .bind(&streams)
     .bind(&ids)
     .fetch_all(&mut *conn)
     .await
-    .map_err(Error::db("looking up existing event ids"))?
-    .into_iter()
-    .map(|(id, position, version)| (id, (position, version)))
-    .collect();
-
-    // max() over the (stream, stream_version) index is one backward index probe per stream.
-    let mut versions: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
-        "SELECT s, coalesce((SELECT max(stream_version) FROM events e WHERE e.stream = s), 0) \
-         FROM unnest($1::text[]) AS s",
-    )
-    .bind(&streams)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(Error::db("reading stream versions"))?
-    .into_iter()
-    .collect();
+    .map_err(Error::db("reading stream versions and existing ids"))?;
+    let mut versions: HashMap<String, i64> = HashMap::new();
+    let mut existing: HashMap<Uuid, (i64, i64)> = HashMap::new();
+    for (stream, id, a, b) in rows {
+        match (stream, id) {
+            (Some(stream), _) => {
+                versions.insert(stream, a);
+            }
+            (None, Some(id)) => {
+                existing.insert(id, (a, b));
+            }
+            (None, None) => {}
+        }
+    }
 
     // 3. Decide per request.
     let plan = plan_batch(requests, &existing, &mut versions);
@@ -82,16 +89,20 @@ pub async fn append_in_tx(
         return Ok(plan.resolve(&HashMap::new()));
     }
 
-    // 4. Insert. unnest produces rows in array order, so positions follow it.
+    // 4. Insert, and queue the NOTIFY in the same statement (delivered on commit;
+    //    subscribers read the log, not the payload). unnest produces rows in array order,
+    //    so positions follow it.
     let rows = &plan.rows;
     let inserted: HashMap<Uuid, i64> = sqlx::query_as::<_, (Uuid, i64)>(
-        "INSERT INTO events (event_id, stream, stream_version, event_type, event_version, \
-             payload, traceparent, correlation_id, causation_id, source, actor, received_at) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::int2[], \
-             $6::jsonb[], $7::text[], $8::uuid[], $9::uuid[], $10::text[], $11::text[], \
-             $12::timestamptz[]) \
-         ON CONFLICT (event_id) DO NOTHING \
-         RETURNING event_id, position",
+        "WITH inserted AS ( \
+           INSERT INTO events (event_id, stream, stream_version, event_type, event_version, \
+               payload, traceparent, correlation_id, causation_id, source, actor, received_at) \
+           SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::int2[], \
+               $6::jsonb[], $7::text[], $8::uuid[], $9::uuid[], $10::text[], $11::text[], \
+               $12::timestamptz[]) \
+           ON CONFLICT (event_id) DO NOTHING \
+           RETURNING event_id, position) \
+         SELECT i.event_id, i.position FROM inserted i, (SELECT pg_notify('warren_events', '')) n",
     )
     .bind(rows.iter().map(|r| r.event.id.0).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.stream).collect::<Vec<_>>())
@@ -125,14 +136,6 @@ pub async fn append_in_tx(
         // wrong: the caller rolls back and retries, and the retry sees the duplicate.
         return Err(Error::DuplicateRace);
     }
-
-    let last = inserted.values().copied().max().unwrap_or_default();
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(NOTIFY_CHANNEL)
-        .bind(last.to_string())
-        .execute(&mut *conn)
-        .await
-        .map_err(Error::db("queueing notify"))?;
 
     Ok(plan.resolve(&inserted))
 }

