@@ -21,8 +21,9 @@ pub(super) async fn run(args: &Args) -> anyhow::Result<()> {
         .await?;
     drop(db);
     println!(
-        "callers: {}, {}s per measurement, {} rounds, synchronous_commit={sync}",
-        args.callers, args.seconds, args.rounds
+        "callers: {}, writers: {}, linger: {} us, {}s per measurement, {} rounds, \
+         synchronous_commit={sync}",
+        args.callers, args.writers, args.linger_us, args.seconds, args.rounds
     );
 
     let (mut baseline, mut warren) = (Vec::new(), Vec::new());
@@ -66,6 +67,7 @@ async fn group_commit(
 ) -> anyhow::Result<(f64, Histogram<u64>)> {
     let config = AppenderConfig {
         writers: args.writers,
+        max_wait: Duration::from_micros(args.linger_us),
         ..AppenderConfig::default()
     };
     let (appender, tasks) = Appender::start(db.pool.clone(), config);

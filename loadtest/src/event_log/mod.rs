@@ -38,12 +38,15 @@ pub struct Args {
     /// Append: concurrent group-commit transactions.
     #[arg(long, default_value_t = 2)]
     pub writers: usize,
+    /// Append: longest a writer lingers for more requests, microseconds.
+    #[arg(long, default_value_t = 0)]
+    pub linger_us: u64,
 
     /// Ordering and catch-up: events to write.
     #[arg(long, default_value_t = 1_000_000)]
     pub events: usize,
     /// Ordering: concurrent writer transactions.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 64)]
     pub ordering_writers: usize,
     /// Ordering: share of transactions delayed between insert and commit.
     #[arg(long, default_value_t = 0.3)]

@@ -51,8 +51,12 @@ pub async fn append_in_tx(
     .await
     .map_err(Error::db("locking streams"))?;
 
-    // 2. Existing ids and current versions, in one statement. max() over the
-    //    (stream, stream_version) index is one backward index probe per stream.
+    // 2. Existing ids and current versions, in one statement. Both halves are written as one
+    //    index probe per key (max() is a backward probe; LATERAL ... LIMIT 1 is never
+    //    flattened into a join). That keeps the plan right whatever the statistics say: a
+    //    prepared statement's generic plan is made while the table may still be empty, and
+    //    `event_id = ANY($2)` then became a sequential scan that stayed cached until
+    //    autoanalyze, making appends to a young log 5x slower.
     let ids: Vec<Uuid> = requests
         .iter()
         .flat_map(|r| r.events.iter().map(|e| e.id.0))
@@ -62,7 +66,9 @@ pub async fn append_in_tx(
                 coalesce((SELECT max(stream_version) FROM events e WHERE e.stream = s), 0), 0::int8 \
            FROM unnest($1::text[]) AS s \
          UNION ALL \
-         SELECT NULL, event_id, position, stream_version FROM events WHERE event_id = ANY($2)",
+         SELECT NULL, q.id, e.position, e.stream_version FROM unnest($2::uuid[]) AS q(id) \
+           CROSS JOIN LATERAL ( \
+             SELECT position, stream_version FROM events WHERE event_id = q.id LIMIT 1) e",
     )
     .bind(&streams)
     .bind(&ids)
