@@ -21,6 +21,13 @@ pub(crate) fn ratio(name: &str, value: f64, goals: &[f64]) {
     let _ = out.flush();
 }
 
+/// Prints a line of context (parameters, percentiles).
+pub(crate) fn line(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
+}
+
 pub(crate) fn heading(text: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "\n## {text}");

@@ -26,20 +26,34 @@ fn id(n: &str) -> EventId {
     EventId::derive(&["snapshot", n])
 }
 
+/// A known type's name, version, sample in JSON, and a check that decodes a stored form back
+/// into the type, compares it with the sample and re-encodes it.
+struct Sample {
+    event_type: &'static str,
+    version: i16,
+    value: Value,
+    roundtrip: Box<dyn Fn(&Value) -> Value>,
+}
+
 /// One sample per known type, serialised by the type itself.
-fn samples() -> Vec<(&'static str, i16, Value, Box<dyn Fn(&Value) -> Value>)> {
+fn samples() -> Vec<Sample> {
     fn entry<
         E: DomainEvent + Serialize + DeserializeOwned + PartialEq + std::fmt::Debug + 'static,
     >(
         sample: E,
-    ) -> (&'static str, i16, Value, Box<dyn Fn(&Value) -> Value>) {
+    ) -> Sample {
         let value = serde_json::to_value(&sample).expect("serialise");
         let roundtrip = Box::new(move |v: &Value| {
             let back: E = serde_json::from_value(v.clone()).expect("deserialise snapshot");
             assert_eq!(back, sample, "{} does not round-trip", E::TYPE);
             serde_json::to_value(&back).expect("serialise")
         });
-        (E::TYPE, E::VERSION, value, roundtrip)
+        Sample {
+            event_type: E::TYPE,
+            version: E::VERSION,
+            value,
+            roundtrip,
+        }
     }
     vec![
         entry(SlackEventReceived {
@@ -120,14 +134,20 @@ fn every_event_type_matches_its_snapshot_and_round_trips() {
     let write_new = std::env::var_os("WARREN_WRITE_NEW_SNAPSHOTS").is_some();
     let samples = samples();
 
-    let covered: Vec<(&str, i16)> = samples.iter().map(|(t, v, _, _)| (*t, *v)).collect();
+    let covered: Vec<(&str, i16)> = samples.iter().map(|s| (s.event_type, s.version)).collect();
     assert_eq!(
         covered, KNOWN_EVENT_TYPES,
         "every known event type needs a sample here"
     );
 
     let mut missing = Vec::new();
-    for (event_type, version, value, roundtrip) in &samples {
+    for Sample {
+        event_type,
+        version,
+        value,
+        roundtrip,
+    } in &samples
+    {
         let path = dir.join(format!("{event_type}.v{version}.json"));
         let rendered = serde_json::to_string_pretty(value).expect("render") + "\n";
         match std::fs::read_to_string(&path) {

@@ -20,11 +20,11 @@ pub(super) async fn run(args: &Args) -> anyhow::Result<()> {
         .fetch_one(&db.pool)
         .await?;
     drop(db);
-    println!(
+    report::line(&format!(
         "callers: {}, writers: {}, linger: {} us, {}s per measurement, {} rounds, \
          synchronous_commit={sync}",
         args.callers, args.writers, args.linger_us, args.seconds, args.rounds
-    );
+    ));
 
     let (mut baseline, mut warren) = (Vec::new(), Vec::new());
     for round in 1..=args.rounds {
@@ -41,13 +41,13 @@ pub(super) async fn run(args: &Args) -> anyhow::Result<()> {
             rate,
             "events/s",
         );
-        println!(
+        report::line(&format!(
             "{:<48} p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             format!("round {round}: warren append latency"),
             hist.value_at_quantile(0.5) as f64 / 1000.0,
             hist.value_at_quantile(0.99) as f64 / 1000.0,
             hist.max() as f64 / 1000.0
-        );
+        ));
         warren.push(rate);
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;

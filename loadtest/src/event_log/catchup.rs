@@ -22,7 +22,7 @@ pub(super) async fn run(args: &Args, db: Option<TestDatabase>) -> anyhow::Result
     let (total,): (i64,) = sqlx::query_as("SELECT count(*) FROM events")
         .fetch_one(&db.pool)
         .await?;
-    println!("events in the log: {total}, batch size {BATCH}");
+    report::line(&format!("events in the log: {total}, batch size {BATCH}"));
     // Warm the cache the same way for both readers.
     keyset(&log).await?;
 

@@ -60,10 +60,10 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    println!(
+    report::line(&format!(
         "warren-loadtest event-log (server: DATABASE_URL; cores: {})",
         std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
+    ));
     if matches!(args.bench, Bench::Append | Bench::All) {
         report::heading("append: group commit vs pgbench single-row INSERT");
         append::run(&args).await?;

@@ -19,14 +19,14 @@ use super::{Args, bench_event, per_second};
 use crate::report;
 
 pub(super) async fn run(args: &Args) -> anyhow::Result<TestDatabase> {
-    println!(
+    report::line(&format!(
         "events: {}, writers: {}, delayed: {:.0}% (up to {} ms), rolled back: {:.0}%",
         args.events,
         args.ordering_writers,
         args.delay_share * 100.0,
         args.max_delay_ms,
         args.rollback_share * 100.0
-    );
+    ));
     let unguarded_db = TestDatabase::with_pool_size(args.ordering_writers as u32 + 4).await;
     sqlx::query("DROP TRIGGER events_xact_id_first ON events")
         .execute(&unguarded_db.pool)
