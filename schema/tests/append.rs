@@ -351,7 +351,7 @@ async fn a_full_queue_is_refused_at_once() {
         count(
             &db,
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-             AND query LIKE '%pg_advisory_xact_lock%'",
+             AND datname = current_database() AND query LIKE '%pg_advisory_xact_lock%'",
         )
         .await
             == 1
@@ -389,7 +389,8 @@ async fn a_full_queue_is_refused_at_once() {
 /// Backends waiting for advisory lock 4242 (single-key advisory locks keep the key's low
 /// half in objid).
 const WAITING_ON_4242: &str = "SELECT count(*) FROM pg_locks \
-     WHERE locktype = 'advisory' AND NOT granted AND objid = 4242";
+     WHERE locktype = 'advisory' AND NOT granted AND objid = 4242 \
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
 #[tokio::test]
 async fn a_connection_killed_mid_batch_leaves_no_half_batch_and_no_false_ack() {
@@ -443,7 +444,8 @@ async fn a_connection_killed_mid_batch_leaves_no_half_batch_and_no_false_ack() {
     .await;
     let killed: bool = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_locks \
-         WHERE locktype = 'advisory' AND NOT granted AND objid = 4242",
+         WHERE locktype = 'advisory' AND NOT granted AND objid = 4242 \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     .fetch_one(&mut holder)
     .await

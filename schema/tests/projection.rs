@@ -93,25 +93,29 @@ async fn recorded(db: &TestDatabase) -> (i64, i64) {
         .expect("count")
 }
 
-async fn all_events(db: &TestDatabase) -> Vec<RecordedEvent> {
+/// Reads the first `n` events through a subscription. An empty poll does not mean "caught
+/// up": a transaction in flight anywhere in the cluster (another test's database included)
+/// holds the horizon back for a moment, so wait for the count, with a deadline.
+async fn all_events(db: &TestDatabase, n: usize) -> Vec<RecordedEvent> {
     let mut sub = Subscription::start(db.pool.clone(), 0, SubscriptionOptions::default())
         .await
         .expect("subscribe");
     let mut all = Vec::new();
-    loop {
-        let batch = sub.poll().await.expect("poll");
-        if batch.is_empty() {
-            return all;
-        }
+    while all.len() < n {
+        let batch = tokio::time::timeout(Duration::from_secs(20), sub.next_batch())
+            .await
+            .expect("events arrive within 20 s")
+            .expect("read");
         all.extend(batch);
     }
+    all
 }
 
 #[tokio::test]
 async fn a_failed_batch_leaves_neither_rows_nor_checkpoint() {
     for failure in [Failure::Error, Failure::KillConnection] {
         let db = setup(300).await;
-        let events = all_events(&db).await;
+        let events = all_events(&db, 300).await;
         assert_eq!(events.len(), 300);
         let (first, second) = events.split_at(100);
 
@@ -154,7 +158,7 @@ async fn a_failed_batch_leaves_neither_rows_nor_checkpoint() {
 #[tokio::test]
 async fn concurrent_runners_of_one_projection_apply_each_event_once() {
     let db = setup(500).await;
-    let events = all_events(&db).await;
+    let events = all_events(&db, 500).await;
     let mut handles = Vec::new();
     for runner in 0..4 {
         let (pool, events) = (db.pool.clone(), events.clone());
