@@ -12,7 +12,18 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 
-use crate::EventLog;
+use crate::{EventId, EventLog, Metadata, NewEvent};
+
+/// An event of type `test.happened` with a random id and an empty payload.
+pub fn test_event() -> NewEvent {
+    NewEvent {
+        id: EventId::random(),
+        event_type: "test.happened".into(),
+        event_version: 1,
+        payload: serde_json::json!({}),
+        metadata: Metadata::new("test"),
+    }
+}
 
 /// Server used when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";

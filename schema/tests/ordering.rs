@@ -6,29 +6,17 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::watch;
 use warren_schema::event_log::{SubscriptionOptions, append_in_tx};
-use warren_schema::testing::TestDatabase;
-use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
+use warren_schema::testing::{TestDatabase, test_event};
+use warren_schema::{AppendRequest, EventId, EventLog};
 
 const WRITERS: usize = 16;
 const TRANSACTIONS_PER_WRITER: usize = 120;
 
 fn request(stream: String, n: usize) -> AppendRequest {
-    AppendRequest::new(
-        stream,
-        (0..n)
-            .map(|_| NewEvent {
-                id: EventId::random(),
-                event_type: "test.happened".into(),
-                event_version: 1,
-                payload: json!({}),
-                metadata: Metadata::new("test"),
-            })
-            .collect(),
-    )
+    AppendRequest::new(stream, (0..n).map(|_| test_event()).collect())
 }
 
 /// One writer: transactions of 1 to 4 events; some commit at once, some after a random

@@ -2,13 +2,12 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 use warren_schema::event_log::projection::{self, Projection};
 use warren_schema::event_log::{Subscription, SubscriptionOptions};
-use warren_schema::testing::TestDatabase;
-use warren_schema::{AppendRequest, Error, EventId, Metadata, NewEvent, RecordedEvent, Result};
+use warren_schema::testing::{TestDatabase, test_event};
+use warren_schema::{AppendRequest, Error, RecordedEvent, Result};
 
 /// Records every event it applies in a table whose primary key refuses a second apply.
 struct Recorder {
@@ -69,18 +68,7 @@ async fn setup(events: usize) -> TestDatabase {
         .expect("table");
     let log = db.log();
     for chunk in 0..events / 50 {
-        let req = AppendRequest::new(
-            format!("s{chunk}"),
-            (0..50)
-                .map(|_| NewEvent {
-                    id: EventId::random(),
-                    event_type: "test.happened".into(),
-                    event_version: 1,
-                    payload: json!({}),
-                    metadata: Metadata::new("test"),
-                })
-                .collect(),
-        );
+        let req = AppendRequest::new(format!("s{chunk}"), (0..50).map(|_| test_event()).collect());
         log.append(&req).await.expect("append");
     }
     db
@@ -192,16 +180,7 @@ async fn run_follows_the_log_from_its_checkpoint() {
     });
     // Appends while running are picked up (LISTEN wakes the runner).
     for _ in 0..3 {
-        let req = AppendRequest::new(
-            "late",
-            vec![NewEvent {
-                id: EventId::random(),
-                event_type: "test.happened".into(),
-                event_version: 1,
-                payload: json!({}),
-                metadata: Metadata::new("test"),
-            }],
-        );
+        let req = AppendRequest::new("late", vec![test_event()]);
         log.append(&req).await.expect("append");
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
