@@ -1,8 +1,73 @@
 //! Warren's gateway: verifies Slack and webhook signatures, appends each accepted event to
-//! the event log, acks once it is durable, and posts agent replies back to Slack.
+//! the event log, and acks once it is durable.
 //!
-//! In progress (issue 3): [`verify`] (signature verification for Slack, GitHub, Standard
-//! Webhooks and plain HMAC) is done. The HTTP service, event normalisation and reply
-//! delivery are not built yet, so the crate has no binary.
+//! - [`verify`]: signature schemes (pure).
+//! - [`slack`]: Slack Events API payloads → events (pure).
+//! - [`webhook`]: endpoint configuration and deliveries → events (pure).
+//! - [`http`]: routes and the mapping of failures to status codes.
+//!
+//! Not built yet (issue 3, in progress): slash commands, the Slack app manifest, replies to
+//! Slack, metrics export and the gateway load benchmark.
 
+pub mod config;
+pub mod http;
+pub mod slack;
 pub mod verify;
+pub mod webhook;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use warren_schema::event_log::{Appender, AppenderConfig};
+
+pub use config::Config;
+
+/// Runs the gateway until `shutdown` is cancelled, then answers every request it accepted.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = PgPoolOptions::new()
+        .max_connections(config.db_max_connections)
+        // Fail fast so a database outage becomes a 503 inside Slack's 3 s, not a hang.
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy(config.database_url.expose())
+        .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+    let slack_signing_secret = config
+        .slack_signing_secret()
+        .context("reading SLACK_SIGNING_SECRET_FILE")?;
+    if slack_signing_secret.is_none() {
+        info!("no Slack signing secret configured: /slack/events answers 404");
+    }
+    let webhooks = match &config.webhooks_file {
+        Some(path) => webhook::load(path)?,
+        None => Default::default(),
+    };
+    let (appender, writers) = Appender::start(
+        pool.clone(),
+        AppenderConfig {
+            queue_capacity: config.append_queue,
+            ..AppenderConfig::default()
+        },
+    );
+    let state = http::AppState {
+        appender,
+        pool,
+        slack_signing_secret,
+        webhooks: Arc::new(webhooks),
+        append_timeout: Duration::from_millis(config.append_timeout_ms),
+        retry_after_secs: 1,
+    };
+    let app = http::router(state, config.max_body_bytes);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    info!(listen = %config.listen, "gateway listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    // The router (and its Appender) is gone: the writers drain the queue and stop.
+    writers.join().await;
+    Ok(())
+}

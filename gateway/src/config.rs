@@ -1,0 +1,67 @@
+//! The gateway's configuration: every setting a flag with an environment variable; secrets
+//! also readable from files (`*_FILE`) and never printed (`[redacted]`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use warren_schema::Secret;
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "warren-gateway", version, about)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "WARREN_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// PostgreSQL connection string of Warren's database.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Secret,
+
+    /// Slack app signing secret (Basic Information → App Credentials).
+    #[arg(long, env = "SLACK_SIGNING_SECRET", hide_env_values = true)]
+    pub slack_signing_secret: Option<Secret>,
+
+    /// File holding the Slack signing secret (instead of SLACK_SIGNING_SECRET).
+    #[arg(
+        long,
+        env = "SLACK_SIGNING_SECRET_FILE",
+        conflicts_with = "slack_signing_secret"
+    )]
+    pub slack_signing_secret_file: Option<PathBuf>,
+
+    /// JSON file of webhook endpoints (see docs/gateway.md).
+    #[arg(long, env = "WARREN_WEBHOOKS_FILE")]
+    pub webhooks_file: Option<PathBuf>,
+
+    /// Largest request body accepted, bytes (413 beyond).
+    #[arg(long, env = "WARREN_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Longest an append may take before the sender gets 503, milliseconds.
+    #[arg(long, env = "WARREN_APPEND_TIMEOUT_MS", default_value_t = 2000)]
+    pub append_timeout_ms: u64,
+
+    /// Appends that may wait for a commit; beyond this senders get 503 at once.
+    #[arg(long, env = "WARREN_APPEND_QUEUE", default_value_t = 10_000)]
+    pub append_queue: usize,
+
+    /// Most database connections.
+    #[arg(long, env = "WARREN_DB_MAX_CONNECTIONS", default_value_t = 8)]
+    pub db_max_connections: u32,
+}
+
+impl Config {
+    /// The Slack signing secret, from the flag, the environment or the file.
+    pub fn slack_signing_secret(&self) -> std::io::Result<Option<Secret>> {
+        if let Some(s) = &self.slack_signing_secret {
+            return Ok(Some(s.clone()));
+        }
+        self.slack_signing_secret_file
+            .as_ref()
+            .map(|p| {
+                let text = std::fs::read_to_string(p)?;
+                Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))
+            })
+            .transpose()
+    }
+}

@@ -1,0 +1,211 @@
+//! The HTTP surface: routes, shared state, and the mapping of failures to answers.
+//!
+//! Every answer is decided here, once: 200 only after the event's batch committed; 401 for a
+//! bad or missing signature or a stale timestamp; 400 for a malformed body; 404 for an
+//! unknown endpoint; 413 over the size limit; 503 with `Retry-After` when the log cannot take
+//! the event in time. Error bodies name the problem, never a secret or internal detail.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use sqlx::PgPool;
+use tracing::{info, warn};
+use warren_schema::event_log::Appender;
+use warren_schema::{AppendRequest, Error as LogError, Secret};
+
+use crate::slack::events::{self, Inbound};
+use crate::verify::{self, VerifyError};
+use crate::webhook::{self, Endpoint, Refusal};
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub appender: Appender,
+    pub pool: PgPool,
+    pub slack_signing_secret: Option<Secret>,
+    pub webhooks: Arc<HashMap<String, Endpoint>>,
+    /// Longest an append may take before the sender is told to retry (503). Slack gives an
+    /// app 3 s; this must stay well inside that.
+    pub append_timeout: Duration,
+    /// Seconds a refused sender is asked to wait (`Retry-After`).
+    pub retry_after_secs: u64,
+}
+
+/// Builds the router. `max_body_bytes` bounds every request body (413 beyond).
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/slack/events", post(slack_events))
+        .route("/webhooks/{endpoint}", post(webhook))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// A refusal, as the sender sees it.
+#[derive(Debug)]
+pub enum ApiError {
+    Unauthorized(VerifyError),
+    BadRequest(String),
+    NotFound(&'static str),
+    Unavailable { retry_after_secs: u64 },
+    Internal(&'static str),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message) = match &self {
+            Self::Unauthorized(e) => (StatusCode::UNAUTHORIZED, format!("unauthorized: {e}")),
+            Self::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
+            Self::NotFound(m) => (StatusCode::NOT_FOUND, (*m).to_owned()),
+            Self::Unavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily unable to store the event; retry later".to_owned(),
+            ),
+            Self::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, (*m).to_owned()),
+        };
+        let mut response = (status, Json(json!({ "error": message }))).into_response();
+        if let Self::Unavailable { retry_after_secs } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, retry_after_secs.into());
+        }
+        response
+    }
+}
+
+fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn traceparent(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128)
+        .map(str::to_owned)
+}
+
+/// Appends and waits for the commit, within the state's deadline.
+async fn store(state: &AppState, request: AppendRequest) -> Result<(), ApiError> {
+    let unavailable = ApiError::Unavailable {
+        retry_after_secs: state.retry_after_secs,
+    };
+    match tokio::time::timeout(state.append_timeout, state.appender.append(request)).await {
+        Ok(Ok(appended)) => {
+            let duplicate = appended.iter().all(|a| a.duplicate);
+            info!(
+                position = appended.first().map(|a| a.position),
+                duplicate, "event stored"
+            );
+            Ok(())
+        }
+        // The batch may still commit after we answered; the sender's retry is then a
+        // duplicate, answered 200 without a second row.
+        Err(_elapsed) => {
+            warn!("append timed out; answering 503");
+            Err(unavailable)
+        }
+        Ok(Err(e)) if e.is_unavailable() => {
+            warn!(
+                error = e.metric_label(),
+                "event log unavailable; answering 503"
+            );
+            Err(unavailable)
+        }
+        Ok(Err(LogError::InvalidEvent(m))) => Err(ApiError::BadRequest(m)),
+        Ok(Err(e)) => {
+            warn!(error = %e, "append failed");
+            Err(ApiError::Internal("the event could not be stored"))
+        }
+    }
+}
+
+async fn slack_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let secret = state
+        .slack_signing_secret
+        .as_ref()
+        .ok_or(ApiError::NotFound(
+            "Slack is not configured on this gateway",
+        ))?;
+    verify::slack(secret.expose().as_bytes(), &headers, &body, now_unix()).map_err(|e| {
+        warn!(reason = %e, "refused a Slack request");
+        ApiError::Unauthorized(e)
+    })?;
+    let retry = headers
+        .get("x-slack-retry-num")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    match events::parse(&body, traceparent(&headers))
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?
+    {
+        Inbound::Challenge(challenge) => {
+            Ok(Json(json!({ "challenge": challenge })).into_response())
+        }
+        Inbound::Ignore(why) => {
+            info!(why, "Slack event ignored");
+            Ok(StatusCode::OK.into_response())
+        }
+        Inbound::Store { stream, events } => {
+            info!(%stream, retry = retry.as_deref(), "Slack event");
+            store(&state, AppendRequest::new(stream, events)).await?;
+            Ok(StatusCode::OK.into_response())
+        }
+    }
+}
+
+async fn webhook(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let endpoint = state
+        .webhooks
+        .get(&name)
+        .ok_or(ApiError::NotFound("unknown webhook endpoint"))?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let request = webhook::accept(
+        endpoint,
+        &headers,
+        content_type,
+        &body,
+        now_unix(),
+        traceparent(&headers),
+    )
+    .map_err(|r| match r {
+        Refusal::Signature(VerifyError::BadSecret) => {
+            warn!(endpoint = %name, "the configured secret is not valid for its scheme");
+            ApiError::Internal("the endpoint is misconfigured")
+        }
+        Refusal::Signature(e) => {
+            warn!(endpoint = %name, reason = %e, "refused a webhook delivery");
+            ApiError::Unauthorized(e)
+        }
+        Refusal::Malformed(m) => ApiError::BadRequest(m),
+    })?;
+    store(&state, request).await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let ping = sqlx::query("SELECT 1").execute(&state.pool);
+    match tokio::time::timeout(Duration::from_secs(1), ping).await {
+        Ok(Ok(_)) => "ready".into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable").into_response(),
+    }
+}

@@ -1,0 +1,3 @@
+//! Slack: the Events API endpoint's payload handling.
+
+pub mod events;

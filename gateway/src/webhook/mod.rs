@@ -1,0 +1,238 @@
+//! Webhook endpoints: configuration, verification by scheme, and what a delivery stores.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use warren_schema::events::{MessageReceived, Origin, WebhookReceived};
+use warren_schema::{AppendRequest, EventId, Metadata, NewEvent, Secret};
+
+use crate::verify::{self, Headers, VerifyError};
+
+/// How an endpoint's deliveries are signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheme {
+    Github,
+    StandardWebhooks,
+    HmacSha256,
+}
+
+impl Scheme {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Github => "github",
+            Self::StandardWebhooks => "standard_webhooks",
+            Self::HmacSha256 => "hmac_sha256",
+        }
+    }
+}
+
+/// One configured endpoint, `/webhooks/{name}`.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub name: String,
+    pub scheme: Scheme,
+    pub secret: Secret,
+    /// The agent its deliveries are addressed to.
+    pub agent: String,
+    /// `hmac_sha256` only: the header carrying the signature.
+    pub signature_header: &'static str,
+    /// `hmac_sha256` only: a header carrying a delivery id; without one, the body's SHA-256
+    /// is the delivery id (so an identical redelivery is absorbed).
+    pub delivery_header: Option<&'static str>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointFile {
+    endpoints: Vec<EndpointEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointEntry {
+    name: String,
+    scheme: Scheme,
+    secret: Option<String>,
+    secret_file: Option<String>,
+    agent: String,
+    signature_header: Option<String>,
+    delivery_header: Option<String>,
+}
+
+/// Errors in the endpoints file. They never include a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("endpoint {0:?}: {1}")]
+    Endpoint(String, &'static str),
+}
+
+/// Loads endpoints from a JSON file: `{"endpoints": [{"name", "scheme", "secret" or
+/// "secret_file", "agent", "signature_header"?, "delivery_header"?}]}`.
+pub fn load(path: &Path) -> Result<HashMap<String, Endpoint>, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let file: EndpointFile = serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: shown,
+        source,
+    })?;
+    let mut endpoints = HashMap::new();
+    for e in file.endpoints {
+        let bad = |why| ConfigError::Endpoint(e.name.clone(), why);
+        if e.name.is_empty()
+            || !e
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(bad("name must be letters, digits, - or _"));
+        }
+        let secret = match (&e.secret, &e.secret_file) {
+            (Some(s), None) => s.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map_err(|source| ConfigError::Read {
+                    path: f.clone(),
+                    source,
+                })?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+            _ => return Err(bad("exactly one of secret and secret_file is required")),
+        };
+        if secret.is_empty() {
+            return Err(bad("the secret is empty"));
+        }
+        // Header names are configured once at start-up and live for the process.
+        let leak =
+            |h: Option<String>| h.map(|h| &*Box::leak(h.to_ascii_lowercase().into_boxed_str()));
+        let endpoint = Endpoint {
+            name: e.name.clone(),
+            scheme: e.scheme,
+            secret: Secret::new(secret),
+            agent: e.agent.clone(),
+            signature_header: leak(e.signature_header).unwrap_or("x-signature-256"),
+            delivery_header: leak(e.delivery_header),
+        };
+        if endpoints.insert(e.name.clone(), endpoint).is_some() {
+            return Err(bad("configured twice"));
+        }
+    }
+    Ok(endpoints)
+}
+
+/// Why a delivery was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Signature(VerifyError),
+    Malformed(String),
+}
+
+/// Verifies a delivery and builds what to store: the delivery as received and a message for
+/// the endpoint's agent, both keyed by the delivery id so a redelivery stores nothing new.
+pub fn accept(
+    endpoint: &Endpoint,
+    h: &impl Headers,
+    content_type: Option<&str>,
+    body: &[u8],
+    now: i64,
+    traceparent: Option<String>,
+) -> Result<AppendRequest, Refusal> {
+    let secret = endpoint.secret.expose();
+    let (delivery_id, event) = match endpoint.scheme {
+        Scheme::Github => {
+            verify::github(secret.as_bytes(), h, body).map_err(Refusal::Signature)?;
+            let id = h
+                .get("x-github-delivery")
+                .ok_or_else(|| Refusal::Malformed("missing X-GitHub-Delivery".into()))?;
+            (id.to_owned(), h.get("x-github-event").map(str::to_owned))
+        }
+        Scheme::StandardWebhooks => {
+            verify::standard_webhooks(secret, h, body, now).map_err(Refusal::Signature)?;
+            let id = h.get("webhook-id").unwrap_or_default();
+            (id.to_owned(), None)
+        }
+        Scheme::HmacSha256 => {
+            verify::hmac_sha256(secret.as_bytes(), endpoint.signature_header, h, body)
+                .map_err(Refusal::Signature)?;
+            let id = match endpoint.delivery_header.and_then(|name| h.get(name)) {
+                Some(id) => id.to_owned(),
+                None => format!("sha256:{}", hex::encode(Sha256::digest(body))),
+            };
+            (id, None)
+        }
+    };
+    if delivery_id.is_empty() || delivery_id.len() > 256 {
+        return Err(Refusal::Malformed(
+            "delivery id must be 1 to 256 bytes".into(),
+        ));
+    }
+
+    let is_json = content_type.is_some_and(|c| c.contains("json"));
+    let body_value = if is_json {
+        serde_json::from_slice::<Value>(body)
+            .map_err(|e| Refusal::Malformed(format!("body is not valid JSON: {e}")))?
+    } else {
+        Value::String(String::from_utf8_lossy(body).into_owned())
+    };
+    let text = match &body_value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+
+    let raw_id = EventId::derive(&["webhook", &endpoint.name, &delivery_id]);
+    let mut raw_meta = Metadata::new("gateway/webhook");
+    raw_meta.traceparent = traceparent.clone();
+    raw_meta.actor = Some(format!("webhook:{}", endpoint.name));
+    let raw = NewEvent::from_domain(
+        raw_id,
+        &WebhookReceived {
+            endpoint: endpoint.name.clone(),
+            scheme: endpoint.scheme.name().into(),
+            delivery_id: delivery_id.clone(),
+            event: event.clone(),
+            content_type: content_type.map(str::to_owned),
+            body: body_value,
+        },
+        raw_meta.clone(),
+    )
+    .map_err(|e| Refusal::Malformed(e.to_string()))?;
+
+    let mut meta = raw_meta;
+    meta.causation_id = Some(raw_id);
+    meta.correlation_id = Some(raw_id);
+    let message = NewEvent::from_domain(
+        EventId::derive(&["webhook-message", &endpoint.name, &delivery_id]),
+        &MessageReceived {
+            origin: Origin::Webhook {
+                endpoint: endpoint.name.clone(),
+                delivery_id,
+            },
+            text,
+            addressed_agents: vec![endpoint.agent.clone()],
+            files: Vec::new(),
+        },
+        meta,
+    )
+    .map_err(|e| Refusal::Malformed(e.to_string()))?;
+    Ok(AppendRequest::new(
+        format!("webhook:{}", endpoint.name),
+        vec![raw, message],
+    ))
+}
