@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
-use tokio::task::JoinSet;
+use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::{AppendRequest, Appended, append};
@@ -68,14 +68,15 @@ pub struct Appender {
 }
 
 /// The writer tasks; await [`AppenderTasks::join`] after dropping every [`Appender`] for a
-/// graceful shutdown that answers every queued caller.
+/// graceful shutdown that answers every queued caller. Dropping this value does not stop
+/// the writers (they run until the last `Appender` is gone); it only gives up waiting.
 #[derive(Debug)]
-pub struct AppenderTasks(JoinSet<()>);
+pub struct AppenderTasks(Vec<JoinHandle<()>>);
 
 impl AppenderTasks {
-    pub async fn join(mut self) {
-        while let Some(res) = self.0.join_next().await {
-            if let Err(e) = res {
+    pub async fn join(self) {
+        for task in self.0 {
+            if let Err(e) = task.await {
                 warn!(error = %e, "event log writer task ended abnormally");
             }
         }
@@ -87,13 +88,15 @@ impl Appender {
     pub fn start(pool: PgPool, config: AppenderConfig) -> (Self, AppenderTasks) {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let rx = Arc::new(Mutex::new(rx));
-        let mut tasks = JoinSet::new();
-        for writer in 0..config.writers.max(1) {
-            let (pool, rx, config) = (pool.clone(), rx.clone(), config.clone());
-            tasks.spawn(
-                writer_loop(pool, rx, config).instrument(info_span!("event_log_writer", writer)),
-            );
-        }
+        let tasks = (0..config.writers.max(1))
+            .map(|writer| {
+                let (pool, rx, config) = (pool.clone(), rx.clone(), config.clone());
+                tokio::spawn(
+                    writer_loop(pool, rx, config)
+                        .instrument(info_span!("event_log_writer", writer)),
+                )
+            })
+            .collect();
         (Self { queue: tx }, AppenderTasks(tasks))
     }
 
