@@ -1,4 +1,5 @@
 use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
@@ -9,11 +10,18 @@ async fn main() -> anyhow::Result<()> {
         )
         .json()
         .init();
+    let config = warren_gateway::Config::parse();
+    // SIGTERM (Kubernetes, kill) or SIGINT: stop accepting, answer what was accepted.
     let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
+    let mut term = signal(SignalKind::terminate())?;
+    let on_signal = shutdown.clone();
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        signal.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+        on_signal.cancel();
     });
-    warren_gateway::run(warren_gateway::Config::parse(), shutdown).await
+    warren_gateway::run(config, shutdown).await
 }
