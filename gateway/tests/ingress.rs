@@ -398,3 +398,78 @@ async fn readyz_is_ready_with_a_database() {
         .expect("request");
     assert_eq!(send(&app, ready).await.0, StatusCode::OK);
 }
+
+fn command_request(secret: &str, text: &str, trigger: &str) -> Request<Body> {
+    let body = serde_urlencoded::to_string([
+        ("team_id", "T1"),
+        ("channel_id", "C1"),
+        ("user_id", "U1"),
+        ("command", "/warren"),
+        ("text", text),
+        (
+            "response_url",
+            "https://hooks.slack.com/commands/T1/1/capability",
+        ),
+        ("trigger_id", trigger),
+    ])
+    .expect("form");
+    let mut req = slack_request(secret, now(), body.as_bytes(), None);
+    *req.uri_mut() = "/slack/commands".parse().expect("uri");
+    req.headers_mut().insert(
+        "content-type",
+        "application/x-www-form-urlencoded".parse().expect("header"),
+    );
+    req
+}
+
+#[tokio::test]
+async fn the_warren_slash_command_asks_an_agent_and_reports_status() {
+    let db = TestDatabase::new().await;
+    let app = app(&db);
+
+    let (status, body, _) = send(
+        &app,
+        command_request(SLACK_SECRET, "ask @alice is CI green?", "tr-1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["response_type"], "ephemeral");
+    assert!(body["text"].as_str().expect("text").contains("@alice"));
+    // Same invocation again: stored once.
+    send(
+        &app,
+        command_request(SLACK_SECRET, "ask @alice is CI green?", "tr-1"),
+    )
+    .await;
+    let rows: Vec<Value> = sqlx::query_scalar("SELECT payload FROM events")
+        .fetch_all(&db.pool)
+        .await
+        .expect("read");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["addressed_agents"], json!(["alice"]));
+    assert!(
+        !rows[0].to_string().contains("hooks.slack.com"),
+        "response_url is a capability and is not kept in the log"
+    );
+
+    let (status, body, _) = send(&app, command_request(SLACK_SECRET, "status", "tr-2")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body["text"].as_str().expect("text").contains("position"),
+        "{body}"
+    );
+
+    let (status, body, _) = send(&app, command_request(SLACK_SECRET, "", "tr-3")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body["text"].as_str().expect("text").contains("Usage"));
+
+    let (status, _, _) = send(&app, command_request("wrong", "ask @alice hi", "tr-4")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events")
+            .fetch_one(&db.pool)
+            .await
+            .expect("count"),
+        1
+    );
+}

@@ -85,6 +85,12 @@ pub enum Origin {
         endpoint: String,
         delivery_id: String,
     },
+    /// A `/warren` slash command: replies go to the channel.
+    SlackCommand {
+        team_id: String,
+        channel: String,
+        user: String,
+    },
     Agent {
         workspace: String,
         agent: String,

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use warren_schema::event_log::Appender;
 use warren_schema::{AppendRequest, Error as LogError, Secret};
 
+use crate::slack::commands::{self, Command};
 use crate::slack::events::{self, Inbound};
 use crate::verify::{self, VerifyError};
 use crate::webhook::{self, Endpoint, Refusal};
@@ -43,6 +44,7 @@ pub struct AppState {
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/slack/events", post(slack_events))
+        .route("/slack/commands", post(slack_command))
         .route("/webhooks/{endpoint}", post(webhook))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -129,21 +131,67 @@ async fn store(state: &AppState, request: AppendRequest) -> Result<(), ApiError>
     }
 }
 
-async fn slack_events(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+/// Verifies a Slack request's signature (events and commands alike).
+fn verify_slack(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
     let secret = state
         .slack_signing_secret
         .as_ref()
         .ok_or(ApiError::NotFound(
             "Slack is not configured on this gateway",
         ))?;
-    verify::slack(secret.expose().as_bytes(), &headers, &body, now_unix()).map_err(|e| {
+    verify::slack(secret.expose().as_bytes(), headers, body, now_unix()).map_err(|e| {
         warn!(reason = %e, "refused a Slack request");
         ApiError::Unauthorized(e)
-    })?;
+    })
+}
+
+/// A slash command answer: visible only to the person who typed it.
+fn ephemeral(text: impl Into<String>) -> Response {
+    Json(json!({ "response_type": "ephemeral", "text": text.into() })).into_response()
+}
+
+async fn slack_command(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    verify_slack(&state, &headers, &body)?;
+    match commands::parse(&body, traceparent(&headers))
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?
+    {
+        Command::Usage => Ok(ephemeral(commands::USAGE)),
+        Command::Status => {
+            let position =
+                sqlx::query_scalar::<_, i64>("SELECT coalesce(max(position), 0) FROM events")
+                    .fetch_one(&state.pool);
+            match tokio::time::timeout(state.append_timeout, position).await {
+                Ok(Ok(p)) => Ok(ephemeral(format!(
+                    "Warren is up. The event log holds events up to position {p}."
+                ))),
+                _ => Ok(ephemeral(
+                    "Warren's gateway is up, but its database is not answering.",
+                )),
+            }
+        }
+        Command::Ask {
+            agent,
+            stream,
+            event,
+        } => {
+            store(&state, AppendRequest::new(stream, vec![event])).await?;
+            Ok(ephemeral(format!(
+                "Asked @{agent}. The answer will be posted in this channel."
+            )))
+        }
+    }
+}
+
+async fn slack_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    verify_slack(&state, &headers, &body)?;
     let retry = headers
         .get("x-slack-retry-num")
         .and_then(|v| v.to_str().ok())

@@ -1,3 +1,4 @@
-//! Slack: the Events API endpoint's payload handling.
+//! Slack: Events API payloads and the `/warren` slash command.
 
+pub mod commands;
 pub mod events;
