@@ -178,7 +178,7 @@ async fn slack_command(
             stream,
             event,
         } => {
-            store(&state, AppendRequest::new(stream, vec![event])).await?;
+            store(&state, AppendRequest::new(stream, vec![*event])).await?;
             Ok(ephemeral(format!(
                 "Asked @{agent}. The answer will be posted in this channel."
             )))

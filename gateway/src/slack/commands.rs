@@ -32,7 +32,7 @@ pub enum Command {
     Ask {
         agent: String,
         stream: String,
-        event: NewEvent,
+        event: Box<NewEvent>,
     },
     Usage,
 }
@@ -77,7 +77,7 @@ pub fn parse(body: &[u8], traceparent: Option<String>) -> Result<Command, Malfor
             Ok(Command::Ask {
                 agent,
                 stream: format!("slack:{}:{}", form.team_id, form.channel_id),
-                event,
+                event: Box::new(event),
             })
         }
         _ => Ok(Command::Usage),
