@@ -29,6 +29,19 @@ pub struct Config {
     )]
     pub slack_signing_secret_file: Option<PathBuf>,
 
+    /// Slack bot token (xoxb-...) for posting agents' replies. Without one, replies are
+    /// recorded in the log but not sent.
+    #[arg(long, env = "SLACK_BOT_TOKEN", hide_env_values = true)]
+    pub slack_bot_token: Option<Secret>,
+
+    /// File holding the Slack bot token (instead of SLACK_BOT_TOKEN).
+    #[arg(long, env = "SLACK_BOT_TOKEN_FILE", conflicts_with = "slack_bot_token")]
+    pub slack_bot_token_file: Option<PathBuf>,
+
+    /// Base URL of Slack's Web API (a local server in tests and air-gapped installs).
+    #[arg(long, env = "SLACK_API_URL", default_value = "https://slack.com/api")]
+    pub slack_api_url: String,
+
     /// JSON file of webhook endpoints (see docs/gateway.md).
     #[arg(long, env = "WARREN_WEBHOOKS_FILE")]
     pub webhooks_file: Option<PathBuf>,
@@ -53,15 +66,26 @@ pub struct Config {
 impl Config {
     /// The Slack signing secret, from the flag, the environment or the file.
     pub fn slack_signing_secret(&self) -> std::io::Result<Option<Secret>> {
-        if let Some(s) = &self.slack_signing_secret {
-            return Ok(Some(s.clone()));
-        }
-        self.slack_signing_secret_file
-            .as_ref()
-            .map(|p| {
-                let text = std::fs::read_to_string(p)?;
-                Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))
-            })
-            .transpose()
+        secret_or_file(&self.slack_signing_secret, &self.slack_signing_secret_file)
     }
+
+    /// The Slack bot token, from the flag, the environment or the file.
+    pub fn slack_bot_token(&self) -> std::io::Result<Option<Secret>> {
+        secret_or_file(&self.slack_bot_token, &self.slack_bot_token_file)
+    }
+}
+
+fn secret_or_file(
+    value: &Option<Secret>,
+    file: &Option<PathBuf>,
+) -> std::io::Result<Option<Secret>> {
+    if let Some(s) = value {
+        return Ok(Some(s.clone()));
+    }
+    file.as_ref()
+        .map(|p| {
+            let text = std::fs::read_to_string(p)?;
+            Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))
+        })
+        .transpose()
 }

@@ -5,12 +5,13 @@
 //! - [`slack`]: Slack Events API payloads → events (pure).
 //! - [`webhook`]: endpoint configuration and deliveries → events (pure).
 //! - [`http`]: routes and the mapping of failures to status codes.
+//! - [`replies`]: agents' replies out to Slack, recorded as `reply.delivered`.
 //!
-//! Not built yet (issue 3, in progress): slash commands, the Slack app manifest, replies to
-//! Slack, metrics export and the gateway load benchmark.
+//! Not built yet (issue 3, in progress): metrics export and the gateway load benchmark.
 
 pub mod config;
 pub mod http;
+pub mod replies;
 pub mod slack;
 pub mod verify;
 pub mod webhook;
@@ -21,7 +22,8 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{Instrument, info};
+use warren_schema::EventLog;
 use warren_schema::event_log::{Appender, AppenderConfig};
 
 pub use config::Config;
@@ -40,6 +42,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if slack_signing_secret.is_none() {
         info!("no Slack signing secret configured: /slack/events answers 404");
     }
+    let replies = match config
+        .slack_bot_token()
+        .context("reading SLACK_BOT_TOKEN_FILE")?
+    {
+        Some(token) => {
+            let slack = replies::slack_api::SlackApi::new(&config.slack_api_url, token)?;
+            let (log, shutdown) = (EventLog::new(pool.clone()), shutdown.clone());
+            Some(tokio::spawn(
+                async move { replies::run(log, slack, shutdown).await }
+                    .instrument(tracing::info_span!("reply_delivery")),
+            ))
+        }
+        None => {
+            info!("no Slack bot token configured: agents' replies are recorded but not sent");
+            None
+        }
+    };
     let webhooks = match &config.webhooks_file {
         Some(path) => webhook::load(path)?,
         None => Default::default(),
@@ -69,5 +88,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await?;
     // The router (and its Appender) is gone: the writers drain the queue and stop.
     writers.join().await;
+    if let Some(replies) = replies {
+        replies.await??;
+    }
     Ok(())
 }

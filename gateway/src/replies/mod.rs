@@ -1,0 +1,169 @@
+//! Agents' replies out to Slack.
+//!
+//! A follower of the log: for each `agent.replied` addressed to Slack it posts the reply
+//! with `chat.postMessage` (in the originating thread), then records `reply.delivered`
+//! with Slack's `ts`, in the same transaction that advances its checkpoint
+//! (`gateway.replies`). So a restart neither loses a reply (the checkpoint has not moved)
+//! nor records one twice (the record's id derives from the reply's).
+//!
+//! The one narrow window: a crash after Slack accepted the post and before the record
+//! committed posts that reply again after the restart. Slack's `chat.postMessage` has no
+//! idempotency key to close it.
+//!
+//! Slack is never called while a database transaction is open: a transaction held across
+//! HTTP calls and rate-limit waits would hold back every reader of the log.
+
+pub mod slack_api;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use warren_schema::event_log::projection::{self, Projection};
+use warren_schema::event_log::{SubscriptionOptions, append_in_tx};
+use warren_schema::events::{AgentReplied, DomainEvent, Origin, ReplyDelivered};
+use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent, RecordedEvent, Result};
+
+use slack_api::{SlackApi, SlackApiError};
+
+/// The checkpoint of the delivery follower.
+pub const CHECKPOINT: &str = "gateway.replies";
+
+/// Slack allows about one message per second per channel.
+const CHANNEL_PACE: Duration = Duration::from_secs(1);
+/// Attempts for transient failures (rate limits are waited out and do not count).
+const ATTEMPTS: u32 = 5;
+
+/// Where a reply goes in Slack, if it goes to Slack.
+fn destination(reply: &AgentReplied) -> Option<(&str, Option<&str>)> {
+    match &reply.reply_to {
+        Origin::Slack {
+            channel, thread_ts, ..
+        } => Some((channel, Some(thread_ts))),
+        Origin::SlackCommand { channel, .. } => Some((channel, None)),
+        Origin::Webhook { .. } | Origin::Agent { .. } => None,
+    }
+}
+
+/// Records deliveries; Slack was already called for the events handed to it.
+struct Recorder {
+    delivered: HashMap<EventId, (String, String)>,
+}
+
+impl Projection for Recorder {
+    fn name(&self) -> &str {
+        CHECKPOINT
+    }
+
+    async fn apply(&mut self, tx: &mut PgConnection, event: &RecordedEvent) -> Result<()> {
+        let Some((channel, ts)) = self.delivered.get(&event.id) else {
+            return Ok(());
+        };
+        let record = NewEvent::from_domain(
+            EventId::derive(&["reply-delivered", &event.id.to_string()]),
+            &ReplyDelivered {
+                reply_id: event.id,
+                channel: channel.clone(),
+                ts: ts.clone(),
+            },
+            Metadata::caused_by(event, "gateway/replies"),
+        )
+        .map_err(|e| warren_schema::Error::InvalidEvent(e.to_string()))?;
+        let request = AppendRequest::new(event.stream.clone(), vec![record]);
+        append_in_tx(tx, &[&request]).await?.remove(0)?;
+        Ok(())
+    }
+}
+
+/// Delivers replies until `shutdown` is cancelled.
+pub async fn run(log: EventLog, slack: SlackApi, shutdown: CancellationToken) -> Result<()> {
+    let from = projection::load_checkpoint(log.pool(), CHECKPOINT).await?;
+    let options = SubscriptionOptions {
+        name: CHECKPOINT.into(),
+        ..SubscriptionOptions::default()
+    };
+    let mut subscription = log.subscribe(from, options).await?;
+    let mut last_post: HashMap<String, Instant> = HashMap::new();
+    loop {
+        let batch = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            batch = subscription.next_batch() => batch?,
+        };
+        let mut recorder = Recorder {
+            delivered: HashMap::new(),
+        };
+        for event in &batch {
+            if event.event_type != AgentReplied::TYPE {
+                continue;
+            }
+            let reply: AgentReplied = match event.decode() {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(position = event.position, error = %e, "unreadable agent.replied; skipped");
+                    continue;
+                }
+            };
+            let Some((channel, thread_ts)) = destination(&reply) else {
+                continue;
+            };
+            // Pace per channel.
+            if let Some(last) = last_post.get(channel) {
+                let wait = CHANNEL_PACE.saturating_sub(last.elapsed());
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+            match post(&slack, channel, thread_ts, &reply.text, &shutdown).await {
+                Some(Ok(ts)) => {
+                    info!(position = event.position, %channel, %ts, "reply delivered");
+                    recorder
+                        .delivered
+                        .insert(event.id, (channel.to_owned(), ts));
+                }
+                Some(Err(e)) => {
+                    // Refused by Slack (not in channel, channel gone): retrying cannot help.
+                    warn!(position = event.position, %channel, error = %e, "reply not delivered");
+                }
+                // Shutting down mid-retry: nothing recorded, the checkpoint stays before
+                // this reply, and the next run delivers it.
+                None => return Ok(()),
+            }
+            last_post.insert(channel.to_owned(), Instant::now());
+        }
+        projection::apply_batch(log.pool(), &mut recorder, &batch).await?;
+    }
+}
+
+/// Posts with retries: rate limits are waited out, transient failures retried with backoff.
+/// `None` when shutdown interrupted it.
+async fn post(
+    slack: &SlackApi,
+    channel: &str,
+    thread_ts: Option<&str>,
+    text: &str,
+    shutdown: &CancellationToken,
+) -> Option<std::result::Result<String, SlackApiError>> {
+    let mut failures = 0;
+    loop {
+        let wait = match slack.post_message(channel, thread_ts, text).await {
+            Ok(ts) => return Some(Ok(ts)),
+            Err(SlackApiError::RateLimited(d)) => {
+                warn!(%channel, retry_after = ?d, "Slack rate limit");
+                d
+            }
+            Err(SlackApiError::Transient(e)) if failures + 1 < ATTEMPTS => {
+                failures += 1;
+                warn!(%channel, error = %e, attempt = failures, "Slack call failed; retrying");
+                Duration::from_millis(250 * 2u64.pow(failures))
+            }
+            Err(e) => return Some(Err(e)),
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Replies out to Slack: the real Slack client, pointed at a local server that speaks the
+//! Web API's `chat.postMessage` (bearer token, JSON body, 429 with Retry-After, `ok`/`ts`).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use warren_gateway::replies::{self, slack_api::SlackApi};
+use warren_schema::events::{AgentReplied, Origin};
+use warren_schema::testing::TestDatabase;
+use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent, Secret};
+
+const TOKEN: &str = "xoxb-test-token";
+
+#[derive(Default)]
+struct FakeSlack {
+    /// Every call: (authorized, body).
+    calls: Vec<(bool, Value)>,
+    /// Answer the next this-many calls with 429.
+    rate_limit_next: usize,
+}
+
+async fn post_message(
+    State(fake): State<Arc<Mutex<FakeSlack>>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let authorized = headers.get("authorization").and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {TOKEN}"));
+    let mut fake = fake.lock().expect("lock");
+    let n = fake.calls.len();
+    fake.calls.push((authorized, body.clone()));
+    if !authorized {
+        return Json(json!({"ok": false, "error": "invalid_auth"})).into_response();
+    }
+    if fake.rate_limit_next > 0 {
+        fake.rate_limit_next -= 1;
+        return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], "").into_response();
+    }
+    if body["channel"] == "C-GONE" {
+        return Json(json!({"ok": false, "error": "channel_not_found"})).into_response();
+    }
+    Json(json!({"ok": true, "channel": body["channel"], "ts": format!("1700000100.{n:06}")}))
+        .into_response()
+}
+
+async fn fake_slack(rate_limit_next: usize) -> (String, Arc<Mutex<FakeSlack>>) {
+    let state = Arc::new(Mutex::new(FakeSlack {
+        rate_limit_next,
+        ..FakeSlack::default()
+    }));
+    let app = Router::new()
+        .route("/api/chat.postMessage", post(post_message))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/api"), state)
+}
+
+async fn reply(log: &EventLog, n: u32, channel: &str) -> EventId {
+    let id = EventId::derive(&["test-reply", &n.to_string()]);
+    let event = NewEvent::from_domain(
+        id,
+        &AgentReplied {
+            workspace: "w".into(),
+            agent: "alice".into(),
+            reply_to: Origin::Slack {
+                team_id: "T1".into(),
+                channel: channel.into(),
+                thread_ts: "1700000000.000100".into(),
+                ts: "1700000000.000200".into(),
+                user: "U1".into(),
+            },
+            text: format!("answer {n}"),
+        },
+        Metadata::new("test"),
+    )
+    .expect("event");
+    log.append(&AppendRequest::new("conv", vec![event]))
+        .await
+        .expect("append");
+    id
+}
+
+async fn delivered(db: &TestDatabase) -> Vec<Value> {
+    sqlx::query_scalar(
+        "SELECT payload FROM events WHERE event_type = 'reply.delivered' ORDER BY position",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("read")
+}
+
+async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut done: F) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_reply_is_posted_in_its_thread_after_a_429_and_recorded_once() {
+    let db = TestDatabase::new().await;
+    let log = db.log();
+    let (url, fake) = fake_slack(1).await;
+    let id = reply(&log, 1, "C1").await;
+
+    let shutdown = CancellationToken::new();
+    let slack = SlackApi::new(&url, Secret::new(TOKEN)).expect("client");
+    let runner = tokio::spawn(replies::run(log.clone(), slack, shutdown.clone()));
+    wait_until("the delivery record", async || {
+        delivered(&db).await.len() == 1
+    })
+    .await;
+    shutdown.cancel();
+    runner.await.expect("task").expect("clean stop");
+
+    let calls = fake.lock().expect("lock").calls.clone();
+    assert_eq!(calls.len(), 2, "one 429, then the post");
+    assert!(calls.iter().all(|(auth, _)| *auth), "bearer token sent");
+    assert_eq!(calls[1].1["channel"], "C1");
+    assert_eq!(
+        calls[1].1["thread_ts"], "1700000000.000100",
+        "in the originating thread"
+    );
+    assert_eq!(calls[1].1["text"], "answer 1");
+    let record = &delivered(&db).await[0];
+    assert_eq!(record["reply_id"], json!(id.to_string()));
+    assert_eq!(record["ts"], "1700000100.000001");
+}
+
+#[tokio::test]
+async fn a_restart_neither_loses_nor_repeats_a_delivery() {
+    let db = TestDatabase::new().await;
+    let log = db.log();
+    let (url, fake) = fake_slack(0).await;
+    let slack = SlackApi::new(&url, Secret::new(TOKEN)).expect("client");
+
+    // First run delivers reply 1 and stops.
+    reply(&log, 1, "C1").await;
+    let shutdown = CancellationToken::new();
+    let runner = tokio::spawn(replies::run(log.clone(), slack.clone(), shutdown.clone()));
+    wait_until("the first delivery", async || {
+        delivered(&db).await.len() == 1
+    })
+    .await;
+    shutdown.cancel();
+    runner.await.expect("task").expect("stop");
+
+    // While the gateway is down, another reply is recorded, and one to a channel Slack
+    // refuses.
+    reply(&log, 2, "C-GONE").await;
+    reply(&log, 3, "C1").await;
+
+    // The restarted gateway delivers what is new, and only that.
+    let shutdown = CancellationToken::new();
+    let runner = tokio::spawn(replies::run(log.clone(), slack, shutdown.clone()));
+    wait_until("the second delivery", async || {
+        delivered(&db).await.len() == 2
+    })
+    .await;
+    // Let it reach its checkpoint, then stop.
+    wait_until("the checkpoint", async || {
+        let cp: Option<i64> = sqlx::query_scalar(
+            "SELECT position FROM subscription_checkpoints WHERE name = 'gateway.replies'",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .expect("cp");
+        let last: i64 = sqlx::query_scalar(
+            "SELECT max(position) FROM events WHERE event_type = 'agent.replied'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("max");
+        cp.unwrap_or(0) >= last
+    })
+    .await;
+    shutdown.cancel();
+    runner.await.expect("task").expect("stop");
+
+    let texts: Vec<String> = fake
+        .lock()
+        .expect("lock")
+        .calls
+        .iter()
+        .filter(|(_, b)| b["channel"] == "C1")
+        .map(|(_, b)| b["text"].as_str().expect("text").to_owned())
+        .collect();
+    assert_eq!(
+        texts,
+        vec!["answer 1", "answer 3"],
+        "each reply posted exactly once"
+    );
+    assert_eq!(
+        delivered(&db).await.len(),
+        2,
+        "the refused reply is not recorded as delivered"
+    );
+}
