@@ -83,9 +83,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     info!(listen = %config.listen, "gateway listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    http::serve(listener, app, async move { shutdown.cancelled().await }).await?;
     // The router (and its Appender) is gone: the writers drain the queue and stop.
     writers.join().await;
     if let Some(replies) = replies {

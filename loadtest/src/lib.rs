@@ -6,6 +6,7 @@
 //! the issues quote what these commands printed.
 
 pub mod event_log;
+pub mod gateway;
 mod pgbench;
 mod report;
 
@@ -22,6 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Event log benchmarks (each in fresh databases on the server at DATABASE_URL).
     EventLog(event_log::Args),
+    /// Gateway benchmarks: signed Slack events over HTTP (fresh databases at DATABASE_URL).
+    Gateway(gateway::Args),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::EventLog(args) => event_log::run(args).await,
+        Command::Gateway(args) => gateway::run(args).await,
     }
 }
