@@ -50,7 +50,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let slack = replies::slack_api::SlackApi::new(&config.slack_api_url, token)?;
             let (log, shutdown) = (EventLog::new(pool.clone()), shutdown.clone());
             Some(tokio::spawn(
-                async move { replies::run(log, slack, shutdown).await }
+                supervise_replies(log, slack, shutdown)
                     .instrument(tracing::info_span!("reply_delivery")),
             ))
         }
@@ -87,7 +87,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // The router (and its Appender) is gone: the writers drain the queue and stop.
     writers.join().await;
     if let Some(replies) = replies {
-        replies.await??;
+        replies.await?;
     }
     Ok(())
+}
+
+/// Runs reply delivery until shutdown, restarting it after a failure (a database outage
+/// must not stop replies until the next deploy). It resumes from its checkpoint, so a
+/// restart neither skips nor re-records a reply.
+async fn supervise_replies(
+    log: EventLog,
+    slack: replies::slack_api::SlackApi,
+    shutdown: CancellationToken,
+) {
+    const BACKOFF: Duration = Duration::from_secs(5);
+    loop {
+        match replies::run(log.clone(), slack.clone(), shutdown.clone()).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, "reply delivery failed; restarting in 5 s"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(BACKOFF) => {}
+        }
+    }
 }

@@ -82,8 +82,11 @@ const MESSAGE_SUBTYPES: &[&str] = &["file_share", "thread_broadcast"];
 
 /// Parses a verified body. `traceparent` is the request's trace context.
 pub fn parse(body: &[u8], traceparent: Option<String>) -> Result<Inbound, Malformed> {
-    let envelope: Envelope =
+    // Parsed once: the typed view is read from the same value that is stored.
+    let body: Value =
         serde_json::from_slice(body).map_err(|e| Malformed(format!("not JSON: {e}")))?;
+    let envelope =
+        Envelope::deserialize(&body).map_err(|e| Malformed(format!("not an event: {e}")))?;
     match envelope.kind.as_str() {
         "url_verification" => envelope
             .challenge
@@ -96,7 +99,7 @@ pub fn parse(body: &[u8], traceparent: Option<String>) -> Result<Inbound, Malfor
 
 fn event_callback(
     envelope: Envelope,
-    body: &[u8],
+    body: Value,
     traceparent: Option<String>,
 ) -> Result<Inbound, Malformed> {
     let team_id = envelope
@@ -113,10 +116,8 @@ fn event_callback(
         .first()
         .and_then(|a| a.user_id.clone());
 
-    let message: Option<SlackMessage> = serde_json::from_value(event.clone()).ok();
-    let Some(message) = message else {
-        return Err(Malformed("event without a type".into()));
-    };
+    let message = SlackMessage::deserialize(&event)
+        .map_err(|e| Malformed(format!("unreadable event: {e}")))?;
     // No reply loops: the app's own posts and every other bot's are not input.
     if message.bot_id.is_some() || message.subtype.as_deref() == Some("bot_message") {
         return Ok(Inbound::Ignore("bot message"));
@@ -134,15 +135,13 @@ fn event_callback(
     let mut raw_meta = Metadata::new("gateway/slack");
     raw_meta.traceparent = traceparent.clone();
     raw_meta.actor = message.user.clone();
-    let body_value: Value =
-        serde_json::from_slice(body).map_err(|e| Malformed(format!("not JSON: {e}")))?;
     let raw = NewEvent::from_domain(
         raw_id,
         &SlackEventReceived {
             team_id: team_id.clone(),
             event_id,
             event_time: envelope.event_time.unwrap_or_default(),
-            body: body_value,
+            body,
         },
         raw_meta,
     )

@@ -236,3 +236,77 @@ pub fn accept(
         vec![raw, message],
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    #[test]
+    fn loads_endpoints_with_inline_and_file_secrets() {
+        let dir = std::env::temp_dir().join(format!("warren-webhooks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let secret = write(&dir, "gh.secret", "from-a-file\n");
+        let config = write(
+            &dir,
+            "ok.json",
+            &format!(
+                r#"{{"endpoints": [
+                  {{"name": "github", "scheme": "github", "secret_file": "{}", "agent": "triage"}},
+                  {{"name": "ci", "scheme": "hmac_sha256", "secret": "inline", "agent": "ci",
+                    "signature_header": "X-Sig", "delivery_header": "X-Id"}}]}}"#,
+                secret.display()
+            ),
+        );
+        let endpoints = load(&config).expect("valid config");
+        assert_eq!(endpoints["github"].secret.expose(), "from-a-file");
+        assert_eq!(endpoints["github"].scheme, Scheme::Github);
+        assert_eq!(
+            endpoints["ci"].signature_header, "x-sig",
+            "header names are lowercased"
+        );
+        assert_eq!(endpoints["ci"].delivery_header, Some("x-id"));
+        assert_eq!(endpoints["ci"].signature_header.len(), 5);
+
+        for (name, body, why) in [
+            (
+                "dup.json",
+                r#"{"endpoints": [{"name": "a", "scheme": "github", "secret": "s", "agent": "x"},
+                                            {"name": "a", "scheme": "github", "secret": "s", "agent": "x"}]}"#,
+                "twice",
+            ),
+            (
+                "name.json",
+                r#"{"endpoints": [{"name": "a/b", "scheme": "github", "secret": "s", "agent": "x"}]}"#,
+                "name",
+            ),
+            (
+                "both.json",
+                r#"{"endpoints": [{"name": "a", "scheme": "github", "agent": "x"}]}"#,
+                "exactly one",
+            ),
+            (
+                "empty.json",
+                r#"{"endpoints": [{"name": "a", "scheme": "github", "secret": "", "agent": "x"}]}"#,
+                "empty",
+            ),
+        ] {
+            let err = load(&write(&dir, name, body)).expect_err(name).to_string();
+            assert!(err.contains(why), "{name}: {err}");
+            assert!(!err.contains("\"s\""), "no secret in {err}");
+        }
+        let err = load(&write(
+            &dir,
+            "typo.json",
+            r#"{"endpoints": [{"name": "a", "scheme": "gitlab", "secret": "s", "agent": "x"}]}"#,
+        ))
+        .expect_err("unknown scheme");
+        assert!(matches!(err, ConfigError::Parse { .. }));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
