@@ -61,6 +61,18 @@ pub struct Config {
     /// Most database connections.
     #[arg(long, env = "WARREN_DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub db_max_connections: u32,
+
+    /// Address of the admin listener: `GET /metrics` (Prometheus). Kept off the public
+    /// port, which faces Slack and webhook senders.
+    #[arg(
+        long,
+        env = "WARREN_GATEWAY_METRICS_LISTEN",
+        default_value = "0.0.0.0:9464"
+    )]
+    pub metrics_listen: SocketAddr,
+
+    #[command(flatten)]
+    pub telemetry: warren_telemetry::TelemetryOptions,
 }
 
 impl Config {

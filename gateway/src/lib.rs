@@ -7,7 +7,8 @@
 //! - [`http`]: routes and the mapping of failures to status codes.
 //! - [`replies`]: agents' replies out to Slack, recorded as `reply.delivered`.
 //!
-//! Not built yet (issue 3, in progress): metrics export and the gateway load benchmark.
+//! Metrics are served on a separate admin listener (`GET /metrics`); spans go out over OTLP
+//! when configured (`warren-telemetry`).
 
 pub mod config;
 pub mod http;
@@ -29,7 +30,12 @@ use warren_schema::event_log::{Appender, AppenderConfig};
 pub use config::Config;
 
 /// Runs the gateway until `shutdown` is cancelled, then answers every request it accepted.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// `admin` (the metrics route) is served on `config.metrics_listen`.
+pub async fn run(
+    config: Config,
+    admin: axum::Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let pool = PgPoolOptions::new()
         .max_connections(config.db_max_connections)
         // Fail fast so a database outage becomes a 503 inside Slack's 3 s, not a hang.
@@ -82,7 +88,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    info!(listen = %config.listen, "gateway listening");
+    let admin_listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("binding {}", config.metrics_listen))?;
+    let admin_shutdown = shutdown.clone();
+    tokio::spawn(http::serve(admin_listener, admin, async move {
+        admin_shutdown.cancelled().await
+    }));
+    info!(listen = %config.listen, metrics = %config.metrics_listen, "gateway listening");
     http::serve(listener, app, async move { shutdown.cancelled().await }).await?;
     // The router (and its Appender) is gone: the writers drain the queue and stop.
     writers.join().await;

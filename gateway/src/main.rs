@@ -4,13 +4,8 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .json()
-        .init();
     let config = warren_gateway::Config::parse();
+    let telemetry = warren_telemetry::Telemetry::init("warren-gateway", &config.telemetry)?;
     // SIGTERM (Kubernetes, kill) or SIGINT: stop accepting, answer what was accepted.
     let shutdown = CancellationToken::new();
     let mut term = signal(SignalKind::terminate())?;
@@ -23,5 +18,7 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("shutting down");
         on_signal.cancel();
     });
-    warren_gateway::run(config, shutdown).await
+    let result = warren_gateway::run(config, telemetry.metrics_router(), shutdown).await;
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    result
 }

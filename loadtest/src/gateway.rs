@@ -35,6 +35,9 @@ pub struct Args {
     /// Saturation: concurrent clients (and pgbench clients).
     #[arg(long, default_value_t = 64)]
     pub clients: usize,
+    /// Event log writer transactions in the gateway's appender.
+    #[arg(long, default_value_t = AppenderConfig::default().writers)]
+    pub writers: usize,
 }
 
 struct Gateway {
@@ -42,9 +45,13 @@ struct Gateway {
     db: TestDatabase,
 }
 
-async fn start_gateway() -> anyhow::Result<Gateway> {
-    let db = TestDatabase::with_pool_size(6).await;
-    let (appender, _writers) = Appender::start(db.pool.clone(), AppenderConfig::default());
+async fn start_gateway(writers: usize) -> anyhow::Result<Gateway> {
+    let db = TestDatabase::with_pool_size(writers as u32 + 4).await;
+    let config = AppenderConfig {
+        writers,
+        ..AppenderConfig::default()
+    };
+    let (appender, _writers) = Appender::start(db.pool.clone(), config);
     let app = router(
         AppState {
             appender,
@@ -99,7 +106,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .build()?;
 
     report::heading("gateway: open-loop ack latency");
-    let gw = start_gateway().await?;
+    let gw = start_gateway(args.writers).await?;
     let (hist, ok, failed, elapsed) = open_loop(&client, &gw.url, &args).await?;
     report::figure("offered rate", args.rate as f64, "req/s");
     report::figure("acked rate", ok as f64 / elapsed.as_secs_f64(), "req/s");
@@ -133,7 +140,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
     drop(baseline_db);
-    let gw = start_gateway().await?;
+    let gw = start_gateway(args.writers).await?;
     let (acked, elapsed) = saturate(&client, &gw.url, &args).await?;
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&gw.db.pool)

@@ -26,6 +26,8 @@ use crate::slack::events::{self, Inbound};
 use crate::verify::{self, VerifyError};
 use crate::webhook::{self, Endpoint, Refusal};
 
+mod trace;
+
 /// What every handler shares.
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -49,6 +51,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .route_layer(axum::middleware::from_fn(trace::request_span))
         .with_state(state)
 }
 
@@ -107,13 +110,7 @@ fn now_unix() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-fn traceparent(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() <= 128)
-        .map(str::to_owned)
-}
+use trace::event_traceparent as traceparent;
 
 /// Appends and waits for the commit, within the state's deadline.
 async fn store(state: &AppState, request: AppendRequest) -> Result<(), ApiError> {

@@ -21,7 +21,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info_span, warn};
@@ -126,8 +127,26 @@ impl Appender {
 }
 
 async fn writer_loop(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>, config: AppenderConfig) {
+    // Each writer keeps its connection between batches: taking one from the pool per batch
+    // costs a health-check round trip (sqlx pings on acquire) on the hot path. A connection
+    // that saw an error is dropped and a fresh one taken for the next batch.
+    let mut conn: Option<PoolConnection<Postgres>> = None;
     while let Some(batch) = next_batch(&rx, &config).await {
-        commit_jobs(&pool, batch).await;
+        if conn.is_none() {
+            match pool.acquire().await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    let e = Error::db("acquiring a connection to append")(e);
+                    fail_batch(batch, &e);
+                    continue;
+                }
+            }
+        }
+        if let Some(c) = conn.as_mut()
+            && !commit_jobs(c, batch).await
+        {
+            conn = None;
+        }
     }
 }
 
@@ -159,12 +178,14 @@ async fn next_batch(rx: &Mutex<mpsc::Receiver<Job>>, config: &AppenderConfig) ->
     Some(batch)
 }
 
-async fn commit_jobs(pool: &PgPool, jobs: Vec<Job>) {
+/// Commits one batch and answers its callers. Returns false when the connection saw an
+/// error and should not be reused.
+async fn commit_jobs(conn: &mut PgConnection, jobs: Vec<Job>) -> bool {
     let started = Instant::now();
     let requests: Vec<&AppendRequest> = jobs.iter().map(|j| &j.request).collect();
     let events: usize = requests.iter().map(|r| r.events.len()).sum();
     let span = info_span!("event_log_commit", requests = jobs.len(), events);
-    let result = super::commit_requests(pool, &requests)
+    let result = super::commit_requests(conn, &requests)
         .instrument(span)
         .await;
     drop(requests);
@@ -178,25 +199,38 @@ async fn commit_jobs(pool: &PgPool, jobs: Vec<Job>) {
             for (job, outcome) in jobs.into_iter().zip(outcomes) {
                 reply(job, outcome);
             }
+            true
         }
         Err(e) if jobs.len() > 1 && !e.is_unavailable() => {
             // A statement failed because of something in the batch: isolate it.
             debug!(error = %e, "batch failed; retrying its requests one by one");
-            for job in jobs {
-                let outcome = super::commit_requests(pool, &[&job.request])
-                    .await
-                    .and_then(|mut o| o.remove(0));
-                reply(job, outcome);
+            let mut jobs = jobs.into_iter();
+            while let Some(job) = jobs.next() {
+                match super::commit_requests(conn, &[&job.request]).await {
+                    Ok(mut outcome) => reply(job, outcome.remove(0)),
+                    Err(e) if e.is_unavailable() => {
+                        // The connection is gone: the rest of the batch fails with it.
+                        fail_batch(std::iter::once(job).chain(jobs).collect(), &e);
+                        return false;
+                    }
+                    Err(e) => reply(job, Err(e)),
+                }
             }
+            true
         }
         Err(e) => {
-            warn!(error = %e, requests = jobs.len(), "event log batch failed");
-            metrics::counter!("warren_event_log_batch_failures_total", "error" => e.metric_label())
-                .increment(1);
-            for job in jobs {
-                reply(job, Err(e.clone()));
-            }
+            fail_batch(jobs, &e);
+            false
         }
+    }
+}
+
+fn fail_batch(jobs: Vec<Job>, e: &Error) {
+    warn!(error = %e, requests = jobs.len(), "event log batch failed");
+    metrics::counter!("warren_event_log_batch_failures_total", "error" => e.metric_label())
+        .increment(1);
+    for job in jobs {
+        reply(job, Err(e.clone()));
     }
 }
 

@@ -12,7 +12,7 @@ mod read;
 mod subscribe;
 
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tracing::instrument;
 
 pub use append::{MAX_STREAM_LEN, NOTIFY_CHANNEL, append_in_tx, validate};
@@ -118,7 +118,12 @@ impl EventLog {
     #[instrument(skip_all, fields(stream = %request.stream, events = request.events.len()), err)]
     pub async fn append(&self, request: &AppendRequest) -> Result<Vec<Appended>> {
         validate(request)?;
-        commit_requests(&self.pool, &[request]).await?.remove(0)
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(Error::db("acquiring a connection to append"))?;
+        commit_requests(&mut conn, &[request]).await?.remove(0)
     }
 
     /// Starts a gap-free subscription after `position`.
@@ -131,16 +136,15 @@ impl EventLog {
     }
 }
 
-/// Commits `requests` in one transaction, retrying the rare duplicate race.
+/// Commits `requests` in one transaction on `conn`, retrying the rare duplicate race.
 pub(crate) async fn commit_requests(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     requests: &[&AppendRequest],
 ) -> Result<Vec<Result<Vec<Appended>>>> {
     const ATTEMPTS: usize = 3;
     let mut attempt = 1;
     loop {
-        let mut tx = pool
-            .begin()
+        let mut tx = sqlx::Connection::begin(&mut *conn)
             .await
             .map_err(Error::db("beginning an append transaction"))?;
         match append_in_tx(&mut tx, requests).await {
