@@ -1,10 +1,14 @@
 //! Warren's control plane.
 //!
-//! Today it owns the database schema (`migrate`) and the operator's view of the event log
-//! (`status`, `events`, `explain`). Projections, decisions and reconciliation arrive with
-//! the control-plane issue; see `docs/architecture.md` for where each will live.
+//! - [`decide`]: the pure decisions (routing, waking, idle stops, restarts with backoff,
+//!   admission caps with a fair queue, mention limits) and the state they read.
+//! - [`cli`]: `migrate`, `status`, `events`, `explain`.
+//!
+//! Still to come (issue 4): the decision loop that records decisions under a leader lease,
+//! the SQL projections and `rebuild`, the reconciler and the local backend.
 
 pub mod cli;
+pub mod decide;
 mod operator;
 pub mod telemetry;
 

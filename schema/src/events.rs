@@ -40,6 +40,13 @@ domain_events! {
     AgentReplied => "agent.replied" v 1,
     AgentMentioned => "agent.mentioned" v 1,
     ReplyDelivered => "reply.delivered" v 1,
+    AgentConfigured => "agent.configured" v 1,
+    AgentRemoved => "agent.removed" v 1,
+    RouteConfigured => "route.configured" v 1,
+    RouteRemoved => "route.removed" v 1,
+    WorkspaceStartQueued => "workspace.start_queued" v 1,
+    WorkspaceFailed => "workspace.failed" v 1,
+    MentionRefused => "mention.refused" v 1,
 }
 
 /// A Slack Events API `event_callback`, stored as received (after signature verification).
@@ -199,4 +206,72 @@ pub struct ReplyDelivered {
     pub channel: String,
     /// Slack's `ts` of the posted message.
     pub ts: String,
+}
+
+/// An agent's settings, from the declarative configuration (or, later, the admin API).
+/// Recorded again whenever a setting changes; the latest one is in force.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentConfigured {
+    pub name: String,
+    /// The workspace it lives in (agents of one workspace share a process and files).
+    pub workspace: String,
+    /// Driver: `echo`, `command`, `anthropic`, `openai`.
+    pub driver: String,
+    /// Driver settings (model, max tokens, command line, ...), as configured.
+    pub settings: Value,
+    /// Seconds without activity after which its workspace may be stopped.
+    pub idle_timeout_secs: u64,
+}
+
+/// An agent was removed from the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRemoved {
+    pub name: String,
+}
+
+/// Messages arriving on `route` reach `agent` when they address no agent by name. Route
+/// keys: `slack_channel:{channel}`, `webhook:{endpoint}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteConfigured {
+    pub route: String,
+    pub agent: String,
+}
+
+/// A route was removed from the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteRemoved {
+    pub route: String,
+}
+
+/// Decision: a workspace has work waiting but starting it would exceed an admission cap. It
+/// starts, in fair order, when capacity frees; nothing is dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceStartQueued {
+    pub workspace: String,
+    /// The cap that held it back: `total`, `team:{id}` or `channel:{id}`.
+    pub cap: String,
+    /// The team and channel the waiting work came from (the cap scopes).
+    pub team: Option<String>,
+    pub channel: Option<String>,
+}
+
+/// Decision: a workspace kept failing and will not be restarted until new work arrives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceFailed {
+    pub workspace: String,
+    /// Starts attempted, the first included.
+    pub attempts: u32,
+    /// The last failure the backend reported.
+    pub detail: Option<String>,
+}
+
+/// Decision: an agent-to-agent mention was not delivered, to stop a loop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MentionRefused {
+    /// The `agent.mentioned` event refused.
+    pub mention_id: crate::EventId,
+    /// `depth` (the chain is too long), `rate` (too many mentions in the conversation) or
+    /// `unknown_agent`.
+    pub reason: String,
+    pub chain: Vec<String>,
 }

@@ -125,6 +125,39 @@ fn samples() -> Vec<Sample> {
             channel: "C0001".into(),
             ts: "1700000001.000300".into(),
         }),
+        entry(AgentConfigured {
+            name: "alice".into(),
+            workspace: "research".into(),
+            driver: "anthropic".into(),
+            settings: json!({"model": "claude-sonnet-4-5", "max_tokens": 4096}),
+            idle_timeout_secs: 900,
+        }),
+        entry(AgentRemoved {
+            name: "alice".into(),
+        }),
+        entry(RouteConfigured {
+            route: "slack_channel:C0001".into(),
+            agent: "alice".into(),
+        }),
+        entry(RouteRemoved {
+            route: "slack_channel:C0001".into(),
+        }),
+        entry(WorkspaceStartQueued {
+            workspace: "research".into(),
+            cap: "team:T0001".into(),
+            team: Some("T0001".into()),
+            channel: Some("C0001".into()),
+        }),
+        entry(WorkspaceFailed {
+            workspace: "research".into(),
+            attempts: 4,
+            detail: Some("exit status 1".into()),
+        }),
+        entry(MentionRefused {
+            mention_id: id("mention"),
+            reason: "depth".into(),
+            chain: vec!["alice".into(), "bob".into(), "alice".into()],
+        }),
     ]
 }
 

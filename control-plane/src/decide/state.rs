@@ -1,0 +1,347 @@
+//! What the decisions need to know, folded from the log: agents, routes, workspaces and the
+//! admission queue. [`State::apply`] is pure and total: any event, in log order, any number
+//! of times (an event already applied is skipped by position), so the state after a replay
+//! from position 0 is the state the live controller had.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use warren_schema::events::*;
+use warren_schema::{EventId, NewEvent, RecordedEvent};
+
+/// Mention times kept per conversation (more than any sane rate limit counts).
+const MENTION_HISTORY: usize = 256;
+/// Conversations remembered per workspace for failure notices.
+const WAITING_HISTORY: usize = 16;
+
+/// An agent as configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agent {
+    pub name: String,
+    pub workspace: String,
+    pub driver: String,
+    pub settings: Value,
+    pub idle_timeout_secs: u64,
+}
+
+/// Where a workspace is in its life, as far as the log says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Not running (never started, stopped, exited or gone).
+    Stopped,
+    /// Waiting for admission (`workspace.start_queued`).
+    Queued,
+    /// A start was decided; the backend has not reported it ready yet.
+    Starting,
+    Ready,
+    /// A stop was decided; the backend has not reported it gone yet.
+    Stopping,
+    /// A failure was observed; a restart is due after a backoff (see `Policy`).
+    BackingOff,
+    /// Gave up after repeated failures (`workspace.failed`); new work starts it again.
+    Failed,
+}
+
+impl Phase {
+    /// Whether the workspace holds (or is about to hold) a runtime slot. A stopping one still
+    /// does until the backend reports it gone.
+    pub fn occupies_slot(self) -> bool {
+        matches!(
+            self,
+            Self::Starting | Self::Ready | Self::BackingOff | Self::Stopping
+        )
+    }
+}
+
+/// A workspace, as the decisions see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workspace {
+    pub name: String,
+    pub phase: Phase,
+    /// Last message routed to it, reply from it, or readiness: what idleness counts from.
+    pub last_activity: DateTime<Utc>,
+    /// The event that set `last_activity` (the cause of an idle stop).
+    pub last_activity_event: EventId,
+    /// Failed starts since it was last ready.
+    pub failures: u32,
+    /// When the last failure was observed (phase `BackingOff`; the restart is due a
+    /// policy-given backoff later).
+    pub failed_at: Option<DateTime<Utc>>,
+    /// The failure observation: the cause of the restart.
+    pub failure_event: Option<EventId>,
+    /// What the backend said about the last failure.
+    pub failure_detail: Option<String>,
+    /// Team and channel of the work that woke it (admission scopes).
+    pub team: Option<String>,
+    pub channel: Option<String>,
+    /// Where the conversations that woke it reply (told when it fails for good).
+    pub waiting_origins: Vec<(EventId, Origin)>,
+}
+
+/// A start held back by an admission cap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedStart {
+    pub workspace: String,
+    pub team: Option<String>,
+    pub channel: Option<String>,
+    /// The `workspace.start_queued` event: the cause of the eventual start.
+    pub queued_by: EventId,
+}
+
+/// Everything the decisions read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct State {
+    pub agents: BTreeMap<String, Agent>,
+    /// Route key → agent.
+    pub routes: BTreeMap<String, String>,
+    pub workspaces: BTreeMap<String, Workspace>,
+    /// Starts waiting for capacity, oldest first.
+    pub queue: VecDeque<QueuedStart>,
+    /// Recent agent mentions per conversation (correlation id), for the rate limit.
+    pub mentions: BTreeMap<EventId, VecDeque<DateTime<Utc>>>,
+    /// Highest position applied.
+    pub position: i64,
+    /// Decisions applied the moment they were made ([`State::apply_own`]); each is skipped
+    /// once when it comes back from the log.
+    pub pre_applied: BTreeSet<EventId>,
+}
+
+impl State {
+    /// Folds one event in. Events at or below [`State::position`] are ignored, so a batch
+    /// re-read after a restart changes nothing. Unknown types and undecodable payloads are
+    /// skipped: the log outlives this build.
+    pub fn apply(&mut self, event: &RecordedEvent) {
+        if event.position <= self.position {
+            return;
+        }
+        self.position = event.position;
+        if !self.pre_applied.remove(&event.id) {
+            self.fold(event);
+        }
+    }
+
+    /// Applies a decision the controller just recorded, before the log hands it back, so the
+    /// events read in between are judged with it (a second message for a starting workspace
+    /// must not start it again). `recorded_at` is when it was committed.
+    pub fn apply_own(&mut self, decision: &NewEvent, recorded_at: DateTime<Utc>) {
+        if self.pre_applied.contains(&decision.id) {
+            return;
+        }
+        self.fold(&RecordedEvent {
+            position: self.position,
+            id: decision.id,
+            stream: String::new(),
+            stream_version: 0,
+            event_type: decision.event_type.clone(),
+            event_version: decision.event_version,
+            payload: decision.payload.clone(),
+            metadata: decision.metadata.clone(),
+            recorded_at,
+        });
+        self.pre_applied.insert(decision.id);
+    }
+
+    fn fold(&mut self, event: &RecordedEvent) {
+        let at = event.recorded_at;
+        match event.event_type.as_str() {
+            AgentConfigured::TYPE => {
+                if let Ok(a) = event.decode::<AgentConfigured>() {
+                    self.agents.insert(
+                        a.name.clone(),
+                        Agent {
+                            name: a.name,
+                            workspace: a.workspace,
+                            driver: a.driver,
+                            settings: a.settings,
+                            idle_timeout_secs: a.idle_timeout_secs,
+                        },
+                    );
+                }
+            }
+            AgentRemoved::TYPE => {
+                if let Ok(a) = event.decode::<AgentRemoved>() {
+                    self.agents.remove(&a.name);
+                }
+            }
+            RouteConfigured::TYPE => {
+                if let Ok(r) = event.decode::<RouteConfigured>() {
+                    self.routes.insert(r.route, r.agent);
+                }
+            }
+            RouteRemoved::TYPE => {
+                if let Ok(r) = event.decode::<RouteRemoved>() {
+                    self.routes.remove(&r.route);
+                }
+            }
+            MessageRouted::TYPE => {
+                if let Ok(r) = event.decode::<MessageRouted>() {
+                    let w = self.workspace_mut(&r.workspace, at, event.id);
+                    w.last_activity = at;
+                    w.last_activity_event = event.id;
+                }
+            }
+            WorkspaceStartQueued::TYPE => {
+                if let Ok(q) = event.decode::<WorkspaceStartQueued>() {
+                    let w = self.workspace_mut(&q.workspace, at, event.id);
+                    w.phase = Phase::Queued;
+                    w.team.clone_from(&q.team);
+                    w.channel.clone_from(&q.channel);
+                    if !self.queue.iter().any(|e| e.workspace == q.workspace) {
+                        self.queue.push_back(QueuedStart {
+                            workspace: q.workspace,
+                            team: q.team,
+                            channel: q.channel,
+                            queued_by: event.id,
+                        });
+                    }
+                }
+            }
+            WorkspaceStartRequested::TYPE => {
+                if let Ok(s) = event.decode::<WorkspaceStartRequested>() {
+                    self.queue.retain(|q| q.workspace != s.workspace);
+                    let w = self.workspace_mut(&s.workspace, at, event.id);
+                    w.phase = Phase::Starting;
+                    w.failed_at = None;
+                    if s.attempt == 0 {
+                        w.failures = 0;
+                    }
+                }
+            }
+            WorkspaceStopRequested::TYPE => {
+                if let Ok(s) = event.decode::<WorkspaceStopRequested>() {
+                    let w = self.workspace_mut(&s.workspace, at, event.id);
+                    if w.phase != Phase::Failed {
+                        w.phase = Phase::Stopping;
+                    }
+                    w.failed_at = None;
+                }
+            }
+            WorkspaceFailed::TYPE => {
+                if let Ok(f) = event.decode::<WorkspaceFailed>() {
+                    let w = self.workspace_mut(&f.workspace, at, event.id);
+                    w.phase = Phase::Failed;
+                    w.failed_at = None;
+                    w.waiting_origins.clear();
+                }
+            }
+            WorkspaceObserved::TYPE => {
+                if let Ok(o) = event.decode::<WorkspaceObserved>() {
+                    self.observe(&o, event, at);
+                }
+            }
+            AgentReplied::TYPE => {
+                if let Ok(r) = event.decode::<AgentReplied>()
+                    && let Some(w) = self.workspaces.get_mut(&r.workspace)
+                {
+                    w.last_activity = at;
+                    w.last_activity_event = event.id;
+                    w.waiting_origins.clear();
+                }
+            }
+            MessageReceived::TYPE => {
+                if let Ok(m) = event.decode::<MessageReceived>() {
+                    for (agent, _) in super::route_targets(self, &m) {
+                        self.note_waiting(&agent, event.id, &m.origin, at);
+                    }
+                }
+            }
+            AgentMentioned::TYPE => {
+                let conversation = event.metadata.correlation_id.unwrap_or(event.id);
+                let recent = self.mentions.entry(conversation).or_default();
+                recent.push_back(at);
+                // Only the rate window matters; keep the list short.
+                while recent.len() > MENTION_HISTORY {
+                    recent.pop_front();
+                }
+                if let Ok(m) = event.decode::<AgentMentioned>() {
+                    self.note_waiting(&m.to_agent, event.id, &m.reply_to, at);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn observe(&mut self, o: &WorkspaceObserved, event: &RecordedEvent, at: DateTime<Utc>) {
+        let w = self.workspace_mut(&o.workspace, at, event.id);
+        match (o.phase, w.phase) {
+            (WorkspacePhase::Starting, _) => {}
+            (WorkspacePhase::Ready, Phase::Starting | Phase::BackingOff) => {
+                w.phase = Phase::Ready;
+                w.failures = 0;
+                w.last_activity = at;
+                w.last_activity_event = event.id;
+            }
+            // Ready after a stop was decided or a give-up: the reconciler will stop it.
+            (WorkspacePhase::Ready, _) => {}
+            (WorkspacePhase::Exited | WorkspacePhase::Gone, Phase::Stopping) => {
+                w.phase = Phase::Stopped;
+            }
+            // It stopped without being asked to: back off, then restart (or give up).
+            (
+                WorkspacePhase::Exited | WorkspacePhase::Failed | WorkspacePhase::Gone,
+                Phase::Starting | Phase::Ready,
+            ) => {
+                w.phase = Phase::BackingOff;
+                w.failures += 1;
+                w.failed_at = Some(at);
+                w.failure_event = Some(event.id);
+                w.failure_detail.clone_from(&o.detail);
+            }
+            _ => {}
+        }
+    }
+
+    /// Remembers that work for `agent` waits, and where its conversation replies.
+    fn note_waiting(&mut self, agent: &str, id: EventId, origin: &Origin, at: DateTime<Utc>) {
+        let Some(workspace) = self.agents.get(agent).map(|a| a.workspace.clone()) else {
+            return;
+        };
+        let w = self.workspace_mut(&workspace, at, id);
+        if !w.phase.occupies_slot() {
+            // The work that wakes a workspace decides which admission scopes it counts in.
+            let (team, channel) = super::scope(origin);
+            w.team = team.map(str::to_owned);
+            w.channel = channel.map(str::to_owned);
+        }
+        if !w.waiting_origins.iter().any(|(_, o)| o == origin) {
+            w.waiting_origins.push((id, origin.clone()));
+            if w.waiting_origins.len() > WAITING_HISTORY {
+                w.waiting_origins.remove(0);
+            }
+        }
+    }
+
+    fn workspace_mut(&mut self, name: &str, at: DateTime<Utc>, by: EventId) -> &mut Workspace {
+        self.workspaces
+            .entry(name.to_owned())
+            .or_insert_with(|| Workspace {
+                name: name.to_owned(),
+                phase: Phase::Stopped,
+                last_activity: at,
+                last_activity_event: by,
+                failures: 0,
+                failed_at: None,
+                failure_event: None,
+                failure_detail: None,
+                team: None,
+                channel: None,
+                waiting_origins: Vec::new(),
+            })
+    }
+
+    /// Workspaces holding a runtime slot, overall and for `team` / `channel`.
+    pub fn occupied(&self, team: Option<&str>, channel: Option<&str>) -> (usize, usize, usize) {
+        let mut counts = (0, 0, 0);
+        for w in self.workspaces.values().filter(|w| w.phase.occupies_slot()) {
+            counts.0 += 1;
+            if team.is_some() && w.team.as_deref() == team {
+                counts.1 += 1;
+            }
+            if channel.is_some() && w.channel.as_deref() == channel {
+                counts.2 += 1;
+            }
+        }
+        counts
+    }
+}
