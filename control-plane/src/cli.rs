@@ -6,8 +6,9 @@ use clap::{Parser, Subcommand};
 use sqlx::postgres::PgPoolOptions;
 use warren_schema::{EventId, EventLog, Secret};
 
+use crate::controller::{self, ControllerConfig};
+use crate::decide::Policy;
 use crate::operator;
-use crate::telemetry::{self, LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(name = "warren-control-plane", version, about)]
@@ -20,9 +21,8 @@ pub struct Cli {
     #[arg(long, env = "WARREN_DB_MAX_CONNECTIONS", default_value_t = 10)]
     pub db_max_connections: u32,
 
-    /// Log format.
-    #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub telemetry: warren_telemetry::TelemetryOptions,
 
     #[command(subcommand)]
     pub command: Command,
@@ -30,6 +30,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the controller: wait for the leader lease, then follow the log and record
+    /// decisions (several replicas may run; one leads).
+    Run(RunArgs),
     /// Apply pending database migrations (safe to run concurrently and repeatedly).
     Migrate,
     /// Show the event log's position, how far readers are held back, and each checkpoint.
@@ -59,9 +62,79 @@ pub enum Command {
     },
 }
 
+/// Settings of `run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Agents and routes (JSON; see `config_file`). Changes are recorded as events at start.
+    #[arg(long, env = "WARREN_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// This replica's name in the leader lease (default: host name and process id).
+    #[arg(long, env = "WARREN_REPLICA")]
+    pub replica: Option<String>,
+    /// Seconds a killed leader keeps the lease before a standby takes over.
+    #[arg(long, env = "WARREN_LEASE_TTL_SECS", default_value_t = 10)]
+    pub lease_ttl_secs: u64,
+    /// Milliseconds between checks of time-based decisions (idle stops, restarts).
+    #[arg(long, env = "WARREN_TICK_MS", default_value_t = 1000)]
+    pub tick_ms: u64,
+    /// Most workspaces running at once (unset: no cap).
+    #[arg(long, env = "WARREN_MAX_RUNNING")]
+    pub max_running: Option<usize>,
+    /// Most workspaces running per Slack team (or webhook endpoint).
+    #[arg(long, env = "WARREN_MAX_RUNNING_PER_TEAM")]
+    pub max_running_per_team: Option<usize>,
+    /// Most workspaces running per Slack channel (or webhook endpoint).
+    #[arg(long, env = "WARREN_MAX_RUNNING_PER_CHANNEL")]
+    pub max_running_per_channel: Option<usize>,
+    /// Restarts of a failing workspace before it is marked failed.
+    #[arg(long, env = "WARREN_MAX_RESTARTS", default_value_t = 3)]
+    pub max_restarts: u32,
+    /// Longest agent-to-agent mention chain delivered.
+    #[arg(long, env = "WARREN_MENTION_MAX_DEPTH", default_value_t = 5)]
+    pub mention_max_depth: usize,
+    /// Admin listener: `GET /metrics` (Prometheus).
+    #[arg(
+        long,
+        env = "WARREN_CONTROL_PLANE_METRICS_LISTEN",
+        default_value = "0.0.0.0:9465"
+    )]
+    pub metrics_listen: std::net::SocketAddr,
+}
+
+impl RunArgs {
+    fn controller_config(&self) -> ControllerConfig {
+        let holder = self.replica.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "localhost".into());
+            format!("{host}:{}", std::process::id())
+        });
+        ControllerConfig {
+            holder,
+            lease_ttl: Duration::from_secs(self.lease_ttl_secs.max(1)),
+            tick: Duration::from_millis(self.tick_ms.max(10)),
+            policy: Policy {
+                max_running: self.max_running,
+                max_running_per_team: self.max_running_per_team,
+                max_running_per_channel: self.max_running_per_channel,
+                max_restarts: self.max_restarts,
+                mention_max_depth: self.mention_max_depth,
+                ..Policy::default()
+            },
+            config_file: self.config.clone(),
+        }
+    }
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    telemetry::init(cli.log_format);
+    let telemetry = warren_telemetry::Telemetry::init("warren-control-plane", &cli.telemetry)?;
+    let result = execute(cli, &telemetry).await;
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    result
+}
+
+async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::Result<()> {
     let pool = PgPoolOptions::new()
         .max_connections(cli.db_max_connections)
         .acquire_timeout(Duration::from_secs(10))
@@ -72,6 +145,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let log = EventLog::new(pool);
     let mut out = std::io::stdout().lock();
     match cli.command {
+        Command::Run(args) => {
+            let listener = tokio::net::TcpListener::bind(args.metrics_listen).await?;
+            let shutdown = shutdown_on_signal()?;
+            let metrics = telemetry.metrics_router();
+            let admin_shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                axum::serve(listener, metrics)
+                    .with_graceful_shutdown(async move { admin_shutdown.cancelled().await })
+                    .await
+            });
+            controller::run(log, args.controller_config(), shutdown).await?;
+        }
         Command::Migrate => {
             log.migrate().await?;
             tracing::info!("migrations applied");
@@ -101,4 +186,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A token cancelled by SIGTERM (Kubernetes, kill) or SIGINT.
+fn shutdown_on_signal() -> std::io::Result<tokio_util::sync::CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = tokio_util::sync::CancellationToken::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+        cancel.cancel();
+    });
+    Ok(token)
 }

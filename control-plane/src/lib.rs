@@ -2,14 +2,18 @@
 //!
 //! - [`decide`]: the pure decisions (routing, waking, idle stops, restarts with backoff,
 //!   admission caps with a fair queue, mention limits) and the state they read.
-//! - [`cli`]: `migrate`, `status`, `events`, `explain`.
+//! - [`controller`]: the leader lease and the loop that records decisions exactly once.
+//! - [`config_file`]: the declarative agents-and-routes file, turned into events.
+//! - [`cli`]: `run`, `migrate`, `status`, `events`, `explain`.
 //!
-//! Still to come (issue 4): the decision loop that records decisions under a leader lease,
-//! the SQL projections and `rebuild`, the reconciler and the local backend.
+//! Still to come (issue 4): the SQL projections and `rebuild`, NATS delivery, the
+//! reconciler and the local backend.
 
 pub mod cli;
+pub mod config_file;
+pub mod controller;
 pub mod decide;
+pub mod error;
 mod operator;
-pub mod telemetry;
 
 pub use cli::{Cli, run};

@@ -71,7 +71,8 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
+    /// Wraps a database error with the operation it interrupted.
+    pub fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
         move |source| Self::Database {
             context,
             source: Arc::new(source),

@@ -150,7 +150,8 @@ pub fn tick(state: &State, now: DateTime<Utc>, policy: &Policy) -> Vec<NewEvent>
                 let (Some(failed_at), Some(cause)) = (w.failed_at, w.failure_event) else {
                     continue;
                 };
-                if w.failures <= policy.max_restarts && now >= failed_at + policy.backoff(w.failures)
+                if w.failures <= policy.max_restarts
+                    && now >= failed_at + policy.backoff(w.failures)
                 {
                     let mut out = Decisions::new(Cause::id(cause), now);
                     out.push(
@@ -311,8 +312,14 @@ fn wake(
         return;
     }
     let cause = out.cause.id.to_string();
-    let blocking_cap = cap_reached(state, team, channel, policy, out.started_here(team, channel))
-        .or_else(|| (!state.queue.is_empty()).then(|| "queue".to_owned()));
+    let blocking_cap = cap_reached(
+        state,
+        team,
+        channel,
+        policy,
+        out.started_here(team, channel),
+    )
+    .or_else(|| (!state.queue.is_empty()).then(|| "queue".to_owned()));
     match blocking_cap {
         None => out.push(
             &["start", workspace, &cause],
@@ -436,10 +443,9 @@ fn judge_mention(
 ) {
     let conversation = event.metadata.correlation_id.unwrap_or(event.id);
     let window_start = event.recorded_at - policy.mention_window;
-    let recent = state
-        .mentions
-        .get(&conversation)
-        .map_or(0, |times| times.iter().filter(|t| **t > window_start).count());
+    let recent = state.mentions.get(&conversation).map_or(0, |times| {
+        times.iter().filter(|t| **t > window_start).count()
+    });
     let refusal = if !state.agents.contains_key(&mention.to_agent) {
         Some("unknown_agent")
     } else if mention.chain.len() >= policy.mention_max_depth {

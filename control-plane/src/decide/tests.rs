@@ -24,7 +24,10 @@ impl Controller {
         Self {
             state: State::default(),
             log: Vec::new(),
-            now: Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).single().expect("time"),
+            now: Utc
+                .with_ymd_and_hms(2026, 11, 22, 12, 0, 0)
+                .single()
+                .expect("time"),
             policy,
         }
     }
@@ -166,7 +169,10 @@ fn a_message_naming_an_agent_is_routed_to_it_and_wakes_its_stopped_workspace() {
         "route first, then wake"
     );
     let routed = &of_type::<MessageRouted>(&d)[0];
-    assert_eq!((routed.agent.as_str(), routed.workspace.as_str()), ("alice", "research"));
+    assert_eq!(
+        (routed.agent.as_str(), routed.workspace.as_str()),
+        ("alice", "research")
+    );
     assert_eq!(routed.reason, "mention");
     let start = &of_type::<WorkspaceStartRequested>(&d)[0];
     assert_eq!((start.workspace.as_str(), start.attempt), ("research", 0));
@@ -227,7 +233,12 @@ fn one_message_to_two_agents_of_one_workspace_starts_it_once() {
 fn decisions_carry_their_cause_the_conversation_and_the_trace() {
     let mut c = two_agents();
     let d = c.when(slack_message("CGEN", "@alice hi", &["alice"]));
-    let message = c.log.iter().rev().find(|e| e.event_type == "message.received").expect("msg");
+    let message = c
+        .log
+        .iter()
+        .rev()
+        .find(|e| e.event_type == "message.received")
+        .expect("msg");
     for decision in &d {
         assert_eq!(decision.metadata.causation_id, Some(message.id));
         assert_eq!(decision.metadata.correlation_id, Some(message.id));
@@ -283,7 +294,11 @@ fn an_idle_workspace_is_stopped_after_its_agents_shortest_timeout() {
     c.observe("research", WorkspacePhase::Exited);
     assert_eq!(c.phase("research"), Phase::Stopped);
     let d = c.when(slack_message("CGEN", "@alice again", &["alice"]));
-    assert_eq!(of_type::<WorkspaceStartRequested>(&d).len(), 1, "woken again");
+    assert_eq!(
+        of_type::<WorkspaceStartRequested>(&d).len(),
+        1,
+        "woken again"
+    );
 }
 
 #[test]
@@ -295,7 +310,9 @@ fn a_failed_workspace_restarts_with_capped_exponential_backoff_then_gives_up_and
         ..Policy::default()
     };
     assert_eq!(
-        (1..=4).map(|n| policy.backoff(n).num_seconds()).collect::<Vec<_>>(),
+        (1..=4)
+            .map(|n| policy.backoff(n).num_seconds())
+            .collect::<Vec<_>>(),
         [2, 4, 5, 5]
     );
     let mut c = Controller::new(policy);
@@ -309,13 +326,20 @@ fn a_failed_workspace_restarts_with_capped_exponential_backoff_then_gives_up_and
         c.advance(1);
         let d = c.tick();
         let start = &of_type::<WorkspaceStartRequested>(&d)[0];
-        assert_eq!((start.attempt, start.reason.as_str()), (attempt, "restart_after_failure"));
+        assert_eq!(
+            (start.attempt, start.reason.as_str()),
+            (attempt, "restart_after_failure")
+        );
         assert!(c.tick().is_empty(), "one restart per failure");
     }
     let d = c.observe("research", WorkspacePhase::Failed);
     assert_eq!(
         types(&d),
-        ["workspace.failed", "workspace.stop_requested", "agent.replied"]
+        [
+            "workspace.failed",
+            "workspace.stop_requested",
+            "agent.replied"
+        ]
     );
     assert_eq!(of_type::<WorkspaceFailed>(&d)[0].attempts, 4);
     let notice = &of_type::<AgentReplied>(&d)[0];
@@ -325,7 +349,11 @@ fn a_failed_workspace_restarts_with_capped_exponential_backoff_then_gives_up_and
     c.advance(600);
     assert!(c.tick().is_empty(), "no restart after giving up");
     let d = c.when(slack_message("CGEN", "@alice try again", &["alice"]));
-    assert_eq!(of_type::<WorkspaceStartRequested>(&d)[0].attempt, 0, "new work, new start");
+    assert_eq!(
+        of_type::<WorkspaceStartRequested>(&d)[0].attempt,
+        0,
+        "new work, new start"
+    );
 }
 
 #[test]
@@ -352,7 +380,10 @@ fn an_agent_mention_is_routed_to_the_other_agent_and_wakes_its_workspace() {
     });
     assert_eq!(types(&d), ["message.routed", "workspace.start_requested"]);
     let routed = &of_type::<MessageRouted>(&d)[0];
-    assert_eq!((routed.agent.as_str(), routed.reason.as_str()), ("bob", "agent_mention"));
+    assert_eq!(
+        (routed.agent.as_str(), routed.reason.as_str()),
+        ("bob", "agent_mention")
+    );
 }
 
 fn mention(chain: &[&str], to: &str) -> AgentMentioned {
@@ -374,7 +405,10 @@ fn a_mention_chain_past_the_depth_limit_is_refused_and_the_channel_told() {
     });
     c.given_agent("alice", "research", 600);
     c.given_agent("bob", "ops", 600);
-    assert_eq!(of_type::<MessageRouted>(&c.when(mention(&["alice", "bob"], "alice"))).len(), 1);
+    assert_eq!(
+        of_type::<MessageRouted>(&c.when(mention(&["alice", "bob"], "alice"))).len(),
+        1
+    );
     let d = c.when(mention(&["alice", "bob", "alice"], "bob"));
     assert_eq!(types(&d), ["mention.refused", "agent.replied"]);
     assert_eq!(of_type::<MentionRefused>(&d)[0].reason, "depth");
@@ -406,7 +440,11 @@ fn mentions_past_the_rate_limit_in_one_conversation_are_refused() {
     let d = send(&mut c);
     assert_eq!(of_type::<MentionRefused>(&d)[0].reason, "rate");
     c.advance(61);
-    assert_eq!(of_type::<MessageRouted>(&send(&mut c)).len(), 1, "window passed");
+    assert_eq!(
+        of_type::<MessageRouted>(&send(&mut c)).len(),
+        1,
+        "window passed"
+    );
 }
 
 #[test]
@@ -438,11 +476,17 @@ fn over_the_total_cap_work_waits_in_the_queue_and_starts_when_capacity_frees() {
     c.advance(60);
     let d = c.tick();
     assert_eq!(of_type::<WorkspaceStopRequested>(&d)[0].reason, "idle");
-    assert!(c.tick().is_empty(), "a stopping workspace holds its slot until it is gone");
+    assert!(
+        c.tick().is_empty(),
+        "a stopping workspace holds its slot until it is gone"
+    );
     c.observe("research", WorkspacePhase::Exited);
     let d = c.tick();
     let start = &of_type::<WorkspaceStartRequested>(&d)[0];
-    assert_eq!((start.workspace.as_str(), start.reason.as_str()), ("ops", "admitted_from_queue"));
+    assert_eq!(
+        (start.workspace.as_str(), start.reason.as_str()),
+        ("ops", "admitted_from_queue")
+    );
     assert!(c.state.queue.is_empty());
 }
 
@@ -453,7 +497,12 @@ fn queued_work_starts_in_fair_order_across_teams() {
         max_running_per_team: Some(2),
         ..Policy::default()
     });
-    for (agent, workspace) in [("a1", "w-a1"), ("a2", "w-a2"), ("a3", "w-a3"), ("b1", "w-b1")] {
+    for (agent, workspace) in [
+        ("a1", "w-a1"),
+        ("a2", "w-a2"),
+        ("a3", "w-a3"),
+        ("b1", "w-b1"),
+    ] {
         c.given_agent(agent, workspace, 600);
     }
     // Team A fills both slots, then queues another; team B queues after it.
@@ -473,7 +522,11 @@ fn queued_work_starts_in_fair_order_across_teams() {
         .into_iter()
         .map(|s| s.workspace)
         .collect();
-    assert_eq!(started, ["w-b1"], "team B holds no slot, so it goes before A's older entry");
+    assert_eq!(
+        started,
+        ["w-b1"],
+        "team B holds no slot, so it goes before A's older entry"
+    );
 }
 
 #[test]
@@ -527,7 +580,10 @@ fn replaying_the_log_rebuilds_the_state_the_live_controller_had() {
     for e in &c.log {
         rebuilt.apply(e);
     }
-    assert!(c.state.pre_applied.is_empty(), "every own decision came back");
+    assert!(
+        c.state.pre_applied.is_empty(),
+        "every own decision came back"
+    );
     assert_eq!(rebuilt, c.state);
     // And applying the log again changes nothing.
     let before = rebuilt.clone();

@@ -1,0 +1,168 @@
+//! The decision loop's I/O: feed each new event to [`decide`](crate::decide::decide) and
+//! record the decisions, exactly once, under the leader lease.
+//!
+//! One transaction per batch of events: check the lease (held FOR SHARE until commit), check
+//! that the checkpoint is where this replica left it, append the decisions to
+//! [`DECISIONS_STREAM`] with the expected stream version (a second, fenced-out writer fails
+//! here even if the lease check were bypassed), advance the checkpoint, commit. A crash
+//! anywhere rolls all of it back and the batch is decided again on restart, with the same
+//! derived ids.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tracing::{debug, info, instrument};
+use warren_schema::event_log::append_in_tx;
+use warren_schema::{
+    AppendRequest, Error as LogError, EventLog, ExpectedVersion, NewEvent, RecordedEvent,
+};
+
+use super::lease::Lease;
+use crate::decide::{self, Policy, State};
+use crate::error::{Error, Result};
+
+/// Every decision is appended to this one stream: its version is the leader's fence.
+pub const DECISIONS_STREAM: &str = "control-plane:decisions";
+/// Checkpoint of the decision loop: the last event it decided on.
+pub const CHECKPOINT: &str = "control-plane.decisions";
+
+/// The leader's decision state. Built by [`Decider::load`]; fed by [`Decider::handle`].
+#[derive(Debug)]
+pub struct Decider {
+    state: State,
+    policy: Policy,
+    lease: Lease,
+    /// Version of [`DECISIONS_STREAM`] after our last append.
+    version: i64,
+}
+
+impl Decider {
+    /// Replays the log up to the decision checkpoint into the state (no decisions: those
+    /// events were decided on already), and reads the decision stream's version.
+    #[instrument(skip_all, fields(lease = %lease.name, fence = lease.fence))]
+    pub async fn load(log: &EventLog, policy: Policy, lease: Lease) -> Result<Self> {
+        let checkpoint =
+            warren_schema::event_log::projection::load_checkpoint(log.pool(), CHECKPOINT).await?;
+        let mut state = State::default();
+        loop {
+            let page = log
+                .read_positions(state.position, checkpoint, 10_000)
+                .await?;
+            if page.is_empty() {
+                break;
+            }
+            for event in &page {
+                state.apply(event);
+            }
+        }
+        let version = log.stream_version(DECISIONS_STREAM).await?;
+        info!(
+            checkpoint,
+            agents = state.agents.len(),
+            workspaces = state.workspaces.len(),
+            "decision state loaded"
+        );
+        Ok(Self {
+            state,
+            policy,
+            lease,
+            version,
+        })
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// Decides on `events` (those past the checkpoint) and on what is due at `now`, records
+    /// the decisions and advances the checkpoint, in one transaction. Returns the recorded
+    /// decisions. On any error the state is unchanged: reload before going on.
+    #[instrument(skip_all, fields(events = events.len(), decisions), err)]
+    pub async fn handle(
+        &mut self,
+        pool: &PgPool,
+        events: &[RecordedEvent],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<NewEvent>> {
+        // Work on a copy: a failed transaction must leave the state as the log has it.
+        let mut next = self.state.clone();
+        let mut decisions = Vec::new();
+        let from = next.position;
+        for event in events.iter().filter(|e| e.position > from) {
+            let made = decide::decide(&next, event, now, &self.policy);
+            debug!(
+                position = event.position,
+                event_type = %event.event_type,
+                decisions = made.len(),
+                "decided"
+            );
+            next.apply(event);
+            for d in &made {
+                next.apply_own(d, now);
+            }
+            decisions.extend(made);
+        }
+        let due = decide::tick(&next, now, &self.policy);
+        for d in &due {
+            next.apply_own(d, now);
+        }
+        decisions.extend(due);
+        tracing::Span::current().record("decisions", decisions.len());
+        if next.position == self.state.position && decisions.is_empty() {
+            return Ok(decisions);
+        }
+
+        let mut tx = pool
+            .begin()
+            .await
+            .map_err(LogError::db("beginning a decision transaction"))?;
+        self.lease.verify_in(&mut tx).await??;
+        let stored: i64 = sqlx::query_scalar(
+            "INSERT INTO subscription_checkpoints (name, position) VALUES ($1, 0) \
+             ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING position",
+        )
+        .bind(CHECKPOINT)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(LogError::db("locking the decision checkpoint"))?;
+        if stored != self.state.position {
+            return Err(Error::CheckpointMoved {
+                expected: self.state.position,
+                found: stored,
+            });
+        }
+        let mut version = self.version;
+        if !decisions.is_empty() {
+            let expected = match self.version {
+                0 => ExpectedVersion::NoStream,
+                v => ExpectedVersion::Exact(v),
+            };
+            let request =
+                AppendRequest::new(DECISIONS_STREAM, decisions.clone()).expecting(expected);
+            let appended = append_in_tx(&mut tx, &[&request]).await?.remove(0)?;
+            version = appended
+                .iter()
+                .map(|a| a.stream_version)
+                .max()
+                .unwrap_or(version);
+        }
+        sqlx::query(
+            "UPDATE subscription_checkpoints SET position = $2, updated_at = now() WHERE name = $1",
+        )
+        .bind(CHECKPOINT)
+        .bind(next.position)
+        .execute(&mut *tx)
+        .await
+        .map_err(LogError::db("advancing the decision checkpoint"))?;
+        tx.commit()
+            .await
+            .map_err(LogError::db("committing decisions"))?;
+        metrics::counter!("warren_control_plane_decisions_total").increment(decisions.len() as u64);
+        self.state = next;
+        self.version = version;
+        Ok(decisions)
+    }
+}

@@ -1,0 +1,139 @@
+//! The leader lease in PostgreSQL: one replica decides; the others wait.
+//!
+//! Taking the lease is one statement (insert, or take over an expired row, or renew our own),
+//! so two replicas can never both succeed. The holder renews every `ttl / 3`; a replica
+//! that is killed stops renewing and a standby takes over once `ttl` has passed. Every
+//! transaction that records decisions first checks the lease *in that transaction*
+//! ([`Lease::verify_in`]), so a leader that lost the lease (a long pause, a partition)
+//! cannot record a decision after the takeover.
+
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgPool};
+use warren_schema::Error as LogError;
+
+/// A lease this replica holds (or held).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub name: String,
+    pub holder: String,
+    /// The fence taken with it; changes when anyone else takes the lease.
+    pub fence: i64,
+    pub ttl: Duration,
+}
+
+/// The lease is held by someone else (or expired).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("lost the {name} lease (fence {fence}) to another replica")]
+pub struct LeaseLost {
+    pub name: String,
+    pub fence: i64,
+}
+
+fn ttl_secs(ttl: Duration) -> f64 {
+    ttl.as_secs_f64()
+}
+
+impl Lease {
+    /// Takes the lease if it is free, expired or already ours; `None` while another
+    /// replica holds it.
+    pub async fn try_acquire(
+        pool: &PgPool,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<Self>, LogError> {
+        let fence: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO leases (name, holder, fence, expires_at) \
+             VALUES ($1, $2, 1, now() + make_interval(secs => $3)) \
+             ON CONFLICT (name) DO UPDATE SET \
+                 fence = CASE WHEN leases.holder = EXCLUDED.holder \
+                              THEN leases.fence ELSE leases.fence + 1 END, \
+                 acquired_at = CASE WHEN leases.holder = EXCLUDED.holder \
+                              THEN leases.acquired_at ELSE now() END, \
+                 holder = EXCLUDED.holder, \
+                 expires_at = EXCLUDED.expires_at \
+             WHERE leases.holder = EXCLUDED.holder OR leases.expires_at < now() \
+             RETURNING fence",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(ttl_secs(ttl))
+        .fetch_optional(pool)
+        .await
+        .map_err(LogError::db("taking the leader lease"))?;
+        Ok(fence.map(|fence| Self {
+            name: name.to_owned(),
+            holder: holder.to_owned(),
+            fence,
+            ttl,
+        }))
+    }
+
+    /// Extends the lease; `Err(LeaseLost)` inside `Ok` when another replica has it now.
+    pub async fn renew(&self, pool: &PgPool) -> Result<Result<(), LeaseLost>, LogError> {
+        let renewed = sqlx::query(
+            "UPDATE leases SET expires_at = now() + make_interval(secs => $4) \
+             WHERE name = $1 AND holder = $2 AND fence = $3 AND expires_at > now()",
+        )
+        .bind(&self.name)
+        .bind(&self.holder)
+        .bind(self.fence)
+        .bind(ttl_secs(self.ttl))
+        .execute(pool)
+        .await
+        .map_err(LogError::db("renewing the leader lease"))?
+        .rows_affected();
+        Ok(if renewed == 1 {
+            Ok(())
+        } else {
+            Err(self.lost())
+        })
+    }
+
+    /// Checks, inside `tx`, that the lease is still ours and unexpired, and holds it (a
+    /// takeover waits) until `tx` ends.
+    pub async fn verify_in(
+        &self,
+        tx: &mut PgConnection,
+    ) -> Result<Result<(), LeaseLost>, LogError> {
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT fence FROM leases \
+             WHERE name = $1 AND holder = $2 AND fence = $3 AND expires_at > now() \
+             FOR SHARE",
+        )
+        .bind(&self.name)
+        .bind(&self.holder)
+        .bind(self.fence)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(LogError::db("checking the leader lease"))?;
+        Ok(if held.is_some() {
+            Ok(())
+        } else {
+            Err(self.lost())
+        })
+    }
+
+    /// Gives the lease up (on shutdown), so a standby takes over at once.
+    pub async fn release(&self, pool: &PgPool) -> Result<(), LogError> {
+        sqlx::query(
+            "UPDATE leases SET expires_at = now() - interval '1 second' \
+             WHERE name = $1 AND holder = $2 AND fence = $3",
+        )
+        .bind(&self.name)
+        .bind(&self.holder)
+        .bind(self.fence)
+        .execute(pool)
+        .await
+        .map_err(LogError::db("releasing the leader lease"))?;
+        Ok(())
+    }
+
+    fn lost(&self) -> LeaseLost {
+        LeaseLost {
+            name: self.name.clone(),
+            fence: self.fence,
+        }
+    }
+}

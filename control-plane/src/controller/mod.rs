@@ -1,0 +1,123 @@
+//! The controller: wait for the leader lease, then follow the log and record decisions
+//! until shutdown or until deposed (then wait again).
+
+pub mod decider;
+pub mod lease;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+use warren_schema::EventLog;
+use warren_schema::event_log::{Subscription, SubscriptionOptions};
+
+use crate::config_file;
+use crate::decide::Policy;
+use crate::error::Result;
+pub use decider::Decider;
+pub use lease::Lease;
+
+/// Name of the decision loop's lease.
+pub const LEASE: &str = "control-plane.leader";
+
+/// How the controller runs.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// This replica's id in the lease.
+    pub holder: String,
+    /// A killed leader is replaced after at most this long.
+    pub lease_ttl: Duration,
+    /// How often time-based decisions (idle stops, restarts, admissions) are checked.
+    pub tick: Duration,
+    pub policy: Policy,
+    /// Agents and routes, recorded as events when they change.
+    pub config_file: Option<PathBuf>,
+}
+
+/// Runs until `shutdown`: standby while another replica leads, leader otherwise.
+pub async fn run(
+    log: EventLog,
+    config: ControllerConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    // Read the file up front: a bad file stops start-up with a clear error.
+    let file = config
+        .config_file
+        .as_deref()
+        .map(config_file::load)
+        .transpose()?;
+    loop {
+        let lease = loop {
+            match Lease::try_acquire(log.pool(), LEASE, &config.holder, config.lease_ttl).await {
+                Ok(Some(lease)) => break lease,
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "cannot reach the lease; retrying"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(config.lease_ttl / 4) => {}
+            }
+        };
+        info!(holder = %lease.holder, fence = lease.fence, "leading");
+        let span = info_span!("lead", fence = lease.fence);
+        match lead(&log, &config, file.as_ref(), lease.clone(), &shutdown)
+            .instrument(span)
+            .await
+        {
+            Ok(()) => {
+                // Shutdown: hand over at once instead of after the TTL.
+                if let Err(e) = lease.release(log.pool()).await {
+                    warn!(error = %e, "could not release the lease");
+                }
+                return Ok(());
+            }
+            Err(e) if e.is_deposed() => warn!(error = %e, "deposed; back to standby"),
+            Err(e) if e.is_unavailable() => {
+                warn!(error = %e, "database unavailable; back to standby");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn lead(
+    log: &EventLog,
+    config: &ControllerConfig,
+    file: Option<&config_file::ConfigFile>,
+    lease: Lease,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let pool = log.pool();
+    let mut decider = Decider::load(log, config.policy.clone(), lease).await?;
+    if let Some(file) = file {
+        // The configuration events come back through the subscription like any other.
+        config_file::sync(log, decider.state(), file).await?;
+    }
+    let options = SubscriptionOptions {
+        name: decider::CHECKPOINT.into(),
+        ..SubscriptionOptions::default()
+    };
+    let mut subscription =
+        Subscription::start(pool.clone(), decider.state().position, options).await?;
+    let mut renew = tokio::time::interval(config.lease_ttl / 3);
+    let mut tick = tokio::time::interval(config.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            _ = renew.tick() => decider.lease().renew(pool).await??,
+            _ = tick.tick() => {
+                decider.handle(pool, &[], Utc::now()).await?;
+            }
+            batch = subscription.next_batch() => {
+                decider.handle(pool, &batch?, Utc::now()).await?;
+            }
+        }
+    }
+}
