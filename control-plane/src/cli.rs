@@ -35,6 +35,9 @@ pub enum Command {
     Run(RunArgs),
     /// Apply pending database migrations (safe to run concurrently and repeatedly).
     Migrate,
+    /// Drop the read models (agents, routes, workspaces, messages, replies) and replay the
+    /// log from position 0. Run it with the controllers stopped.
+    Rebuild,
     /// Show the event log's position, how far readers are held back, and each checkpoint.
     Status,
     /// Print events as JSON lines.
@@ -156,6 +159,15 @@ async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::R
                     .await
             });
             controller::run(log, args.controller_config(), shutdown).await?;
+        }
+        Command::Rebuild => {
+            let started = std::time::Instant::now();
+            let replayed = crate::projection::rebuild(&log).await?;
+            tracing::info!(
+                replayed,
+                seconds = started.elapsed().as_secs_f64(),
+                "read models rebuilt"
+            );
         }
         Command::Migrate => {
             log.migrate().await?;

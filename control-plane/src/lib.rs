@@ -6,8 +6,10 @@
 //! - [`config_file`]: the declarative agents-and-routes file, turned into events.
 //! - [`cli`]: `run`, `migrate`, `status`, `events`, `explain`.
 //!
-//! Still to come (issue 4): the SQL projections and `rebuild`, NATS delivery, the
-//! reconciler and the local backend.
+//! - [`projection`]: the read models (agents, routes, workspaces, messages, replies) and
+//!   `rebuild`.
+//!
+//! Still to come (issue 4): NATS delivery, the reconciler and the local backend.
 
 pub mod cli;
 pub mod config_file;
@@ -15,5 +17,6 @@ pub mod controller;
 pub mod decide;
 pub mod error;
 mod operator;
+pub mod projection;
 
 pub use cli::{Cli, run};

@@ -16,6 +16,7 @@ use warren_schema::event_log::{Subscription, SubscriptionOptions};
 use crate::config_file;
 use crate::decide::Policy;
 use crate::error::Result;
+use crate::projection::Projections;
 pub use decider::Decider;
 pub use lease::Lease;
 
@@ -95,22 +96,36 @@ async fn lead(
 ) -> Result<()> {
     let pool = log.pool();
     let mut decider = Decider::load(log, config.policy.clone(), lease).await?;
-    if let Some(file) = file {
-        // The configuration events come back through the subscription like any other.
-        config_file::sync(log, decider.state(), file).await?;
-    }
     let options = SubscriptionOptions {
         name: decider::CHECKPOINT.into(),
         ..SubscriptionOptions::default()
     };
     let mut subscription =
         Subscription::start(pool.clone(), decider.state().position, options).await?;
+    // Catch up with the log before comparing it with the configuration file: a previous
+    // leader may have recorded configuration it never decided on.
+    loop {
+        let batch = subscription.poll().await?;
+        if batch.is_empty() {
+            break;
+        }
+        decider.handle(pool, &batch, Utc::now()).await?;
+    }
+    if let Some(file) = file {
+        // The configuration events come back through the subscription like any other.
+        config_file::sync(log, decider.state(), file).await?;
+    }
+    // The read models follow the log beside the decisions, on the leader only.
+    let mut projections = Projections::load(log).await?;
+    let read_models = projections.run(log, shutdown.clone());
+    tokio::pin!(read_models);
     let mut renew = tokio::time::interval(config.lease_ttl / 3);
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
+            result = &mut read_models => return result,
             _ = renew.tick() => decider.lease().renew(pool).await??,
             _ = tick.tick() => {
                 decider.handle(pool, &[], Utc::now()).await?;

@@ -1,0 +1,509 @@
+//! The read models (`agents`, `routes`, `workspaces`, `messages`, `message_routes`,
+//! `replies`): tables an operator or the admin API can query, derived from the log.
+//!
+//! Each batch of events is folded in memory ([`Batch::fold`], pure) and written with one
+//! set-based statement per table, in the same transaction as the checkpoint, so every event
+//! is applied exactly once however often a batch is handed over. Agents, routes and
+//! workspaces are written from the same [`State`] the decisions read, so the tables show
+//! what the decisions saw. [`rebuild`] truncates the tables and replays from position 0.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, instrument};
+use uuid::Uuid;
+use warren_schema::event_log::{Subscription, SubscriptionOptions};
+use warren_schema::events::*;
+use warren_schema::{Error as LogError, EventLog, RecordedEvent};
+
+use crate::decide::{Phase, State};
+use crate::error::Result;
+
+/// Checkpoint of the read models.
+pub const CHECKPOINT: &str = "control-plane.projections";
+
+/// The read models' writer: the fold state and the checkpoint it matches.
+#[derive(Debug, Default)]
+pub struct Projections {
+    state: State,
+}
+
+/// What one batch changes.
+#[derive(Debug, Default, PartialEq)]
+pub struct Batch {
+    /// Keys touched, with the position of the last event that touched each (the rows'
+    /// `position`, the same however the log is cut into batches).
+    agents: BTreeMap<String, i64>,
+    routes: BTreeMap<String, i64>,
+    workspaces: BTreeMap<String, i64>,
+    /// Last `workspace.observed` per workspace in the batch: (phase, instance, detail).
+    observed: BTreeMap<String, (String, Option<String>, Option<String>)>,
+    messages: Vec<(Uuid, i64, Value, String, chrono::DateTime<chrono::Utc>)>,
+    message_routes: Vec<(Uuid, Uuid, String, String, String, i64)>,
+    replies: Vec<(Uuid, String, String, Value, String, i64)>,
+    deliveries: Vec<(Uuid, String, i64)>,
+    last: i64,
+}
+
+impl Batch {
+    /// Folds `events` (past `state.position`) into `state` and records what changed.
+    pub fn fold(state: &mut State, events: &[RecordedEvent]) -> Self {
+        let mut b = Self {
+            last: state.position,
+            ..Self::default()
+        };
+        let from = state.position;
+        for e in events.iter().filter(|e| e.position > from) {
+            state.apply(e);
+            b.last = e.position;
+            match e.event_type.as_str() {
+                AgentConfigured::TYPE | AgentRemoved::TYPE => {
+                    if let Some(name) = e.payload["name"].as_str() {
+                        b.agents.insert(name.to_owned(), e.position);
+                    }
+                }
+                RouteConfigured::TYPE | RouteRemoved::TYPE => {
+                    if let Some(route) = e.payload["route"].as_str() {
+                        b.routes.insert(route.to_owned(), e.position);
+                    }
+                }
+                MessageReceived::TYPE => {
+                    if let Ok(m) = e.decode::<MessageReceived>() {
+                        let origin = serde_json::to_value(&m.origin).unwrap_or(Value::Null);
+                        b.messages.push((
+                            e.id.0,
+                            e.position,
+                            origin,
+                            m.text,
+                            e.metadata.received_at,
+                        ));
+                    }
+                }
+                MessageRouted::TYPE => {
+                    if let Ok(r) = e.decode::<MessageRouted>() {
+                        b.workspaces.insert(r.workspace.clone(), e.position);
+                        b.message_routes.push((
+                            e.id.0,
+                            r.message_id.0,
+                            r.agent,
+                            r.workspace,
+                            r.reason,
+                            e.position,
+                        ));
+                    }
+                }
+                AgentReplied::TYPE => {
+                    if let Ok(r) = e.decode::<AgentReplied>() {
+                        b.workspaces.insert(r.workspace.clone(), e.position);
+                        let reply_to = serde_json::to_value(&r.reply_to).unwrap_or(Value::Null);
+                        b.replies.push((
+                            e.id.0,
+                            r.workspace,
+                            r.agent,
+                            reply_to,
+                            r.text,
+                            e.position,
+                        ));
+                    }
+                }
+                ReplyDelivered::TYPE => {
+                    if let Ok(d) = e.decode::<ReplyDelivered>() {
+                        b.deliveries.push((d.reply_id.0, d.ts, e.position));
+                    }
+                }
+                WorkspaceObserved::TYPE => {
+                    if let Ok(o) = e.decode::<WorkspaceObserved>() {
+                        b.workspaces.insert(o.workspace.clone(), e.position);
+                        let phase = serde_json::to_value(o.phase)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default();
+                        b.observed
+                            .insert(o.workspace, (phase, o.instance, o.detail));
+                    }
+                }
+                _ => {
+                    if let Some(w) = e.payload.get("workspace").and_then(Value::as_str) {
+                        b.workspaces.insert(w.to_owned(), e.position);
+                    }
+                }
+            }
+        }
+        b
+    }
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Stopped => "stopped",
+        Phase::Queued => "queued",
+        Phase::Starting => "starting",
+        Phase::Ready => "ready",
+        Phase::Stopping => "stopping",
+        Phase::BackingOff => "backing_off",
+        Phase::Failed => "failed",
+    }
+}
+
+fn desired(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Queued | Phase::Starting | Phase::Ready | Phase::BackingOff => "running",
+        Phase::Stopped | Phase::Stopping | Phase::Failed => "stopped",
+    }
+}
+
+impl Projections {
+    /// The fold state up to the stored checkpoint (replayed from the log).
+    #[instrument(skip_all)]
+    pub async fn load(log: &EventLog) -> Result<Self> {
+        let checkpoint =
+            warren_schema::event_log::projection::load_checkpoint(log.pool(), CHECKPOINT).await?;
+        let mut state = State::default();
+        loop {
+            let page = log
+                .read_positions(state.position, checkpoint, 10_000)
+                .await?;
+            if page.is_empty() {
+                break;
+            }
+            for e in &page {
+                state.apply(e);
+            }
+        }
+        Ok(Self { state })
+    }
+
+    pub fn position(&self) -> i64 {
+        self.state.position
+    }
+
+    /// Applies `events` and advances the checkpoint in one transaction. On error the fold
+    /// state is unchanged.
+    pub async fn apply(&mut self, pool: &PgPool, events: &[RecordedEvent]) -> Result<i64> {
+        let mut next = self.state.clone();
+        let batch = Batch::fold(&mut next, events);
+        if batch.last == self.state.position {
+            return Ok(batch.last);
+        }
+        let mut tx = pool
+            .begin()
+            .await
+            .map_err(LogError::db("beginning a projection batch"))?;
+        let stored: i64 = sqlx::query_scalar(
+            "INSERT INTO subscription_checkpoints (name, position) VALUES ($1, 0) \
+             ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING position",
+        )
+        .bind(CHECKPOINT)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(LogError::db("locking the projection checkpoint"))?;
+        if stored != self.state.position {
+            // Another runner moved it (a rebuild, another replica): start over from it.
+            return Err(crate::error::Error::CheckpointMoved {
+                expected: self.state.position,
+                found: stored,
+            });
+        }
+        write(&mut tx, &batch, &next).await?;
+        sqlx::query(
+            "UPDATE subscription_checkpoints SET position = $2, updated_at = now() WHERE name = $1",
+        )
+        .bind(CHECKPOINT)
+        .bind(batch.last)
+        .execute(&mut *tx)
+        .await
+        .map_err(LogError::db("advancing the projection checkpoint"))?;
+        tx.commit()
+            .await
+            .map_err(LogError::db("committing a projection batch"))?;
+        self.state = next;
+        Ok(batch.last)
+    }
+
+    /// Follows the log until `shutdown`.
+    pub async fn run(&mut self, log: &EventLog, shutdown: CancellationToken) -> Result<()> {
+        let options = SubscriptionOptions {
+            name: CHECKPOINT.into(),
+            batch_size: 5_000,
+            ..SubscriptionOptions::default()
+        };
+        let mut subscription =
+            Subscription::start(log.pool().clone(), self.position(), options).await?;
+        loop {
+            let batch = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                batch = subscription.next_batch() => batch?,
+            };
+            self.apply(log.pool(), &batch).await?;
+        }
+    }
+}
+
+/// Drops every read-model row and replays the log from position 0 up to what is committed
+/// now. Returns the events replayed.
+#[instrument(skip_all, err)]
+pub async fn rebuild(log: &EventLog) -> Result<i64> {
+    let pool = log.pool();
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(LogError::db("beginning a rebuild"))?;
+    sqlx::query("TRUNCATE agents, routes, workspaces, messages, message_routes, replies")
+        .execute(&mut *tx)
+        .await
+        .map_err(LogError::db("truncating the read models"))?;
+    sqlx::query(
+        "INSERT INTO subscription_checkpoints (name, position) VALUES ($1, 0) \
+         ON CONFLICT (name) DO UPDATE SET position = 0, updated_at = now()",
+    )
+    .bind(CHECKPOINT)
+    .execute(&mut *tx)
+    .await
+    .map_err(LogError::db("resetting the projection checkpoint"))?;
+    tx.commit()
+        .await
+        .map_err(LogError::db("committing the truncation"))?;
+
+    let mut projections = Projections::default();
+    let options = SubscriptionOptions {
+        name: "rebuild".into(),
+        batch_size: 20_000,
+        ..SubscriptionOptions::default()
+    };
+    let mut subscription = Subscription::start(pool.clone(), 0, options).await?;
+    let target = warren_schema::event_log::watermark(pool).await?.allocated;
+    let mut replayed = 0;
+    while projections.position() < target {
+        let batch = subscription.poll().await?;
+        if batch.is_empty() {
+            // Positions up to `target` that were rolled back never appear; stop once the
+            // reader has caught up with everything committed.
+            if subscription.stats().safe_horizon >= target {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            continue;
+        }
+        replayed += batch.len() as i64;
+        projections.apply(pool, &batch).await?;
+    }
+    info!(
+        replayed,
+        position = projections.position(),
+        "read models rebuilt"
+    );
+    Ok(replayed)
+}
+
+/// Keys a batch touched, with the position that last touched each.
+type Touched<'a> = Vec<(&'a String, &'a i64)>;
+
+async fn write(tx: &mut PgConnection, b: &Batch, state: &State) -> Result<()> {
+    let db = |what| LogError::db(what);
+    // Agents and routes: upsert what exists, delete what was removed.
+    let (present, gone): (Touched, Touched) = b
+        .agents
+        .iter()
+        .partition(|(n, _)| state.agents.contains_key(*n));
+    let gone: Vec<&String> = gone.into_iter().map(|(n, _)| n).collect();
+    if !gone.is_empty() {
+        sqlx::query("DELETE FROM agents WHERE name = ANY($1)")
+            .bind(&gone)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("deleting agents"))?;
+    }
+    if !present.is_empty() {
+        let rows: Vec<_> = present.iter().map(|(n, _)| &state.agents[*n]).collect();
+        sqlx::query(
+            "INSERT INTO agents (name, workspace, driver, settings, idle_timeout_secs, position) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::int8[], \
+                 $6::int8[]) \
+             ON CONFLICT (name) DO UPDATE SET workspace = EXCLUDED.workspace, \
+                 driver = EXCLUDED.driver, settings = EXCLUDED.settings, \
+                 idle_timeout_secs = EXCLUDED.idle_timeout_secs, position = EXCLUDED.position",
+        )
+        .bind(rows.iter().map(|a| a.name.as_str()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|a| a.workspace.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|a| a.driver.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|a| &a.settings).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|a| i64::try_from(a.idle_timeout_secs).unwrap_or(i64::MAX))
+                .collect::<Vec<_>>(),
+        )
+        .bind(present.iter().map(|(_, p)| **p).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await
+        .map_err(db("writing agents"))?;
+    }
+    let (present, gone): (Touched, Touched) = b
+        .routes
+        .iter()
+        .partition(|(r, _)| state.routes.contains_key(*r));
+    let gone: Vec<&String> = gone.into_iter().map(|(r, _)| r).collect();
+    if !gone.is_empty() {
+        sqlx::query("DELETE FROM routes WHERE route = ANY($1)")
+            .bind(&gone)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("deleting routes"))?;
+    }
+    if !present.is_empty() {
+        sqlx::query(
+            "INSERT INTO routes (route, agent, position) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) \
+             ON CONFLICT (route) DO UPDATE SET agent = EXCLUDED.agent, position = EXCLUDED.position",
+        )
+        .bind(present.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>())
+        .bind(present.iter().map(|(r, _)| state.routes[*r].as_str()).collect::<Vec<_>>())
+        .bind(present.iter().map(|(_, p)| **p).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await
+        .map_err(db("writing routes"))?;
+    }
+    let (workspaces, positions): (Vec<_>, Vec<i64>) = b
+        .workspaces
+        .iter()
+        .filter_map(|(n, p)| state.workspaces.get(n).map(|w| (w, *p)))
+        .unzip();
+    if !workspaces.is_empty() {
+        let observed = |n: &str, i: usize| {
+            b.observed.get(n).and_then(|o| match i {
+                0 => Some(o.0.clone()),
+                1 => o.1.clone(),
+                _ => o.2.clone(),
+            })
+        };
+        sqlx::query(
+            "INSERT INTO workspaces (name, desired, phase, observed_phase, observed_instance, \
+                 observed_detail, last_activity, position) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                 $6::text[], $7::timestamptz[], $8::int8[]) \
+             ON CONFLICT (name) DO UPDATE SET desired = EXCLUDED.desired, \
+                 phase = EXCLUDED.phase, \
+                 observed_phase = coalesce(EXCLUDED.observed_phase, workspaces.observed_phase), \
+                 observed_instance = CASE WHEN EXCLUDED.observed_phase IS NULL \
+                     THEN workspaces.observed_instance ELSE EXCLUDED.observed_instance END, \
+                 observed_detail = CASE WHEN EXCLUDED.observed_phase IS NULL \
+                     THEN workspaces.observed_detail ELSE EXCLUDED.observed_detail END, \
+                 last_activity = EXCLUDED.last_activity, position = EXCLUDED.position",
+        )
+        .bind(
+            workspaces
+                .iter()
+                .map(|w| w.name.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            workspaces
+                .iter()
+                .map(|w| desired(w.phase))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            workspaces
+                .iter()
+                .map(|w| phase_name(w.phase))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            workspaces
+                .iter()
+                .map(|w| observed(&w.name, 0))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            workspaces
+                .iter()
+                .map(|w| observed(&w.name, 1))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            workspaces
+                .iter()
+                .map(|w| observed(&w.name, 2))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            workspaces
+                .iter()
+                .map(|w| w.last_activity)
+                .collect::<Vec<_>>(),
+        )
+        .bind(&positions)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("writing workspaces"))?;
+    }
+    if !b.messages.is_empty() {
+        sqlx::query(
+            "INSERT INTO messages (message_id, position, origin, text, received_at) \
+             SELECT * FROM unnest($1::uuid[], $2::int8[], $3::jsonb[], $4::text[], \
+                 $5::timestamptz[]) ON CONFLICT (message_id) DO NOTHING",
+        )
+        .bind(b.messages.iter().map(|m| m.0).collect::<Vec<_>>())
+        .bind(b.messages.iter().map(|m| m.1).collect::<Vec<_>>())
+        .bind(b.messages.iter().map(|m| &m.2).collect::<Vec<_>>())
+        .bind(b.messages.iter().map(|m| m.3.as_str()).collect::<Vec<_>>())
+        .bind(b.messages.iter().map(|m| m.4).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await
+        .map_err(db("writing messages"))?;
+    }
+    if !b.message_routes.is_empty() {
+        let r = &b.message_routes;
+        sqlx::query(
+            "INSERT INTO message_routes (decision_id, message_id, agent, workspace, reason, position) \
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
+                 $6::int8[]) ON CONFLICT (decision_id) DO NOTHING",
+        )
+        .bind(r.iter().map(|x| x.0).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.1).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.2.as_str()).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.3.as_str()).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.4.as_str()).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.5).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await
+        .map_err(db("writing message routes"))?;
+    }
+    if !b.replies.is_empty() {
+        let r = &b.replies;
+        sqlx::query(
+            "INSERT INTO replies (reply_id, workspace, agent, reply_to, text, position) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::text[], \
+                 $6::int8[]) ON CONFLICT (reply_id) DO NOTHING",
+        )
+        .bind(r.iter().map(|x| x.0).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.1.as_str()).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.2.as_str()).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| &x.3).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.4.as_str()).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.5).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await
+        .map_err(db("writing replies"))?;
+    }
+    if !b.deliveries.is_empty() {
+        let d = &b.deliveries;
+        sqlx::query(
+            "UPDATE replies r SET delivered_ts = t.ts, delivered_at = t.p \
+             FROM unnest($1::uuid[], $2::text[], $3::int8[]) AS t(id, ts, p) \
+             WHERE r.reply_id = t.id",
+        )
+        .bind(d.iter().map(|x| x.0).collect::<Vec<_>>())
+        .bind(d.iter().map(|x| x.1.as_str()).collect::<Vec<_>>())
+        .bind(d.iter().map(|x| x.2).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await
+        .map_err(db("recording deliveries"))?;
+    }
+    Ok(())
+}
