@@ -5,6 +5,7 @@
 //! machine is doing, ratios much less. Nothing here asserts a figure; the closing notes of
 //! the issues quote what these commands printed.
 
+pub mod control_plane;
 pub mod event_log;
 pub mod gateway;
 mod pgbench;
@@ -25,6 +26,8 @@ pub enum Command {
     EventLog(event_log::Args),
     /// Gateway benchmarks: signed Slack events over HTTP (fresh databases at DATABASE_URL).
     Gateway(gateway::Args),
+    /// Control-plane benchmarks: read-model rebuild, append -> decision latency.
+    ControlPlane(control_plane::Args),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::EventLog(args) => event_log::run(args).await,
         Command::Gateway(args) => gateway::run(args).await,
+        Command::ControlPlane(args) => control_plane::run(args).await,
     }
 }

@@ -98,6 +98,9 @@ async fn lead(
     let mut decider = Decider::load(log, config.policy.clone(), lease).await?;
     let options = SubscriptionOptions {
         name: decider::CHECKPOINT.into(),
+        // Decisions are on the path of every message: re-check unsettled positions often
+        // (one cheap watermark query per millisecond while a writer is in flight).
+        settle_poll: Duration::from_millis(1),
         ..SubscriptionOptions::default()
     };
     let mut subscription =

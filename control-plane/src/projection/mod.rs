@@ -266,29 +266,57 @@ pub async fn rebuild(log: &EventLog) -> Result<i64> {
         .await
         .map_err(LogError::db("committing the truncation"))?;
 
-    let mut projections = Projections::default();
-    let options = SubscriptionOptions {
-        name: "rebuild".into(),
-        batch_size: 20_000,
-        ..SubscriptionOptions::default()
-    };
-    let mut subscription = Subscription::start(pool.clone(), 0, options).await?;
+    // Read ahead on a second connection while the previous batch is written: the replay
+    // then costs about the slower of reading and writing, not their sum.
     let target = warren_schema::event_log::watermark(pool).await?.allocated;
-    let mut replayed = 0;
-    while projections.position() < target {
-        let batch = subscription.poll().await?;
-        if batch.is_empty() {
-            // Positions up to `target` that were rolled back never appear; stop once the
-            // reader has caught up with everything committed.
-            if subscription.stats().safe_horizon >= target {
-                break;
+    let (tx_batches, mut batches) = tokio::sync::mpsc::channel::<Result<Vec<RecordedEvent>>>(4);
+    let reader = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let options = SubscriptionOptions {
+                name: "rebuild".into(),
+                batch_size: 20_000,
+                ..SubscriptionOptions::default()
+            };
+            let mut subscription = match Subscription::start(pool, 0, options).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx_batches.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            loop {
+                match subscription.poll().await {
+                    Ok(batch) if batch.is_empty() => {
+                        // Positions up to `target` that were rolled back never appear: stop
+                        // once everything committed up to it has been read.
+                        if subscription.stats().safe_horizon >= target {
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    }
+                    Ok(batch) => {
+                        let done = batch.last().is_some_and(|e| e.position >= target);
+                        if tx_batches.send(Ok(batch)).await.is_err() || done {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx_batches.send(Err(e.into())).await;
+                        return;
+                    }
+                }
             }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            continue;
         }
+    });
+    let mut projections = Projections::default();
+    let mut replayed = 0;
+    while let Some(batch) = batches.recv().await {
+        let batch = batch?;
         replayed += batch.len() as i64;
         projections.apply(pool, &batch).await?;
     }
+    reader.abort();
     info!(
         replayed,
         position = projections.position(),
