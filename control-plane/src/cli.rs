@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use sqlx::postgres::PgPoolOptions;
 use warren_schema::{EventId, EventLog, Secret};
 
+use crate::backend::local::LocalConfig;
 use crate::controller::{self, ControllerConfig};
 use crate::decide::Policy;
 use crate::operator;
@@ -95,6 +96,22 @@ pub struct RunArgs {
     /// Longest agent-to-agent mention chain delivered.
     #[arg(long, env = "WARREN_MENTION_MAX_DEPTH", default_value_t = 5)]
     pub mention_max_depth: usize,
+    /// Where workspaces run: `local` (child processes) or `none` (record decisions only).
+    #[arg(long, env = "WARREN_BACKEND", default_value = "local")]
+    pub backend: BackendKind,
+    /// Local backend: directory holding each workspace's directory and the shared one.
+    #[arg(long, env = "WARREN_LOCAL_ROOT", default_value = ".warren/local")]
+    pub local_root: std::path::PathBuf,
+    /// Local backend: the workspace runtime command (split on spaces).
+    #[arg(
+        long,
+        env = "WARREN_RUNTIME_COMMAND",
+        default_value = "warren-workspace-runtime"
+    )]
+    pub runtime_command: String,
+    /// NATS server the workspaces connect to.
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
     /// Admin listener: `GET /metrics` (Prometheus).
     #[arg(
         long,
@@ -102,6 +119,13 @@ pub struct RunArgs {
         default_value = "0.0.0.0:9465"
     )]
     pub metrics_listen: std::net::SocketAddr,
+}
+
+/// Where workspaces run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    Local,
+    None,
 }
 
 impl RunArgs {
@@ -125,6 +149,16 @@ impl RunArgs {
                 ..Policy::default()
             },
             config_file: self.config.clone(),
+            backend: (self.backend == BackendKind::Local).then(|| LocalConfig {
+                root: self.local_root.clone(),
+                command: self
+                    .runtime_command
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect(),
+                nats_url: self.nats_url.clone(),
+                stop_grace: Duration::from_secs(10),
+            }),
         }
     }
 }

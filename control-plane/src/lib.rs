@@ -9,8 +9,12 @@
 //! - [`projection`]: the read models (agents, routes, workspaces, messages, replies) and
 //!   `rebuild`.
 //!
-//! Still to come (issue 4): NATS delivery, the reconciler and the local backend.
+//! - [`reconcile`] and [`backend`]: make the runtime match the decisions (`local`: child
+//!   processes) and record what it reports.
+//!
+//! Still to come (issue 4): NATS delivery of routed messages and the `kubernetes` backend.
 
+pub mod backend;
 pub mod cli;
 pub mod config_file;
 pub mod controller;
@@ -18,5 +22,6 @@ pub mod decide;
 pub mod error;
 mod operator;
 pub mod projection;
+pub mod reconcile;
 
 pub use cli::{Cli, run};

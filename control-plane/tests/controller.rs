@@ -37,6 +37,7 @@ fn config(holder: &str, file: Option<PathBuf>) -> ControllerConfig {
         tick: Duration::from_millis(50),
         policy: Policy::default(),
         config_file: file,
+        backend: None,
     }
 }
 

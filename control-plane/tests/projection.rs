@@ -135,6 +135,7 @@ async fn a_rebuild_from_position_zero_gives_the_rows_built_incrementally() {
             ..Policy::default()
         },
         config_file: Some(file),
+        backend: None,
     };
     let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
 

@@ -163,6 +163,7 @@ async fn decisions(args: &Args) -> anyhow::Result<()> {
             tick: Duration::from_millis(500),
             policy: Policy::default(),
             config_file: Some(file),
+            backend: None,
         },
         shutdown.clone(),
     ));

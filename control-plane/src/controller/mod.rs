@@ -13,10 +13,13 @@ use tracing::{Instrument, info, info_span, warn};
 use warren_schema::EventLog;
 use warren_schema::event_log::{Subscription, SubscriptionOptions};
 
+use crate::backend::Backend;
+use crate::backend::local::{LocalBackend, LocalConfig};
 use crate::config_file;
 use crate::decide::Policy;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::projection::Projections;
+use crate::reconcile::Reconciler;
 pub use decider::Decider;
 pub use lease::Lease;
 
@@ -35,6 +38,9 @@ pub struct ControllerConfig {
     pub policy: Policy,
     /// Agents and routes, recorded as events when they change.
     pub config_file: Option<PathBuf>,
+    /// Where workspaces run; `None` records decisions without running anything (a
+    /// decisions-only replica, or tests of the decisions alone).
+    pub backend: Option<LocalConfig>,
 }
 
 /// Runs until `shutdown`: standby while another replica leads, leader otherwise.
@@ -49,6 +55,15 @@ pub async fn run(
         .as_deref()
         .map(config_file::load)
         .transpose()?;
+    let backend = config
+        .backend
+        .clone()
+        .map(LocalBackend::new)
+        .transpose()
+        .map_err(|e| Error::Config {
+            path: "local backend root".into(),
+            message: e.to_string(),
+        })?;
     loop {
         let lease = loop {
             match Lease::try_acquire(log.pool(), LEASE, &config.holder, config.lease_ttl).await {
@@ -63,9 +78,16 @@ pub async fn run(
         };
         info!(holder = %lease.holder, fence = lease.fence, "leading");
         let span = info_span!("lead", fence = lease.fence);
-        match lead(&log, &config, file.as_ref(), lease.clone(), &shutdown)
-            .instrument(span)
-            .await
+        match lead(
+            &log,
+            &config,
+            file.as_ref(),
+            backend.as_ref(),
+            lease.clone(),
+            &shutdown,
+        )
+        .instrument(span)
+        .await
         {
             Ok(()) => {
                 // Shutdown: hand over at once instead of after the TTL.
@@ -91,6 +113,7 @@ async fn lead(
     log: &EventLog,
     config: &ControllerConfig,
     file: Option<&config_file::ConfigFile>,
+    backend: Option<&LocalBackend>,
     lease: Lease,
     shutdown: &CancellationToken,
 ) -> Result<()> {
@@ -122,6 +145,13 @@ async fn lead(
     let mut projections = Projections::load(log).await?;
     let read_models = projections.run(log, shutdown.clone());
     tokio::pin!(read_models);
+    let reconciler = backend.map(|b| Reconciler::new(b.clone(), log.clone()));
+    let idle = tokio::sync::Notify::new();
+    let observed = || backend.map_or(&idle, |b| b.observed());
+    if let Some(r) = &reconciler {
+        r.record_observations().await?;
+        r.reconcile(decider.state()).await?;
+    }
     let mut renew = tokio::time::interval(config.lease_ttl / 3);
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -136,6 +166,15 @@ async fn lead(
             batch = subscription.next_batch() => {
                 decider.handle(pool, &batch?, Utc::now()).await?;
             }
+            () = observed().notified() => {
+                if let Some(r) = &reconciler {
+                    r.record_observations().await?;
+                }
+                continue;
+            }
+        }
+        if let Some(r) = &reconciler {
+            r.reconcile(decider.state()).await?;
         }
     }
 }

@@ -63,6 +63,10 @@ pub struct Workspace {
     pub last_activity: DateTime<Utc>,
     /// The event that set `last_activity` (the cause of an idle stop).
     pub last_activity_event: EventId,
+    /// The start decision in force (each start, restart or admission is a new one). The
+    /// reconciler acts on each once, so a process that exits before its exit is in the log
+    /// is not started again behind the decisions' back.
+    pub start_decision: Option<EventId>,
     /// Failed starts since it was last ready.
     pub failures: u32,
     /// When the last failure was observed (phase `BackingOff`; the restart is due a
@@ -202,6 +206,7 @@ impl State {
                     self.queue.retain(|q| q.workspace != s.workspace);
                     let w = self.workspace_mut(&s.workspace, at, event.id);
                     w.phase = Phase::Starting;
+                    w.start_decision = Some(event.id);
                     w.failed_at = None;
                     if s.attempt == 0 {
                         w.failures = 0;
@@ -320,6 +325,7 @@ impl State {
                 phase: Phase::Stopped,
                 last_activity: at,
                 last_activity_event: by,
+                start_decision: None,
                 failures: 0,
                 failed_at: None,
                 failure_event: None,

@@ -1,0 +1,52 @@
+//! Runtime backends: where a workspace's process runs. One trait; `local` (child processes,
+//! the default on one machine) today, `kubernetes` (a pod per workspace) next.
+
+pub mod local;
+
+use std::future::Future;
+
+use warren_schema::events::WorkspacePhase;
+
+/// What a backend needs to start a workspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkspaceSpec {
+    pub name: String,
+    /// The agents that live in it.
+    pub agents: Vec<String>,
+}
+
+/// Something the backend saw happen to a workspace's process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    pub workspace: String,
+    pub phase: WorkspacePhase,
+    /// Process id or pod name.
+    pub instance: Option<String>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("starting workspace {workspace}: {source}")]
+    Start {
+        workspace: String,
+        source: std::io::Error,
+    },
+    #[error("stopping workspace {workspace}: {message}")]
+    Stop { workspace: String, message: String },
+}
+
+/// A place to run workspaces. Starting a running workspace and stopping a stopped one are
+/// no-ops, so a reconciler may repeat itself.
+pub trait Backend: Send + Sync {
+    /// `local` or `kubernetes`: recorded on every observation.
+    fn name(&self) -> &'static str;
+    /// Workspaces with a live process.
+    fn running(&self) -> impl Future<Output = Vec<String>> + Send;
+    fn start(&self, spec: &WorkspaceSpec) -> impl Future<Output = Result<(), BackendError>> + Send;
+    fn stop(&self, workspace: &str) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// What happened since the last call, oldest first.
+    fn drain_observations(&self) -> Vec<Observation>;
+    /// Notified whenever an observation is added.
+    fn observed(&self) -> &tokio::sync::Notify;
+}

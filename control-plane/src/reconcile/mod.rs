@@ -1,0 +1,284 @@
+//! Reconcile: make the runtime match the decisions.
+//!
+//! [`plan`] (pure) compares what the decisions want (from the [`State`]) with what the
+//! backend runs and returns the actions; [`Reconciler`] performs them through a
+//! [`Backend`](crate::backend::Backend) and records what the backend reports (started,
+//! ready, exited, failed, gone) as `workspace.observed` events, which come back through the
+//! log into the state. Running it twice does nothing the second time: a workspace that
+//! runs is not started again, one that is gone is not stopped again.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tracing::{info, instrument, warn};
+use warren_schema::events::{WorkspaceObserved, WorkspacePhase};
+use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
+
+use crate::backend::{Backend, WorkspaceSpec};
+use crate::decide::{Phase, State};
+use crate::error::Result;
+
+/// What to do to one workspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Start(WorkspaceSpec),
+    Stop(String),
+}
+
+/// Whether the decisions want `phase` to have a running process.
+pub fn wants_running(phase: Phase) -> bool {
+    matches!(phase, Phase::Starting | Phase::Ready)
+}
+
+/// The actions that bring `running` (what the backend has) to what `state` wants. Pure.
+/// `acted` holds, per workspace, the start decision already acted on: a process that came
+/// and went under that decision is not started again until the decisions say so (they
+/// see its exit and decide a restart, or give up).
+pub fn plan(
+    state: &State,
+    running: &BTreeSet<String>,
+    acted: &BTreeMap<String, EventId>,
+) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for w in state.workspaces.values() {
+        let already = w.start_decision.is_some() && acted.get(&w.name) == w.start_decision.as_ref();
+        if wants_running(w.phase) && !running.contains(&w.name) && !already {
+            let agents: Vec<String> = state
+                .agents
+                .values()
+                .filter(|a| a.workspace == w.name)
+                .map(|a| a.name.clone())
+                .collect();
+            actions.push(Action::Start(WorkspaceSpec {
+                name: w.name.clone(),
+                agents,
+            }));
+        }
+    }
+    for name in running {
+        let wanted = state
+            .workspaces
+            .get(name)
+            .is_some_and(|w| wants_running(w.phase));
+        if !wanted {
+            actions.push(Action::Stop(name.clone()));
+        }
+    }
+    actions
+}
+
+/// Performs plans and records observations.
+#[derive(Debug)]
+pub struct Reconciler<B> {
+    backend: B,
+    log: EventLog,
+    /// Start decision acted on, per workspace.
+    acted: std::sync::Mutex<BTreeMap<String, EventId>>,
+}
+
+impl<B: Backend> Reconciler<B> {
+    pub fn new(backend: B, log: EventLog) -> Self {
+        Self {
+            backend,
+            log,
+            acted: Default::default(),
+        }
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// One pass: plan against what runs now, act, and record what the backend reported.
+    #[instrument(skip_all, fields(actions), err)]
+    pub async fn reconcile(&self, state: &State) -> Result<()> {
+        let running: BTreeSet<String> = self.backend.running().await.into_iter().collect();
+        let acted = self.acted.lock().map(|a| a.clone()).unwrap_or_default();
+        let actions = plan(state, &running, &acted);
+        tracing::Span::current().record("actions", actions.len());
+        for action in actions {
+            match action {
+                Action::Start(spec) => {
+                    info!(workspace = %spec.name, agents = ?spec.agents, "starting workspace");
+                    if let (Ok(mut acted), Some(decision)) = (
+                        self.acted.lock(),
+                        state
+                            .workspaces
+                            .get(&spec.name)
+                            .and_then(|w| w.start_decision),
+                    ) {
+                        acted.insert(spec.name.clone(), decision);
+                    }
+                    if let Err(e) = self.backend.start(&spec).await {
+                        warn!(workspace = %spec.name, error = %e, "start failed");
+                        self.record(
+                            &spec.name,
+                            WorkspacePhase::Failed,
+                            None,
+                            Some(e.to_string()),
+                        )
+                        .await?;
+                    }
+                }
+                Action::Stop(name) => {
+                    info!(workspace = %name, "stopping workspace");
+                    if let Err(e) = self.backend.stop(&name).await {
+                        warn!(workspace = %name, error = %e, "stop failed");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records what the backend reported since the last call.
+    pub async fn record_observations(&self) -> Result<usize> {
+        let observations = self.backend.drain_observations();
+        let n = observations.len();
+        for o in observations {
+            self.record(&o.workspace, o.phase, o.instance, o.detail)
+                .await?;
+        }
+        Ok(n)
+    }
+
+    async fn record(
+        &self,
+        workspace: &str,
+        phase: WorkspacePhase,
+        instance: Option<String>,
+        detail: Option<String>,
+    ) -> Result<()> {
+        let phase_name = serde_json::to_value(phase)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        // One observation per (instance, phase): a re-report is absorbed.
+        let id = EventId::derive(&[
+            "observed",
+            workspace,
+            instance.as_deref().unwrap_or("-"),
+            &phase_name,
+            detail.as_deref().unwrap_or(""),
+        ]);
+        let event = WorkspaceObserved {
+            workspace: workspace.to_owned(),
+            phase,
+            backend: self.backend.name().to_owned(),
+            instance,
+            detail,
+        };
+        let mut meta = Metadata::new("control-plane.reconcile");
+        meta.actor = Some(self.backend.name().to_owned());
+        let event = NewEvent::from_domain(id, &event, meta)
+            .map_err(|e| warren_schema::Error::InvalidEvent(e.to_string()))?;
+        self.log
+            .append(&AppendRequest::new(
+                format!("workspace:{workspace}"),
+                vec![event],
+            ))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Workspaces a state wants running, by name (for logs and tests).
+pub fn wanted(state: &State) -> BTreeMap<&str, Phase> {
+    state
+        .workspaces
+        .values()
+        .filter(|w| wants_running(w.phase))
+        .map(|w| (w.name.as_str(), w.phase))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::{Agent, Workspace};
+    use chrono::Utc;
+
+    fn state(phases: &[(&str, Phase)]) -> State {
+        let mut s = State::default();
+        for (name, phase) in phases {
+            s.workspaces.insert(
+                (*name).to_owned(),
+                Workspace {
+                    name: (*name).to_owned(),
+                    phase: *phase,
+                    last_activity: Utc::now(),
+                    last_activity_event: EventId::random(),
+                    start_decision: Some(EventId::derive(&["start", name])),
+                    failures: 0,
+                    failed_at: None,
+                    failure_event: None,
+                    failure_detail: None,
+                    team: None,
+                    channel: None,
+                    waiting_origins: vec![],
+                },
+            );
+            s.agents.insert(
+                format!("agent-{name}"),
+                Agent {
+                    name: format!("agent-{name}"),
+                    workspace: (*name).to_owned(),
+                    driver: "echo".into(),
+                    settings: serde_json::json!({}),
+                    idle_timeout_secs: 60,
+                },
+            );
+        }
+        s
+    }
+
+    fn running(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    #[test]
+    fn starts_what_should_run_and_stops_what_should_not() {
+        let s = state(&[
+            ("a", Phase::Starting),
+            ("b", Phase::Ready),
+            ("c", Phase::Stopping),
+            ("d", Phase::BackingOff),
+            ("e", Phase::Queued),
+        ]);
+        let actions = plan(&s, &running(&["b", "c", "d", "zombie"]), &BTreeMap::new());
+        assert_eq!(
+            actions,
+            vec![
+                Action::Start(WorkspaceSpec {
+                    name: "a".into(),
+                    agents: vec!["agent-a".into()]
+                }),
+                Action::Stop("c".into()),
+                Action::Stop("d".into()),
+                Action::Stop("zombie".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_second_pass_over_the_result_does_nothing() {
+        let s = state(&[("a", Phase::Starting), ("c", Phase::Stopping)]);
+        let after_first_pass = running(&["a"]);
+        assert!(plan(&s, &after_first_pass, &BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn a_process_that_exited_is_not_restarted_before_the_decisions_say_so() {
+        let s = state(&[("a", Phase::Starting)]);
+        let acted = BTreeMap::from([("a".to_owned(), EventId::derive(&["start", "a"]))]);
+        assert!(
+            plan(&s, &running(&[]), &acted).is_empty(),
+            "same start decision"
+        );
+        let older = BTreeMap::from([("a".to_owned(), EventId::derive(&["start", "old"]))]);
+        assert_eq!(
+            plan(&s, &running(&[]), &older).len(),
+            1,
+            "a new start decision"
+        );
+    }
+}

@@ -1,0 +1,263 @@
+//! The controller with the `local` backend, against a real PostgreSQL and real child
+//! processes (a shell script stands in for the workspace runtime): a message starts a
+//! process in its own directory, an idle one is stopped, a crashing one is restarted and
+//! then given up on, and processes left by a previous control plane are cleaned up.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use warren_control_plane::backend::Backend;
+use warren_control_plane::backend::local::{LocalBackend, LocalConfig};
+use warren_control_plane::controller::{self, ControllerConfig};
+use warren_control_plane::decide::Policy;
+use warren_schema::events::*;
+use warren_schema::testing::TestDatabase;
+use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
+
+fn temp_root(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("warren-local-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["/bin/sh".into(), "-c".into(), script.into()]
+}
+
+async fn message(log: &EventLog, agent: &str) {
+    let event = MessageReceived {
+        origin: Origin::Slack {
+            team_id: "T1".into(),
+            channel: "C1".into(),
+            thread_ts: "1.0".into(),
+            ts: "1.0".into(),
+            user: "U1".into(),
+        },
+        text: format!("@{agent} hello"),
+        addressed_agents: vec![agent.into()],
+        files: vec![],
+    };
+    let e = NewEvent::from_domain(EventId::random(), &event, Metadata::new("test")).expect("e");
+    log.append(&AppendRequest::new("slack:T1:C1", vec![e]))
+        .await
+        .expect("append");
+}
+
+async fn observed(log: &EventLog, workspace: &str) -> Vec<WorkspaceObserved> {
+    log.read_type("workspace.observed", 0, 1000)
+        .await
+        .expect("read")
+        .iter()
+        .filter_map(|e| e.decode::<WorkspaceObserved>().ok())
+        .filter(|o| o.workspace == workspace)
+        .collect()
+}
+
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie (exited, not yet reaped) is not alive.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.contains(") Z "))
+}
+
+#[tokio::test]
+async fn a_message_starts_a_process_in_its_directory_and_idleness_stops_it() {
+    let db = TestDatabase::new().await;
+    let log = EventLog::new(db.pool.clone());
+    let root = temp_root("idle");
+    let file = root.join("agents.json");
+    std::fs::write(
+        &file,
+        r#"{"agents": [{"name": "alice", "workspace": "research", "idle_timeout_secs": 1}]}"#,
+    )
+    .expect("config");
+    let shutdown = CancellationToken::new();
+    let config = ControllerConfig {
+        holder: "local".into(),
+        lease_ttl: Duration::from_secs(5),
+        tick: Duration::from_millis(50),
+        policy: Policy::default(),
+        config_file: Some(file),
+        backend: Some(LocalConfig {
+            root: root.clone(),
+            command: sh("echo ready; exec sleep 600"),
+            nats_url: None,
+            stop_grace: Duration::from_secs(5),
+        }),
+    };
+    let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
+    wait_for("configuration", async || {
+        !log.read_type("agent.configured", 0, 1)
+            .await
+            .expect("r")
+            .is_empty()
+    })
+    .await;
+
+    message(&log, "alice").await;
+    wait_for("ready", async || {
+        observed(&log, "research")
+            .await
+            .iter()
+            .any(|o| o.phase == WorkspacePhase::Ready)
+    })
+    .await;
+    let ready = observed(&log, "research").await;
+    let pid: u32 = ready[0]
+        .instance
+        .as_deref()
+        .expect("pid")
+        .parse()
+        .expect("pid");
+    assert!(alive(pid), "the runtime process runs");
+    let env = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    let env = String::from_utf8_lossy(&env);
+    assert!(env.contains("WARREN_WORKSPACE=research"));
+    assert!(env.contains("WARREN_AGENTS=alice"));
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).expect("cwd");
+    assert_eq!(cwd, root.join("workspaces/research"));
+    assert!(root.join("shared").is_dir());
+
+    // Idle for its 1 s timeout: stopped with SIGTERM, reported as exited.
+    wait_for("the idle stop", async || {
+        observed(&log, "research")
+            .await
+            .iter()
+            .any(|o| o.phase == WorkspacePhase::Exited)
+    })
+    .await;
+    assert!(!alive(pid), "the process is gone");
+    let stop = log
+        .read_type("workspace.stop_requested", 0, 10)
+        .await
+        .expect("r");
+    assert_eq!(stop.len(), 1);
+    assert_eq!(
+        stop[0]
+            .decode::<WorkspaceStopRequested>()
+            .expect("d")
+            .reason,
+        "idle"
+    );
+    assert_eq!(
+        log.read_type("workspace.start_requested", 0, 10)
+            .await
+            .expect("r")
+            .len(),
+        1,
+        "started once"
+    );
+    shutdown.cancel();
+    task.await.expect("join").expect("controller");
+}
+
+#[tokio::test]
+async fn a_crashing_runtime_is_restarted_then_given_up_on() {
+    let db = TestDatabase::new().await;
+    let log = EventLog::new(db.pool.clone());
+    let root = temp_root("crash");
+    let file = root.join("agents.json");
+    std::fs::write(
+        &file,
+        r#"{"agents": [{"name": "bob", "workspace": "ops"}]}"#,
+    )
+    .expect("config");
+    let shutdown = CancellationToken::new();
+    let config = ControllerConfig {
+        holder: "local".into(),
+        lease_ttl: Duration::from_secs(5),
+        tick: Duration::from_millis(50),
+        policy: Policy {
+            max_restarts: 2,
+            restart_backoff: chrono::TimeDelta::milliseconds(100),
+            ..Policy::default()
+        },
+        config_file: Some(file),
+        backend: Some(LocalConfig {
+            root: root.clone(),
+            command: sh("echo boom >&2; exit 3"),
+            nats_url: None,
+            stop_grace: Duration::from_secs(5),
+        }),
+    };
+    let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
+    wait_for("configuration", async || {
+        !log.read_type("agent.configured", 0, 1)
+            .await
+            .expect("r")
+            .is_empty()
+    })
+    .await;
+    message(&log, "bob").await;
+    wait_for("giving up", async || {
+        !log.read_type("workspace.failed", 0, 1)
+            .await
+            .expect("r")
+            .is_empty()
+    })
+    .await;
+    let starts = log
+        .read_type("workspace.start_requested", 0, 10)
+        .await
+        .expect("r");
+    assert_eq!(starts.len(), 3, "the first start and two restarts");
+    let failures: Vec<_> = observed(&log, "ops")
+        .await
+        .into_iter()
+        .filter(|o| o.phase == WorkspacePhase::Failed)
+        .collect();
+    assert_eq!(failures.len(), 3);
+    assert!(
+        failures[0].detail.as_deref().unwrap_or("").contains("3"),
+        "{failures:?}"
+    );
+    let notice = log.read_type("agent.replied", 0, 10).await.expect("r");
+    assert_eq!(notice.len(), 1, "the channel is told once");
+    let log_file = std::fs::read_to_string(root.join("workspaces/ops/runtime.log")).expect("log");
+    assert!(
+        log_file.contains("boom"),
+        "stderr goes to the workspace's runtime.log"
+    );
+    shutdown.cancel();
+    task.await.expect("join").expect("controller");
+}
+
+#[tokio::test]
+async fn processes_left_by_a_previous_control_plane_are_stopped_and_reported_gone() {
+    let root = temp_root("leftover");
+    let dir = root.join("workspaces/research");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut leftover = std::process::Command::new("/bin/sh")
+        .args(["-c", "exec sleep 600"])
+        .env("WARREN_WORKSPACE", "research")
+        .spawn()
+        .expect("spawn");
+    std::fs::write(dir.join("runtime.pid"), leftover.id().to_string()).expect("pidfile");
+
+    let backend = LocalBackend::new(LocalConfig {
+        root: root.clone(),
+        command: sh("exit 0"),
+        nats_url: None,
+        stop_grace: Duration::from_secs(5),
+    })
+    .expect("backend");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while leftover.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "the leftover process still runs");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let seen = backend.drain_observations();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].phase, WorkspacePhase::Gone);
+    assert_eq!(seen[0].instance, Some(leftover.id().to_string()));
+    assert!(!dir.join("runtime.pid").exists());
+    assert!(backend.running().await.is_empty());
+}
