@@ -109,9 +109,13 @@ pub struct RunArgs {
         default_value = "warren-workspace-runtime"
     )]
     pub runtime_command: String,
-    /// NATS server the workspaces connect to.
+    /// NATS server (JetStream) for agents' inboxes; unset: decisions are recorded but not
+    /// delivered.
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<String>,
+    /// Prefix of every NATS subject and stream (several installations on one account).
+    #[arg(long, env = "WARREN_NATS_PREFIX", default_value = "warren")]
+    pub nats_prefix: String,
     /// Admin listener: `GET /metrics` (Prometheus).
     #[arg(
         long,
@@ -158,6 +162,10 @@ impl RunArgs {
                     .collect(),
                 nats_url: self.nats_url.clone(),
                 stop_grace: Duration::from_secs(10),
+            }),
+            nats: self.nats_url.clone().map(|url| controller::NatsConfig {
+                url,
+                namespace: warren_schema::nats::Namespace::new(&self.nats_prefix),
             }),
         }
     }

@@ -15,6 +15,9 @@ pub enum Error {
     /// it. Reload before deciding again.
     #[error("the decision checkpoint moved from {expected} to {found} under this replica")]
     CheckpointMoved { expected: i64, found: i64 },
+    /// NATS refused or is unreachable (retried where it matters).
+    #[error("NATS: {0}")]
+    Nats(String),
     /// The agents/routes file is unreadable or invalid; nothing was recorded from it.
     #[error("configuration file {path}: {message}")]
     Config { path: String, message: String },

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config_file;
 pub mod controller;
 pub mod decide;
+pub mod delivery;
 pub mod error;
 mod operator;
 pub mod projection;

@@ -38,6 +38,7 @@ fn config(holder: &str, file: Option<PathBuf>) -> ControllerConfig {
         policy: Policy::default(),
         config_file: file,
         backend: None,
+        nats: None,
     }
 }
 

@@ -22,6 +22,7 @@ fn replica(log: &EventLog, name: &str, file: &std::path::Path) -> tokio::task::J
         policy: Policy::default(),
         config_file: Some(file.to_owned()),
         backend: None,
+        nats: None,
     };
     let log = log.clone();
     tokio::spawn(async move {

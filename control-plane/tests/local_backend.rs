@@ -92,6 +92,7 @@ async fn a_message_starts_a_process_in_its_directory_and_idleness_stops_it() {
             nats_url: None,
             stop_grace: Duration::from_secs(5),
         }),
+        nats: None,
     };
     let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
     wait_for("configuration", async || {
@@ -187,6 +188,7 @@ async fn a_crashing_runtime_is_restarted_then_given_up_on() {
             nats_url: None,
             stop_grace: Duration::from_secs(5),
         }),
+        nats: None,
     };
     let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
     wait_for("configuration", async || {

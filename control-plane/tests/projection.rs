@@ -136,6 +136,7 @@ async fn a_rebuild_from_position_zero_gives_the_rows_built_incrementally() {
         },
         config_file: Some(file),
         backend: None,
+        nats: None,
     };
     let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
 

@@ -164,6 +164,7 @@ async fn decisions(args: &Args) -> anyhow::Result<()> {
             policy: Policy::default(),
             config_file: Some(file),
             backend: None,
+            nats: None,
         },
         shutdown.clone(),
     ));

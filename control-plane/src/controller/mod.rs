@@ -17,11 +17,13 @@ use crate::backend::Backend;
 use crate::backend::local::{LocalBackend, LocalConfig};
 use crate::config_file;
 use crate::decide::Policy;
+use crate::delivery::{Publisher, ingest};
 use crate::error::{Error, Result};
 use crate::projection::Projections;
 use crate::reconcile::Reconciler;
 pub use decider::Decider;
 pub use lease::Lease;
+use warren_schema::nats::Namespace;
 
 /// Name of the decision loop's lease.
 pub const LEASE: &str = "control-plane.leader";
@@ -41,6 +43,16 @@ pub struct ControllerConfig {
     /// Where workspaces run; `None` records decisions without running anything (a
     /// decisions-only replica, or tests of the decisions alone).
     pub backend: Option<LocalConfig>,
+    /// NATS for delivery to agents' inboxes and their replies back; `None` records
+    /// decisions without delivering them.
+    pub nats: Option<NatsConfig>,
+}
+
+/// Where the agents' inboxes are.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    pub url: String,
+    pub namespace: Namespace,
 }
 
 /// Runs until `shutdown`: standby while another replica leads, leader otherwise.
@@ -64,6 +76,15 @@ pub async fn run(
             path: "local backend root".into(),
             message: e.to_string(),
         })?;
+    let nats = match &config.nats {
+        Some(n) => Some((
+            async_nats::connect(n.url.as_str())
+                .await
+                .map_err(|e| Error::Nats(format!("connecting to {}: {e}", n.url)))?,
+            n.namespace.clone(),
+        )),
+        None => None,
+    };
     loop {
         let lease = loop {
             match Lease::try_acquire(log.pool(), LEASE, &config.holder, config.lease_ttl).await {
@@ -78,16 +99,14 @@ pub async fn run(
         };
         info!(holder = %lease.holder, fence = lease.fence, "leading");
         let span = info_span!("lead", fence = lease.fence);
-        match lead(
-            &log,
-            &config,
-            file.as_ref(),
-            backend.as_ref(),
-            lease.clone(),
-            &shutdown,
-        )
-        .instrument(span)
-        .await
+        let parts = Parts {
+            file: file.as_ref(),
+            backend: backend.as_ref(),
+            nats: nats.as_ref(),
+        };
+        match lead(&log, &config, parts, lease.clone(), &shutdown)
+            .instrument(span)
+            .await
         {
             Ok(()) => {
                 // Shutdown: hand over at once instead of after the TTL.
@@ -109,11 +128,21 @@ pub async fn run(
     }
 }
 
+/// What a leader works with besides the log.
+struct Parts<'a> {
+    file: Option<&'a config_file::ConfigFile>,
+    backend: Option<&'a LocalBackend>,
+    nats: Option<&'a (async_nats::Client, Namespace)>,
+}
+
 async fn lead(
     log: &EventLog,
     config: &ControllerConfig,
-    file: Option<&config_file::ConfigFile>,
-    backend: Option<&LocalBackend>,
+    Parts {
+        file,
+        backend,
+        nats,
+    }: Parts<'_>,
     lease: Lease,
     shutdown: &CancellationToken,
 ) -> Result<()> {
@@ -145,6 +174,40 @@ async fn lead(
     let mut projections = Projections::load(log).await?;
     let read_models = projections.run(log, shutdown.clone());
     tokio::pin!(read_models);
+    // Delivery to agents and their output back, beside the decisions.
+    let mut publisher = match nats {
+        Some((client, ns)) => Some(
+            Publisher::new(
+                async_nats::jetstream::new(client.clone()),
+                ns.clone(),
+                log.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let publishing = async {
+        match publisher.as_mut() {
+            Some(p) => p.run(shutdown.clone()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(publishing);
+    let ingesting = async {
+        match nats {
+            Some((client, ns)) => {
+                ingest::run(
+                    async_nats::jetstream::new(client.clone()),
+                    ns.clone(),
+                    log.clone(),
+                    shutdown.clone(),
+                )
+                .await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(ingesting);
     let reconciler = backend.map(|b| Reconciler::new(b.clone(), log.clone()));
     let idle = tokio::sync::Notify::new();
     let observed = || backend.map_or(&idle, |b| b.observed());
@@ -159,6 +222,8 @@ async fn lead(
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             result = &mut read_models => return result,
+            result = &mut publishing => return result,
+            result = &mut ingesting => return result,
             _ = renew.tick() => decider.lease().renew(pool).await??,
             _ = tick.tick() => {
                 decider.handle(pool, &[], Utc::now()).await?;

@@ -1,0 +1,176 @@
+//! Delivery between the log and the agents, over NATS JetStream.
+//!
+//! - [`Publisher`]: every `message.routed` in the log is published to its agent's inbox
+//!   subject, with the routing decision's id as `Nats-Msg-Id` (the server drops a
+//!   republish inside its duplicate window) and the conversation's `traceparent` header.
+//!   Progress is a checkpoint in PostgreSQL, advanced only after the server acknowledged
+//!   (PubAck): after a NATS outage or a control-plane restart, publishing resumes at the
+//!   first unacknowledged message, so every routed message reaches its inbox and none twice.
+//! - [`ingest`]: agents' replies and mentions from the outbox stream are recorded as
+//!   `agent.replied` / `agent.mentioned` (ids derived from the runtime's output id, so a
+//!   redelivery is recorded once), and acknowledged only after the append committed.
+
+pub mod ingest;
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use tokio_util::sync::CancellationToken;
+use tracing::{instrument, warn};
+use warren_schema::event_log::{Subscription, SubscriptionOptions};
+use warren_schema::events::*;
+use warren_schema::nats::{InboxMessage, Namespace, TRACEPARENT};
+use warren_schema::{Error as LogError, EventLog, RecordedEvent};
+
+use crate::error::{Error, Result};
+
+/// Checkpoint of the publisher: the last log position whose routed messages are in NATS.
+pub const CHECKPOINT: &str = "control-plane.delivery";
+
+/// Publishes routed messages to agents' inboxes.
+#[derive(Debug)]
+pub struct Publisher {
+    js: jetstream::Context,
+    ns: Namespace,
+    log: EventLog,
+    position: i64,
+}
+
+/// Turns a NATS failure into the crate error (it names the operation, never a credential).
+pub(crate) fn nats(context: &'static str) -> impl Fn(&dyn std::fmt::Display) -> Error {
+    move |e| Error::Nats(format!("{context}: {e}"))
+}
+
+impl Publisher {
+    /// Makes sure the streams exist and reads the checkpoint.
+    pub async fn new(js: jetstream::Context, ns: Namespace, log: EventLog) -> Result<Self> {
+        js.get_or_create_stream(ns.inbox_stream_config())
+            .await
+            .map_err(|e| nats("creating the inbox stream")(&e))?;
+        js.get_or_create_stream(ns.outbox_stream_config())
+            .await
+            .map_err(|e| nats("creating the outbox stream")(&e))?;
+        let position =
+            warren_schema::event_log::projection::load_checkpoint(log.pool(), CHECKPOINT).await?;
+        Ok(Self {
+            js,
+            ns,
+            log,
+            position,
+        })
+    }
+
+    /// Follows the log until `shutdown`. NATS failures are retried (with backoff) without
+    /// moving the checkpoint.
+    pub async fn run(&mut self, shutdown: CancellationToken) -> Result<()> {
+        let options = SubscriptionOptions {
+            name: CHECKPOINT.into(),
+            settle_poll: Duration::from_millis(1),
+            ..SubscriptionOptions::default()
+        };
+        let mut subscription =
+            Subscription::start(self.log.pool().clone(), self.position, options).await?;
+        loop {
+            let batch = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                batch = subscription.next_batch() => batch?,
+            };
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match self.publish_batch(&batch).await {
+                    Ok(()) => break,
+                    Err(Error::Nats(e)) => {
+                        warn!(error = %e, "publishing to NATS failed; retrying");
+                        tokio::select! {
+                            () = shutdown.cancelled() => return Ok(()),
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    /// Publishes the routed messages of `batch` (in order), then advances the checkpoint.
+    #[instrument(skip_all, fields(events = batch.len()), err)]
+    pub async fn publish_batch(&mut self, batch: &[RecordedEvent]) -> Result<()> {
+        let Some(last) = batch.last().map(|e| e.position) else {
+            return Ok(());
+        };
+        for event in batch
+            .iter()
+            .filter(|e| e.position > self.position && e.event_type == MessageRouted::TYPE)
+        {
+            self.publish(event).await?;
+        }
+        sqlx::query(
+            "INSERT INTO subscription_checkpoints (name, position) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, updated_at = now()",
+        )
+        .bind(CHECKPOINT)
+        .bind(last)
+        .execute(self.log.pool())
+        .await
+        .map_err(LogError::db("advancing the delivery checkpoint"))?;
+        self.position = last;
+        Ok(())
+    }
+
+    async fn publish(&self, routed: &RecordedEvent) -> Result<()> {
+        let r: MessageRouted = routed.decode()?;
+        let Some(source) = self.log.get(r.message_id).await? else {
+            warn!(message = %r.message_id, "routed message not in the log; skipped");
+            return Ok(());
+        };
+        let (text, reply_to, chain) = match source.event_type.as_str() {
+            MessageReceived::TYPE => {
+                let m: MessageReceived = source.decode()?;
+                (m.text, m.origin, Vec::new())
+            }
+            AgentMentioned::TYPE => {
+                let m: AgentMentioned = source.decode()?;
+                (m.text, m.reply_to, m.chain)
+            }
+            other => {
+                warn!(
+                    event_type = other,
+                    "routed event of an unexpected type; skipped"
+                );
+                return Ok(());
+            }
+        };
+        let message = InboxMessage {
+            routing_id: routed.id,
+            message_id: r.message_id,
+            workspace: r.workspace.clone(),
+            agent: r.agent.clone(),
+            text,
+            reply_to,
+            chain,
+            correlation_id: routed.metadata.correlation_id,
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", routed.id.to_string().as_str());
+        if let Some(tp) = &routed.metadata.traceparent {
+            headers.insert(TRACEPARENT, tp.as_str());
+        }
+        let payload = serde_json::to_vec(&message)
+            .map_err(|e| Error::Nats(format!("encoding an inbox message: {e}")))?;
+        let ack = self
+            .js
+            .publish_with_headers(
+                self.ns.inbox_subject(&r.workspace, &r.agent),
+                headers,
+                payload.into(),
+            )
+            .await
+            .map_err(|e| nats("publishing to an inbox")(&e))?;
+        ack.await
+            .map_err(|e| nats("awaiting the inbox PubAck")(&e))?;
+        metrics::counter!("warren_control_plane_inbox_published_total").increment(1);
+        Ok(())
+    }
+}

@@ -1,0 +1,296 @@
+//! Delivery over a real NATS JetStream server (NATS_URL; `./scripts/test` starts one) and a
+//! real PostgreSQL: routed messages reach the agent's inbox once, with their trace; the
+//! agent's reply comes back into the log once, caused by the routing decision; a publisher
+//! that lost its checkpoint republishes without duplicating.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
+use warren_control_plane::decide::Policy;
+use warren_control_plane::delivery::{self, Publisher};
+use warren_schema::events::*;
+use warren_schema::nats::{InboxMessage, Namespace, OutboxMessage};
+use warren_schema::testing::TestDatabase;
+use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
+
+const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+fn namespace(test: &str) -> Namespace {
+    Namespace::new(&format!("t{}{test}{}", std::process::id(), rand_suffix()))
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+}
+
+async fn connect() -> async_nats::Client {
+    async_nats::connect(nats_url()).await.unwrap_or_else(|e| {
+        panic!(
+            "cannot reach NATS at NATS_URL ({}): {e}; run the tests with ./scripts/test",
+            nats_url()
+        )
+    })
+}
+
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn inbox_count(js: &jetstream::Context, ns: &Namespace) -> u64 {
+    match js.get_stream(ns.inbox_stream()).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test]
+async fn a_routed_message_reaches_the_inbox_once_and_the_reply_comes_back_once() {
+    let db = TestDatabase::new().await;
+    let log = EventLog::new(db.pool.clone());
+    let client = connect().await;
+    let js = jetstream::new(client.clone());
+    let ns = namespace("roundtrip");
+    let dir = std::env::temp_dir().join(format!("warren-delivery-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("agents.json");
+    std::fs::write(
+        &file,
+        r#"{"agents": [{"name": "alice", "workspace": "research"}]}"#,
+    )
+    .expect("config");
+    let shutdown = CancellationToken::new();
+    let config = ControllerConfig {
+        holder: "d".into(),
+        lease_ttl: Duration::from_secs(5),
+        tick: Duration::from_millis(50),
+        policy: Policy::default(),
+        config_file: Some(file),
+        backend: None,
+        nats: Some(NatsConfig {
+            url: nats_url(),
+            namespace: ns.clone(),
+        }),
+    };
+    let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
+    eventually("configuration", async || {
+        !log.read_type("agent.configured", 0, 1)
+            .await
+            .expect("r")
+            .is_empty()
+    })
+    .await;
+
+    let message_id = EventId::random();
+    let mut meta = Metadata::new("test");
+    meta.traceparent = Some(TRACE.into());
+    let origin = Origin::Slack {
+        team_id: "T1".into(),
+        channel: "C1".into(),
+        thread_ts: "1.0".into(),
+        ts: "1.0".into(),
+        user: "U1".into(),
+    };
+    let message = MessageReceived {
+        origin: origin.clone(),
+        text: "@alice what's new?".into(),
+        addressed_agents: vec!["alice".into()],
+        files: vec![],
+    };
+    log.append(&AppendRequest::new(
+        "slack:T1:C1",
+        vec![NewEvent::from_domain(message_id, &message, meta).expect("e")],
+    ))
+    .await
+    .expect("append");
+
+    // The agent's side: read the inbox as a workspace runtime would.
+    eventually("the inbox message", async || {
+        inbox_count(&js, &ns).await == 1
+    })
+    .await;
+    let stream = js.get_stream(ns.inbox_stream()).await.expect("stream");
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            filter_subject: ns.inbox_subject("research", "alice"),
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut batch = consumer
+        .fetch()
+        .max_messages(10)
+        .messages()
+        .await
+        .expect("fetch");
+    let got = batch.next().await.expect("one message").expect("ok");
+    let inbox: InboxMessage = serde_json::from_slice(&got.payload).expect("inbox json");
+    let routed = log.read_type("message.routed", 0, 10).await.expect("r");
+    assert_eq!(routed.len(), 1);
+    assert_eq!(inbox.routing_id, routed[0].id);
+    assert_eq!(inbox.message_id, message_id);
+    assert_eq!(inbox.text, "@alice what's new?");
+    assert_eq!(inbox.reply_to, origin);
+    let headers = got.headers.as_ref().expect("headers");
+    assert_eq!(
+        headers.get("Nats-Msg-Id").map(|v| v.to_string()),
+        Some(routed[0].id.to_string())
+    );
+    assert_eq!(
+        headers.get("traceparent").map(|v| v.to_string()),
+        Some(TRACE.into())
+    );
+    got.ack().await.expect("ack");
+
+    // The reply, published twice (a runtime redelivery): recorded once.
+    let reply = OutboxMessage::Reply {
+        id: format!("{}-1", inbox.routing_id),
+        in_reply_to: inbox.routing_id,
+        workspace: "research".into(),
+        agent: "alice".into(),
+        reply_to: inbox.reply_to.clone(),
+        text: "All quiet.".into(),
+        correlation_id: inbox.correlation_id,
+    };
+    for _ in 0..2 {
+        js.publish(
+            ns.outbox_subject("research"),
+            serde_json::to_vec(&reply).expect("json").into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    }
+    eventually("the reply in the log", async || {
+        !log.read_type("agent.replied", 0, 10)
+            .await
+            .expect("r")
+            .is_empty()
+    })
+    .await;
+    // Both copies consumed (the consumer has nothing pending) before counting.
+    eventually("both outbox copies consumed", async || {
+        let mut stream = js.get_stream(ns.outbox_stream()).await.expect("stream");
+        let mut c = stream
+            .get_consumer::<jetstream::consumer::pull::Config>(delivery::ingest::CONSUMER)
+            .await
+            .expect("consumer");
+        let _ = stream.info().await;
+        c.info()
+            .await
+            .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+    })
+    .await;
+    let replies = log.read_type("agent.replied", 0, 10).await.expect("r");
+    assert_eq!(replies.len(), 1, "a redelivered reply is recorded once");
+    assert_eq!(replies[0].metadata.causation_id, Some(inbox.routing_id));
+    assert_eq!(replies[0].metadata.correlation_id, Some(message_id));
+    let chain = log.causation_chain(replies[0].id).await.expect("chain");
+    assert_eq!(
+        chain
+            .iter()
+            .map(|e| e.event_type.as_str())
+            .collect::<Vec<_>>(),
+        ["message.received", "message.routed", "agent.replied"],
+        "explain: the reply leads back to the message"
+    );
+    shutdown.cancel();
+    task.await.expect("join").expect("controller");
+    assert_eq!(inbox_count(&js, &ns).await, 1);
+    remove_streams(&js, &ns).await;
+}
+
+/// Tests share the server: leave nothing behind.
+async fn remove_streams(js: &jetstream::Context, ns: &Namespace) {
+    let _ = js.delete_stream(ns.inbox_stream()).await;
+    let _ = js.delete_stream(ns.outbox_stream()).await;
+}
+
+#[tokio::test]
+async fn a_publisher_that_lost_its_checkpoint_does_not_duplicate_the_inbox() {
+    let db = TestDatabase::new().await;
+    let log = EventLog::new(db.pool.clone());
+    let client = connect().await;
+    let js = jetstream::new(client.clone());
+    let ns = namespace("republish");
+    // The log: an agent, a message, and its routing decision.
+    let configured = NewEvent::from_domain(
+        EventId::random(),
+        &AgentConfigured {
+            name: "bob".into(),
+            workspace: "ops".into(),
+            driver: "echo".into(),
+            settings: serde_json::json!({}),
+            idle_timeout_secs: 60,
+        },
+        Metadata::new("test"),
+    )
+    .expect("e");
+    let m = EventId::random();
+    let message = NewEvent::from_domain(
+        m,
+        &MessageReceived {
+            origin: Origin::Webhook {
+                endpoint: "ci".into(),
+                delivery_id: "1".into(),
+            },
+            text: "build failed".into(),
+            addressed_agents: vec!["bob".into()],
+            files: vec![],
+        },
+        Metadata::new("test"),
+    )
+    .expect("e");
+    let routed = NewEvent::from_domain(
+        EventId::derive(&["routed", &m.to_string()]),
+        &MessageRouted {
+            message_id: m,
+            agent: "bob".into(),
+            workspace: "ops".into(),
+            reason: "mention".into(),
+        },
+        Metadata::new("test"),
+    )
+    .expect("e");
+    log.append(&AppendRequest::new("s", vec![configured, message, routed]))
+        .await
+        .expect("append");
+    let events = log.read_positions(0, i64::MAX, 10).await.expect("read");
+
+    let mut publisher = Publisher::new(js.clone(), ns.clone(), log.clone())
+        .await
+        .expect("publisher");
+    publisher.publish_batch(&events).await.expect("publish");
+    assert_eq!(inbox_count(&js, &ns).await, 1);
+
+    // A crash between the PubAck and the checkpoint: the checkpoint is behind.
+    sqlx::query("UPDATE subscription_checkpoints SET position = 0 WHERE name = $1")
+        .bind(delivery::CHECKPOINT)
+        .execute(&db.pool)
+        .await
+        .expect("reset");
+    let mut again = Publisher::new(js.clone(), ns.clone(), log.clone())
+        .await
+        .expect("publisher");
+    again.publish_batch(&events).await.expect("republish");
+    assert_eq!(
+        inbox_count(&js, &ns).await,
+        1,
+        "the server dropped the duplicate"
+    );
+    remove_streams(&js, &ns).await;
+}
