@@ -161,6 +161,7 @@ impl RunArgs {
                     .map(str::to_owned)
                     .collect(),
                 nats_url: self.nats_url.clone(),
+                env: vec![("WARREN_NATS_PREFIX".into(), self.nats_prefix.clone())],
                 stop_grace: Duration::from_secs(10),
             }),
             nats: self.nats_url.clone().map(|url| controller::NatsConfig {

@@ -1,5 +1,92 @@
-//! Warren's workspace runtime: runs inside each workspace, hosts its agents, takes their
-//! messages from NATS JetStream and gives them shared memory and files.
+//! Warren's workspace runtime: one process per workspace (a pod on Kubernetes, a child
+//! process of the control plane with the `local` backend). It hosts the workspace's agents:
+//! each takes its messages from its JetStream inbox, one turn at a time, and publishes what
+//! it says to the outbox, where the control plane records it.
 //!
-//! Not built yet (issue 5). The crate exists so the workspace shows the architecture; it
-//! has no binary until it does something.
+//! - [`inbox`]: a durable consumer per agent; a message is acknowledged only after the
+//!   turn's outputs are acknowledged by the server; a crash mid-turn redelivers; a message
+//!   that keeps failing goes to the dead-letter subject.
+//! - [`agent`]: drivers (today `echo`) and the `@name` mentions in what an agent says.
+//!
+//! Built so far (issue 5 in progress): inboxes, turns, replies, mentions, readiness and
+//! graceful shutdown, with the `echo` driver. Not yet: key-value memory, the `command`,
+//! `anthropic` and `openai` drivers, MCP tools, per-workspace NATS credentials.
+
+pub mod agent;
+pub mod inbox;
+
+use std::io::Write;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span};
+use warren_schema::nats::Namespace;
+
+/// The runtime's settings: what the backend puts in its environment.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "warren-workspace-runtime", version, about)]
+pub struct Config {
+    /// This workspace's name.
+    #[arg(long, env = "WARREN_WORKSPACE")]
+    pub workspace: String,
+    /// The agents it hosts, comma-separated.
+    #[arg(long, env = "WARREN_AGENTS", value_delimiter = ',')]
+    pub agents: Vec<String>,
+    /// Each agent's driver and settings, as JSON: `{"alice": {"driver": "echo",
+    /// "settings": {"cc": ["bob"]}}}` (the control plane passes what it was configured with).
+    #[arg(long, env = "WARREN_AGENT_SETTINGS", default_value = "{}")]
+    pub agent_settings: String,
+    /// NATS server (JetStream).
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Prefix of every NATS subject and stream.
+    #[arg(long, env = "WARREN_NATS_PREFIX", default_value = "warren")]
+    pub nats_prefix: String,
+    /// Deliveries of one message before it is dead-lettered.
+    #[arg(long, env = "WARREN_MAX_DELIVER", default_value_t = 5)]
+    pub max_deliver: i64,
+    #[command(flatten)]
+    pub telemetry: warren_telemetry::TelemetryOptions,
+}
+
+/// Runs the workspace's agents until `shutdown`; each finishes its current turn first.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let client = async_nats::connect(config.nats_url.as_str()).await?;
+    let js = async_nats::jetstream::new(client);
+    let ns = Namespace::new(&config.nats_prefix);
+    let agents: Vec<String> = config
+        .agents
+        .iter()
+        .filter(|a| !a.is_empty())
+        .cloned()
+        .collect();
+    let settings: serde_json::Value = serde_json::from_str(&config.agent_settings)
+        .map_err(|e| anyhow::anyhow!("WARREN_AGENT_SETTINGS is not JSON: {e}"))?;
+    let mut tasks = Vec::new();
+    for agent in &agents {
+        let driver = agent::Driver::from_settings(&settings[agent.as_str()])?;
+        let consumer =
+            inbox::consumer(&js, &ns, &config.workspace, agent, config.max_deliver).await?;
+        let worker = inbox::Worker {
+            js: js.clone(),
+            ns: ns.clone(),
+            workspace: config.workspace.clone(),
+            agent: agent.clone(),
+            driver,
+            max_deliver: config.max_deliver,
+        };
+        let span = info_span!("agent", workspace = %config.workspace, agent = %agent);
+        tasks.push(tokio::spawn(
+            worker.run(consumer, shutdown.clone()).instrument(span),
+        ));
+    }
+    info!(workspace = %config.workspace, ?agents, "ready");
+    // The local backend waits for this line.
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    drop(out);
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}

@@ -35,6 +35,8 @@ pub struct LocalConfig {
     /// The runtime: program and arguments.
     pub command: Vec<String>,
     pub nats_url: Option<String>,
+    /// More environment for the runtime (`WARREN_NATS_PREFIX`, `RUST_LOG`, ...).
+    pub env: Vec<(String, String)>,
     /// SIGTERM to SIGKILL.
     pub stop_grace: Duration,
 }
@@ -165,6 +167,7 @@ impl Backend for LocalBackend {
             .current_dir(&dir)
             .env("WARREN_WORKSPACE", &spec.name)
             .env("WARREN_AGENTS", spec.agents.join(","))
+            .env("WARREN_AGENT_SETTINGS", spec.agent_settings.to_string())
             .env("WARREN_WORKSPACE_DIR", &dir)
             .env("WARREN_SHARED_DIR", self.config.root.join("shared"))
             .stdin(Stdio::null())
@@ -173,6 +176,7 @@ impl Backend for LocalBackend {
         if let Some(url) = &self.config.nats_url {
             command.env("NATS_URL", url);
         }
+        command.envs(self.config.env.iter().map(|(k, v)| (k, v)));
         let mut child = command.spawn().map_err(error)?;
         let pid = child.id().unwrap_or_default();
         std::fs::write(dir.join("runtime.pid"), pid.to_string()).map_err(error)?;
@@ -258,6 +262,15 @@ impl Backend for LocalBackend {
 }
 
 impl LocalBackend {
+    /// Stops every workspace (control-plane shutdown: the next start would not adopt them).
+    pub async fn stop_all(&self) {
+        for name in self.running().await {
+            if let Err(e) = self.stop(&name).await {
+                warn!(workspace = %name, error = %e, "could not stop a workspace");
+            }
+        }
+    }
+
     fn exited(&self, name: &str, pid: u32, status: std::io::Result<std::process::ExitStatus>) {
         let asked = match self.inner.lock() {
             Ok(mut inner) => {

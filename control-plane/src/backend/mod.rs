@@ -13,6 +13,8 @@ pub struct WorkspaceSpec {
     pub name: String,
     /// The agents that live in it.
     pub agents: Vec<String>,
+    /// Each agent's driver and settings: `{"alice": {"driver": "echo", "settings": {...}}}`.
+    pub agent_settings: serde_json::Value,
 }
 
 /// Something the backend saw happen to a workspace's process.

@@ -109,6 +109,9 @@ pub async fn run(
             .await
         {
             Ok(()) => {
+                if let Some(b) = &backend {
+                    b.stop_all().await;
+                }
                 // Shutdown: hand over at once instead of after the TTL.
                 if let Err(e) = lease.release(log.pool()).await {
                     warn!(error = %e, "could not release the lease");

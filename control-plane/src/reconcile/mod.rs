@@ -42,15 +42,26 @@ pub fn plan(
     for w in state.workspaces.values() {
         let already = w.start_decision.is_some() && acted.get(&w.name) == w.start_decision.as_ref();
         if wants_running(w.phase) && !running.contains(&w.name) && !already {
-            let agents: Vec<String> = state
+            let hosted: Vec<_> = state
                 .agents
                 .values()
                 .filter(|a| a.workspace == w.name)
-                .map(|a| a.name.clone())
                 .collect();
+            let agent_settings = serde_json::Value::Object(
+                hosted
+                    .iter()
+                    .map(|a| {
+                        (
+                            a.name.clone(),
+                            serde_json::json!({"driver": a.driver, "settings": a.settings}),
+                        )
+                    })
+                    .collect(),
+            );
             actions.push(Action::Start(WorkspaceSpec {
                 name: w.name.clone(),
-                agents,
+                agents: hosted.iter().map(|a| a.name.clone()).collect(),
+                agent_settings,
             }));
         }
     }
@@ -250,7 +261,10 @@ mod tests {
             vec![
                 Action::Start(WorkspaceSpec {
                     name: "a".into(),
-                    agents: vec!["agent-a".into()]
+                    agents: vec!["agent-a".into()],
+                    agent_settings: serde_json::json!({
+                        "agent-a": {"driver": "echo", "settings": {}}
+                    }),
                 }),
                 Action::Stop("c".into()),
                 Action::Stop("d".into()),

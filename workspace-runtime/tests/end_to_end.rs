@@ -1,0 +1,251 @@
+//! End to end, with real PostgreSQL and NATS: a signed Slack request at the gateway, routed
+//! by the control plane, answered by agents running in a real `warren-workspace-runtime`
+//! process started by the local backend, one agent @-mentioning another, and both replies
+//! posted in the Slack thread through a local server that speaks Slack's Web API.
+//!
+//! The gateway and the control plane run in this test's process (their library entry
+//! points, on real sockets); the runtime is the real binary.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::routing::post;
+use axum::{Json, Router};
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tokio_util::sync::CancellationToken;
+use warren_control_plane::backend::local::LocalConfig;
+use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
+use warren_control_plane::decide::Policy;
+use warren_gateway::http::{AppState, router, serve};
+use warren_gateway::replies::{self, slack_api::SlackApi};
+use warren_schema::Secret;
+use warren_schema::event_log::{Appender, AppenderConfig};
+use warren_schema::events::*;
+use warren_schema::nats::Namespace;
+use warren_schema::testing::TestDatabase;
+
+const SIGNING_SECRET: &str = "e2e-signing-secret";
+const BOT_TOKEN: &str = "xoxb-e2e";
+
+async fn fake_slack() -> (String, Arc<Mutex<Vec<Value>>>) {
+    let posts: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let seen = posts.clone();
+    let app = Router::new().route(
+        "/api/chat.postMessage",
+        post(move |Json(body): Json<Value>| {
+            let seen = seen.clone();
+            async move {
+                let mut posts = seen.lock().expect("lock");
+                posts.push(body.clone());
+                Json(json!({"ok": true, "channel": body["channel"],
+                            "ts": format!("1700000200.{:06}", posts.len())}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/api"), posts)
+}
+
+fn signed(body: &str) -> (String, String) {
+    let ts = chrono::Utc::now().timestamp().to_string();
+    let mut mac = Hmac::<Sha256>::new_from_slice(SIGNING_SECRET.as_bytes()).expect("key");
+    mac.update(format!("v0:{ts}:{body}").as_bytes());
+    (
+        ts,
+        format!("v0={}", hex::encode(mac.finalize().into_bytes())),
+    )
+}
+
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
+    let db = TestDatabase::new().await;
+    let log = db.log();
+    let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let prefix = format!(
+        "e2e{}x{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_subsec_nanos()
+    );
+    let root = std::env::temp_dir().join(format!("warren-e2e-{prefix}"));
+    std::fs::create_dir_all(&root).expect("root");
+    let shutdown = CancellationToken::new();
+
+    // Slack's side, and the gateway (ingress + replies out).
+    let (slack_url, posts) = fake_slack().await;
+    let (appender, _writers) = Appender::start(db.pool.clone(), AppenderConfig::default());
+    let app = router(
+        AppState {
+            appender,
+            pool: db.pool.clone(),
+            slack_signing_secret: Some(Secret::new(SIGNING_SECRET)),
+            webhooks: Arc::new(HashMap::new()),
+            append_timeout: Duration::from_secs(2),
+            retry_after_secs: 1,
+        },
+        1024 * 1024,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gateway = format!("http://{}", listener.local_addr().expect("addr"));
+    let stop = shutdown.clone();
+    tokio::spawn(serve(listener, app, async move { stop.cancelled().await }));
+    let slack = SlackApi::new(&slack_url, Secret::new(BOT_TOKEN)).expect("client");
+    let delivery = tokio::spawn(replies::run(log.clone(), slack, shutdown.clone()));
+
+    // The control plane, with the local backend running the real runtime binary.
+    let agents = root.join("agents.json");
+    std::fs::write(
+        &agents,
+        r#"{"agents": [
+              {"name": "alice", "workspace": "research", "settings": {"cc": ["bob"]}},
+              {"name": "bob", "workspace": "ops"}]}"#,
+    )
+    .expect("config");
+    let controller = tokio::spawn(controller::run(
+        log.clone(),
+        ControllerConfig {
+            holder: "e2e".into(),
+            lease_ttl: Duration::from_secs(5),
+            tick: Duration::from_millis(100),
+            policy: Policy::default(),
+            config_file: Some(agents),
+            backend: Some(LocalConfig {
+                root: root.clone(),
+                command: vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
+                nats_url: Some(nats_url.clone()),
+                env: vec![
+                    ("WARREN_NATS_PREFIX".into(), prefix.clone()),
+                    ("WARREN_LOG_FORMAT".into(), "text".into()),
+                ],
+                stop_grace: Duration::from_secs(5),
+            }),
+            nats: Some(NatsConfig {
+                url: nats_url.clone(),
+                namespace: Namespace::new(&prefix),
+            }),
+        },
+        shutdown.clone(),
+    ));
+    eventually("the agents configured", async || {
+        log.read_type("agent.configured", 0, 10)
+            .await
+            .expect("r")
+            .len()
+            == 2
+    })
+    .await;
+
+    // A user writes in Slack.
+    let body = json!({
+        "type": "event_callback", "team_id": "T1", "event_id": "EvE2E1", "event_time": 1,
+        "authorizations": [{"user_id": "UAPP"}],
+        "event": {"type": "app_mention", "user": "U1", "channel": "C1",
+                  "text": "<@UAPP> @alice what's the status?", "ts": "1700000000.000100"},
+    })
+    .to_string();
+    let (ts, sig) = signed(&body);
+    let client = reqwest::Client::new();
+    let answer = client
+        .post(format!("{gateway}/slack/events"))
+        .header("content-type", "application/json")
+        .header("x-slack-request-timestamp", ts)
+        .header("x-slack-signature", sig)
+        .body(body)
+        .send()
+        .await
+        .expect("gateway answers");
+    assert_eq!(answer.status(), 200);
+
+    // alice answers and cc's bob; bob answers; both posted in the thread.
+    eventually("two replies posted to Slack", async || {
+        posts.lock().expect("lock").len() >= 2
+    })
+    .await;
+    let posted = posts.lock().expect("lock").clone();
+    let texts: Vec<&str> = posted.iter().filter_map(|p| p["text"].as_str()).collect();
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.starts_with("alice got: ") && t.contains("(cc @bob)")),
+        "{texts:?}"
+    );
+    assert!(
+        texts.iter().any(|t| t.starts_with("bob got: alice got:")),
+        "{texts:?}"
+    );
+    for p in &posted {
+        assert_eq!(p["channel"], "C1");
+        assert_eq!(p["thread_ts"], "1700000000.000100", "in the user's thread");
+    }
+    eventually("both deliveries recorded", async || {
+        log.read_type("reply.delivered", 0, 10)
+            .await
+            .expect("r")
+            .len()
+            == 2
+    })
+    .await;
+
+    // explain: bob's reply leads back to the Slack event through alice's mention.
+    let replies = log.read_type("agent.replied", 0, 10).await.expect("r");
+    let bob = replies
+        .iter()
+        .find(|e| e.decode::<AgentReplied>().is_ok_and(|r| r.agent == "bob"))
+        .expect("bob replied");
+    let chain: Vec<String> = log
+        .causation_chain(bob.id)
+        .await
+        .expect("chain")
+        .iter()
+        .map(|e| e.event_type.clone())
+        .collect();
+    assert_eq!(
+        chain,
+        [
+            "slack.event_received",
+            "message.received",
+            "message.routed",
+            "agent.mentioned",
+            "message.routed",
+            "agent.replied"
+        ],
+        "why did bob say that?"
+    );
+    let started = log
+        .read_type("workspace.start_requested", 0, 10)
+        .await
+        .expect("r");
+    assert_eq!(started.len(), 2, "each workspace started once");
+
+    shutdown.cancel();
+    controller.await.expect("join").expect("controller");
+    delivery.await.expect("join").expect("replies");
+    // The runtimes were stopped with the control plane.
+    eventually("the runtimes stopped", async || {
+        !std::fs::read_dir(root.join("workspaces"))
+            .expect("dir")
+            .flatten()
+            .any(|d| d.path().join("runtime.pid").exists())
+    })
+    .await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.expect("nats"));
+    let ns = Namespace::new(&prefix);
+    let _ = js.delete_stream(ns.inbox_stream()).await;
+    let _ = js.delete_stream(ns.outbox_stream()).await;
+}
