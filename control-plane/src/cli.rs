@@ -61,8 +61,12 @@ pub enum Command {
     },
     /// Print the causation chain of an event, root cause first: why did this happen?
     Explain {
-        /// The event id.
-        event_id: uuid::Uuid,
+        /// The event id (a message, a reply, a decision).
+        #[arg(required_unless_present = "workspace")]
+        event_id: Option<uuid::Uuid>,
+        /// Instead: why is this workspace running (its latest start decision's chain)?
+        #[arg(long, conflicts_with = "event_id")]
+        workspace: Option<String>,
     },
 }
 
@@ -232,10 +236,21 @@ async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::R
             };
             operator::print_events(&events, &mut out)?;
         }
-        Command::Explain { event_id } => {
-            let chain = log.causation_chain(EventId(event_id)).await?;
+        Command::Explain {
+            event_id,
+            workspace,
+        } => {
+            let chain = match (event_id, &workspace) {
+                (Some(id), _) => crate::explain::event(&log, EventId(id)).await?,
+                (None, Some(name)) => crate::explain::workspace(&log, name).await?,
+                (None, None) => Vec::new(),
+            };
             if chain.is_empty() {
-                anyhow::bail!("no event with id {event_id}");
+                match (event_id, workspace) {
+                    (Some(id), _) => anyhow::bail!("no event with id {id}"),
+                    (_, Some(name)) => anyhow::bail!("workspace {name} was never started"),
+                    _ => anyhow::bail!("give an event id or --workspace"),
+                }
             }
             operator::print_chain(&chain, &mut out)?;
         }

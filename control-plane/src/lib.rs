@@ -4,7 +4,8 @@
 //!   admission caps with a fair queue, mention limits) and the state they read.
 //! - [`controller`]: the leader lease and the loop that records decisions exactly once.
 //! - [`config_file`]: the declarative agents-and-routes file, turned into events.
-//! - [`cli`]: `run`, `migrate`, `status`, `events`, `explain`.
+//! - [`explain`]: why a workspace runs, why a message or reply happened.
+//! - [`cli`]: `run`, `migrate`, `rebuild`, `status`, `events`, `explain`.
 //!
 //! - [`projection`]: the read models (agents, routes, workspaces, messages, replies) and
 //!   `rebuild`.
@@ -21,6 +22,7 @@ pub mod controller;
 pub mod decide;
 pub mod delivery;
 pub mod error;
+pub mod explain;
 mod operator;
 pub mod projection;
 pub mod reconcile;

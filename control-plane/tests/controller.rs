@@ -146,6 +146,25 @@ async fn a_message_is_routed_and_its_workspace_started_once_with_the_cause_recor
     let started = &of_type(&log, "workspace.start_requested").await[0];
     let chain = log.causation_chain(started.id).await.expect("chain");
     assert_eq!(chain.first().map(|e| e.id), Some(m));
+    // "Why is research running?"
+    let why = warren_control_plane::explain::workspace(&log, "research")
+        .await
+        .expect("explain");
+    assert_eq!(
+        why.iter()
+            .map(|e| e.event_type.as_str())
+            .collect::<Vec<_>>(),
+        ["message.received", "workspace.start_requested"]
+    );
+    assert_eq!(why[0].id, m);
+    assert!(why[0].recorded_at <= why[1].recorded_at, "with times");
+    assert!(
+        warren_control_plane::explain::workspace(&log, "ops")
+            .await
+            .expect("explain")
+            .is_empty(),
+        "never started"
+    );
 
     // Stop, and run again (another replica name): nothing is decided or configured twice,
     // and a second message to the starting workspace only routes.

@@ -87,6 +87,28 @@ impl EventLog {
         .await
     }
 
+    /// The latest event of `event_type` whose payload names `workspace` (for "why is this
+    /// workspace running?").
+    pub async fn latest_for_workspace(
+        &self,
+        event_type: &str,
+        workspace: &str,
+    ) -> Result<Option<RecordedEvent>> {
+        let sql = concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE event_type = $1 AND payload->>'workspace' = $2 \
+             ORDER BY position DESC LIMIT 1"
+        );
+        Ok(self
+            .fetch(
+                "reading a workspace's latest event",
+                sqlx::query(sql).bind(event_type).bind(workspace),
+            )
+            .await?
+            .pop())
+    }
+
     /// A stream's events from `from_version` on, in version order, at most `limit`.
     pub async fn read_stream(
         &self,
