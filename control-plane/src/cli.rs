@@ -197,7 +197,7 @@ async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::R
     match cli.command {
         Command::Run(args) => {
             let listener = tokio::net::TcpListener::bind(args.metrics_listen).await?;
-            let shutdown = shutdown_on_signal()?;
+            let shutdown = warren_telemetry::shutdown_on_signal()?;
             let metrics = telemetry.metrics_router();
             let admin_shutdown = shutdown.clone();
             tokio::spawn(async move {
@@ -256,21 +256,4 @@ async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::R
         }
     }
     Ok(())
-}
-
-/// A token cancelled by SIGTERM (Kubernetes, kill) or SIGINT.
-fn shutdown_on_signal() -> std::io::Result<tokio_util::sync::CancellationToken> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let token = tokio_util::sync::CancellationToken::new();
-    let mut term = signal(SignalKind::terminate())?;
-    let cancel = token.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("shutting down");
-        cancel.cancel();
-    });
-    Ok(token)
 }

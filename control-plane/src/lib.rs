@@ -26,5 +26,6 @@ pub mod explain;
 mod operator;
 pub mod projection;
 pub mod reconcile;
+mod replay;
 
 pub use cli::{Cli, run};

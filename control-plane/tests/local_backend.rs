@@ -245,6 +245,15 @@ async fn processes_left_by_a_previous_control_plane_are_stopped_and_reported_gon
         .spawn()
         .expect("spawn");
     std::fs::write(dir.join("runtime.pid"), leftover.id().to_string()).expect("pidfile");
+    // Until it has exec'd, a fresh child still shows this test's environment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read(format!("/proc/{}/environ", leftover.id())).is_ok_and(|env| {
+        env.split(|b| *b == 0)
+            .any(|kv| kv == b"WARREN_WORKSPACE=research")
+    }) {
+        assert!(Instant::now() < deadline, "the leftover never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 
     let backend = LocalBackend::new(LocalConfig {
         root: root.clone(),
@@ -256,7 +265,11 @@ async fn processes_left_by_a_previous_control_plane_are_stopped_and_reported_gon
     .expect("backend");
     let deadline = Instant::now() + Duration::from_secs(10);
     while leftover.try_wait().expect("wait").is_none() {
-        assert!(Instant::now() < deadline, "the leftover process still runs");
+        assert!(
+            Instant::now() < deadline,
+            "the leftover process still runs; backend saw {:?}",
+            backend.drain_observations()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let seen = backend.drain_observations();

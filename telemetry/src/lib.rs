@@ -9,6 +9,7 @@
 //!   exported and nothing is paid.
 //! - **Metrics**: the `metrics` facade records into a Prometheus recorder; serve
 //!   [`Telemetry::metrics_router`] (`GET /metrics`) on an admin port.
+//! - **Shutdown**: [`shutdown_on_signal`], the SIGTERM/SIGINT token every binary starts from.
 //! - **Trace context**: W3C `traceparent` in and out ([`current_traceparent`],
 //!   [`set_parent_from_traceparent`]), so an event's `traceparent` joins the trace of the
 //!   request that caused it.
@@ -205,4 +206,22 @@ impl opentelemetry::propagation::Extractor for TraceparentCarrier {
     fn keys(&self) -> Vec<&str> {
         vec!["traceparent"]
     }
+}
+
+/// A token cancelled on SIGTERM (Kubernetes, `kill`) or SIGINT (Ctrl-C): every binary's
+/// graceful shutdown starts here.
+pub fn shutdown_on_signal() -> std::io::Result<tokio_util::sync::CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = tokio_util::sync::CancellationToken::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+        cancel.cancel();
+    });
+    Ok(token)
 }

@@ -40,20 +40,7 @@ impl Decider {
     /// events were decided on already), and reads the decision stream's version.
     #[instrument(skip_all, fields(lease = %lease.name, fence = lease.fence))]
     pub async fn load(log: &EventLog, policy: Policy, lease: Lease) -> Result<Self> {
-        let checkpoint =
-            warren_schema::event_log::projection::load_checkpoint(log.pool(), CHECKPOINT).await?;
-        let mut state = State::default();
-        loop {
-            let page = log
-                .read_positions(state.position, checkpoint, 10_000)
-                .await?;
-            if page.is_empty() {
-                break;
-            }
-            for event in &page {
-                state.apply(event);
-            }
-        }
+        let (state, checkpoint) = crate::replay::to_checkpoint(log, CHECKPOINT).await?;
         let version = log.stream_version(DECISIONS_STREAM).await?;
         info!(
             checkpoint,

@@ -158,20 +158,7 @@ impl Projections {
     /// The fold state up to the stored checkpoint (replayed from the log).
     #[instrument(skip_all)]
     pub async fn load(log: &EventLog) -> Result<Self> {
-        let checkpoint =
-            warren_schema::event_log::projection::load_checkpoint(log.pool(), CHECKPOINT).await?;
-        let mut state = State::default();
-        loop {
-            let page = log
-                .read_positions(state.position, checkpoint, 10_000)
-                .await?;
-            if page.is_empty() {
-                break;
-            }
-            for e in &page {
-                state.apply(e);
-            }
-        }
+        let (state, _) = crate::replay::to_checkpoint(log, CHECKPOINT).await?;
         Ok(Self { state })
     }
 
