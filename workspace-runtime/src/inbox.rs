@@ -18,6 +18,8 @@ pub enum TurnError {
     Unreadable(#[from] serde_json::Error),
     #[error("publishing the agent's output: {0}")]
     Publish(String),
+    #[error(transparent)]
+    Driver(#[from] agent::DriverError),
 }
 
 /// The agent's durable consumer (created if missing): its inbox subject only, explicit acks,
@@ -54,6 +56,7 @@ pub struct Worker {
     pub workspace: String,
     pub agent: String,
     pub driver: agent::Driver,
+    pub workspace_dir: std::path::PathBuf,
     pub max_deliver: i64,
 }
 
@@ -116,7 +119,20 @@ impl Worker {
             .as_ref()
             .and_then(|h| h.get(TRACEPARENT))
             .map(|v| v.to_string());
-        let turn = self.driver.turn(&self.agent, &inbox.text);
+        let turn = self
+            .driver
+            .turn(&agent::TurnContext {
+                workspace: self.workspace.clone(),
+                agent: self.agent.clone(),
+                text: inbox.text.clone(),
+                message_id: inbox.message_id.to_string(),
+                routing_id: inbox.routing_id.to_string(),
+                conversation: inbox.correlation_id.map(|c| c.to_string()),
+                chain: inbox.chain.clone(),
+                traceparent: traceparent.clone(),
+                workspace_dir: self.workspace_dir.clone(),
+            })
+            .await?;
         info!(routing = %inbox.routing_id, mentions = ?turn.mentions, "turn");
         let mut chain = inbox.chain.clone();
         chain.push(self.agent.clone());

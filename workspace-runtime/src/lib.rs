@@ -6,10 +6,10 @@
 //! - [`inbox`]: a durable consumer per agent; a message is acknowledged only after the
 //!   turn's outputs are acknowledged by the server; a crash mid-turn redelivers; a message
 //!   that keeps failing goes to the dead-letter subject.
-//! - [`agent`]: drivers (today `echo`) and the `@name` mentions in what an agent says.
+//! - [`agent`]: drivers (`echo`, `command`) and the `@name` mentions in what an agent says.
 //!
 //! Built so far (issue 5 in progress): inboxes, turns, replies, mentions, readiness and
-//! graceful shutdown, with the `echo` driver. Not yet: key-value memory, the `command`,
+//! graceful shutdown, with the `echo` and `command` drivers. Not yet: key-value memory, the
 //! `anthropic` and `openai` drivers, MCP tools, per-workspace NATS credentials.
 
 pub mod agent;
@@ -35,6 +35,9 @@ pub struct Config {
     /// "settings": {"cc": ["bob"]}}}` (the control plane passes what it was configured with).
     #[arg(long, env = "WARREN_AGENT_SETTINGS", default_value = "{}")]
     pub agent_settings: String,
+    /// The workspace's directory (`command` agents run there).
+    #[arg(long, env = "WARREN_WORKSPACE_DIR", default_value = ".")]
+    pub workspace_dir: std::path::PathBuf,
     /// NATS server (JetStream).
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
@@ -72,6 +75,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             workspace: config.workspace.clone(),
             agent: agent.clone(),
             driver,
+            workspace_dir: config.workspace_dir.clone(),
             max_deliver: config.max_deliver,
         };
         let span = info_span!("agent", workspace = %config.workspace, agent = %agent);
