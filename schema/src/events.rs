@@ -47,6 +47,7 @@ domain_events! {
     WorkspaceStartQueued => "workspace.start_queued" v 1,
     WorkspaceFailed => "workspace.failed" v 1,
     MentionRefused => "mention.refused" v 1,
+    MemoryWritten => "memory.written" v 1,
 }
 
 /// A Slack Events API `event_callback`, stored as received (after signature verification).
@@ -274,4 +275,18 @@ pub struct MentionRefused {
     /// `unknown_agent`.
     pub reason: String,
     pub chain: Vec<String>,
+}
+
+/// An agent wrote to (or deleted from) a shared-memory bucket. The log keeps every write, so
+/// a bucket lost with a NATS store can be re-seeded from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryWritten {
+    pub bucket: String,
+    pub key: String,
+    /// The new value; `None` for a delete.
+    pub value: Option<Value>,
+    /// The bucket's revision of this write.
+    pub revision: u64,
+    pub workspace: String,
+    pub agent: String,
 }

@@ -61,6 +61,16 @@ impl Namespace {
         format!("{}.dead.{workspace}.{agent}", self.prefix)
     }
 
+    /// A workspace's own memory bucket.
+    pub fn workspace_bucket(&self, workspace: &str) -> String {
+        format!("{}-mem-{workspace}", self.prefix)
+    }
+
+    /// The bucket every workspace shares.
+    pub fn shared_bucket(&self) -> String {
+        format!("{}-mem-shared", self.prefix)
+    }
+
     pub fn inbox_stream(&self) -> String {
         format!("{}_INBOX", self.prefix.to_uppercase())
     }
@@ -133,6 +143,17 @@ pub enum OutboxMessage {
         text: String,
         correlation_id: Option<EventId>,
     },
+    /// A memory write, recorded in the log so the bucket can be restored from it.
+    MemoryWritten {
+        id: String,
+        bucket: String,
+        key: String,
+        value: Option<serde_json::Value>,
+        revision: u64,
+        workspace: String,
+        agent: String,
+        correlation_id: Option<EventId>,
+    },
     Mention {
         id: String,
         in_reply_to: EventId,
@@ -144,4 +165,15 @@ pub enum OutboxMessage {
         reply_to: Origin,
         correlation_id: Option<EventId>,
     },
+}
+
+impl OutboxMessage {
+    /// The runtime's id of this output (its `Nats-Msg-Id`, and the seed of its event id).
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Reply { id, .. } | Self::Mention { id, .. } | Self::MemoryWritten { id, .. } => {
+                id
+            }
+        }
+    }
 }

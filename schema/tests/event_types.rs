@@ -158,6 +158,14 @@ fn samples() -> Vec<Sample> {
             reason: "depth".into(),
             chain: vec!["alice".into(), "bob".into(), "alice".into()],
         }),
+        entry(MemoryWritten {
+            bucket: "warren-mem-research".into(),
+            key: "quarter.numbers".into(),
+            value: Some(json!({"revenue": 42})),
+            revision: 7,
+            workspace: "research".into(),
+            agent: "alice".into(),
+        }),
     ]
 }
 

@@ -160,9 +160,7 @@ impl Worker {
             });
         }
         for output in outputs {
-            let id = match &output {
-                OutboxMessage::Reply { id, .. } | OutboxMessage::Mention { id, .. } => id.clone(),
-            };
+            let id = output.id().to_owned();
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", id.as_str());
             if let Some(tp) = &traceparent {

@@ -14,6 +14,7 @@
 
 pub mod agent;
 pub mod inbox;
+pub mod memory;
 
 use std::io::Write;
 

@@ -4,7 +4,7 @@ use async_nats::jetstream::{self, AckKind, consumer};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
-use warren_schema::events::{AgentMentioned, AgentReplied};
+use warren_schema::events::{AgentMentioned, AgentReplied, MemoryWritten};
 use warren_schema::nats::{Namespace, OutboxMessage, TRACEPARENT};
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
 
@@ -51,6 +51,38 @@ pub fn to_event(
             )
             .map_err(encode)?,
         )),
+        OutboxMessage::MemoryWritten {
+            id,
+            bucket,
+            key,
+            value,
+            revision,
+            workspace,
+            agent,
+            correlation_id,
+        } => {
+            let id = EventId::derive(&["outbox", workspace, id]);
+            let mut metadata = Metadata::new("control-plane.ingest");
+            metadata.traceparent = traceparent.clone();
+            metadata.correlation_id = *correlation_id;
+            metadata.actor = Some(agent.clone());
+            Ok((
+                format!("memory:{bucket}"),
+                NewEvent::from_domain(
+                    id,
+                    &MemoryWritten {
+                        bucket: bucket.clone(),
+                        key: key.clone(),
+                        value: value.clone(),
+                        revision: *revision,
+                        workspace: workspace.clone(),
+                        agent: agent.clone(),
+                    },
+                    metadata,
+                )
+                .map_err(encode)?,
+            ))
+        }
         OutboxMessage::Mention {
             id,
             in_reply_to,

@@ -11,6 +11,7 @@
 //!   redelivery is recorded once), and acknowledged only after the append committed.
 
 pub mod ingest;
+pub mod memory;
 
 use std::time::Duration;
 

@@ -1,0 +1,53 @@
+//! Re-seeding a memory bucket from the log (after a NATS store loss).
+
+use async_nats::jetstream::{self, kv};
+use serde_json::json;
+use warren_schema::EventLog;
+use warren_schema::events::{DomainEvent, MemoryWritten};
+
+use super::nats;
+use crate::error::Result;
+
+/// Puts back, into `bucket` (created if missing), the latest value of every key the log
+/// has for it; keys whose latest write is a delete stay absent. Returns the keys restored.
+pub async fn restore(js: &jetstream::Context, log: &EventLog, bucket: &str) -> Result<usize> {
+    let mut latest: std::collections::BTreeMap<String, MemoryWritten> = Default::default();
+    let mut after = 0;
+    loop {
+        let page = log.read_type(MemoryWritten::TYPE, after, 10_000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.position;
+        for event in &page {
+            let write: MemoryWritten = event.decode()?;
+            if write.bucket == bucket {
+                latest.insert(write.key.clone(), write);
+            }
+        }
+    }
+    let store = match js.get_key_value(bucket).await {
+        Ok(s) => s,
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: bucket.to_owned(),
+                history: 5,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats("creating a bucket")(&e))?,
+    };
+    let mut restored = 0;
+    for (key, write) in latest {
+        if let Some(value) = write.value {
+            let stored =
+                json!({"value": value, "agent": write.agent, "workspace": write.workspace});
+            store
+                .put(key.as_str(), stored.to_string().into_bytes().into())
+                .await
+                .map_err(|e| nats("restoring a key")(&e))?;
+            restored += 1;
+        }
+    }
+    tracing::info!(bucket, restored, "memory bucket restored from the log");
+    Ok(restored)
+}
