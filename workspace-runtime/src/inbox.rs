@@ -6,7 +6,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 use warren_schema::nats::{InboxMessage, Namespace, OutboxMessage, TRACEPARENT};
 
 use crate::agent;
@@ -76,7 +76,18 @@ impl Worker {
             let Some(message) = next else { return Ok(()) };
             let message = message?;
             let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-            match self.turn(&message).await {
+            // Each turn is a span, a child of the conversation's trace (the inbox message's
+            // `traceparent`); what the turn publishes carries the turn's own context.
+            let span = tracing::info_span!(
+                "turn",
+                agent = %self.agent,
+                subject = %message.subject,
+                delivered
+            );
+            if let Some(tp) = message.headers.as_ref().and_then(|h| h.get(TRACEPARENT)) {
+                warren_telemetry::set_parent_from_traceparent(&span, tp.as_str());
+            }
+            match self.turn(&message).instrument(span).await {
                 Ok(()) => message.ack().await.map_err(anyhow::Error::msg)?,
                 Err(e)
                     if delivered >= self.max_deliver || matches!(e, TurnError::Unreadable(_)) =>
@@ -114,11 +125,13 @@ impl Worker {
     /// the server, before the inbox message is acknowledged.
     async fn turn(&self, message: &jetstream::Message) -> Result<(), TurnError> {
         let inbox: InboxMessage = serde_json::from_slice(&message.payload)?;
-        let traceparent = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(TRACEPARENT))
-            .map(|v| v.to_string());
+        let traceparent = warren_telemetry::current_traceparent().or_else(|| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(TRACEPARENT))
+                .map(|v| v.to_string())
+        });
         let turn = self
             .driver
             .turn(&agent::TurnContext {
