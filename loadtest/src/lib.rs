@@ -10,6 +10,7 @@ pub mod event_log;
 pub mod gateway;
 mod pgbench;
 mod report;
+pub mod runtime;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,8 @@ pub enum Command {
     Gateway(gateway::Args),
     /// Control-plane benchmarks: read-model rebuild, append -> decision latency.
     ControlPlane(control_plane::Args),
+    /// Workspace runtime: mention round trip vs raw NATS request-reply (NATS at NATS_URL).
+    Runtime(runtime::Args),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -41,5 +44,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::EventLog(args) => event_log::run(args).await,
         Command::Gateway(args) => gateway::run(args).await,
         Command::ControlPlane(args) => control_plane::run(args).await,
+        Command::Runtime(args) => runtime::run(args).await,
     }
 }

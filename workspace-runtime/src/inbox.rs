@@ -172,6 +172,9 @@ impl Worker {
                 correlation_id: inbox.correlation_id,
             });
         }
+        // Publish every output, then wait for all their acknowledgements: one round trip
+        // for the turn's outputs, not one each. They stay in order on the connection.
+        let mut acks = Vec::with_capacity(outputs.len());
         for output in outputs {
             let id = output.id().to_owned();
             let mut headers = HeaderMap::new();
@@ -180,16 +183,19 @@ impl Worker {
                 headers.insert(TRACEPARENT, tp.as_str());
             }
             let payload = serde_json::to_vec(&output)?;
-            self.js
-                .publish_with_headers(
-                    self.ns.outbox_subject(&self.workspace),
-                    headers,
-                    payload.into(),
-                )
-                .await
-                .map_err(|e| TurnError::Publish(e.to_string()))?
-                .await
-                .map_err(|e| TurnError::Publish(e.to_string()))?;
+            acks.push(
+                self.js
+                    .publish_with_headers(
+                        self.ns.outbox_subject(&self.workspace),
+                        headers,
+                        payload.into(),
+                    )
+                    .await
+                    .map_err(|e| TurnError::Publish(e.to_string()))?,
+            );
+        }
+        for ack in acks {
+            ack.await.map_err(|e| TurnError::Publish(e.to_string()))?;
         }
         Ok(())
     }

@@ -86,10 +86,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     info!(workspace = %config.workspace, ?agents, "ready");
     // The local backend waits for this line.
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "ready")?;
-    out.flush()?;
-    drop(out);
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "ready")?;
+        out.flush()?;
+    }
     for task in tasks {
         task.await??;
     }

@@ -1,0 +1,131 @@
+//! Workspace-runtime benchmark: an agent-to-agent mention round trip through the runtime
+//! (a message published to alice's JetStream inbox → alice's turn → her mention of bob
+//! published to the outbox), against raw NATS request-reply on the same server in the same
+//! run. Closed loop, one at a time; HDR histograms.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use tokio_util::sync::CancellationToken;
+use warren_schema::EventId;
+use warren_schema::events::Origin;
+use warren_schema::nats::{InboxMessage, Namespace, OutboxMessage};
+
+use crate::report;
+
+#[derive(Debug, Clone, clap::Parser)]
+pub struct Args {
+    /// Round trips per measurement.
+    #[arg(long, default_value_t = 2000)]
+    pub round_trips: usize,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let client = async_nats::connect(url.as_str()).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let prefix = format!("bench{}", std::process::id());
+    let ns = Namespace::new(&prefix);
+    js.get_or_create_stream(ns.inbox_stream_config()).await?;
+    js.get_or_create_stream(ns.outbox_stream_config()).await?;
+    report::heading(&format!(
+        "workspace runtime: mention round trip vs raw NATS request-reply ({} each)",
+        args.round_trips
+    ));
+
+    // Baseline: a responder that answers at once.
+    let subject = format!("{prefix}.echo");
+    let mut requests = client.subscribe(subject.clone()).await?;
+    let responder = client.clone();
+    tokio::spawn(async move {
+        while let Some(m) = requests.next().await {
+            if let Some(reply) = m.reply {
+                let _ = responder.publish(reply, m.payload).await;
+            }
+        }
+    });
+    let mut raw = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for _ in 0..args.round_trips {
+        let started = Instant::now();
+        client.request(subject.clone(), "ping".into()).await?;
+        raw.record(started.elapsed().as_micros().max(1) as u64)?;
+    }
+
+    // Through the runtime: alice (echo, cc bob) in workspace "bench".
+    let shutdown = CancellationToken::new();
+    let config = warren_workspace_runtime::Config {
+        workspace: "bench".into(),
+        agents: vec!["alice".into()],
+        agent_settings: r#"{"alice": {"driver": "echo", "settings": {"cc": ["bob"]}}}"#.into(),
+        workspace_dir: std::env::temp_dir(),
+        nats_url: url.clone(),
+        nats_prefix: prefix.clone(),
+        max_deliver: 5,
+        telemetry: Default::default(),
+    };
+    let runtime = tokio::spawn(warren_workspace_runtime::run(config, shutdown.clone()));
+    let mut outbox = client.subscribe(ns.outbox_subject("bench")).await?;
+    let mut through = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let origin = Origin::Webhook {
+        endpoint: "bench".into(),
+        delivery_id: "0".into(),
+    };
+    for n in 0..args.round_trips + 100 {
+        let routing = EventId::random();
+        let message = InboxMessage {
+            routing_id: routing,
+            message_id: EventId::random(),
+            workspace: "bench".into(),
+            agent: "alice".into(),
+            text: format!("question {n}"),
+            reply_to: origin.clone(),
+            chain: vec![],
+            correlation_id: None,
+        };
+        let started = Instant::now();
+        js.publish(
+            ns.inbox_subject("bench", "alice"),
+            serde_json::to_vec(&message)?.into(),
+        )
+        .await?
+        .await?;
+        // Wait for alice's mention of bob for this message.
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), outbox.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("outbox subscription ended"))?;
+            if let Ok(OutboxMessage::Mention { in_reply_to, .. }) =
+                serde_json::from_slice::<OutboxMessage>(&m.payload)
+                && in_reply_to == routing
+            {
+                break;
+            }
+        }
+        // The first 100 warm the consumer up.
+        if n >= 100 {
+            through.record(started.elapsed().as_micros().max(1) as u64)?;
+        }
+    }
+    shutdown.cancel();
+    runtime.await??;
+    let _ = js.delete_stream(ns.inbox_stream()).await;
+    let _ = js.delete_stream(ns.outbox_stream()).await;
+
+    for (name, h) in [
+        ("baseline: raw NATS request-reply", &raw),
+        ("mention round trip through the runtime", &through),
+    ] {
+        for (label, q) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
+            report::figure(
+                &format!("{name} {label}"),
+                h.value_at_quantile(q) as f64,
+                "µs",
+            );
+        }
+    }
+    let ratio = through.value_at_quantile(0.99) as f64 / raw.value_at_quantile(0.99).max(1) as f64;
+    report::ratio("p99 runtime / p99 raw (goal <= 1.5)", ratio, &[]);
+    report::ratio("goal 1.5 / ratio", 1.5 / ratio, &[1.0]);
+    Ok(())
+}
