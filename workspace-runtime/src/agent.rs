@@ -22,6 +22,9 @@ pub struct TurnContext {
     pub traceparent: Option<String>,
     /// The workspace's directory (the working directory of `command` agents).
     pub workspace_dir: PathBuf,
+    /// The workspace's memory bucket and the shared one, as this agent (for tools).
+    pub memory: Option<crate::memory::Memory>,
+    pub shared_memory: Option<crate::memory::Memory>,
 }
 
 /// Why a driver produced no reply (the message is redelivered, then dead-lettered).
@@ -36,6 +39,8 @@ pub enum DriverError {
     Timeout { program: String, timeout: Duration },
     #[error("{program} failed: {status}")]
     Failed { program: String, status: String },
+    #[error("model API: {0}")]
+    Api(String),
     #[error("{program}: {source}")]
     Io {
         program: String,
@@ -55,6 +60,8 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Turn {
     pub reply: String,
+    /// Mentions made with the `mention` tool: (agent, text).
+    pub directed: Vec<(String, String)>,
     /// Agents it addressed (`@name`), in order, without itself or repeats.
     pub mentions: Vec<String>,
 }
@@ -74,6 +81,8 @@ pub enum Driver {
         input: Input,
         timeout: Duration,
     },
+    /// An OpenAI-compatible Chat Completions API with Warren's tools (see `openai`).
+    OpenAi(crate::openai::OpenAi),
 }
 
 impl Driver {
@@ -116,8 +125,11 @@ impl Driver {
                     timeout,
                 })
             }
+            "openai" => Ok(Self::OpenAi(crate::openai::OpenAi::from_settings(
+                &agent["settings"],
+            )?)),
             other => anyhow::bail!(
-                "driver {other:?} is not available in this runtime yet (echo, command)"
+                "driver {other:?} is not available in this runtime yet (echo, command, openai)"
             ),
         }
     }
@@ -134,7 +146,23 @@ impl Driver {
             } => {
                 let reply = run_command(argv, *input, *timeout, ctx).await?;
                 let mentions = mentions(&ctx.agent, &reply);
-                Ok(Turn { reply, mentions })
+                Ok(Turn {
+                    reply,
+                    directed: Vec::new(),
+                    mentions,
+                })
+            }
+            Self::OpenAi(driver) => {
+                let (reply, effects) = driver.turn(ctx).await?;
+                let mentions = mentions(&ctx.agent, &reply)
+                    .into_iter()
+                    .filter(|m| !effects.mentions.iter().any(|(to, _)| to == m))
+                    .collect();
+                Ok(Turn {
+                    reply,
+                    directed: effects.mentions,
+                    mentions,
+                })
             }
         }
     }
@@ -217,7 +245,11 @@ pub fn echo(agent: &str, text: &str, cc: &[String]) -> Turn {
         reply.push_str(&format!(" (cc {})", names.join(" ")));
     }
     let mentions = mentions(agent, &reply);
-    Turn { reply, mentions }
+    Turn {
+        reply,
+        directed: Vec::new(),
+        mentions,
+    }
 }
 
 /// `@name` tokens in `text` (names are lowercase letters, digits and `-`), except `me`.

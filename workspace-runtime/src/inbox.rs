@@ -57,6 +57,8 @@ pub struct Worker {
     pub agent: String,
     pub driver: agent::Driver,
     pub workspace_dir: std::path::PathBuf,
+    /// This agent's view of the workspace bucket and the shared one.
+    pub memory: Option<(crate::memory::Memory, crate::memory::Memory)>,
     pub max_deliver: i64,
 }
 
@@ -144,6 +146,16 @@ impl Worker {
                 chain: inbox.chain.clone(),
                 traceparent: traceparent.clone(),
                 workspace_dir: self.workspace_dir.clone(),
+                memory: self.memory.as_ref().map(|(m, _)| {
+                    let mut m = m.clone();
+                    m.conversation = inbox.correlation_id;
+                    m
+                }),
+                shared_memory: self.memory.as_ref().map(|(_, s)| {
+                    let mut s = s.clone();
+                    s.conversation = inbox.correlation_id;
+                    s
+                }),
             })
             .await?;
         info!(routing = %inbox.routing_id, mentions = ?turn.mentions, "turn");
@@ -159,6 +171,19 @@ impl Worker {
             text: turn.reply.clone(),
             correlation_id: inbox.correlation_id,
         }];
+        for (n, (to, text)) in turn.directed.iter().enumerate() {
+            outputs.push(OutboxMessage::Mention {
+                id: format!("{routing}:tool-mention:{n}:{to}"),
+                in_reply_to: inbox.routing_id,
+                workspace: self.workspace.clone(),
+                from_agent: self.agent.clone(),
+                to_agent: to.clone(),
+                text: text.clone(),
+                chain: chain.clone(),
+                reply_to: inbox.reply_to.clone(),
+                correlation_id: inbox.correlation_id,
+            });
+        }
         for to in &turn.mentions {
             outputs.push(OutboxMessage::Mention {
                 id: format!("{routing}:mention:{to}"),

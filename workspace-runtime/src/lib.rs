@@ -6,7 +6,9 @@
 //! - [`inbox`]: a durable consumer per agent; a message is acknowledged only after the
 //!   turn's outputs are acknowledged by the server; a crash mid-turn redelivers; a message
 //!   that keeps failing goes to the dead-letter subject.
-//! - [`agent`]: drivers (`echo`, `command`) and the `@name` mentions in what an agent says.
+//! - [`agent`]: drivers (`echo`, `command`, [`openai`]) and the `@name` mentions in what an
+//!   agent says.
+//! - [`memory`]: shared memory on JetStream KV, every write recorded in the log.
 //!
 //! Built so far (issue 5 in progress): inboxes, turns, replies, mentions, readiness and
 //! graceful shutdown, with the `echo` and `command` drivers. Not yet: key-value memory, the
@@ -15,6 +17,7 @@
 pub mod agent;
 pub mod inbox;
 pub mod memory;
+pub mod openai;
 
 use std::io::Write;
 
@@ -68,6 +71,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut tasks = Vec::new();
     for agent in &agents {
         let driver = agent::Driver::from_settings(&settings[agent.as_str()])?;
+        let memory = (
+            memory::Memory::open(
+                js.clone(),
+                ns.clone(),
+                &ns.workspace_bucket(&config.workspace),
+                &config.workspace,
+                agent,
+            )
+            .await?,
+            memory::Memory::open(
+                js.clone(),
+                ns.clone(),
+                &ns.shared_bucket(),
+                &config.workspace,
+                agent,
+            )
+            .await?,
+        );
         let consumer =
             inbox::consumer(&js, &ns, &config.workspace, agent, config.max_deliver).await?;
         let worker = inbox::Worker {
@@ -77,6 +98,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             agent: agent.clone(),
             driver,
             workspace_dir: config.workspace_dir.clone(),
+            memory: Some(memory),
             max_deliver: config.max_deliver,
         };
         let span = info_span!("agent", workspace = %config.workspace, agent = %agent);

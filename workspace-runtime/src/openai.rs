@@ -1,0 +1,320 @@
+//! The `openai` driver: any OpenAI-compatible Chat Completions API (OpenAI, vLLM, Ollama,
+//! LiteLLM, OpenRouter), with a tool-use loop over Warren's agent tools.
+//!
+//! Settings: `{"base_url": "http://127.0.0.1:11434/v1", "model": "...", "max_tokens": 1024,
+//! "api_key_file": "/run/secrets/openai"}`. Without `api_key_file` the key comes from
+//! `OPENAI_API_KEY_FILE` or `OPENAI_API_KEY` (optional for local servers); it is never
+//! logged. History is kept per conversation. 429 (honouring
+//! `Retry-After`) and 5xx are retried with backoff; what still fails fails the turn, which
+//! redelivers the message and, in the end, dead-letters it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tracing::{info, warn};
+use warren_schema::Secret;
+
+use crate::agent::{DriverError, TurnContext};
+
+/// Most model calls in one turn (tool steps included).
+const MAX_STEPS: usize = 8;
+/// Messages of history kept per conversation.
+const MAX_HISTORY: usize = 40;
+const ATTEMPTS: u32 = 4;
+
+/// An OpenAI-compatible agent.
+#[derive(Debug, Clone)]
+pub struct OpenAi {
+    client: reqwest::Client,
+    base_url: String,
+    model: String,
+    max_tokens: u64,
+    api_key: Option<Secret>,
+    history: Arc<Mutex<HashMap<String, Vec<Value>>>>,
+}
+
+impl PartialEq for OpenAi {
+    fn eq(&self, other: &Self) -> bool {
+        self.base_url == other.base_url
+            && self.model == other.model
+            && self.max_tokens == other.max_tokens
+    }
+}
+
+impl Eq for OpenAi {}
+
+/// What the tools did during a turn, besides the reply.
+#[derive(Debug, Default)]
+pub struct ToolEffects {
+    /// `mention(agent, text)` calls, in order.
+    pub mentions: Vec<(String, String)>,
+}
+
+fn api_error(message: String) -> DriverError {
+    DriverError::Api(message)
+}
+
+impl OpenAi {
+    pub fn from_settings(settings: &Value) -> anyhow::Result<Self> {
+        let base_url = settings["base_url"]
+            .as_str()
+            .unwrap_or("https://api.openai.com/v1")
+            .trim_end_matches('/')
+            .to_owned();
+        let model = settings["model"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("an openai agent needs settings.model"))?
+            .to_owned();
+        // The key: the agent's own file, else the runtime's OPENAI_API_KEY_FILE, else
+        // OPENAI_API_KEY; none for servers that need none.
+        let key_file = settings["api_key_file"]
+            .as_str()
+            .map(str::to_owned)
+            .or_else(|| std::env::var("OPENAI_API_KEY_FILE").ok());
+        let api_key = match key_file {
+            Some(path) => Some(Secret::new(
+                std::fs::read_to_string(&path)
+                    .map_err(|e| anyhow::anyhow!("reading the API key file {path}: {e}"))?
+                    .trim(),
+            )),
+            None => std::env::var("OPENAI_API_KEY").ok().map(Secret::new),
+        };
+        Ok(Self {
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(
+                    settings["timeout_secs"].as_u64().unwrap_or(300),
+                ))
+                .build()?,
+            base_url,
+            model,
+            max_tokens: settings["max_tokens"].as_u64().unwrap_or(1024),
+            api_key,
+            history: Arc::default(),
+        })
+    }
+
+    /// One turn: the model is called until it answers without tool calls.
+    pub async fn turn(&self, ctx: &TurnContext) -> Result<(String, ToolEffects), DriverError> {
+        let conversation = ctx
+            .conversation
+            .clone()
+            .unwrap_or_else(|| ctx.message_id.clone());
+        let mut messages: Vec<Value> = self
+            .history
+            .lock()
+            .map(|h| h.get(&conversation).cloned().unwrap_or_default())
+            .unwrap_or_default();
+        if messages.is_empty() {
+            messages.push(json!({"role": "system", "content": format!(
+                "You are {}, an agent in the Warren workspace {}. Use the tools to mention \
+                 other agents and to read and write shared memory.",
+                ctx.agent, ctx.workspace)}));
+        }
+        messages.push(json!({"role": "user", "content": ctx.text}));
+        let mut effects = ToolEffects::default();
+        for _ in 0..MAX_STEPS {
+            let response = self.complete(&messages, ctx).await?;
+            let message = response["choices"][0]["message"].clone();
+            if message.is_null() {
+                return Err(api_error("the response has no choices[0].message".into()));
+            }
+            messages.push(message.clone());
+            let calls = message["tool_calls"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if calls.is_empty() {
+                let reply = message["content"].as_str().unwrap_or_default().to_owned();
+                if let Ok(mut h) = self.history.lock() {
+                    let keep = messages.len().saturating_sub(MAX_HISTORY);
+                    h.insert(conversation, messages.split_off(keep));
+                }
+                return Ok((reply, effects));
+            }
+            for call in calls {
+                let name = call["function"]["name"].as_str().unwrap_or_default();
+                let args: Value = call["function"]["arguments"]
+                    .as_str()
+                    .and_then(|a| serde_json::from_str(a).ok())
+                    .unwrap_or(Value::Null);
+                let result = execute(name, &args, ctx, &mut effects).await;
+                info!(tool = name, "tool call");
+                messages.push(json!({
+                    "role": "tool",
+                    "tool_call_id": call["id"],
+                    "content": result.to_string(),
+                }));
+            }
+        }
+        Err(api_error(format!(
+            "the model was still calling tools after {MAX_STEPS} steps"
+        )))
+    }
+
+    async fn complete(&self, messages: &[Value], ctx: &TurnContext) -> Result<Value, DriverError> {
+        let body = json!({
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "messages": messages,
+            "tools": tools(),
+        });
+        let mut backoff = Duration::from_millis(500);
+        for attempt in 1..=ATTEMPTS {
+            let mut request = self
+                .client
+                .post(format!("{}/chat/completions", self.base_url))
+                .json(&body);
+            if let Some(key) = &self.api_key {
+                request = request.bearer_auth(key.expose());
+            }
+            if let Some(tp) = &ctx.traceparent {
+                request = request.header("traceparent", tp);
+            }
+            let response = request
+                .send()
+                .await
+                .map_err(|e| api_error(format!("calling {}: {e}", self.base_url)))?;
+            let status = response.status();
+            if status.is_success() {
+                return response
+                    .json()
+                    .await
+                    .map_err(|e| api_error(format!("reading the response: {e}")));
+            }
+            let retryable = status.as_u16() == 429 || status.is_server_error();
+            if !retryable || attempt == ATTEMPTS {
+                let text = response.text().await.unwrap_or_default();
+                let snippet: String = text.chars().take(200).collect();
+                return Err(api_error(format!(
+                    "{status} from {} after {attempt} attempt(s): {snippet}",
+                    self.base_url
+                )));
+            }
+            let wait = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map_or(backoff, |s| Duration::from_secs(s.min(30)));
+            warn!(%status, attempt, wait_ms = wait.as_millis() as u64, "model API refused; retrying");
+            tokio::time::sleep(wait).await;
+            backoff *= 2;
+        }
+        Err(api_error("no attempt made".into()))
+    }
+}
+
+/// Warren's agent tools, as Chat Completions function definitions.
+pub fn tools() -> Value {
+    let function = |name: &str, description: &str, properties: Value, required: &[&str]| {
+        json!({"type": "function", "function": {
+            "name": name, "description": description,
+            "parameters": {"type": "object", "properties": properties, "required": required},
+        }})
+    };
+    let shared = json!({"type": "boolean", "description": "use the bucket all workspaces share"});
+    json!([
+        function(
+            "mention",
+            "Ask another agent; it answers in this conversation.",
+            json!({"agent": {"type": "string"}, "text": {"type": "string"}}),
+            &["agent", "text"]
+        ),
+        function(
+            "memory_get",
+            "Read a key from memory (value and revision).",
+            json!({"key": {"type": "string"}, "shared": shared}),
+            &["key"]
+        ),
+        function(
+            "memory_put",
+            "Write a key to memory.",
+            json!({"key": {"type": "string"}, "value": {}, "shared": shared}),
+            &["key", "value"]
+        ),
+        function(
+            "memory_update",
+            "Write a key only if it is still at expected_revision (0: only if absent).",
+            json!({"key": {"type": "string"}, "value": {}, "expected_revision": {"type": "integer"},
+                   "shared": shared}),
+            &["key", "value", "expected_revision"]
+        ),
+        function(
+            "memory_list",
+            "List the keys in memory.",
+            json!({"shared": shared}),
+            &[]
+        ),
+        function(
+            "memory_delete",
+            "Delete a key from memory.",
+            json!({"key": {"type": "string"}, "shared": shared}),
+            &["key"]
+        ),
+    ])
+}
+
+/// Runs one tool call; the result (or the error) goes back to the model as JSON.
+pub async fn execute(
+    name: &str,
+    args: &Value,
+    ctx: &TurnContext,
+    effects: &mut ToolEffects,
+) -> Value {
+    let key = args["key"].as_str().unwrap_or_default();
+    let memory = if args["shared"].as_bool().unwrap_or(false) {
+        ctx.shared_memory.as_ref()
+    } else {
+        ctx.memory.as_ref()
+    };
+    let result = match (name, memory) {
+        ("mention", _) => {
+            let agent = args["agent"].as_str().unwrap_or_default().to_owned();
+            let text = args["text"].as_str().unwrap_or_default().to_owned();
+            if agent.is_empty() || agent == ctx.agent {
+                Err("mention needs another agent's name".to_owned())
+            } else {
+                effects.mentions.push((agent, text));
+                Ok(json!({"ok": true}))
+            }
+        }
+        (_, None) if name.starts_with("memory_") => Err("memory is not available".to_owned()),
+        ("memory_get", Some(m)) => m
+            .get(key)
+            .await
+            .map(|e| match e {
+                Some(e) => json!({"value": e.stored.value, "revision": e.revision,
+                                  "written_by": e.stored.agent}),
+                None => json!({"value": null}),
+            })
+            .map_err(|e| e.to_string()),
+        ("memory_put", Some(m)) => m
+            .put(key, args["value"].clone())
+            .await
+            .map(|r| json!({"revision": r}))
+            .map_err(|e| e.to_string()),
+        ("memory_update", Some(m)) => m
+            .update(
+                key,
+                args["value"].clone(),
+                args["expected_revision"].as_u64().unwrap_or(0),
+            )
+            .await
+            .map(|r| json!({"revision": r}))
+            .map_err(|e| e.to_string()),
+        ("memory_list", Some(m)) => m
+            .list()
+            .await
+            .map(|k| json!({"keys": k}))
+            .map_err(|e| e.to_string()),
+        ("memory_delete", Some(m)) => m
+            .delete(key)
+            .await
+            .map(|()| json!({"ok": true}))
+            .map_err(|e| e.to_string()),
+        _ => Err(format!("no tool named {name:?}")),
+    };
+    result.unwrap_or_else(|e| json!({"error": e}))
+}

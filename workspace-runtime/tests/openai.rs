@@ -1,0 +1,207 @@
+//! The `openai` driver against a local server that speaks the Chat Completions API (bearer
+//! key, `tools`, `tool_calls`, `tool` messages, 429 with Retry-After), with the tools acting
+//! on real NATS key-value memory.
+
+use std::sync::{Arc, Mutex};
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use warren_schema::nats::Namespace;
+use warren_workspace_runtime::agent::{Driver, DriverError, TurnContext};
+use warren_workspace_runtime::memory::Memory;
+
+type Seen = Arc<Mutex<Vec<(Option<String>, Value)>>>;
+
+/// Answers in turn from `script`: a status and a body per call.
+async fn model_server(script: Vec<(u16, Value)>) -> (String, Seen) {
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    let script = Arc::new(Mutex::new(script.into_iter()));
+    let app = Router::new().route(
+        "/v1/chat/completions",
+        post(move |headers: HeaderMap, Json(body): Json<Value>| {
+            let (log, script) = (log.clone(), script.clone());
+            async move {
+                let auth = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                log.lock().expect("lock").push((auth, body));
+                let (status, answer) = script
+                    .lock()
+                    .expect("lock")
+                    .next()
+                    .unwrap_or((500, json!({"error": "script ended"})));
+                let mut response: Response =
+                    (StatusCode::from_u16(status).expect("status"), Json(answer)).into_response();
+                if status == 429 {
+                    response
+                        .headers_mut()
+                        .insert("retry-after", "0".parse().expect("header"));
+                }
+                response
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/v1"), seen)
+}
+
+fn driver(base_url: &str, key_file: &std::path::Path) -> Driver {
+    Driver::from_settings(&json!({"driver": "openai", "settings": {
+        "base_url": base_url, "model": "test-model", "max_tokens": 256,
+        "api_key_file": key_file}}))
+    .expect("driver")
+}
+
+fn key_file(name: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("warren-openai-{}-{name}", std::process::id()));
+    std::fs::write(&path, "sk-test-key\n").expect("key file");
+    path
+}
+
+fn assistant(message: Value) -> Value {
+    json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "test-model",
+           "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+}
+
+#[tokio::test]
+async fn a_tool_use_turn_writes_memory_mentions_an_agent_and_keeps_history() {
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("nats"));
+    let ns = Namespace::new(&format!("oai{}", std::process::id()));
+    let memory = Memory::open(
+        js.clone(),
+        ns.clone(),
+        &ns.workspace_bucket("research"),
+        "research",
+        "alice",
+    )
+    .await
+    .expect("memory");
+
+    let (base, seen) = model_server(vec![
+        (429, json!({"error": {"message": "slow down"}})),
+        (200, assistant(json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "memory_put", "arguments": "{\"key\":\"note\",\"value\":\"hi\"}"}},
+            {"id": "call_2", "type": "function",
+             "function": {"name": "mention", "arguments": "{\"agent\":\"bob\",\"text\":\"bob, read the note\"}"}}
+        ]}))),
+        (200, assistant(json!({"role": "assistant", "content": "Noted, and asked @bob."}))),
+        (200, assistant(json!({"role": "assistant", "content": "Still here."}))),
+    ])
+    .await;
+    let d = driver(&base, &key_file("ok"));
+    let ctx = TurnContext {
+        workspace: "research".into(),
+        agent: "alice".into(),
+        text: "remember hi and tell bob".into(),
+        message_id: "m1".into(),
+        routing_id: "r1".into(),
+        conversation: Some("conv-1".into()),
+        memory: Some(memory.clone()),
+        ..TurnContext::default()
+    };
+    let turn = d.turn(&ctx).await.expect("turn");
+    assert_eq!(turn.reply, "Noted, and asked @bob.");
+    assert_eq!(
+        turn.directed,
+        [("bob".to_owned(), "bob, read the note".to_owned())]
+    );
+    assert!(
+        turn.mentions.is_empty(),
+        "bob is already mentioned by the tool"
+    );
+    let note = memory.get("note").await.expect("get").expect("written");
+    assert_eq!(
+        (note.stored.value.clone(), note.stored.agent.as_str()),
+        (json!("hi"), "alice")
+    );
+
+    let calls = seen.lock().expect("lock").clone();
+    assert_eq!(calls.len(), 3, "a 429, the tool step, the answer");
+    assert!(
+        calls
+            .iter()
+            .all(|(auth, _)| auth.as_deref() == Some("Bearer sk-test-key"))
+    );
+    let first = &calls[1].1;
+    assert_eq!(first["model"], "test-model");
+    let tools: Vec<&str> = first["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["function"]["name"].as_str())
+        .collect();
+    assert!(
+        tools.contains(&"memory_put") && tools.contains(&"mention"),
+        "{tools:?}"
+    );
+    let answer_request = calls[2].1["messages"].as_array().expect("messages").clone();
+    let tool_results: Vec<&Value> = answer_request
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .collect();
+    assert_eq!(tool_results.len(), 2);
+    assert_eq!(tool_results[0]["tool_call_id"], "call_1");
+    assert!(
+        tool_results[0]["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("revision")
+    );
+
+    // The next turn of the conversation carries its history.
+    let next = TurnContext {
+        text: "are you there?".into(),
+        ..ctx.clone()
+    };
+    assert_eq!(d.turn(&next).await.expect("turn").reply, "Still here.");
+    let history = seen.lock().expect("lock")[3].1["messages"].clone();
+    let texts: Vec<&str> = history
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["content"].as_str())
+        .collect();
+    assert!(texts.contains(&"remember hi and tell bob"), "{texts:?}");
+    assert!(texts.contains(&"are you there?"));
+    let _ = js.delete_key_value(ns.workspace_bucket("research")).await;
+    let _ = js.delete_stream(ns.outbox_stream()).await;
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_then_reported_without_the_key() {
+    let (base, seen) = model_server(vec![
+        (503, json!({"error": "down"})),
+        (503, json!({"error": "down"})),
+        (503, json!({"error": "down"})),
+        (503, json!({"error": "still down"})),
+    ])
+    .await;
+    let d = driver(&base, &key_file("down"));
+    let err = d
+        .turn(&TurnContext {
+            agent: "alice".into(),
+            text: "hello".into(),
+            ..TurnContext::default()
+        })
+        .await
+        .expect_err("fails");
+    assert!(matches!(err, DriverError::Api(_)), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("503") && message.contains("4 attempt"),
+        "{message}"
+    );
+    assert!(!message.contains("sk-test-key"), "no secret in the error");
+    assert_eq!(seen.lock().expect("lock").len(), 4);
+}
