@@ -83,6 +83,8 @@ pub enum Driver {
     },
     /// An OpenAI-compatible Chat Completions API with Warren's tools (see `openai`).
     OpenAi(crate::openai::OpenAi),
+    /// Anthropic's Messages API with Warren's tools (see `anthropic`).
+    Anthropic(crate::anthropic::Anthropic),
 }
 
 impl Driver {
@@ -128,6 +130,9 @@ impl Driver {
             "openai" => Ok(Self::OpenAi(crate::openai::OpenAi::from_settings(
                 &agent["settings"],
             )?)),
+            "anthropic" => Ok(Self::Anthropic(crate::anthropic::Anthropic::from_settings(
+                &agent["settings"],
+            )?)),
             other => anyhow::bail!(
                 "driver {other:?} is not available in this runtime yet (echo, command, openai)"
             ),
@@ -152,19 +157,29 @@ impl Driver {
                     mentions,
                 })
             }
-            Self::OpenAi(driver) => {
-                let (reply, effects) = driver.turn(ctx).await?;
-                let mentions = mentions(&ctx.agent, &reply)
-                    .into_iter()
-                    .filter(|m| !effects.mentions.iter().any(|(to, _)| to == m))
-                    .collect();
-                Ok(Turn {
-                    reply,
-                    directed: effects.mentions,
-                    mentions,
-                })
+            Self::OpenAi(d) => {
+                let (reply, effects) = d.turn(ctx).await?;
+                Ok(with_tool_effects(&ctx.agent, reply, effects))
+            }
+            Self::Anthropic(d) => {
+                let (reply, effects) = d.turn(ctx).await?;
+                Ok(with_tool_effects(&ctx.agent, reply, effects))
             }
         }
+    }
+}
+
+/// A model's turn: its reply, the mentions it made with the tool, and the `@name`s in its
+/// reply that the tool did not already cover.
+fn with_tool_effects(agent: &str, reply: String, effects: crate::openai::ToolEffects) -> Turn {
+    let mentions = mentions(agent, &reply)
+        .into_iter()
+        .filter(|m| !effects.mentions.iter().any(|(to, _)| to == m))
+        .collect();
+    Turn {
+        reply,
+        directed: effects.mentions,
+        mentions,
     }
 }
 
@@ -308,7 +323,11 @@ mod tests {
                 cc: vec!["bob".into()]
             }
         );
-        assert!(Driver::from_settings(&serde_json::json!({"driver": "anthropic"})).is_err());
+        assert!(
+            Driver::from_settings(&serde_json::json!({"driver": "anthropic"})).is_err(),
+            "an anthropic agent without a model"
+        );
+        assert!(Driver::from_settings(&serde_json::json!({"driver": "gpt-9"})).is_err());
         assert!(
             Driver::from_settings(&serde_json::json!({"driver": "command", "settings": {}}))
                 .is_err(),

@@ -15,6 +15,7 @@
 //! `anthropic` and `openai` drivers, MCP tools, per-workspace NATS credentials.
 
 pub mod agent;
+pub mod anthropic;
 pub mod inbox;
 pub mod memory;
 pub mod openai;

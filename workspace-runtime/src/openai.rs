@@ -67,20 +67,7 @@ impl OpenAi {
             .as_str()
             .ok_or_else(|| anyhow::anyhow!("an openai agent needs settings.model"))?
             .to_owned();
-        // The key: the agent's own file, else the runtime's OPENAI_API_KEY_FILE, else
-        // OPENAI_API_KEY; none for servers that need none.
-        let key_file = settings["api_key_file"]
-            .as_str()
-            .map(str::to_owned)
-            .or_else(|| std::env::var("OPENAI_API_KEY_FILE").ok());
-        let api_key = match key_file {
-            Some(path) => Some(Secret::new(
-                std::fs::read_to_string(&path)
-                    .map_err(|e| anyhow::anyhow!("reading the API key file {path}: {e}"))?
-                    .trim(),
-            )),
-            None => std::env::var("OPENAI_API_KEY").ok().map(Secret::new),
-        };
+        let api_key = api_key(settings, "OPENAI_API_KEY")?;
         Ok(Self {
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(
@@ -160,50 +147,78 @@ impl OpenAi {
             "messages": messages,
             "tools": tools(),
         });
-        let mut backoff = Duration::from_millis(500);
-        for attempt in 1..=ATTEMPTS {
-            let mut request = self
-                .client
-                .post(format!("{}/chat/completions", self.base_url))
-                .json(&body);
-            if let Some(key) = &self.api_key {
-                request = request.bearer_auth(key.expose());
+        let url = format!("{}/chat/completions", self.base_url);
+        post_with_retry(&url, ctx, || {
+            let request = self.client.post(&url).json(&body);
+            match &self.api_key {
+                Some(key) => request.bearer_auth(key.expose()),
+                None => request,
             }
-            if let Some(tp) = &ctx.traceparent {
-                request = request.header("traceparent", tp);
-            }
-            let response = request
-                .send()
-                .await
-                .map_err(|e| api_error(format!("calling {}: {e}", self.base_url)))?;
-            let status = response.status();
-            if status.is_success() {
-                return response
-                    .json()
-                    .await
-                    .map_err(|e| api_error(format!("reading the response: {e}")));
-            }
-            let retryable = status.as_u16() == 429 || status.is_server_error();
-            if !retryable || attempt == ATTEMPTS {
-                let text = response.text().await.unwrap_or_default();
-                let snippet: String = text.chars().take(200).collect();
-                return Err(api_error(format!(
-                    "{status} from {} after {attempt} attempt(s): {snippet}",
-                    self.base_url
-                )));
-            }
-            let wait = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .map_or(backoff, |s| Duration::from_secs(s.min(30)));
-            warn!(%status, attempt, wait_ms = wait.as_millis() as u64, "model API refused; retrying");
-            tokio::time::sleep(wait).await;
-            backoff *= 2;
-        }
-        Err(api_error("no attempt made".into()))
+        })
+        .await
     }
+}
+
+/// Sends the request `build` makes, retrying 429 (honouring `Retry-After`) and 5xx with
+/// backoff; returns the JSON body of the first success. Errors name the status and the
+/// start of the body, never a credential.
+pub(crate) async fn post_with_retry(
+    url: &str,
+    ctx: &TurnContext,
+    build: impl Fn() -> reqwest::RequestBuilder,
+) -> Result<Value, DriverError> {
+    let mut backoff = Duration::from_millis(500);
+    for attempt in 1..=ATTEMPTS {
+        let mut request = build();
+        if let Some(tp) = &ctx.traceparent {
+            request = request.header("traceparent", tp);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| api_error(format!("calling {url}: {e}")))?;
+        let status = response.status();
+        if status.is_success() {
+            return response
+                .json()
+                .await
+                .map_err(|e| api_error(format!("reading the response: {e}")));
+        }
+        let retryable = status.as_u16() == 429 || status.is_server_error();
+        if !retryable || attempt == ATTEMPTS {
+            let text = response.text().await.unwrap_or_default();
+            let snippet: String = text.chars().take(200).collect();
+            return Err(api_error(format!(
+                "{status} from {url} after {attempt} attempt(s): {snippet}"
+            )));
+        }
+        let wait = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(backoff, |s| Duration::from_secs(s.min(30)));
+        warn!(%status, attempt, wait_ms = wait.as_millis() as u64, "model API refused; retrying");
+        tokio::time::sleep(wait).await;
+        backoff *= 2;
+    }
+    Err(api_error("no attempt made".into()))
+}
+
+/// Reads an API key: the agent's `api_key_file`, else `{var}_FILE`, else `{var}`.
+pub(crate) fn api_key(settings: &Value, var: &str) -> anyhow::Result<Option<Secret>> {
+    let key_file = settings["api_key_file"]
+        .as_str()
+        .map(str::to_owned)
+        .or_else(|| std::env::var(format!("{var}_FILE")).ok());
+    Ok(match key_file {
+        Some(path) => Some(Secret::new(
+            std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("reading the API key file {path}: {e}"))?
+                .trim(),
+        )),
+        None => std::env::var(var).ok().map(Secret::new),
+    })
 }
 
 /// Warren's agent tools, as Chat Completions function definitions.
