@@ -62,6 +62,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         nats_url: url.clone(),
         nats_prefix: prefix.clone(),
         max_deliver: 5,
+        mcp: false,
         telemetry: Default::default(),
     };
     let runtime = tokio::spawn(warren_workspace_runtime::run(config, shutdown.clone()));

@@ -22,6 +22,8 @@ pub struct TurnContext {
     pub traceparent: Option<String>,
     /// The workspace's directory (the working directory of `command` agents).
     pub workspace_dir: PathBuf,
+    /// Where the conversation's replies go (JSON `Origin`), for the MCP server's mentions.
+    pub reply_to: Option<String>,
     /// The workspace's memory bucket and the shared one, as this agent (for tools).
     pub memory: Option<crate::memory::Memory>,
     pub shared_memory: Option<crate::memory::Memory>,
@@ -208,6 +210,7 @@ async fn run_command(
         )
         .env("WARREN_CHAIN", ctx.chain.join(","))
         .env("TRACEPARENT", ctx.traceparent.as_deref().unwrap_or(""))
+        .env("WARREN_REPLY_TO", ctx.reply_to.as_deref().unwrap_or(""))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

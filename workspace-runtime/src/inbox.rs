@@ -146,6 +146,7 @@ impl Worker {
                 chain: inbox.chain.clone(),
                 traceparent: traceparent.clone(),
                 workspace_dir: self.workspace_dir.clone(),
+                reply_to: serde_json::to_string(&inbox.reply_to).ok(),
                 memory: self.memory.as_ref().map(|(m, _)| {
                     let mut m = m.clone();
                     m.conversation = inbox.correlation_id;

@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod anthropic;
 pub mod inbox;
+pub mod mcp;
 pub mod memory;
 pub mod openai;
 
@@ -52,8 +53,28 @@ pub struct Config {
     /// Deliveries of one message before it is dead-lettered.
     #[arg(long, env = "WARREN_MAX_DELIVER", default_value_t = 5)]
     pub max_deliver: i64,
+    /// Serve Warren's tools to one agent's turn over MCP (stdio) instead of running the
+    /// workspace: what a `command` agent's MCP client starts.
+    #[arg(long)]
+    pub mcp: bool,
     #[command(flatten)]
     pub telemetry: warren_telemetry::TelemetryOptions,
+}
+
+/// Serves MCP on stdin/stdout for the turn described by the environment.
+pub async fn run_mcp(config: Config) -> anyhow::Result<()> {
+    let turn = mcp::McpTurn::from_env(&config.workspace)?;
+    let client = async_nats::connect(config.nats_url.as_str()).await?;
+    let js = async_nats::jetstream::new(client);
+    let ns = Namespace::new(&config.nats_prefix);
+    mcp::serve(
+        turn,
+        js,
+        ns,
+        tokio::io::BufReader::new(tokio::io::stdin()),
+        tokio::io::stdout(),
+    )
+    .await
 }
 
 /// Runs the workspace's agents until `shutdown`; each finishes its current turn first.
