@@ -48,6 +48,7 @@ domain_events! {
     WorkspaceFailed => "workspace.failed" v 1,
     MentionRefused => "mention.refused" v 1,
     MemoryWritten => "memory.written" v 1,
+    MessageDeadLettered => "message.dead_lettered" v 1,
 }
 
 /// A Slack Events API `event_callback`, stored as received (after signature verification).
@@ -289,4 +290,19 @@ pub struct MemoryWritten {
     pub revision: u64,
     pub workspace: String,
     pub agent: String,
+}
+
+/// A message an agent could not handle after its deliveries ran out; it was moved to the
+/// dead-letter subject. The decisions tell the conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageDeadLettered {
+    /// The routing decision whose delivery failed.
+    pub routing_id: crate::EventId,
+    pub workspace: String,
+    pub agent: String,
+    pub deliveries: i64,
+    /// The last error (never a secret: drivers keep keys out of their errors).
+    pub error: String,
+    /// Where the conversation's replies go, when the message could be read.
+    pub reply_to: Option<Origin>,
 }

@@ -154,6 +154,17 @@ pub enum OutboxMessage {
         agent: String,
         correlation_id: Option<EventId>,
     },
+    /// The runtime gave up on an inbox message (see `MessageDeadLettered`).
+    DeadLettered {
+        id: String,
+        in_reply_to: EventId,
+        workspace: String,
+        agent: String,
+        deliveries: i64,
+        error: String,
+        reply_to: Option<Origin>,
+        correlation_id: Option<EventId>,
+    },
     Mention {
         id: String,
         in_reply_to: EventId,
@@ -171,9 +182,10 @@ impl OutboxMessage {
     /// The runtime's id of this output (its `Nats-Msg-Id`, and the seed of its event id).
     pub fn id(&self) -> &str {
         match self {
-            Self::Reply { id, .. } | Self::Mention { id, .. } | Self::MemoryWritten { id, .. } => {
-                id
-            }
+            Self::Reply { id, .. }
+            | Self::Mention { id, .. }
+            | Self::MemoryWritten { id, .. }
+            | Self::DeadLettered { id, .. } => id,
         }
     }
 }

@@ -166,6 +166,14 @@ fn samples() -> Vec<Sample> {
             workspace: "research".into(),
             agent: "alice".into(),
         }),
+        entry(MessageDeadLettered {
+            routing_id: id("routing"),
+            workspace: "research".into(),
+            agent: "alice".into(),
+            deliveries: 5,
+            error: "model API: 503 Service Unavailable after 4 attempt(s)".into(),
+            reply_to: Some(slack_origin()),
+        }),
     ]
 }
 

@@ -105,6 +105,7 @@ impl Worker {
                         )
                         .await?
                         .await?;
+                    self.report_dead_letter(&message, delivered, &e).await?;
                     message
                         .ack_with(AckKind::Term)
                         .await
@@ -121,6 +122,43 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Tells the control plane (outbox → `message.dead_lettered`), which tells the
+    /// conversation.
+    async fn report_dead_letter(
+        &self,
+        message: &jetstream::Message,
+        delivered: i64,
+        error: &TurnError,
+    ) -> anyhow::Result<()> {
+        let inbox = serde_json::from_slice::<InboxMessage>(&message.payload).ok();
+        let Some(routing) = inbox.as_ref().map(|i| i.routing_id) else {
+            // Unreadable: nothing identifies the conversation; the dead-letter subject
+            // keeps it for an operator.
+            return Ok(());
+        };
+        let report = OutboxMessage::DeadLettered {
+            id: format!("{routing}:dead-letter"),
+            in_reply_to: routing,
+            workspace: self.workspace.clone(),
+            agent: self.agent.clone(),
+            deliveries: delivered,
+            error: error.to_string(),
+            reply_to: inbox.as_ref().map(|i| i.reply_to.clone()),
+            correlation_id: inbox.and_then(|i| i.correlation_id),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", report.id());
+        self.js
+            .publish_with_headers(
+                self.ns.outbox_subject(&self.workspace),
+                headers,
+                serde_json::to_vec(&report)?.into(),
+            )
+            .await?
+            .await?;
+        Ok(())
     }
 
     /// One turn: run the driver, publish the reply and the mentions, each acknowledged by

@@ -248,4 +248,11 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
     let ns = Namespace::new(&prefix);
     let _ = js.delete_stream(ns.inbox_stream()).await;
     let _ = js.delete_stream(ns.outbox_stream()).await;
+    for bucket in [
+        ns.workspace_bucket("research"),
+        ns.workspace_bucket("ops"),
+        ns.shared_bucket(),
+    ] {
+        let _ = js.delete_key_value(bucket).await;
+    }
 }

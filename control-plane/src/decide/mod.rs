@@ -136,6 +136,26 @@ pub fn decide(
                 give_up_if_exhausted(state, &mut out, &observed, policy);
             }
         }
+        MessageDeadLettered::TYPE => {
+            if let Ok(dead) = event.decode::<MessageDeadLettered>()
+                && let Some(reply_to) = dead.reply_to
+            {
+                let cause = event.id.to_string();
+                out.push(
+                    &["dead_letter_notice", &cause],
+                    &AgentReplied {
+                        workspace: dead.workspace,
+                        agent: "warren".into(),
+                        reply_to,
+                        text: format!(
+                            "@{} could not handle this message after {} attempts ({}). \
+                             It was set aside; send it again to retry.",
+                            dead.agent, dead.deliveries, dead.error
+                        ),
+                    },
+                );
+            }
+        }
         _ => {}
     }
     out.events

@@ -592,3 +592,34 @@ fn replaying_the_log_rebuilds_the_state_the_live_controller_had() {
     }
     assert_eq!(rebuilt, before);
 }
+
+#[test]
+fn a_dead_lettered_message_is_reported_to_its_conversation() {
+    let mut c = two_agents();
+    let d = c.when(MessageDeadLettered {
+        routing_id: EventId::random(),
+        workspace: "research".into(),
+        agent: "alice".into(),
+        deliveries: 5,
+        error: "model API: 503".into(),
+        reply_to: Some(slack_message("CGEN", "", &[]).origin),
+    });
+    let notice = &of_type::<AgentReplied>(&d)[0];
+    assert_eq!(notice.agent, "warren");
+    assert_eq!(notice.reply_to, slack_message("CGEN", "", &[]).origin);
+    assert!(
+        notice.text.contains("@alice") && notice.text.contains("5 attempts"),
+        "{}",
+        notice.text
+    );
+    // Unreadable messages have no conversation to tell.
+    let d = c.when(MessageDeadLettered {
+        routing_id: EventId::random(),
+        workspace: "research".into(),
+        agent: "alice".into(),
+        deliveries: 1,
+        error: "unreadable".into(),
+        reply_to: None,
+    });
+    assert!(d.is_empty());
+}

@@ -4,7 +4,7 @@ use async_nats::jetstream::{self, AckKind, consumer};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
-use warren_schema::events::{AgentMentioned, AgentReplied, MemoryWritten};
+use warren_schema::events::{AgentMentioned, AgentReplied, MemoryWritten, MessageDeadLettered};
 use warren_schema::nats::{Namespace, OutboxMessage, TRACEPARENT};
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
 
@@ -46,6 +46,31 @@ pub fn to_event(
                     agent: agent.clone(),
                     reply_to: reply_to.clone(),
                     text: text.clone(),
+                },
+                meta(in_reply_to, correlation_id, agent),
+            )
+            .map_err(encode)?,
+        )),
+        OutboxMessage::DeadLettered {
+            id,
+            in_reply_to,
+            workspace,
+            agent,
+            deliveries,
+            error,
+            reply_to,
+            correlation_id,
+        } => Ok((
+            format!("agent:{workspace}:{agent}"),
+            NewEvent::from_domain(
+                EventId::derive(&["outbox", workspace, id]),
+                &MessageDeadLettered {
+                    routing_id: *in_reply_to,
+                    workspace: workspace.clone(),
+                    agent: agent.clone(),
+                    deliveries: *deliveries,
+                    error: error.clone(),
+                    reply_to: reply_to.clone(),
                 },
                 meta(in_reply_to, correlation_id, agent),
             )

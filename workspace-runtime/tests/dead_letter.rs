@@ -1,0 +1,139 @@
+//! A message an agent keeps failing on is dead-lettered after `max_deliver` attempts, and
+//! the conversation is told: runtime (in this process) → outbox → control plane →
+//! `message.dead_lettered` → a notice from `warren` for the channel. Real NATS and
+//! PostgreSQL.
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
+use warren_control_plane::decide::Policy;
+use warren_schema::events::*;
+use warren_schema::nats::Namespace;
+use warren_schema::testing::TestDatabase;
+use warren_schema::{AppendRequest, EventId, Metadata, NewEvent};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_keeps_failing_is_dead_lettered_and_the_channel_told() {
+    let db = TestDatabase::new().await;
+    let log = db.log();
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let prefix = format!("dl{}", std::process::id());
+    let ns = Namespace::new(&prefix);
+    let dir = std::env::temp_dir().join(format!("warren-dl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let agents = dir.join("agents.json");
+    let settings = r#"{"command": ["/bin/sh", "-c", "echo failing >&2; exit 1"]}"#;
+    std::fs::write(
+        &agents,
+        format!(r#"{{"agents": [{{"name": "carl", "workspace": "w", "driver": "command", "settings": {settings}}}]}}"#),
+    )
+    .expect("config");
+    let shutdown = CancellationToken::new();
+    let controller = tokio::spawn(controller::run(
+        log.clone(),
+        ControllerConfig {
+            holder: "dl".into(),
+            lease_ttl: Duration::from_secs(5),
+            tick: Duration::from_millis(200),
+            policy: Policy::default(),
+            config_file: Some(agents),
+            backend: None,
+            nats: Some(NatsConfig {
+                url: url.clone(),
+                namespace: ns.clone(),
+            }),
+        },
+        shutdown.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while log
+        .read_type("agent.configured", 0, 1)
+        .await
+        .expect("r")
+        .is_empty()
+    {
+        if controller.is_finished() {
+            panic!("the controller stopped: {:?}", controller.await);
+        }
+        assert!(Instant::now() < deadline, "not configured");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let runtime = tokio::spawn(warren_workspace_runtime::run(
+        warren_workspace_runtime::Config {
+            workspace: "w".into(),
+            agents: vec!["carl".into()],
+            agent_settings: format!(
+                r#"{{"carl": {{"driver": "command", "settings": {settings}}}}}"#
+            ),
+            workspace_dir: dir.clone(),
+            nats_url: url.clone(),
+            nats_prefix: prefix.clone(),
+            max_deliver: 2,
+            mcp: false,
+            telemetry: Default::default(),
+        },
+        shutdown.clone(),
+    ));
+
+    let origin = Origin::Slack {
+        team_id: "T1".into(),
+        channel: "C1".into(),
+        thread_ts: "1.0".into(),
+        ts: "1.0".into(),
+        user: "U1".into(),
+    };
+    let message = MessageReceived {
+        origin: origin.clone(),
+        text: "@carl do the thing".into(),
+        addressed_agents: vec!["carl".into()],
+        files: vec![],
+    };
+    log.append(&AppendRequest::new(
+        "slack:T1:C1",
+        vec![NewEvent::from_domain(EventId::random(), &message, Metadata::new("test")).expect("e")],
+    ))
+    .await
+    .expect("append");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let notices: Vec<AgentReplied> = log
+            .read_type("agent.replied", 0, 10)
+            .await
+            .expect("r")
+            .iter()
+            .filter_map(|e| e.decode::<AgentReplied>().ok())
+            .collect();
+        if let Some(notice) = notices.iter().find(|n| n.agent == "warren") {
+            assert_eq!(notice.reply_to, origin, "told in the conversation");
+            assert!(
+                notice.text.contains("@carl") && notice.text.contains("2 attempts"),
+                "{}",
+                notice.text
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no dead-letter notice");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dead = log
+        .read_type("message.dead_lettered", 0, 10)
+        .await
+        .expect("r");
+    assert_eq!(dead.len(), 1, "recorded once");
+    let d: MessageDeadLettered = dead[0].decode().expect("d");
+    assert_eq!((d.agent.as_str(), d.deliveries), ("carl", 2));
+    assert!(d.error.contains("exit status: 1"), "{}", d.error);
+    let routed = log.read_type("message.routed", 0, 10).await.expect("r");
+    assert_eq!(d.routing_id, routed[0].id);
+
+    shutdown.cancel();
+    controller.await.expect("join").expect("controller");
+    runtime.await.expect("join").expect("runtime");
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("nats"));
+    let _ = js.delete_stream(ns.inbox_stream()).await;
+    let _ = js.delete_stream(ns.outbox_stream()).await;
+    let _ = js.delete_key_value(ns.workspace_bucket("w")).await;
+    let _ = js.delete_key_value(ns.shared_bucket()).await;
+}
