@@ -267,14 +267,23 @@ async fn processes_left_by_a_previous_control_plane_are_stopped_and_reported_gon
     while leftover.try_wait().expect("wait").is_none() {
         assert!(
             Instant::now() < deadline,
-            "the leftover process still runs; backend saw {:?}",
-            backend.drain_observations()
+            "the leftover process still runs; backend saw {:?}; /proc status: {:?}",
+            backend.drain_observations(),
+            std::fs::read_to_string(format!("/proc/{}/status", leftover.id())).map(|s| s
+                .lines()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" | "))
         );
         std::thread::sleep(Duration::from_millis(10));
     }
     let seen = backend.drain_observations();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].phase, WorkspacePhase::Gone);
+    assert_eq!(
+        seen[0].detail.as_deref(),
+        Some("left by a previous control plane; stopped")
+    );
     assert_eq!(seen[0].instance, Some(leftover.id().to_string()));
     assert!(!dir.join("runtime.pid").exists());
     assert!(backend.running().await.is_empty());

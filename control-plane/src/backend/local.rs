@@ -97,16 +97,21 @@ impl LocalBackend {
             else {
                 continue;
             };
-            if is_our_runtime(pid, &name) {
+            let detail = if is_our_runtime(pid, &name) {
                 warn!(workspace = %name, pid, "stopping a runtime left by a previous control plane");
-                let _ = kill(pid_of(pid), Signal::SIGKILL);
-            }
+                match kill(pid_of(pid), Signal::SIGKILL) {
+                    Ok(()) => "left by a previous control plane; stopped".to_owned(),
+                    Err(e) => format!("left by a previous control plane; kill failed: {e}"),
+                }
+            } else {
+                "a stale pid file; no such runtime was running".to_owned()
+            };
             let _ = std::fs::remove_file(&pidfile);
             self.observe(Observation {
                 workspace: name,
                 phase: WorkspacePhase::Gone,
                 instance: Some(pid.to_string()),
-                detail: Some("left by a previous control plane; stopped".into()),
+                detail: Some(detail),
             });
         }
         Ok(())
