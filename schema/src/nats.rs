@@ -71,6 +71,16 @@ impl Namespace {
         format!("{}-mem-shared", self.prefix)
     }
 
+    /// A memory bucket: file-backed, a short history per key.
+    pub fn bucket_config(bucket: &str) -> async_nats::jetstream::kv::Config {
+        async_nats::jetstream::kv::Config {
+            bucket: bucket.to_owned(),
+            history: 5,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        }
+    }
+
     pub fn inbox_stream(&self) -> String {
         format!("{}_INBOX", self.prefix.to_uppercase())
     }

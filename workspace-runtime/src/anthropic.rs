@@ -15,7 +15,7 @@ use tracing::info;
 use warren_schema::Secret;
 
 use crate::agent::{DriverError, TurnContext};
-use crate::openai::{ToolEffects, api_key, execute, post_with_retry, tools};
+use crate::openai::{ToolEffects, api_key, execute, post_with_retry};
 
 const MAX_STEPS: usize = 8;
 const MAX_HISTORY: usize = 40;
@@ -44,20 +44,7 @@ impl Eq for Anthropic {}
 
 /// The agent tools in the Messages API's shape (`name`, `description`, `input_schema`).
 pub fn anthropic_tools() -> Value {
-    Value::Array(
-        tools()
-            .as_array()
-            .map(|all| {
-                all.iter()
-                    .map(|t| {
-                        json!({"name": t["function"]["name"],
-                               "description": t["function"]["description"],
-                               "input_schema": t["function"]["parameters"]})
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-    )
+    crate::openai::tools_flat("input_schema")
 }
 
 impl Anthropic {

@@ -20,7 +20,7 @@ use warren_schema::events::Origin;
 use warren_schema::nats::{Namespace, OutboxMessage};
 
 use crate::agent::TurnContext;
-use crate::openai::{ToolEffects, execute, tools};
+use crate::openai::{ToolEffects, execute};
 
 /// Protocol versions this server speaks (the client's is echoed when it is one of them).
 const VERSIONS: &[&str] = &["2025-06-18", "2025-03-26", "2024-11-05"];
@@ -155,20 +155,7 @@ pub async fn serve(
 
 /// The tools in MCP's shape (`name`, `description`, `inputSchema`).
 pub fn mcp_tools() -> Value {
-    Value::Array(
-        tools()
-            .as_array()
-            .map(|all| {
-                all.iter()
-                    .map(|t| {
-                        json!({"name": t["function"]["name"],
-                               "description": t["function"]["description"],
-                               "inputSchema": t["function"]["parameters"]})
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-    )
+    crate::openai::tools_flat("inputSchema")
 }
 
 fn error(id: Value, code: i64, message: &str) -> Value {

@@ -65,12 +65,7 @@ pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::St
     match js.get_key_value(bucket).await {
         Ok(store) => Ok(store),
         Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: bucket.to_owned(),
-                history: 5,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
+            .create_key_value(Namespace::bucket_config(bucket))
             .await
             .map_err(|e| nats("creating a bucket")(&e)),
     }

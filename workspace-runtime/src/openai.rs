@@ -271,6 +271,26 @@ pub fn tools() -> Value {
     ])
 }
 
+/// The tools as flat definitions (`name`, `description`, and the parameter schema under
+/// `schema_key`): `input_schema` for the Messages API, `inputSchema` for MCP.
+pub fn tools_flat(schema_key: &str) -> Value {
+    Value::Array(
+        tools()
+            .as_array()
+            .map(|all| {
+                all.iter()
+                    .map(|t| {
+                        let mut flat = json!({"name": t["function"]["name"],
+                                              "description": t["function"]["description"]});
+                        flat[schema_key] = t["function"]["parameters"].clone();
+                        flat
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    )
+}
+
 /// Runs one tool call; the result (or the error) goes back to the model as JSON.
 pub async fn execute(
     name: &str,

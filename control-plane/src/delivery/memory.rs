@@ -1,6 +1,6 @@
 //! Re-seeding a memory bucket from the log (after a NATS store loss).
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream;
 use serde_json::json;
 use warren_schema::EventLog;
 use warren_schema::events::{DomainEvent, MemoryWritten};
@@ -27,12 +27,7 @@ pub async fn restore(js: &jetstream::Context, log: &EventLog, bucket: &str) -> R
     let store = match js.get_key_value(bucket).await {
         Ok(s) => s,
         Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: bucket.to_owned(),
-                history: 5,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
+            .create_key_value(warren_schema::nats::Namespace::bucket_config(bucket))
             .await
             .map_err(|e| nats("creating a bucket")(&e))?,
     };
