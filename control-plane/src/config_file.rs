@@ -141,17 +141,29 @@ pub fn validate(file: &ConfigFile) -> std::result::Result<(), String> {
 /// The events that bring the log from `state` to `file` (pure). Ids derive from the entry
 /// and the log position the diff was made at, so a retry of the same sync is absorbed.
 pub fn diff(state: &State, file: &ConfigFile) -> Vec<NewEvent> {
-    let at = state.position.to_string();
-    let mut out = Vec::new();
-    let mut push = |key: &[&str], event: NewEvent| {
-        let mut parts = vec!["config", &at];
-        parts.extend_from_slice(key);
-        out.push(NewEvent {
-            id: EventId::derive(&parts),
-            ..event
-        });
+    /// The changes, each with an id derived from the entry and the diff's log position.
+    struct Changes {
+        at: String,
+        events: Vec<NewEvent>,
+    }
+    impl Changes {
+        fn push<E: DomainEvent>(&mut self, key: &[&str], event: &E) {
+            let mut parts = vec!["config", self.at.as_str(), E::TYPE];
+            parts.extend_from_slice(key);
+            // Serialising a plain-data event cannot fail.
+            if let Ok(e) = NewEvent::from_domain(
+                EventId::derive(&parts),
+                event,
+                Metadata::new("control-plane.config"),
+            ) {
+                self.events.push(e);
+            }
+        }
+    }
+    let mut out = Changes {
+        at: state.position.to_string(),
+        events: Vec::new(),
     };
-    let meta = || Metadata::new("control-plane.config");
     for a in &file.agents {
         let wanted = AgentConfigured {
             name: a.name.clone(),
@@ -166,42 +178,31 @@ pub fn diff(state: &State, file: &ConfigFile) -> Vec<NewEvent> {
                 && have.settings == wanted.settings
                 && have.idle_timeout_secs == wanted.idle_timeout_secs
         });
-        if !unchanged && let Ok(e) = NewEvent::from_domain(EventId::random(), &wanted, meta()) {
-            push(&["agent", &a.name], e);
+        if !unchanged {
+            out.push(&[&a.name], &wanted);
         }
     }
     for name in state.agents.keys() {
-        if !file.agents.iter().any(|a| &a.name == name)
-            && let Ok(e) = NewEvent::from_domain(
-                EventId::random(),
-                &AgentRemoved { name: name.clone() },
-                meta(),
-            )
-        {
-            push(&["agent_removed", name], e);
+        if !file.agents.iter().any(|a| &a.name == name) {
+            out.push(&[name], &AgentRemoved { name: name.clone() });
         }
     }
     for r in &file.routes {
-        if state.routes.get(&r.route) != Some(&r.agent)
-            && let Ok(e) = NewEvent::from_domain(EventId::random(), r, meta())
-        {
-            push(&["route", &r.route], e);
+        if state.routes.get(&r.route) != Some(&r.agent) {
+            out.push(&[&r.route], r);
         }
     }
     for route in state.routes.keys() {
-        if !file.routes.iter().any(|r| &r.route == route)
-            && let Ok(e) = NewEvent::from_domain(
-                EventId::random(),
+        if !file.routes.iter().any(|r| &r.route == route) {
+            out.push(
+                &[route],
                 &RouteRemoved {
                     route: route.clone(),
                 },
-                meta(),
-            )
-        {
-            push(&["route_removed", route], e);
+            );
         }
     }
-    out
+    out.events
 }
 
 /// Records what changed between the log (`state`) and `file`. Returns how many events.

@@ -294,3 +294,86 @@ async fn a_publisher_that_lost_its_checkpoint_does_not_duplicate_the_inbox() {
     );
     remove_streams(&js, &ns).await;
 }
+
+#[tokio::test]
+async fn with_nats_down_decisions_go_on_and_nothing_stops() {
+    let db = TestDatabase::new().await;
+    let log = EventLog::new(db.pool.clone());
+    // A port nothing listens on: NATS is down.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let down = format!("nats://{}", unused.local_addr().expect("addr"));
+    drop(unused);
+    let dir = std::env::temp_dir().join(format!("warren-nats-down-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("agents.json");
+    std::fs::write(
+        &file,
+        r#"{"agents": [{"name": "alice", "workspace": "research"}]}"#,
+    )
+    .expect("config");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(controller::run(
+        log.clone(),
+        ControllerConfig {
+            holder: "down".into(),
+            lease_ttl: Duration::from_secs(5),
+            tick: Duration::from_millis(50),
+            policy: Policy::default(),
+            config_file: Some(file),
+            backend: None,
+            nats: Some(NatsConfig {
+                url: down,
+                namespace: namespace("down"),
+            }),
+        },
+        shutdown.clone(),
+    ));
+    eventually("configuration without NATS", async || {
+        !log.read_type("agent.configured", 0, 1)
+            .await
+            .expect("r")
+            .is_empty()
+    })
+    .await;
+    let message = NewEvent::from_domain(
+        EventId::random(),
+        &MessageReceived {
+            origin: Origin::Webhook {
+                endpoint: "ci".into(),
+                delivery_id: "1".into(),
+            },
+            text: "@alice hello".into(),
+            addressed_agents: vec!["alice".into()],
+            files: vec![],
+        },
+        Metadata::new("test"),
+    )
+    .expect("e");
+    log.append(&AppendRequest::new("s", vec![message]))
+        .await
+        .expect("append");
+    eventually("the routing decision without NATS", async || {
+        !log.read_type("message.routed", 0, 1)
+            .await
+            .expect("r")
+            .is_empty()
+    })
+    .await;
+    assert!(
+        !task.is_finished(),
+        "the controller keeps running while NATS is down"
+    );
+    let delivered: i64 = sqlx::query_scalar(
+        "SELECT coalesce(max(position), 0) FROM subscription_checkpoints WHERE name = $1",
+    )
+    .bind(delivery::CHECKPOINT)
+    .fetch_one(&db.pool)
+    .await
+    .expect("checkpoint");
+    assert_eq!(
+        delivered, 0,
+        "nothing counted as delivered while NATS is down"
+    );
+    shutdown.cancel();
+    task.await.expect("join").expect("a clean stop");
+}

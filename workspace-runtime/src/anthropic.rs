@@ -6,41 +6,18 @@
 //! from `ANTHROPIC_API_KEY_FILE` or `ANTHROPIC_API_KEY`; it is sent as `x-api-key` and never
 //! logged. History is kept per conversation; 429 and 5xx are retried as for `openai`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
 use serde_json::{Value, json};
 use tracing::info;
-use warren_schema::Secret;
 
 use crate::agent::{DriverError, TurnContext};
-use crate::openai::{ToolEffects, api_key, execute, post_with_retry};
+use crate::model::{MAX_STEPS, ModelApi, post_with_retry};
+use crate::openai::{ToolEffects, execute};
 
-const MAX_STEPS: usize = 8;
-const MAX_HISTORY: usize = 40;
 const API_VERSION: &str = "2023-06-01";
 
 /// A Messages API agent.
-#[derive(Debug, Clone)]
-pub struct Anthropic {
-    client: reqwest::Client,
-    base_url: String,
-    model: String,
-    max_tokens: u64,
-    api_key: Option<Secret>,
-    history: Arc<Mutex<HashMap<String, Vec<Value>>>>,
-}
-
-impl PartialEq for Anthropic {
-    fn eq(&self, other: &Self) -> bool {
-        self.base_url == other.base_url
-            && self.model == other.model
-            && self.max_tokens == other.max_tokens
-    }
-}
-
-impl Eq for Anthropic {}
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anthropic(ModelApi);
 
 /// The agent tools in the Messages API's shape (`name`, `description`, `input_schema`).
 pub fn anthropic_tools() -> Value {
@@ -49,60 +26,41 @@ pub fn anthropic_tools() -> Value {
 
 impl Anthropic {
     pub fn from_settings(settings: &Value) -> anyhow::Result<Self> {
-        Ok(Self {
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(
-                    settings["timeout_secs"].as_u64().unwrap_or(300),
-                ))
-                .build()?,
-            base_url: settings["base_url"]
-                .as_str()
-                .unwrap_or("https://api.anthropic.com")
-                .trim_end_matches('/')
-                .to_owned(),
-            model: settings["model"]
-                .as_str()
-                .ok_or_else(|| anyhow::anyhow!("an anthropic agent needs settings.model"))?
-                .to_owned(),
-            max_tokens: settings["max_tokens"].as_u64().unwrap_or(1024),
-            api_key: api_key(settings, "ANTHROPIC_API_KEY")?,
-            history: Arc::default(),
-        })
+        ModelApi::from_settings(
+            "anthropic",
+            settings,
+            "https://api.anthropic.com",
+            "ANTHROPIC_API_KEY",
+        )
+        .map(Self)
     }
 
     pub async fn turn(&self, ctx: &TurnContext) -> Result<(String, ToolEffects), DriverError> {
-        let conversation = ctx
-            .conversation
-            .clone()
-            .unwrap_or_else(|| ctx.message_id.clone());
-        let mut messages: Vec<Value> = self
-            .history
-            .lock()
-            .map(|h| h.get(&conversation).cloned().unwrap_or_default())
-            .unwrap_or_default();
-        messages.push(json!({"role": "user", "content": ctx.text}));
+        let api = &self.0;
+        let (conversation, mut messages) =
+            api.start_turn(ctx, json!({"role": "user", "content": ctx.text}));
         let system = format!(
             "You are {}, an agent in the Warren workspace {}. Use the tools to mention other \
              agents and to read and write shared memory.",
             ctx.agent, ctx.workspace
         );
         let mut effects = ToolEffects::default();
-        let url = format!("{}/v1/messages", self.base_url);
+        let url = format!("{}/v1/messages", api.base_url);
         for _ in 0..MAX_STEPS {
             let body = json!({
-                "model": self.model,
-                "max_tokens": self.max_tokens,
+                "model": api.model,
+                "max_tokens": api.max_tokens,
                 "system": system,
                 "messages": messages,
                 "tools": anthropic_tools(),
             });
             let response = post_with_retry(&url, ctx, || {
-                let request = self
+                let request = api
                     .client
                     .post(&url)
                     .header("anthropic-version", API_VERSION)
                     .json(&body);
-                match &self.api_key {
+                match &api.api_key {
                     Some(key) => request.header("x-api-key", key.expose()),
                     None => request,
                 }
@@ -121,10 +79,7 @@ impl Anthropic {
                     .filter_map(|b| b["text"].as_str())
                     .collect::<Vec<_>>()
                     .join("\n");
-                if let Ok(mut h) = self.history.lock() {
-                    let keep = messages.len().saturating_sub(MAX_HISTORY);
-                    h.insert(conversation, messages.split_off(keep));
-                }
+                api.remember(conversation, messages);
                 return Ok((reply, effects));
             }
             let mut results = Vec::new();

@@ -19,6 +19,7 @@ pub mod anthropic;
 pub mod inbox;
 pub mod mcp;
 pub mod memory;
+pub mod model;
 pub mod openai;
 
 use std::io::Write;

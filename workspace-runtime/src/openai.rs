@@ -8,42 +8,15 @@
 //! `Retry-After`) and 5xx are retried with backoff; what still fails fails the turn, which
 //! redelivers the message and, in the end, dead-letters it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
 use serde_json::{Value, json};
-use tracing::{info, warn};
-use warren_schema::Secret;
+use tracing::info;
 
 use crate::agent::{DriverError, TurnContext};
-
-/// Most model calls in one turn (tool steps included).
-const MAX_STEPS: usize = 8;
-/// Messages of history kept per conversation.
-const MAX_HISTORY: usize = 40;
-const ATTEMPTS: u32 = 4;
+use crate::model::{MAX_STEPS, ModelApi, post_with_retry};
 
 /// An OpenAI-compatible agent.
-#[derive(Debug, Clone)]
-pub struct OpenAi {
-    client: reqwest::Client,
-    base_url: String,
-    model: String,
-    max_tokens: u64,
-    api_key: Option<Secret>,
-    history: Arc<Mutex<HashMap<String, Vec<Value>>>>,
-}
-
-impl PartialEq for OpenAi {
-    fn eq(&self, other: &Self) -> bool {
-        self.base_url == other.base_url
-            && self.model == other.model
-            && self.max_tokens == other.max_tokens
-    }
-}
-
-impl Eq for OpenAi {}
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAi(ModelApi);
 
 /// What the tools did during a turn, besides the reply.
 #[derive(Debug, Default)]
@@ -58,51 +31,27 @@ fn api_error(message: String) -> DriverError {
 
 impl OpenAi {
     pub fn from_settings(settings: &Value) -> anyhow::Result<Self> {
-        let base_url = settings["base_url"]
-            .as_str()
-            .unwrap_or("https://api.openai.com/v1")
-            .trim_end_matches('/')
-            .to_owned();
-        let model = settings["model"]
-            .as_str()
-            .ok_or_else(|| anyhow::anyhow!("an openai agent needs settings.model"))?
-            .to_owned();
-        let api_key = api_key(settings, "OPENAI_API_KEY")?;
-        Ok(Self {
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(
-                    settings["timeout_secs"].as_u64().unwrap_or(300),
-                ))
-                .build()?,
-            base_url,
-            model,
-            max_tokens: settings["max_tokens"].as_u64().unwrap_or(1024),
-            api_key,
-            history: Arc::default(),
-        })
+        ModelApi::from_settings(
+            "openai",
+            settings,
+            "https://api.openai.com/v1",
+            "OPENAI_API_KEY",
+        )
+        .map(Self)
     }
 
     /// One turn: the model is called until it answers without tool calls.
     pub async fn turn(&self, ctx: &TurnContext) -> Result<(String, ToolEffects), DriverError> {
-        let conversation = ctx
-            .conversation
-            .clone()
-            .unwrap_or_else(|| ctx.message_id.clone());
-        let mut messages: Vec<Value> = self
-            .history
-            .lock()
-            .map(|h| h.get(&conversation).cloned().unwrap_or_default())
-            .unwrap_or_default();
-        if messages.is_empty() {
-            messages.push(json!({"role": "system", "content": format!(
-                "You are {}, an agent in the Warren workspace {}. Use the tools to mention \
-                 other agents and to read and write shared memory.",
-                ctx.agent, ctx.workspace)}));
-        }
-        messages.push(json!({"role": "user", "content": ctx.text}));
+        let (conversation, mut messages) = self
+            .0
+            .start_turn(ctx, json!({"role": "user", "content": ctx.text}));
+        let system = json!({"role": "system", "content": format!(
+            "You are {}, an agent in the Warren workspace {}. Use the tools to mention \
+             other agents and to read and write shared memory.",
+            ctx.agent, ctx.workspace)});
         let mut effects = ToolEffects::default();
         for _ in 0..MAX_STEPS {
-            let response = self.complete(&messages, ctx).await?;
+            let response = self.complete(&system, &messages, ctx).await?;
             let message = response["choices"][0]["message"].clone();
             if message.is_null() {
                 return Err(api_error("the response has no choices[0].message".into()));
@@ -114,10 +63,7 @@ impl OpenAi {
                 .unwrap_or_default();
             if calls.is_empty() {
                 let reply = message["content"].as_str().unwrap_or_default().to_owned();
-                if let Ok(mut h) = self.history.lock() {
-                    let keep = messages.len().saturating_sub(MAX_HISTORY);
-                    h.insert(conversation, messages.split_off(keep));
-                }
+                self.0.remember(conversation, messages);
                 return Ok((reply, effects));
             }
             for call in calls {
@@ -140,85 +86,32 @@ impl OpenAi {
         )))
     }
 
-    async fn complete(&self, messages: &[Value], ctx: &TurnContext) -> Result<Value, DriverError> {
+    async fn complete(
+        &self,
+        system: &Value,
+        messages: &[Value],
+        ctx: &TurnContext,
+    ) -> Result<Value, DriverError> {
+        let api = &self.0;
+        let mut all = Vec::with_capacity(messages.len() + 1);
+        all.push(system.clone());
+        all.extend_from_slice(messages);
         let body = json!({
-            "model": self.model,
-            "max_tokens": self.max_tokens,
-            "messages": messages,
+            "model": api.model,
+            "max_tokens": api.max_tokens,
+            "messages": all,
             "tools": tools(),
         });
-        let url = format!("{}/chat/completions", self.base_url);
+        let url = format!("{}/chat/completions", api.base_url);
         post_with_retry(&url, ctx, || {
-            let request = self.client.post(&url).json(&body);
-            match &self.api_key {
+            let request = api.client.post(&url).json(&body);
+            match &api.api_key {
                 Some(key) => request.bearer_auth(key.expose()),
                 None => request,
             }
         })
         .await
     }
-}
-
-/// Sends the request `build` makes, retrying 429 (honouring `Retry-After`) and 5xx with
-/// backoff; returns the JSON body of the first success. Errors name the status and the
-/// start of the body, never a credential.
-pub(crate) async fn post_with_retry(
-    url: &str,
-    ctx: &TurnContext,
-    build: impl Fn() -> reqwest::RequestBuilder,
-) -> Result<Value, DriverError> {
-    let mut backoff = Duration::from_millis(500);
-    for attempt in 1..=ATTEMPTS {
-        let mut request = build();
-        if let Some(tp) = &ctx.traceparent {
-            request = request.header("traceparent", tp);
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| api_error(format!("calling {url}: {e}")))?;
-        let status = response.status();
-        if status.is_success() {
-            return response
-                .json()
-                .await
-                .map_err(|e| api_error(format!("reading the response: {e}")));
-        }
-        let retryable = status.as_u16() == 429 || status.is_server_error();
-        if !retryable || attempt == ATTEMPTS {
-            let text = response.text().await.unwrap_or_default();
-            let snippet: String = text.chars().take(200).collect();
-            return Err(api_error(format!(
-                "{status} from {url} after {attempt} attempt(s): {snippet}"
-            )));
-        }
-        let wait = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(backoff, |s| Duration::from_secs(s.min(30)));
-        warn!(%status, attempt, wait_ms = wait.as_millis() as u64, "model API refused; retrying");
-        tokio::time::sleep(wait).await;
-        backoff *= 2;
-    }
-    Err(api_error("no attempt made".into()))
-}
-
-/// Reads an API key: the agent's `api_key_file`, else `{var}_FILE`, else `{var}`.
-pub(crate) fn api_key(settings: &Value, var: &str) -> anyhow::Result<Option<Secret>> {
-    let key_file = settings["api_key_file"]
-        .as_str()
-        .map(str::to_owned)
-        .or_else(|| std::env::var(format!("{var}_FILE")).ok());
-    Ok(match key_file {
-        Some(path) => Some(Secret::new(
-            std::fs::read_to_string(&path)
-                .map_err(|e| anyhow::anyhow!("reading the API key file {path}: {e}"))?
-                .trim(),
-        )),
-        None => std::env::var(var).ok().map(Secret::new),
-    })
 }
 
 /// Warren's agent tools, as Chat Completions function definitions.

@@ -13,7 +13,7 @@
 //!   restart what should run; nothing is left running that no one tracks.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -299,14 +299,5 @@ impl LocalBackend {
             instance: Some(pid.to_string()),
             detail,
         });
-    }
-
-    /// The workspace's directory (tests, operators).
-    pub fn dir_of(&self, workspace: &str) -> PathBuf {
-        self.workspace_dir(workspace)
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.config.root
     }
 }

@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tracing::{debug, info, instrument};
 use warren_schema::event_log::append_in_tx;
+use warren_schema::event_log::projection::{lock_checkpoint, store_checkpoint};
 use warren_schema::{
     AppendRequest, Error as LogError, EventLog, ExpectedVersion, NewEvent, RecordedEvent,
 };
@@ -74,6 +75,12 @@ impl Decider {
         events: &[RecordedEvent],
         now: DateTime<Utc>,
     ) -> Result<Vec<NewEvent>> {
+        // The common case on an idle controller: a timer tick with nothing due.
+        if events.iter().all(|e| e.position <= self.state.position)
+            && decide::tick(&self.state, now, &self.policy).is_empty()
+        {
+            return Ok(Vec::new());
+        }
         // Work on a copy: a failed transaction must leave the state as the log has it.
         let mut next = self.state.clone();
         let mut decisions = Vec::new();
@@ -107,14 +114,7 @@ impl Decider {
             .await
             .map_err(LogError::db("beginning a decision transaction"))?;
         self.lease.verify_in(&mut tx).await??;
-        let stored: i64 = sqlx::query_scalar(
-            "INSERT INTO subscription_checkpoints (name, position) VALUES ($1, 0) \
-             ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING position",
-        )
-        .bind(CHECKPOINT)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(LogError::db("locking the decision checkpoint"))?;
+        let stored = lock_checkpoint(&mut tx, CHECKPOINT).await?;
         if stored != self.state.position {
             return Err(Error::CheckpointMoved {
                 expected: self.state.position,
@@ -130,20 +130,14 @@ impl Decider {
             let request =
                 AppendRequest::new(DECISIONS_STREAM, decisions.clone()).expecting(expected);
             let appended = append_in_tx(&mut tx, &[&request]).await?.remove(0)?;
+            // A re-decided event's decisions are duplicates, reported at their old versions:
+            // the stream is never behind what we already knew.
             version = appended
                 .iter()
                 .map(|a| a.stream_version)
-                .max()
-                .unwrap_or(version);
+                .fold(version, i64::max);
         }
-        sqlx::query(
-            "UPDATE subscription_checkpoints SET position = $2, updated_at = now() WHERE name = $1",
-        )
-        .bind(CHECKPOINT)
-        .bind(next.position)
-        .execute(&mut *tx)
-        .await
-        .map_err(LogError::db("advancing the decision checkpoint"))?;
+        store_checkpoint(&mut tx, CHECKPOINT, next.position).await?;
         tx.commit()
             .await
             .map_err(LogError::db("committing decisions"))?;

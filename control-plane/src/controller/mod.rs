@@ -17,7 +17,7 @@ use crate::backend::Backend;
 use crate::backend::local::{LocalBackend, LocalConfig};
 use crate::config_file;
 use crate::decide::Policy;
-use crate::delivery::{Publisher, ingest};
+use crate::delivery;
 use crate::error::{Error, Result};
 use crate::projection::Projections;
 use crate::reconcile::Reconciler;
@@ -78,7 +78,11 @@ pub async fn run(
         })?;
     let nats = match &config.nats {
         Some(n) => Some((
-            async_nats::connect(n.url.as_str())
+            // A NATS server that is down at start is retried in the background; the
+            // decisions do not wait for it.
+            async_nats::ConnectOptions::new()
+                .retry_on_initial_connect()
+                .connect(n.url.as_str())
                 .await
                 .map_err(|e| Error::Nats(format!("connecting to {}: {e}", n.url)))?,
             n.namespace.clone(),
@@ -177,40 +181,17 @@ async fn lead(
     let mut projections = Projections::load(log).await?;
     let read_models = projections.run(log, shutdown.clone());
     tokio::pin!(read_models);
-    // Delivery to agents and their output back, beside the decisions.
-    let mut publisher = match nats {
-        Some((client, ns)) => Some(
-            Publisher::new(
-                async_nats::jetstream::new(client.clone()),
-                ns.clone(),
-                log.clone(),
-            )
-            .await?,
-        ),
-        None => None,
-    };
-    let publishing = async {
-        match publisher.as_mut() {
-            Some(p) => p.run(shutdown.clone()).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(publishing);
-    let ingesting = async {
+    // Delivery to agents and their output back, beside the decisions; NATS failures are
+    // retried inside, so they never stop the decisions.
+    let delivering = async {
         match nats {
             Some((client, ns)) => {
-                ingest::run(
-                    async_nats::jetstream::new(client.clone()),
-                    ns.clone(),
-                    log.clone(),
-                    shutdown.clone(),
-                )
-                .await
+                delivery::run(client.clone(), ns.clone(), log.clone(), shutdown.clone()).await
             }
             None => std::future::pending().await,
         }
     };
-    tokio::pin!(ingesting);
+    tokio::pin!(delivering);
     let reconciler = backend.map(|b| Reconciler::new(b.clone(), log.clone()));
     let idle = tokio::sync::Notify::new();
     let observed = || backend.map_or(&idle, |b| b.observed());
@@ -225,8 +206,7 @@ async fn lead(
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             result = &mut read_models => return result,
-            result = &mut publishing => return result,
-            result = &mut ingesting => return result,
+            result = &mut delivering => return result,
             _ = renew.tick() => decider.lease().renew(pool).await??,
             _ = tick.tick() => {
                 decider.handle(pool, &[], Utc::now()).await?;

@@ -12,6 +12,9 @@ use warren_schema::{EventId, NewEvent, RecordedEvent};
 
 /// Mention times kept per conversation (more than any sane rate limit counts).
 const MENTION_HISTORY: usize = 256;
+/// Mentions older than this are forgotten (far beyond any rate window), so a long-running
+/// controller does not keep every conversation it ever saw.
+const MENTION_RETENTION: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 /// Conversations remembered per workspace for failure notices.
 const WAITING_HISTORY: usize = 16;
 
@@ -253,6 +256,13 @@ impl State {
             }
             AgentMentioned::TYPE => {
                 let conversation = event.metadata.correlation_id.unwrap_or(event.id);
+                // Forget conversations quiet for longer than the retention. Deterministic
+                // (log times only), so a replay forgets the same ones.
+                self.mentions.retain(|_, times| {
+                    times
+                        .back()
+                        .is_some_and(|last| at - *last < MENTION_RETENTION)
+                });
                 let recent = self.mentions.entry(conversation).or_default();
                 recent.push_back(at);
                 // Only the rate window matters; keep the list short.

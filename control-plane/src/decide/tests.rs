@@ -623,3 +623,18 @@ fn a_dead_lettered_message_is_reported_to_its_conversation() {
     });
     assert!(d.is_empty());
 }
+
+#[test]
+fn mention_history_is_forgotten_after_an_hour_of_quiet() {
+    let mut c = two_agents();
+    c.when(mention(&["alice"], "bob"));
+    assert_eq!(c.state.mentions.len(), 1);
+    c.advance(3601);
+    c.when(mention(&["alice"], "bob"));
+    assert_eq!(
+        c.state.mentions.len(),
+        1,
+        "the quiet conversation was dropped"
+    );
+    assert_eq!(c.state.mentions.values().next().map(|t| t.len()), Some(1));
+}

@@ -19,12 +19,56 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use tokio_util::sync::CancellationToken;
 use tracing::{instrument, warn};
+use warren_schema::event_log::projection::store_checkpoint;
 use warren_schema::event_log::{Subscription, SubscriptionOptions};
 use warren_schema::events::*;
 use warren_schema::nats::{InboxMessage, Namespace, TRACEPARENT};
 use warren_schema::{Error as LogError, EventLog, RecordedEvent};
 
 use crate::error::{Error, Result};
+
+/// Runs the publisher and the outbox ingest until `shutdown`. A NATS failure (the server
+/// down at start, a dropped consumer) restarts the part that failed after a backoff,
+/// from its checkpoint; it never stops the decisions. Database errors are returned.
+pub async fn run(
+    client: async_nats::Client,
+    ns: Namespace,
+    log: EventLog,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let js = jetstream::new(client);
+    let publishing = retry_nats("publisher", &shutdown, || {
+        let (js, ns, log, shutdown) = (js.clone(), ns.clone(), log.clone(), shutdown.clone());
+        async move { Publisher::new(js, ns, log).await?.run(shutdown).await }
+    });
+    let ingesting = retry_nats("outbox ingest", &shutdown, || {
+        ingest::run(js.clone(), ns.clone(), log.clone(), shutdown.clone())
+    });
+    tokio::try_join!(publishing, ingesting).map(|_| ())
+}
+
+async fn retry_nats<F, Fut>(what: &str, shutdown: &CancellationToken, mut start: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match start().await {
+            Err(Error::Nats(e)) => {
+                warn!(part = what, error = %e, "NATS failed; restarting after a pause");
+                metrics::counter!("warren_control_plane_nats_restarts_total", "part" => what.to_owned())
+                    .increment(1);
+            }
+            other => return other,
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
 
 /// Checkpoint of the publisher: the last log position whose routed messages are in NATS.
 pub const CHECKPOINT: &str = "control-plane.delivery";
@@ -105,26 +149,33 @@ impl Publisher {
             .iter()
             .filter(|e| e.position > self.position && e.event_type == MessageRouted::TYPE)
         {
-            self.publish(event).await?;
+            self.publish(event, batch).await?;
         }
-        sqlx::query(
-            "INSERT INTO subscription_checkpoints (name, position) VALUES ($1, $2) \
-             ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, updated_at = now()",
-        )
-        .bind(CHECKPOINT)
-        .bind(last)
-        .execute(self.log.pool())
-        .await
-        .map_err(LogError::db("advancing the delivery checkpoint"))?;
+        let mut conn = self.log.pool().acquire().await.map_err(LogError::db(
+            "acquiring a connection for the delivery checkpoint",
+        ))?;
+        store_checkpoint(&mut conn, CHECKPOINT, last).await?;
         self.position = last;
         Ok(())
     }
 
-    async fn publish(&self, routed: &RecordedEvent) -> Result<()> {
+    /// Publishes one routed message. The message it routes usually sits in the same batch
+    /// (it is decided right after it arrives), so the log is read only when it does not.
+    async fn publish(&self, routed: &RecordedEvent, batch: &[RecordedEvent]) -> Result<()> {
         let r: MessageRouted = routed.decode()?;
-        let Some(source) = self.log.get(r.message_id).await? else {
-            warn!(message = %r.message_id, "routed message not in the log; skipped");
-            return Ok(());
+        let fetched;
+        let source = match batch.iter().find(|e| e.id == r.message_id) {
+            Some(e) => e,
+            None => {
+                fetched = self.log.get(r.message_id).await?;
+                match &fetched {
+                    Some(e) => e,
+                    None => {
+                        warn!(message = %r.message_id, "routed message not in the log; skipped");
+                        return Ok(());
+                    }
+                }
+            }
         };
         let (text, reply_to, chain) = match source.event_type.as_str() {
             MessageReceived::TYPE => {

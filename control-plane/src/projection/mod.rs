@@ -14,6 +14,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument};
 use uuid::Uuid;
+use warren_schema::event_log::projection::{lock_checkpoint, store_checkpoint};
 use warren_schema::event_log::{Subscription, SubscriptionOptions};
 use warren_schema::events::*;
 use warren_schema::{Error as LogError, EventLog, RecordedEvent};
@@ -178,14 +179,7 @@ impl Projections {
             .begin()
             .await
             .map_err(LogError::db("beginning a projection batch"))?;
-        let stored: i64 = sqlx::query_scalar(
-            "INSERT INTO subscription_checkpoints (name, position) VALUES ($1, 0) \
-             ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING position",
-        )
-        .bind(CHECKPOINT)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(LogError::db("locking the projection checkpoint"))?;
+        let stored = lock_checkpoint(&mut tx, CHECKPOINT).await?;
         if stored != self.state.position {
             // Another runner moved it (a rebuild, another replica): start over from it.
             return Err(crate::error::Error::CheckpointMoved {
@@ -194,14 +188,7 @@ impl Projections {
             });
         }
         write(&mut tx, &batch, &next).await?;
-        sqlx::query(
-            "UPDATE subscription_checkpoints SET position = $2, updated_at = now() WHERE name = $1",
-        )
-        .bind(CHECKPOINT)
-        .bind(batch.last)
-        .execute(&mut *tx)
-        .await
-        .map_err(LogError::db("advancing the projection checkpoint"))?;
+        store_checkpoint(&mut tx, CHECKPOINT, batch.last).await?;
         tx.commit()
             .await
             .map_err(LogError::db("committing a projection batch"))?;
@@ -241,14 +228,7 @@ pub async fn rebuild(log: &EventLog) -> Result<i64> {
         .execute(&mut *tx)
         .await
         .map_err(LogError::db("truncating the read models"))?;
-    sqlx::query(
-        "INSERT INTO subscription_checkpoints (name, position) VALUES ($1, 0) \
-         ON CONFLICT (name) DO UPDATE SET position = 0, updated_at = now()",
-    )
-    .bind(CHECKPOINT)
-    .execute(&mut *tx)
-    .await
-    .map_err(LogError::db("resetting the projection checkpoint"))?;
+    store_checkpoint(&mut tx, CHECKPOINT, 0).await?;
     tx.commit()
         .await
         .map_err(LogError::db("committing the truncation"))?;

@@ -192,16 +192,6 @@ impl<B: Backend> Reconciler<B> {
     }
 }
 
-/// Workspaces a state wants running, by name (for logs and tests).
-pub fn wanted(state: &State) -> BTreeMap<&str, Phase> {
-    state
-        .workspaces
-        .values()
-        .filter(|w| wants_running(w.phase))
-        .map(|w| (w.name.as_str(), w.phase))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

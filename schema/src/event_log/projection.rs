@@ -36,6 +36,35 @@ pub async fn load_checkpoint(pool: &PgPool, name: &str) -> Result<i64> {
     )
 }
 
+/// Locks the checkpoint `name` inside `tx` (creating it at 0) and returns its position. The
+/// row lock serialises every writer of the same checkpoint until `tx` ends, so a batch
+/// applied under it is applied once.
+pub async fn lock_checkpoint(tx: &mut PgConnection, name: &str) -> Result<i64> {
+    sqlx::query_scalar(
+        "INSERT INTO subscription_checkpoints (name, position) VALUES ($1, 0) \
+         ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name \
+         RETURNING position",
+    )
+    .bind(name)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(Error::db("locking a checkpoint"))
+}
+
+/// Sets the checkpoint `name` to `position` (creating it if needed).
+pub async fn store_checkpoint(conn: &mut PgConnection, name: &str, position: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO subscription_checkpoints (name, position) VALUES ($1, $2) \
+         ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, updated_at = now()",
+    )
+    .bind(name)
+    .bind(position)
+    .execute(&mut *conn)
+    .await
+    .map_err(Error::db("storing a checkpoint"))?;
+    Ok(())
+}
+
 /// Applies `events` (in order) and advances the checkpoint, in one transaction. Events at or
 /// below the stored checkpoint are passed over, so a batch replayed after a crash, or
 /// handed to two runners of the same projection, is applied once. Returns the checkpoint.
@@ -48,16 +77,7 @@ pub async fn apply_batch<P: Projection>(
         .begin()
         .await
         .map_err(Error::db("beginning a projection transaction"))?;
-    // The row lock serialises runners of the same projection until commit.
-    let checkpoint: i64 = sqlx::query_scalar(
-        "INSERT INTO subscription_checkpoints (name, position) VALUES ($1, 0) \
-         ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name \
-         RETURNING position",
-    )
-    .bind(projection.name())
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(Error::db("locking a checkpoint"))?;
+    let checkpoint = lock_checkpoint(&mut tx, projection.name()).await?;
 
     let mut last = checkpoint;
     for event in events.iter().filter(|e| e.position > checkpoint) {
@@ -72,14 +92,7 @@ pub async fn apply_batch<P: Projection>(
         last = event.position;
     }
     if last > checkpoint {
-        sqlx::query(
-            "UPDATE subscription_checkpoints SET position = $2, updated_at = now() WHERE name = $1",
-        )
-        .bind(projection.name())
-        .bind(last)
-        .execute(&mut *tx)
-        .await
-        .map_err(Error::db("advancing a checkpoint"))?;
+        store_checkpoint(&mut tx, projection.name(), last).await?;
     }
     tx.commit()
         .await

@@ -1,0 +1,205 @@
+//! What the model-API drivers (`openai`, `anthropic`) share: their settings, the HTTP client,
+//! the key, and the conversation history.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use warren_schema::Secret;
+
+use crate::agent::TurnContext;
+use tracing::warn;
+
+use crate::agent::DriverError;
+
+/// Attempts of one model call (429 and 5xx are retried).
+const ATTEMPTS: u32 = 4;
+
+fn api_error(message: String) -> DriverError {
+    DriverError::Api(message)
+}
+
+/// Messages of history kept per conversation.
+pub const MAX_HISTORY: usize = 40;
+/// Most model calls in one turn (tool steps included).
+pub const MAX_STEPS: usize = 8;
+
+/// A model API endpoint and the history of its conversations.
+#[derive(Debug, Clone)]
+pub struct ModelApi {
+    pub client: reqwest::Client,
+    pub base_url: String,
+    pub model: String,
+    pub max_tokens: u64,
+    pub api_key: Option<Secret>,
+    history: Arc<Mutex<HashMap<String, Vec<Value>>>>,
+}
+
+impl PartialEq for ModelApi {
+    fn eq(&self, other: &Self) -> bool {
+        self.base_url == other.base_url
+            && self.model == other.model
+            && self.max_tokens == other.max_tokens
+    }
+}
+
+impl Eq for ModelApi {}
+
+impl ModelApi {
+    /// `settings.model` (required), `base_url` (default `default_base`), `max_tokens`,
+    /// `timeout_secs`, and the key from `api_key_file`, `{key_var}_FILE` or `{key_var}`.
+    pub fn from_settings(
+        driver: &str,
+        settings: &Value,
+        default_base: &str,
+        key_var: &str,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(
+                    settings["timeout_secs"].as_u64().unwrap_or(300),
+                ))
+                .build()?,
+            base_url: settings["base_url"]
+                .as_str()
+                .unwrap_or(default_base)
+                .trim_end_matches('/')
+                .to_owned(),
+            model: settings["model"]
+                .as_str()
+                .ok_or_else(|| anyhow::anyhow!("an {driver} agent needs settings.model"))?
+                .to_owned(),
+            max_tokens: settings["max_tokens"].as_u64().unwrap_or(1024),
+            api_key: api_key(settings, key_var)?,
+            history: Arc::default(),
+        })
+    }
+
+    /// The conversation so far (without any system prompt), then the turn's message.
+    pub fn start_turn(&self, ctx: &TurnContext, user_message: Value) -> (String, Vec<Value>) {
+        let conversation = ctx
+            .conversation
+            .clone()
+            .unwrap_or_else(|| ctx.message_id.clone());
+        let mut messages = self
+            .history
+            .lock()
+            .map(|h| h.get(&conversation).cloned().unwrap_or_default())
+            .unwrap_or_default();
+        messages.push(user_message);
+        (conversation, messages)
+    }
+
+    /// Keeps the conversation's last messages for its next turn.
+    pub fn remember(&self, conversation: String, messages: Vec<Value>) {
+        if let Ok(mut h) = self.history.lock() {
+            h.insert(conversation, trim_history(messages, MAX_HISTORY));
+        }
+    }
+}
+
+/// The last `max` messages, starting at a user's own message. A cut that left a tool result
+/// without the call it answers (or an assistant turn first) would be refused by the API.
+pub fn trim_history(mut messages: Vec<Value>, max: usize) -> Vec<Value> {
+    let mut start = messages.len().saturating_sub(max);
+    while start < messages.len() && !is_user_text(&messages[start]) {
+        start += 1;
+    }
+    messages.split_off(start)
+}
+
+/// A message a person (or another agent) wrote: role `user` with plain text content.
+fn is_user_text(message: &Value) -> bool {
+    message["role"] == "user" && message["content"].is_string()
+}
+
+/// Sends the request `build` makes, retrying 429 (honouring `Retry-After`) and 5xx with
+/// backoff; returns the JSON body of the first success. Errors name the status and the
+/// start of the body, never a credential.
+pub async fn post_with_retry(
+    url: &str,
+    ctx: &TurnContext,
+    build: impl Fn() -> reqwest::RequestBuilder,
+) -> Result<Value, DriverError> {
+    let mut backoff = Duration::from_millis(500);
+    for attempt in 1..=ATTEMPTS {
+        let mut request = build();
+        if let Some(tp) = &ctx.traceparent {
+            request = request.header("traceparent", tp);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| api_error(format!("calling {url}: {e}")))?;
+        let status = response.status();
+        if status.is_success() {
+            return response
+                .json()
+                .await
+                .map_err(|e| api_error(format!("reading the response: {e}")));
+        }
+        let retryable = status.as_u16() == 429 || status.is_server_error();
+        if !retryable || attempt == ATTEMPTS {
+            let text = response.text().await.unwrap_or_default();
+            let snippet: String = text.chars().take(200).collect();
+            return Err(api_error(format!(
+                "{status} from {url} after {attempt} attempt(s): {snippet}"
+            )));
+        }
+        let wait = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(backoff, |s| Duration::from_secs(s.min(30)));
+        warn!(%status, attempt, wait_ms = wait.as_millis() as u64, "model API refused; retrying");
+        tokio::time::sleep(wait).await;
+        backoff *= 2;
+    }
+    Err(api_error("no attempt made".into()))
+}
+
+/// Reads an API key: the agent's `api_key_file`, else `{var}_FILE`, else `{var}`.
+pub fn api_key(settings: &Value, var: &str) -> anyhow::Result<Option<Secret>> {
+    let key_file = settings["api_key_file"]
+        .as_str()
+        .map(str::to_owned)
+        .or_else(|| std::env::var(format!("{var}_FILE")).ok());
+    Ok(match key_file {
+        Some(path) => Some(Secret::new(
+            std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("reading the API key file {path}: {e}"))?
+                .trim(),
+        )),
+        None => std::env::var(var).ok().map(Secret::new),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn trimmed_history_starts_at_a_user_message_never_inside_a_tool_exchange() {
+        let turn = |n: u32| {
+            vec![
+                json!({"role": "user", "content": format!("question {n}")}),
+                json!({"role": "assistant", "tool_calls": [{"id": n}]}),
+                json!({"role": "tool", "tool_call_id": n, "content": "{}"}),
+                json!({"role": "user", "content": [{"type": "tool_result"}]}),
+                json!({"role": "assistant", "content": format!("answer {n}")}),
+            ]
+        };
+        let history: Vec<Value> = (0..10).flat_map(turn).collect();
+        let trimmed = trim_history(history.clone(), 12);
+        assert!(trimmed.len() <= 12);
+        assert_eq!(trimmed[0], json!({"role": "user", "content": "question 8"}));
+        assert_eq!(
+            trim_history(history.clone(), 100).len(),
+            50,
+            "nothing cut when short"
+        );
+    }
+}
