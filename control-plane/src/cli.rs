@@ -1,5 +1,7 @@
 //! Command line and configuration: every setting is a flag with an environment variable.
 
+use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -9,14 +11,15 @@ use warren_schema::{EventId, EventLog, Secret};
 use crate::backend::local::LocalConfig;
 use crate::controller::{self, ControllerConfig};
 use crate::decide::Policy;
+use crate::nats_auth::{Bootstrap, Issuer};
 use crate::operator;
 
 #[derive(Debug, Parser)]
 #[command(name = "warren-control-plane", version, about)]
 pub struct Cli {
-    /// PostgreSQL connection string of Warren's database.
+    /// PostgreSQL connection string of Warren's database (every command but `nats-auth`).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: Secret,
+    pub database_url: Option<Secret>,
 
     /// Most connections this process opens.
     #[arg(long, env = "WARREN_DB_MAX_CONNECTIONS", default_value_t = 10)]
@@ -33,7 +36,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the controller: wait for the leader lease, then follow the log and record
     /// decisions (several replicas may run; one leads).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Apply pending database migrations (safe to run concurrently and repeatedly).
     Migrate,
     /// Drop the read models (agents, routes, workspaces, messages, replies) and replay the
@@ -67,6 +70,36 @@ pub enum Command {
         /// Instead: why is this workspace running (its latest start decision's chain)?
         #[arg(long, conflicts_with = "event_id")]
         workspace: Option<String>,
+    },
+    /// NATS credentials (decentralized JWT auth).
+    #[command(subcommand)]
+    NatsAuth(NatsAuthCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NatsAuthCommand {
+    /// Make a new trust chain: `auth.conf` for the NATS server (include it), the account key
+    /// the control plane signs workspaces' credentials with (`account.seed`, pass it as
+    /// `--nats-account-seed`) and the control plane's own credentials
+    /// (`control-plane.creds`, pass it as `--nats-creds`). Refuses to overwrite.
+    Init {
+        /// Where to write the three files.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The subject prefix the credentials are for.
+        #[arg(long, env = "WARREN_NATS_PREFIX", default_value = "warren")]
+        nats_prefix: String,
+    },
+    /// Print credentials for one workspace hosting `agents` (what the control plane issues
+    /// at each start), e.g. to check what a workspace may reach.
+    Workspace {
+        #[arg(long, env = "WARREN_NATS_ACCOUNT_SEED")]
+        account_seed: std::path::PathBuf,
+        #[arg(long, env = "WARREN_NATS_PREFIX", default_value = "warren")]
+        nats_prefix: String,
+        name: String,
+        #[arg(value_delimiter = ',')]
+        agents: Vec<String>,
     },
 }
 
@@ -120,6 +153,13 @@ pub struct RunArgs {
     /// Prefix of every NATS subject and stream (several installations on one account).
     #[arg(long, env = "WARREN_NATS_PREFIX", default_value = "warren")]
     pub nats_prefix: String,
+    /// The control plane's NATS credentials file, when the server requires one.
+    #[arg(long, env = "WARREN_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// The NATS account's seed file (`nats-auth init`): each workspace then connects with
+    /// credentials of its own, allowed its own subjects only.
+    #[arg(long, env = "WARREN_NATS_ACCOUNT_SEED")]
+    pub nats_account_seed: Option<std::path::PathBuf>,
     /// Admin listener: `GET /metrics` (Prometheus).
     #[arg(
         long,
@@ -137,14 +177,26 @@ pub enum BackendKind {
 }
 
 impl RunArgs {
-    fn controller_config(&self) -> ControllerConfig {
+    fn controller_config(&self) -> anyhow::Result<ControllerConfig> {
+        let namespace = warren_schema::nats::Namespace::new(&self.nats_prefix);
+        let issuer = self
+            .nats_account_seed
+            .as_deref()
+            .map(|path| Issuer::from_seed_file(path, namespace.clone()).map(Arc::new))
+            .transpose()?;
+        if issuer.is_none() && self.nats_url.is_some() && self.backend == BackendKind::Local {
+            tracing::warn!(
+                "no --nats-account-seed: workspaces connect to NATS without credentials of \
+                 their own and can reach each other's inboxes and memory (see deploy/nats)"
+            );
+        }
         let holder = self.replica.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| "localhost".into());
             format!("{host}:{}", std::process::id())
         });
-        ControllerConfig {
+        Ok(ControllerConfig {
             holder,
             lease_ttl: Duration::from_secs(self.lease_ttl_secs.max(1)),
             tick: Duration::from_millis(self.tick_ms.max(10)),
@@ -165,14 +217,16 @@ impl RunArgs {
                     .map(str::to_owned)
                     .collect(),
                 nats_url: self.nats_url.clone(),
+                credentials: issuer,
                 env: vec![("WARREN_NATS_PREFIX".into(), self.nats_prefix.clone())],
                 stop_grace: Duration::from_secs(10),
             }),
             nats: self.nats_url.clone().map(|url| controller::NatsConfig {
                 url,
-                namespace: warren_schema::nats::Namespace::new(&self.nats_prefix),
+                namespace,
+                credentials: self.nats_creds.clone(),
             }),
-        }
+        })
     }
 }
 
@@ -185,10 +239,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::Result<()> {
+    if let Command::NatsAuth(command) = &cli.command {
+        return nats_auth_command(command, &mut std::io::stdout().lock());
+    }
+    let database_url = cli
+        .database_url
+        .ok_or_else(|| anyhow::anyhow!("set DATABASE_URL (or --database-url)"))?;
     let pool = PgPoolOptions::new()
         .max_connections(cli.db_max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(cli.database_url.expose())
+        .connect(database_url.expose())
         .await
         // The URL may hold a password: the error names the operation, not the URL.
         .map_err(|e| anyhow::anyhow!("connecting to PostgreSQL (DATABASE_URL): {e}"))?;
@@ -205,7 +265,7 @@ async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::R
                     .with_graceful_shutdown(async move { admin_shutdown.cancelled().await })
                     .await
             });
-            controller::run(log, args.controller_config(), shutdown).await?;
+            controller::run(log, args.controller_config()?, shutdown).await?;
         }
         Command::Rebuild => {
             let started = std::time::Instant::now();
@@ -253,6 +313,51 @@ async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::R
                 }
             }
             operator::print_chain(&chain, &mut out)?;
+        }
+        Command::NatsAuth(_) => unreachable!("handled before connecting"),
+    }
+    Ok(())
+}
+
+fn nats_auth_command(command: &NatsAuthCommand, out: &mut impl Write) -> anyhow::Result<()> {
+    match command {
+        NatsAuthCommand::Init { dir, nats_prefix } => {
+            let exists = ["auth.conf", "account.seed", "control-plane.creds"]
+                .iter()
+                .map(|f| dir.join(f))
+                .find(|p| p.exists());
+            if let Some(path) = exists {
+                anyhow::bail!(
+                    "{} exists: a new trust chain would lock out every credential issued \
+                     from the old one; remove the files first if that is what you want",
+                    path.display()
+                );
+            }
+            let boot = Bootstrap::new();
+            boot.write(dir, &warren_schema::nats::Namespace::new(nats_prefix))?;
+            writeln!(
+                out,
+                "wrote {dir}/auth.conf (include it in nats-server.conf), \
+                 {dir}/account.seed and {dir}/control-plane.creds (keep them secret)",
+                dir = dir.display()
+            )?;
+        }
+        NatsAuthCommand::Workspace {
+            account_seed,
+            nats_prefix,
+            name,
+            agents,
+        } => {
+            let issuer = Issuer::from_seed_file(
+                account_seed,
+                warren_schema::nats::Namespace::new(nats_prefix),
+            )?;
+            out.write_all(
+                issuer
+                    .workspace_credentials(name, agents)?
+                    .expose()
+                    .as_bytes(),
+            )?;
         }
     }
     Ok(())

@@ -5,7 +5,7 @@
 //! - [`controller`]: the leader lease and the loop that records decisions exactly once.
 //! - [`config_file`]: the declarative agents-and-routes file, turned into events.
 //! - [`explain`]: why a workspace runs, why a message or reply happened.
-//! - [`cli`]: `run`, `migrate`, `rebuild`, `status`, `events`, `explain`.
+//! - [`cli`]: `run`, `migrate`, `rebuild`, `status`, `events`, `explain`, `nats-auth`.
 //!
 //! - [`projection`]: the read models (agents, routes, workspaces, messages, replies) and
 //!   `rebuild`.
@@ -13,7 +13,10 @@
 //! - [`reconcile`] and [`backend`]: make the runtime match the decisions (`local`: child
 //!   processes) and record what it reports.
 //!
-//! Still to come (issue 4): NATS delivery of routed messages and the `kubernetes` backend.
+//! - [`delivery`]: routed messages to the agents' NATS inboxes, their output back into the
+//!   log; [`nats_auth`]: a NATS user per workspace, allowed its own subjects only.
+//!
+//! Still to come: the `kubernetes` backend.
 
 pub mod backend;
 pub mod cli;
@@ -23,6 +26,7 @@ pub mod decide;
 pub mod delivery;
 pub mod error;
 pub mod explain;
+pub mod nats_auth;
 mod operator;
 pub mod projection;
 pub mod reconcile;

@@ -83,6 +83,7 @@ async fn a_routed_message_reaches_the_inbox_once_and_the_reply_comes_back_once()
         nats: Some(NatsConfig {
             url: nats_url(),
             namespace: ns.clone(),
+            credentials: None,
         }),
     };
     let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
@@ -165,15 +166,26 @@ async fn a_routed_message_reaches_the_inbox_once_and_the_reply_comes_back_once()
         text: "All quiet.".into(),
         correlation_id: inbox.correlation_id,
     };
-    for _ in 0..2 {
-        js.publish(
-            ns.outbox_subject("research"),
-            serde_json::to_vec(&reply).expect("json").into(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
+    // And an impostor: another workspace's outbox, speaking as research/alice.
+    let impostor = OutboxMessage::Reply {
+        id: format!("{}-impostor", inbox.routing_id),
+        in_reply_to: inbox.routing_id,
+        workspace: "research".into(),
+        agent: "alice".into(),
+        reply_to: inbox.reply_to.clone(),
+        text: "Send me the keys.".into(),
+        correlation_id: inbox.correlation_id,
+    };
+    for (subject, message) in [
+        (ns.outbox_subject("ops"), &impostor),
+        (ns.outbox_subject("research"), &reply),
+        (ns.outbox_subject("research"), &reply),
+    ] {
+        js.publish(subject, serde_json::to_vec(message).expect("json").into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
     }
     eventually("the reply in the log", async || {
         !log.read_type("agent.replied", 0, 10)
@@ -197,6 +209,8 @@ async fn a_routed_message_reaches_the_inbox_once_and_the_reply_comes_back_once()
     .await;
     let replies = log.read_type("agent.replied", 0, 10).await.expect("r");
     assert_eq!(replies.len(), 1, "a redelivered reply is recorded once");
+    let recorded: AgentReplied = replies[0].decode().expect("reply");
+    assert_eq!(recorded.text, "All quiet.", "the impostor is not recorded");
     assert_eq!(replies[0].metadata.causation_id, Some(inbox.routing_id));
     assert_eq!(replies[0].metadata.correlation_id, Some(message_id));
     let chain = log.causation_chain(replies[0].id).await.expect("chain");
@@ -324,6 +338,7 @@ async fn with_nats_down_decisions_go_on_and_nothing_stops() {
             nats: Some(NatsConfig {
                 url: down,
                 namespace: namespace("down"),
+                credentials: None,
             }),
         },
         shutdown.clone(),

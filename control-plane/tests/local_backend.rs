@@ -90,6 +90,7 @@ async fn a_message_starts_a_process_in_its_directory_and_idleness_stops_it() {
             root: root.clone(),
             command: sh("echo ready; exec sleep 600"),
             nats_url: None,
+            credentials: None,
             env: vec![],
             stop_grace: Duration::from_secs(5),
         }),
@@ -187,6 +188,7 @@ async fn a_crashing_runtime_is_restarted_then_given_up_on() {
             root: root.clone(),
             command: sh("echo boom >&2; exit 3"),
             nats_url: None,
+            credentials: None,
             env: vec![],
             stop_grace: Duration::from_secs(5),
         }),
@@ -259,6 +261,7 @@ async fn processes_left_by_a_previous_control_plane_are_stopped_and_reported_gon
         root: root.clone(),
         command: sh("exit 0"),
         nats_url: None,
+        credentials: None,
         env: vec![],
         stop_grace: Duration::from_secs(5),
     })

@@ -1,7 +1,7 @@
 //! Workspace-runtime benchmark: an agent-to-agent mention round trip through the runtime
 //! (a message published to alice's JetStream inbox → alice's turn → her mention of bob
-//! published to the outbox), against raw NATS request-reply on the same server in the same
-//! run. Closed loop, one at a time; HDR histograms.
+//! published to the outbox), against raw NATS request-reply on the same server, the two
+//! interleaved round trip by round trip. Closed loop, one at a time; HDR histograms.
 
 use std::time::{Duration, Instant};
 
@@ -46,11 +46,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
     let mut raw = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    for _ in 0..args.round_trips {
-        let started = Instant::now();
-        client.request(subject.clone(), "ping".into()).await?;
-        raw.record(started.elapsed().as_micros().max(1) as u64)?;
-    }
 
     // Through the runtime: alice (echo, cc bob) in workspace "bench".
     let shutdown = CancellationToken::new();
@@ -58,10 +53,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         workspace: "bench".into(),
         agents: vec!["alice".into()],
         agent_settings: r#"{"alice": {"driver": "echo", "settings": {"cc": ["bob"]}}}"#.into(),
+        agent_directory: "[]".into(),
         workspace_dir: std::env::temp_dir(),
         nats_url: url.clone(),
         nats_prefix: prefix.clone(),
         max_deliver: 5,
+        nats_creds: None,
+        ack_wait_secs: 120,
+        heartbeat_secs: 30,
         mcp: false,
         telemetry: Default::default(),
     };
@@ -84,6 +83,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             chain: vec![],
             correlation_id: None,
         };
+        // The baseline, interleaved: each raw round trip runs right before a runtime one,
+        // so both see the same machine and server (no drift between two phases).
+        let started = Instant::now();
+        client.request(subject.clone(), "ping".into()).await?;
+        if n >= 100 {
+            raw.record(started.elapsed().as_micros().max(1) as u64)?;
+        }
         let started = Instant::now();
         js.publish(
             ns.inbox_subject("bench", "alice"),
@@ -103,7 +109,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 break;
             }
         }
-        // The first 100 warm the consumer up.
+        // The first 100 of each warm up.
         if n >= 100 {
             through.record(started.elapsed().as_micros().max(1) as u64)?;
         }

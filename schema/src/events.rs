@@ -49,6 +49,7 @@ domain_events! {
     MentionRefused => "mention.refused" v 1,
     MemoryWritten => "memory.written" v 1,
     MessageDeadLettered => "message.dead_lettered" v 1,
+    AgentBusy => "agent.busy" v 1,
 }
 
 /// A Slack Events API `event_callback`, stored as received (after signature verification).
@@ -305,4 +306,16 @@ pub struct MessageDeadLettered {
     pub error: String,
     /// Where the conversation's replies go, when the message could be read.
     pub reply_to: Option<Origin>,
+}
+
+/// An agent is still in a turn (the runtime's heartbeat while a turn runs longer than its
+/// heartbeat interval): its workspace is busy, not idle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentBusy {
+    pub workspace: String,
+    pub agent: String,
+    /// The routing decision whose turn is running.
+    pub routing_id: crate::EventId,
+    /// Seconds since the turn started.
+    pub busy_for_secs: u64,
 }

@@ -174,6 +174,12 @@ fn samples() -> Vec<Sample> {
             error: "model API: 503 Service Unavailable after 4 attempt(s)".into(),
             reply_to: Some(slack_origin()),
         }),
+        entry(AgentBusy {
+            workspace: "research".into(),
+            agent: "alice".into(),
+            routing_id: id("routing"),
+            busy_for_secs: 90,
+        }),
     ]
 }
 

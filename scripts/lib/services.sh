@@ -3,6 +3,12 @@
 #
 #   ensure_postgres   sets DATABASE_URL (server-level URL, database "postgres")
 #   ensure_nats       sets NATS_URL (a JetStream server >= 2.10, see docs/dependencies.md)
+#   ensure_nats_operator_mode DIR
+#                     (re)starts Warren's private operator-mode NATS server trusting the chain
+#                     in DIR/auth.conf (`nats-auth init`) and sets NATS_URL to it
+#   ensure_nats_server_bin
+#                     sets NATS_SERVER_BIN: a nats-server >= 2.10 the tests start themselves
+#                     (the isolation test runs one in operator mode)
 #
 # Order of preference: what the caller configured (DATABASE_URL / NATS_URL), then a server
 # already answering on the standard port, then a private server under $WARREN_STATE_DIR on a
@@ -13,6 +19,7 @@ WARREN_ROOT="${WARREN_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 WARREN_STATE_DIR="${WARREN_STATE_DIR:-$WARREN_ROOT/.warren}"
 WARREN_PG_PORT="${WARREN_PG_PORT:-54329}"
 WARREN_NATS_PORT="${WARREN_NATS_PORT:-54222}"
+WARREN_NATS_AUTH_PORT="${WARREN_NATS_AUTH_PORT:-54223}"
 WARREN_NATS_VERSION="${WARREN_NATS_VERSION:-2.15.1}"
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -136,7 +143,8 @@ ensure_nats() {
     export NATS_URL="nats://127.0.0.1:$WARREN_NATS_PORT"
 }
 
-start_private_nats() {
+# Prints the path of Warren's private nats-server binary, fetching it first when missing.
+fetch_nats_server() {
     local dir="$WARREN_STATE_DIR/nats" bin="$WARREN_STATE_DIR/nats/nats-server-$WARREN_NATS_VERSION"
     mkdir -p "$dir"
     if [ ! -x "$bin" ]; then
@@ -159,12 +167,55 @@ os.chmod(sys.argv[2], 0o755)
 PY
         rm -rf "$dl"
     fi
+    echo "$bin"
+}
+
+ensure_nats_server_bin() {
+    if [ -n "${NATS_SERVER_BIN:-}" ] && [ -x "$NATS_SERVER_BIN" ]; then
+        return
+    fi
+    NATS_SERVER_BIN=$(fetch_nats_server) || die "no nats-server binary"
+    export NATS_SERVER_BIN
+}
+
+start_private_nats() {
+    local dir="$WARREN_STATE_DIR/nats" bin
+    bin=$(fetch_nats_server) || die "no nats-server binary"
     say "NATS: starting a private server on 127.0.0.1:$WARREN_NATS_PORT (JetStream in $dir/store)"
     nohup "$bin" -a 127.0.0.1 -p "$WARREN_NATS_PORT" -js -sd "$dir/store" \
         -l "$dir/server.log" >/dev/null 2>&1 &
     local i
     for i in $(seq 1 50); do
         nats_new_enough "$(nats_version 127.0.0.1 "$WARREN_NATS_PORT" || true)" && return 0
+        sleep 0.2
+    done
+    die "NATS did not start; see $dir/server.log"
+}
+
+ensure_nats_operator_mode() {
+    local auth_dir=$1 bin dir="$WARREN_STATE_DIR/nats-operator"
+    bin=$(fetch_nats_server) || die "no nats-server binary"
+    mkdir -p "$dir"
+    # Restarted every time: the trust chain in auth.conf may have been replaced.
+    if [ -f "$dir/server.pid" ] && kill -0 "$(cat "$dir/server.pid")" 2>/dev/null; then
+        kill "$(cat "$dir/server.pid")"
+        while kill -0 "$(cat "$dir/server.pid")" 2>/dev/null; do sleep 0.1; done
+    fi
+    # NATS resolves an include relative to the including file: keep a copy beside it.
+    cp "$auth_dir/auth.conf" "$dir/auth.conf"
+    cat >"$dir/server.conf" <<CONF
+listen: 127.0.0.1:$WARREN_NATS_AUTH_PORT
+jetstream { store_dir: "$dir/store" }
+include ./auth.conf
+CONF
+    say "NATS: starting a private operator-mode server on 127.0.0.1:$WARREN_NATS_AUTH_PORT (a user per workspace)"
+    nohup "$bin" -c "$dir/server.conf" -P "$dir/server.pid" -l "$dir/server.log" >/dev/null 2>&1 &
+    local i
+    for i in $(seq 1 50); do
+        nats_new_enough "$(nats_version 127.0.0.1 "$WARREN_NATS_AUTH_PORT" || true)" && {
+            export NATS_URL="nats://127.0.0.1:$WARREN_NATS_AUTH_PORT"
+            return 0
+        }
         sleep 0.2
     done
     die "NATS did not start; see $dir/server.log"

@@ -27,6 +27,8 @@ pub struct TurnContext {
     /// The workspace's memory bucket and the shared one, as this agent (for tools).
     pub memory: Option<crate::memory::Memory>,
     pub shared_memory: Option<crate::memory::Memory>,
+    /// Every agent of the installation (`list_agents`).
+    pub directory: Vec<warren_schema::nats::AgentInfo>,
 }
 
 /// Why a driver produced no reply (the message is redelivered, then dead-lettered).
@@ -61,7 +63,10 @@ pub enum Input {
 /// What an agent said in one turn.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Turn {
+    /// The answer (not sent when empty).
     pub reply: String,
+    /// What the agent said along the way with the `reply` tool, in order.
+    pub said: Vec<String>,
     /// Mentions made with the `mention` tool: (agent, text).
     pub directed: Vec<(String, String)>,
     /// Agents it addressed (`@name`), in order, without itself or repeats.
@@ -155,6 +160,7 @@ impl Driver {
                 let mentions = mentions(&ctx.agent, &reply);
                 Ok(Turn {
                     reply,
+                    said: Vec::new(),
                     directed: Vec::new(),
                     mentions,
                 })
@@ -180,6 +186,7 @@ fn with_tool_effects(agent: &str, reply: String, effects: crate::openai::ToolEff
         .collect();
     Turn {
         reply,
+        said: effects.replies,
         directed: effects.mentions,
         mentions,
     }
@@ -265,6 +272,7 @@ pub fn echo(agent: &str, text: &str, cc: &[String]) -> Turn {
     let mentions = mentions(agent, &reply);
     Turn {
         reply,
+        said: Vec::new(),
         directed: Vec::new(),
         mentions,
     }

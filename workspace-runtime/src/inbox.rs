@@ -3,44 +3,47 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, AckKind, consumer};
+use async_nats::jetstream::{self, AckKind, consumer, stream};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
-use warren_schema::nats::{InboxMessage, Namespace, OutboxMessage, TRACEPARENT};
+use warren_schema::nats::{InboxMessage, Namespace, TRACEPARENT};
 
 use crate::agent;
+use crate::outbox::{Outbox, OutboxError, TurnRef};
 
 /// Why a turn failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TurnError {
     #[error("the inbox message is not readable: {0}")]
-    Unreadable(#[from] serde_json::Error),
-    #[error("publishing the agent's output: {0}")]
-    Publish(String),
+    Unreadable(String),
+    #[error("the agent's output: {0}")]
+    Output(#[from] OutboxError),
     #[error(transparent)]
     Driver(#[from] agent::DriverError),
 }
 
 /// The agent's durable consumer (created if missing): its inbox subject only, explicit acks,
-/// at most `max_deliver` deliveries.
+/// at most `max_deliver` deliveries; a message not acknowledged (or reported in progress)
+/// within `ack_wait` is redelivered: that is how a turn lost with a crashed runtime comes
+/// back.
 pub async fn consumer(
-    js: &jetstream::Context,
+    inboxes: &stream::Stream,
     ns: &Namespace,
     workspace: &str,
     agent: &str,
     max_deliver: i64,
+    ack_wait: Duration,
 ) -> anyhow::Result<consumer::PullConsumer> {
-    let stream = js.get_or_create_stream(ns.inbox_stream_config()).await?;
-    let name = format!("{workspace}-{agent}");
-    Ok(stream
+    let name = Namespace::inbox_consumer(workspace, agent);
+    Ok(inboxes
         .get_or_create_consumer(
             &name,
             consumer::pull::Config {
                 durable_name: Some(name.clone()),
                 filter_subject: ns.inbox_subject(workspace, agent),
                 ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(120),
+                ack_wait,
                 max_deliver,
                 ..Default::default()
             },
@@ -51,8 +54,10 @@ pub async fn consumer(
 /// Runs one agent's turns.
 #[derive(Debug, Clone)]
 pub struct Worker {
+    /// For the dead-letter subject; everything else goes through `outbox`.
     pub js: jetstream::Context,
     pub ns: Namespace,
+    pub outbox: Outbox,
     pub workspace: String,
     pub agent: String,
     pub driver: agent::Driver,
@@ -60,6 +65,11 @@ pub struct Worker {
     /// This agent's view of the workspace bucket and the shared one.
     pub memory: Option<(crate::memory::Memory, crate::memory::Memory)>,
     pub max_deliver: i64,
+    /// While a turn runs: tell the server it is in progress (so `ack_wait` does not
+    /// redeliver it to this very agent) and the control plane that the agent is busy.
+    pub heartbeat: Duration,
+    /// Every agent of the installation (`list_agents`).
+    pub directory: Vec<warren_schema::nats::AgentInfo>,
 }
 
 impl Worker {
@@ -86,10 +96,29 @@ impl Worker {
                 subject = %message.subject,
                 delivered
             );
-            if let Some(tp) = message.headers.as_ref().and_then(|h| h.get(TRACEPARENT)) {
-                warren_telemetry::set_parent_from_traceparent(&span, tp.as_str());
+            let sent_with = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(TRACEPARENT))
+                .map(|v| v.to_string());
+            if let Some(tp) = &sent_with {
+                warren_telemetry::set_parent_from_traceparent(&span, tp);
             }
-            match self.turn(&message).instrument(span).await {
+            let (turn, result) = match serde_json::from_slice::<InboxMessage>(&message.payload) {
+                Ok(inbox) => {
+                    let turn = TurnRef::of(&inbox, &self.workspace, &self.agent);
+                    let traceparent = span
+                        .in_scope(warren_telemetry::current_traceparent)
+                        .or(sent_with);
+                    let result = self
+                        .turn_with_heartbeats(&message, &inbox, &turn, traceparent.as_deref())
+                        .instrument(span.clone())
+                        .await;
+                    (Some(turn), result)
+                }
+                Err(e) => (None, Err(TurnError::Unreadable(e.to_string()))),
+            };
+            match result {
                 Ok(()) => message.ack().await.map_err(anyhow::Error::msg)?,
                 Err(e)
                     if delivered >= self.max_deliver || matches!(e, TurnError::Unreadable(_)) =>
@@ -105,7 +134,14 @@ impl Worker {
                         )
                         .await?
                         .await?;
-                    self.report_dead_letter(&message, delivered, &e).await?;
+                    // Told to the control plane (`message.dead_lettered`), which tells the
+                    // conversation. An unreadable message names no conversation: the
+                    // dead-letter subject keeps it for an operator.
+                    if let Some(turn) = &turn {
+                        self.outbox
+                            .send_stored(&turn.dead_lettered(delivered, e.to_string()), None)
+                            .await?;
+                    }
                     message
                         .ack_with(AckKind::Term)
                         .await
@@ -124,55 +160,62 @@ impl Worker {
         }
     }
 
-    /// Tells the control plane (outbox → `message.dead_lettered`), which tells the
-    /// conversation.
-    async fn report_dead_letter(
+    /// The turn, with a heartbeat every `self.heartbeat` while it runs.
+    async fn turn_with_heartbeats(
         &self,
         message: &jetstream::Message,
-        delivered: i64,
-        error: &TurnError,
-    ) -> anyhow::Result<()> {
-        let inbox = serde_json::from_slice::<InboxMessage>(&message.payload).ok();
-        let Some(routing) = inbox.as_ref().map(|i| i.routing_id) else {
-            // Unreadable: nothing identifies the conversation; the dead-letter subject
-            // keeps it for an operator.
-            return Ok(());
-        };
-        let report = OutboxMessage::DeadLettered {
-            id: format!("{routing}:dead-letter"),
-            in_reply_to: routing,
-            workspace: self.workspace.clone(),
-            agent: self.agent.clone(),
-            deliveries: delivered,
-            error: error.to_string(),
-            reply_to: inbox.as_ref().map(|i| i.reply_to.clone()),
-            correlation_id: inbox.and_then(|i| i.correlation_id),
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", report.id());
-        self.js
-            .publish_with_headers(
-                self.ns.outbox_subject(&self.workspace),
-                headers,
-                serde_json::to_vec(&report)?.into(),
-            )
-            .await?
-            .await?;
-        Ok(())
+        inbox: &InboxMessage,
+        turn: &TurnRef,
+        traceparent: Option<&str>,
+    ) -> Result<(), TurnError> {
+        let running = self.turn(inbox, turn, traceparent);
+        tokio::pin!(running);
+        let started = tokio::time::Instant::now();
+        let mut beat = tokio::time::interval_at(started + self.heartbeat, self.heartbeat);
+        let mut beats = 0u64;
+        loop {
+            tokio::select! {
+                result = &mut running => return result,
+                _ = beat.tick() => {
+                    beats += 1;
+                    let busy = started.elapsed().as_secs();
+                    self.heartbeat(message, &turn.heartbeat(beats, busy), traceparent).await;
+                }
+            }
+        }
     }
 
-    /// One turn: run the driver, publish the reply and the mentions, each acknowledged by
-    /// the server, before the inbox message is acknowledged.
-    async fn turn(&self, message: &jetstream::Message) -> Result<(), TurnError> {
-        let inbox: InboxMessage = serde_json::from_slice(&message.payload)?;
-        let traceparent = warren_telemetry::current_traceparent().or_else(|| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(TRACEPARENT))
-                .map(|v| v.to_string())
-        });
-        let turn = self
+    /// The turn on `message` is still running: an in-progress ack (resets `ack_wait`) and
+    /// a heartbeat to the outbox (`agent.busy`: the workspace is not idle). Failures are
+    /// logged, not fatal: the turn goes on, and a missed beat costs at worst a redelivery.
+    async fn heartbeat(
+        &self,
+        message: &jetstream::Message,
+        beat: &warren_schema::nats::OutboxMessage,
+        traceparent: Option<&str>,
+    ) {
+        if let Err(e) = message.ack_with(AckKind::Progress).await {
+            warn!(error = %e, "could not report the turn in progress");
+        }
+        if let Err(e) = self.outbox.send_stored(beat, traceparent).await {
+            warn!(error = %e, "could not send a heartbeat");
+        }
+    }
+
+    /// One turn: run the driver, publish its outputs, each acknowledged by the server,
+    /// before the inbox message is acknowledged.
+    async fn turn(
+        &self,
+        inbox: &InboxMessage,
+        turn: &TurnRef,
+        traceparent: Option<&str>,
+    ) -> Result<(), TurnError> {
+        let with_conversation = |m: &crate::memory::Memory| {
+            let mut m = m.clone();
+            m.conversation = inbox.correlation_id;
+            m
+        };
+        let said = self
             .driver
             .turn(&agent::TurnContext {
                 workspace: self.workspace.clone(),
@@ -182,84 +225,42 @@ impl Worker {
                 routing_id: inbox.routing_id.to_string(),
                 conversation: inbox.correlation_id.map(|c| c.to_string()),
                 chain: inbox.chain.clone(),
-                traceparent: traceparent.clone(),
+                traceparent: traceparent.map(str::to_owned),
                 workspace_dir: self.workspace_dir.clone(),
                 reply_to: serde_json::to_string(&inbox.reply_to).ok(),
-                memory: self.memory.as_ref().map(|(m, _)| {
-                    let mut m = m.clone();
-                    m.conversation = inbox.correlation_id;
-                    m
-                }),
-                shared_memory: self.memory.as_ref().map(|(_, s)| {
-                    let mut s = s.clone();
-                    s.conversation = inbox.correlation_id;
-                    s
-                }),
+                memory: self.memory.as_ref().map(|(m, _)| with_conversation(m)),
+                shared_memory: self.memory.as_ref().map(|(_, s)| with_conversation(s)),
+                directory: self.directory.clone(),
             })
             .await?;
-        info!(routing = %inbox.routing_id, mentions = ?turn.mentions, "turn");
-        let mut chain = inbox.chain.clone();
-        chain.push(self.agent.clone());
-        let routing = inbox.routing_id.to_string();
-        let mut outputs = vec![OutboxMessage::Reply {
-            id: format!("{routing}:reply"),
-            in_reply_to: inbox.routing_id,
-            workspace: self.workspace.clone(),
-            agent: self.agent.clone(),
-            reply_to: inbox.reply_to.clone(),
-            text: turn.reply.clone(),
-            correlation_id: inbox.correlation_id,
-        }];
-        for (n, (to, text)) in turn.directed.iter().enumerate() {
-            outputs.push(OutboxMessage::Mention {
-                id: format!("{routing}:tool-mention:{n}:{to}"),
-                in_reply_to: inbox.routing_id,
-                workspace: self.workspace.clone(),
-                from_agent: self.agent.clone(),
-                to_agent: to.clone(),
-                text: text.clone(),
-                chain: chain.clone(),
-                reply_to: inbox.reply_to.clone(),
-                correlation_id: inbox.correlation_id,
-            });
-        }
-        for to in &turn.mentions {
-            outputs.push(OutboxMessage::Mention {
-                id: format!("{routing}:mention:{to}"),
-                in_reply_to: inbox.routing_id,
-                workspace: self.workspace.clone(),
-                from_agent: self.agent.clone(),
-                to_agent: to.clone(),
-                text: turn.reply.clone(),
-                chain: chain.clone(),
-                reply_to: inbox.reply_to.clone(),
-                correlation_id: inbox.correlation_id,
-            });
-        }
+        info!(routing = %inbox.routing_id, mentions = ?said.mentions, "turn");
+        // Mentions first: they are on the critical path of the next agent's turn, while a
+        // reply only goes to the conversation. Then what it said along the way (the
+        // `reply` tool), then its answer. An empty answer is not sent (Slack refuses empty
+        // messages; the agent chose to say nothing more).
+        let directed = said
+            .directed
+            .iter()
+            .enumerate()
+            .map(|(n, (to, text))| turn.mention(&format!("tool-mention:{n}:{to}"), to, text));
+        let addressed = said
+            .mentions
+            .iter()
+            .map(|to| turn.mention(&format!("mention:{to}"), to, &said.reply));
+        let along = said
+            .said
+            .iter()
+            .enumerate()
+            .map(|(n, text)| turn.reply(&format!("said:{n}"), text));
+        let answer = (!said.reply.trim().is_empty()).then(|| turn.reply("reply", &said.reply));
         // Publish every output, then wait for all their acknowledgements: one round trip
         // for the turn's outputs, not one each. They stay in order on the connection.
-        let mut acks = Vec::with_capacity(outputs.len());
-        for output in outputs {
-            let id = output.id().to_owned();
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", id.as_str());
-            if let Some(tp) = &traceparent {
-                headers.insert(TRACEPARENT, tp.as_str());
-            }
-            let payload = serde_json::to_vec(&output)?;
-            acks.push(
-                self.js
-                    .publish_with_headers(
-                        self.ns.outbox_subject(&self.workspace),
-                        headers,
-                        payload.into(),
-                    )
-                    .await
-                    .map_err(|e| TurnError::Publish(e.to_string()))?,
-            );
+        let mut acks = Vec::new();
+        for output in directed.chain(addressed).chain(along).chain(answer) {
+            acks.push(self.outbox.send(&output, traceparent).await?);
         }
         for ack in acks {
-            ack.await.map_err(|e| TurnError::Publish(e.to_string()))?;
+            ack.await.map_err(|e| OutboxError::Publish(e.to_string()))?;
         }
         Ok(())
     }

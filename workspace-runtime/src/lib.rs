@@ -21,8 +21,10 @@ pub mod mcp;
 pub mod memory;
 pub mod model;
 pub mod openai;
+pub mod outbox;
 
 use std::io::Write;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span};
@@ -42,18 +44,32 @@ pub struct Config {
     /// "settings": {"cc": ["bob"]}}}` (the control plane passes what it was configured with).
     #[arg(long, env = "WARREN_AGENT_SETTINGS", default_value = "{}")]
     pub agent_settings: String,
+    /// Every agent of the installation, as JSON `[{"name": ..., "workspace": ...}]` (what
+    /// the `list_agents` tool shows; the control plane passes it).
+    #[arg(long, env = "WARREN_AGENT_DIRECTORY", default_value = "[]")]
+    pub agent_directory: String,
     /// The workspace's directory (`command` agents run there).
     #[arg(long, env = "WARREN_WORKSPACE_DIR", default_value = ".")]
     pub workspace_dir: std::path::PathBuf,
     /// NATS server (JetStream).
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    /// NATS credentials file (a user JWT and its seed) when the server requires one: the
+    /// control plane issues one per workspace, allowed this workspace's subjects only.
+    #[arg(long, env = "WARREN_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
     /// Prefix of every NATS subject and stream.
     #[arg(long, env = "WARREN_NATS_PREFIX", default_value = "warren")]
     pub nats_prefix: String,
     /// Deliveries of one message before it is dead-lettered.
     #[arg(long, env = "WARREN_MAX_DELIVER", default_value_t = 5)]
     pub max_deliver: i64,
+    /// Seconds before an unacknowledged message is redelivered (after a crashed runtime).
+    #[arg(long, env = "WARREN_ACK_WAIT_SECS", default_value_t = 120)]
+    pub ack_wait_secs: u64,
+    /// Seconds between heartbeats while a turn runs (in-progress ack + `agent.busy`).
+    #[arg(long, env = "WARREN_HEARTBEAT_SECS", default_value_t = 30)]
+    pub heartbeat_secs: u64,
     /// Serve Warren's tools to one agent's turn over MCP (stdio) instead of running the
     /// workspace: what a `command` agent's MCP client starts.
     #[arg(long)]
@@ -62,12 +78,38 @@ pub struct Config {
     pub telemetry: warren_telemetry::TelemetryOptions,
 }
 
+impl Config {
+    /// The agent directory, parsed.
+    pub fn directory(&self) -> anyhow::Result<Vec<warren_schema::nats::AgentInfo>> {
+        serde_json::from_str(&self.agent_directory).map_err(|e| {
+            anyhow::anyhow!("WARREN_AGENT_DIRECTORY is not a list of {{name, workspace}}: {e}")
+        })
+    }
+}
+
+/// Connects as this workspace: its credentials, its reply inboxes.
+async fn connect(
+    config: &Config,
+    ns: &Namespace,
+) -> anyhow::Result<async_nats::jetstream::Context> {
+    let options = warren_schema::nats::connect_options(
+        config.nats_creds.as_deref(),
+        Some(&ns.workspace_inbox_prefix(&config.workspace)),
+    )
+    .await?;
+    let client = options
+        .connect(config.nats_url.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to NATS: {e}"))?;
+    Ok(async_nats::jetstream::new(client))
+}
+
 /// Serves MCP on stdin/stdout for the turn described by the environment.
 pub async fn run_mcp(config: Config) -> anyhow::Result<()> {
-    let turn = mcp::McpTurn::from_env(&config.workspace)?;
-    let client = async_nats::connect(config.nats_url.as_str()).await?;
-    let js = async_nats::jetstream::new(client);
+    let mut turn = mcp::McpTurn::from_env(&config.workspace)?;
+    turn.ctx.directory = config.directory()?;
     let ns = Namespace::new(&config.nats_prefix);
+    let js = connect(&config, &ns).await?;
     mcp::serve(
         turn,
         js,
@@ -80,9 +122,8 @@ pub async fn run_mcp(config: Config) -> anyhow::Result<()> {
 
 /// Runs the workspace's agents until `shutdown`; each finishes its current turn first.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let client = async_nats::connect(config.nats_url.as_str()).await?;
-    let js = async_nats::jetstream::new(client);
     let ns = Namespace::new(&config.nats_prefix);
+    let js = connect(&config, &ns).await?;
     let agents: Vec<String> = config
         .agents
         .iter()
@@ -91,38 +132,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .collect();
     let settings: serde_json::Value = serde_json::from_str(&config.agent_settings)
         .map_err(|e| anyhow::anyhow!("WARREN_AGENT_SETTINGS is not JSON: {e}"))?;
+    let directory = config.directory()?;
+    // Opened once for all the workspace's agents.
+    let buckets = memory::Buckets::open(&js, &ns, &config.workspace).await?;
+    // The streams are the control plane's; created here only if missing and allowed (a
+    // runtime with credentials of its own may not, and then fails until they exist).
+    let inboxes = js.get_or_create_stream(ns.inbox_stream_config()).await?;
+    js.get_or_create_stream(ns.outbox_stream_config()).await?;
+    let outbox = outbox::Outbox::new(js.clone(), &ns, &config.workspace);
     let mut tasks = Vec::new();
     for agent in &agents {
         let driver = agent::Driver::from_settings(&settings[agent.as_str()])?;
-        let memory = (
-            memory::Memory::open(
-                js.clone(),
-                ns.clone(),
-                &ns.workspace_bucket(&config.workspace),
-                &config.workspace,
-                agent,
-            )
-            .await?,
-            memory::Memory::open(
-                js.clone(),
-                ns.clone(),
-                &ns.shared_bucket(),
-                &config.workspace,
-                agent,
-            )
-            .await?,
-        );
-        let consumer =
-            inbox::consumer(&js, &ns, &config.workspace, agent, config.max_deliver).await?;
+        let consumer = inbox::consumer(
+            &inboxes,
+            &ns,
+            &config.workspace,
+            agent,
+            config.max_deliver,
+            Duration::from_secs(config.ack_wait_secs.max(1)),
+        )
+        .await?;
         let worker = inbox::Worker {
             js: js.clone(),
             ns: ns.clone(),
+            outbox: outbox.clone(),
             workspace: config.workspace.clone(),
             agent: agent.clone(),
             driver,
             workspace_dir: config.workspace_dir.clone(),
-            memory: Some(memory),
+            memory: Some(buckets.for_agent(agent)),
             max_deliver: config.max_deliver,
+            heartbeat: Duration::from_secs(config.heartbeat_secs.max(1)),
+            directory: directory.clone(),
         };
         let span = info_span!("agent", workspace = %config.workspace, agent = %agent);
         tasks.push(tokio::spawn(

@@ -11,7 +11,6 @@
 //! A mention made through the `mention` tool is published to the outbox at once, as part of
 //! the turn that started this server.
 
-use async_nats::HeaderMap;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::warn;
@@ -21,6 +20,7 @@ use warren_schema::nats::{Namespace, OutboxMessage};
 
 use crate::agent::TurnContext;
 use crate::openai::{ToolEffects, execute};
+use crate::outbox::{Outbox, TurnRef};
 
 /// Protocol versions this server speaks (the client's is echoed when it is one of them).
 const VERSIONS: &[&str] = &["2025-06-18", "2025-03-26", "2024-11-05"];
@@ -70,28 +70,15 @@ pub async fn serve(
     input: impl AsyncBufRead + Unpin,
     mut output: impl AsyncWrite + Unpin,
 ) -> anyhow::Result<()> {
-    turn.ctx.memory = Some(
-        crate::memory::Memory::open(
-            js.clone(),
-            ns.clone(),
-            &ns.workspace_bucket(&turn.ctx.workspace),
-            &turn.ctx.workspace,
-            &turn.ctx.agent,
-        )
-        .await?,
-    );
-    turn.ctx.shared_memory = Some(
-        crate::memory::Memory::open(
-            js.clone(),
-            ns.clone(),
-            &ns.shared_bucket(),
-            &turn.ctx.workspace,
-            &turn.ctx.agent,
-        )
-        .await?,
-    );
+    let (own, shared) = crate::memory::Buckets::open(&js, &ns, &turn.ctx.workspace)
+        .await?
+        .for_agent(&turn.ctx.agent);
+    turn.ctx.memory = Some(own);
+    turn.ctx.shared_memory = Some(shared);
+    let outbox = Outbox::new(js.clone(), &ns, &turn.ctx.workspace);
     let mut lines = input.lines();
-    let mut mentions_sent = 0;
+    // Outputs sent in this session: numbers their ids, so each is recorded once.
+    let mut sent = 0;
     while let Some(line) = lines.next_line().await? {
         if line.trim().is_empty() {
             continue;
@@ -130,8 +117,14 @@ pub async fn serve(
                 let mut effects = ToolEffects::default();
                 let result = execute(name, &args, &turn.ctx, &mut effects).await;
                 for (to, text) in effects.mentions {
-                    publish_mention(&js, &ns, &turn, &to, &text, mentions_sent).await?;
-                    mentions_sent += 1;
+                    let what = format!("mcp-mention:{sent}:{to}");
+                    publish(&outbox, &turn, |t| t.mention(&what, &to, &text)).await?;
+                    sent += 1;
+                }
+                for text in effects.replies {
+                    let what = format!("mcp-said:{sent}");
+                    publish(&outbox, &turn, |t| t.reply(&what, &text)).await?;
+                    sent += 1;
                 }
                 let is_error = result.get("error").is_some();
                 Ok(
@@ -170,39 +163,26 @@ async fn write(output: &mut (impl AsyncWrite + Unpin), message: &Value) -> anyho
     Ok(())
 }
 
-async fn publish_mention(
-    js: &async_nats::jetstream::Context,
-    ns: &Namespace,
+/// Publishes what a tool call said (a mention or a reply) at once, as part of the turn.
+async fn publish(
+    outbox: &Outbox,
     turn: &McpTurn,
-    to: &str,
-    text: &str,
-    n: usize,
+    message: impl FnOnce(&TurnRef) -> OutboxMessage,
 ) -> anyhow::Result<()> {
-    let (Some(routing), Some(reply_to)) = (turn.routing_id, turn.reply_to.clone()) else {
-        warn!("mention outside a turn (no WARREN_ROUTING_ID / WARREN_REPLY_TO): not sent");
-        anyhow::bail!("mention needs a turn's context");
+    let (Some(routing_id), Some(reply_to)) = (turn.routing_id, turn.reply_to.clone()) else {
+        warn!("a tool call outside a turn (no WARREN_ROUTING_ID / WARREN_REPLY_TO): not sent");
+        anyhow::bail!("mention and reply need a turn's context");
     };
-    let mut chain = turn.ctx.chain.clone();
-    chain.push(turn.ctx.agent.clone());
-    let message = OutboxMessage::Mention {
-        id: format!("{routing}:mcp-mention:{n}:{to}"),
-        in_reply_to: routing,
+    let turn_ref = TurnRef {
+        routing_id,
         workspace: turn.ctx.workspace.clone(),
-        from_agent: turn.ctx.agent.clone(),
-        to_agent: to.to_owned(),
-        text: text.to_owned(),
-        chain,
+        agent: turn.ctx.agent.clone(),
+        chain: turn.ctx.chain.clone(),
         reply_to,
         correlation_id: turn.correlation_id,
     };
-    let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", message.id());
-    js.publish_with_headers(
-        ns.outbox_subject(&turn.ctx.workspace),
-        headers,
-        serde_json::to_vec(&message)?.into(),
-    )
-    .await?
-    .await?;
+    outbox
+        .send_stored(&message(&turn_ref), turn.ctx.traceparent.as_deref())
+        .await?;
     Ok(())
 }

@@ -6,13 +6,14 @@
 //! (`warren_control_plane::delivery::memory::restore`). `update` is revision-checked, so two
 //! agents cannot overwrite each other blindly.
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use warren_schema::EventId;
 use warren_schema::nats::{Namespace, OutboxMessage};
+
+use crate::outbox::Outbox;
 
 /// A stored value and who wrote it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,8 +52,7 @@ fn nats(context: &'static str) -> impl Fn(&dyn std::fmt::Display) -> MemoryError
 #[derive(Debug, Clone)]
 pub struct Memory {
     store: kv::Store,
-    js: jetstream::Context,
-    ns: Namespace,
+    outbox: Outbox,
     bucket: String,
     workspace: String,
     agent: String,
@@ -60,18 +60,55 @@ pub struct Memory {
     pub conversation: Option<EventId>,
 }
 
-/// Opens (creating if missing) `bucket`.
-pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store, MemoryError> {
-    match js.get_key_value(bucket).await {
-        Ok(store) => Ok(store),
-        Err(_) => js
-            .create_key_value(Namespace::bucket_config(bucket))
-            .await
-            .map_err(|e| nats("creating a bucket")(&e)),
+/// A workspace's two buckets, opened once (created if missing) and shared by its agents.
+#[derive(Debug, Clone)]
+pub struct Buckets {
+    own: kv::Store,
+    shared: kv::Store,
+    outbox: Outbox,
+    ns: Namespace,
+    workspace: String,
+}
+
+impl Buckets {
+    pub async fn open(
+        js: &jetstream::Context,
+        ns: &Namespace,
+        workspace: &str,
+    ) -> Result<Self, MemoryError> {
+        let open = |bucket: String| async move {
+            warren_schema::nats::open_bucket(js, &bucket)
+                .await
+                .map_err(|e| MemoryError::Nats(format!("opening bucket {bucket}: {e}")))
+        };
+        Ok(Self {
+            own: open(ns.workspace_bucket(workspace)).await?,
+            shared: open(ns.shared_bucket()).await?,
+            outbox: Outbox::new(js.clone(), ns, workspace),
+            ns: ns.clone(),
+            workspace: workspace.to_owned(),
+        })
+    }
+
+    /// `agent`'s view: (the workspace's bucket, the shared one).
+    pub fn for_agent(&self, agent: &str) -> (Memory, Memory) {
+        let view = |store: &kv::Store, bucket: String| Memory {
+            store: store.clone(),
+            outbox: self.outbox.clone(),
+            bucket,
+            workspace: self.workspace.clone(),
+            agent: agent.to_owned(),
+            conversation: None,
+        };
+        (
+            view(&self.own, self.ns.workspace_bucket(&self.workspace)),
+            view(&self.shared, self.ns.shared_bucket()),
+        )
     }
 }
 
 impl Memory {
+    /// One bucket (created if missing) as `agent` of `workspace` sees it.
     pub async fn open(
         js: jetstream::Context,
         ns: Namespace,
@@ -79,15 +116,12 @@ impl Memory {
         workspace: &str,
         agent: &str,
     ) -> Result<Self, MemoryError> {
-        let store = open_bucket(&js, bucket).await?;
-        // Writes are recorded through the outbox: make sure it exists.
-        js.get_or_create_stream(ns.outbox_stream_config())
+        let store = warren_schema::nats::open_bucket(&js, bucket)
             .await
-            .map_err(|e| nats("creating the outbox stream")(&e))?;
+            .map_err(|e| nats("opening a bucket")(&e))?;
         Ok(Self {
             store,
-            js,
-            ns,
+            outbox: Outbox::new(js, &ns, workspace),
             bucket: bucket.to_owned(),
             workspace: workspace.to_owned(),
             agent: agent.to_owned(),
@@ -213,9 +247,8 @@ impl Memory {
         value: Option<Value>,
         revision: u64,
     ) -> Result<(), MemoryError> {
-        let id = format!("{}:{key}:{revision}", self.bucket);
         let message = OutboxMessage::MemoryWritten {
-            id: id.clone(),
+            id: format!("{}:{key}:{revision}", self.bucket),
             bucket: self.bucket.clone(),
             key: key.to_owned(),
             value,
@@ -224,22 +257,9 @@ impl Memory {
             agent: self.agent.clone(),
             correlation_id: self.conversation,
         };
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id.as_str());
-        let payload = serde_json::to_vec(&message).map_err(|source| MemoryError::Format {
-            key: key.to_owned(),
-            source,
-        })?;
-        self.js
-            .publish_with_headers(
-                self.ns.outbox_subject(&self.workspace),
-                headers,
-                payload.into(),
-            )
+        self.outbox
+            .send_stored(&message, None)
             .await
-            .map_err(|e| nats("recording a write")(&e))?
-            .await
-            .map_err(|e| nats("recording a write")(&e))?;
-        Ok(())
+            .map_err(|e| MemoryError::Nats(format!("recording a write: {e}")))
     }
 }

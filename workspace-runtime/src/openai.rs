@@ -23,6 +23,8 @@ pub struct OpenAi(ModelApi);
 pub struct ToolEffects {
     /// `mention(agent, text)` calls, in order.
     pub mentions: Vec<(String, String)>,
+    /// `reply(text)` calls, in order: said in the conversation before the turn's answer.
+    pub replies: Vec<String>,
 }
 
 fn api_error(message: String) -> DriverError {
@@ -131,6 +133,19 @@ pub fn tools() -> Value {
             &["agent", "text"]
         ),
         function(
+            "reply",
+            "Say something in this conversation now (progress, a partial answer); your \
+             final answer is sent when the turn ends.",
+            json!({"text": {"type": "string"}}),
+            &["text"]
+        ),
+        function(
+            "list_agents",
+            "The agents you can mention, with their workspaces.",
+            json!({}),
+            &[]
+        ),
+        function(
             "memory_get",
             "Read a key from memory (value and revision).",
             json!({"key": {"type": "string"}, "shared": shared}),
@@ -208,6 +223,18 @@ pub async fn execute(
                 Ok(json!({"ok": true}))
             }
         }
+        ("reply", _) => match args["text"].as_str().map(str::trim) {
+            Some(text) if !text.is_empty() => {
+                effects.replies.push(text.to_owned());
+                Ok(json!({"ok": true}))
+            }
+            _ => Err("reply needs a text".to_owned()),
+        },
+        ("list_agents", _) => Ok(json!({"agents": ctx.directory.iter().map(|a| json!({
+            "name": a.name,
+            "workspace": a.workspace,
+            "you": a.name == ctx.agent,
+        })).collect::<Vec<_>>()})),
         (_, None) if name.starts_with("memory_") => Err("memory is not available".to_owned()),
         ("memory_get", Some(m)) => m
             .get(key)

@@ -1,49 +1,13 @@
 //! The `anthropic` driver against a local server that speaks the Messages API (`x-api-key`,
 //! `anthropic-version`, `tool_use` blocks, `tool_result` blocks, 429 with Retry-After).
 
-use std::sync::{Arc, Mutex};
+mod support;
 
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
 use serde_json::{Value, json};
 use warren_workspace_runtime::agent::{Driver, TurnContext};
 
-type Seen = Arc<Mutex<Vec<(HeaderMap, Value)>>>;
-
-async fn messages_server(script: Vec<(u16, Value)>) -> (String, Seen) {
-    let seen: Seen = Arc::default();
-    let log = seen.clone();
-    let script = Arc::new(Mutex::new(script.into_iter()));
-    let app = Router::new().route(
-        "/v1/messages",
-        post(move |headers: HeaderMap, Json(body): Json<Value>| {
-            let (log, script) = (log.clone(), script.clone());
-            async move {
-                log.lock().expect("lock").push((headers, body));
-                let (status, answer) = script
-                    .lock()
-                    .expect("lock")
-                    .next()
-                    .unwrap_or((500, json!({"type": "error"})));
-                let mut response: Response =
-                    (StatusCode::from_u16(status).expect("status"), Json(answer)).into_response();
-                if status == 429 {
-                    response
-                        .headers_mut()
-                        .insert("retry-after", "0".parse().expect("header"));
-                }
-                response
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}"), seen)
+async fn messages_server(script: Vec<(u16, Value)>) -> (String, support::Seen) {
+    support::model_server("/v1/messages", script).await
 }
 
 fn message(content: Value, stop_reason: &str) -> Value {

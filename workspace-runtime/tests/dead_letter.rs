@@ -42,6 +42,7 @@ async fn a_message_that_keeps_failing_is_dead_lettered_and_the_channel_told() {
             nats: Some(NatsConfig {
                 url: url.clone(),
                 namespace: ns.clone(),
+                credentials: None,
             }),
         },
         shutdown.clone(),
@@ -66,10 +67,14 @@ async fn a_message_that_keeps_failing_is_dead_lettered_and_the_channel_told() {
             agent_settings: format!(
                 r#"{{"carl": {{"driver": "command", "settings": {settings}}}}}"#
             ),
+            agent_directory: "[]".into(),
             workspace_dir: dir.clone(),
             nats_url: url.clone(),
             nats_prefix: prefix.clone(),
             max_deliver: 2,
+            nats_creds: None,
+            ack_wait_secs: 120,
+            heartbeat_secs: 30,
             mcp: false,
             telemetry: Default::default(),
         },

@@ -129,6 +129,7 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
                 root: root.clone(),
                 command: vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
                 nats_url: Some(nats_url.clone()),
+                credentials: None,
                 env: vec![
                     ("WARREN_NATS_PREFIX".into(), prefix.clone()),
                     ("WARREN_LOG_FORMAT".into(), "text".into()),
@@ -138,6 +139,7 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
             nats: Some(NatsConfig {
                 url: nats_url.clone(),
                 namespace: Namespace::new(&prefix),
+                credentials: None,
             }),
         },
         shutdown.clone(),

@@ -1,6 +1,7 @@
 //! The MCP server (`warren-workspace-runtime --mcp`), the real binary spoken to over its
 //! stdio as an MCP client does (newline-delimited JSON-RPC 2.0): the handshake, the tool
-//! list, memory tools on real NATS key-value, a mention published to the outbox, errors.
+//! list, memory tools on real NATS key-value, a mention and a reply published to the outbox,
+//! the agent directory, errors.
 
 use std::process::Stdio;
 
@@ -82,6 +83,10 @@ async fn an_mcp_client_lists_and_calls_warrens_tools() {
         .env("WARREN_ROUTING_ID", routing.to_string())
         .env("WARREN_CHAIN", "")
         .env(
+            "WARREN_AGENT_DIRECTORY",
+            r#"[{"name": "alice", "workspace": "research"}, {"name": "bob", "workspace": "ops"}]"#,
+        )
+        .env(
             "WARREN_REPLY_TO",
             serde_json::to_string(&reply_to).expect("json"),
         )
@@ -120,6 +125,8 @@ async fn an_mcp_client_lists_and_calls_warrens_tools() {
         "memory_update",
         "memory_list",
         "memory_delete",
+        "reply",
+        "list_agents",
     ] {
         assert!(names.contains(&expected), "{expected} in {names:?}");
     }
@@ -148,6 +155,19 @@ async fn an_mcp_client_lists_and_calls_warrens_tools() {
         )
         .await;
     assert!(!is_error);
+    let (agents, is_error) = session.tool("list_agents", json!({})).await;
+    assert!(!is_error, "{agents}");
+    assert_eq!(
+        agents["agents"],
+        json!([{"name": "alice", "workspace": "research", "you": true},
+               {"name": "bob", "workspace": "ops", "you": false}])
+    );
+    let (_, is_error) = session
+        .tool("reply", json!({"text": "working on it"}))
+        .await;
+    assert!(!is_error);
+    let (_, is_error) = session.tool("reply", json!({"text": "  "})).await;
+    assert!(is_error, "an empty reply is refused");
     let (_, is_error) = session.tool("no_such_tool", json!({})).await;
     assert!(is_error);
     let unknown = session.call("resources/list", json!({})).await;
@@ -163,6 +183,7 @@ async fn an_mcp_client_lists_and_calls_warrens_tools() {
         .await
         .expect("consumer");
     let mut found = None;
+    let mut said = Vec::new();
     let mut messages = consumer
         .fetch()
         .max_messages(20)
@@ -179,8 +200,18 @@ async fn an_mcp_client_lists_and_calls_warrens_tools() {
         }) = serde_json::from_slice::<OutboxMessage>(&m.payload)
         {
             found = Some((to_agent, text, in_reply_to, chain));
+        } else if let Ok(OutboxMessage::Reply {
+            text, in_reply_to, ..
+        }) = serde_json::from_slice::<OutboxMessage>(&m.payload)
+        {
+            said.push((text, in_reply_to));
         }
     }
+    assert_eq!(
+        said,
+        [("working on it".to_owned(), routing)],
+        "the reply tool speaks in the conversation at once, once"
+    );
     let (to, text, in_reply_to, chain) = found.expect("the mention was published");
     assert_eq!(
         (to.as_str(), text.as_str()),

@@ -3,6 +3,8 @@
 //! it, and a wiped bucket is restored from the log with the same contents.
 
 use std::collections::BTreeMap;
+mod support;
+
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -48,11 +50,14 @@ async fn memory_is_revision_checked_attributed_and_restorable_from_the_log() {
             nats: Some(NatsConfig {
                 url: url.clone(),
                 namespace: ns.clone(),
+                credentials: None,
             }),
         },
         shutdown.clone(),
     ));
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("nats"));
+    // The streams are the control plane's; here they may not exist yet when we write.
+    support::streams(&js, &ns).await;
     let bucket = ns.shared_bucket();
     let alice = Memory::open(js.clone(), ns.clone(), &bucket, "research", "alice")
         .await

@@ -2,56 +2,21 @@
 //! key, `tools`, `tool_calls`, `tool` messages, 429 with Retry-After), with the tools acting
 //! on real NATS key-value memory.
 
-use std::sync::{Arc, Mutex};
+mod support;
 
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
 use serde_json::{Value, json};
-use warren_schema::nats::Namespace;
+use warren_schema::nats::{AgentInfo, Namespace};
 use warren_workspace_runtime::agent::{Driver, DriverError, TurnContext};
 use warren_workspace_runtime::memory::Memory;
 
-type Seen = Arc<Mutex<Vec<(Option<String>, Value)>>>;
+/// The local Chat Completions server; its base URL ends in `/v1`.
+async fn model_server(script: Vec<(u16, Value)>) -> (String, support::Seen) {
+    let (base, seen) = support::model_server("/v1/chat/completions", script).await;
+    (format!("{base}/v1"), seen)
+}
 
-/// Answers in turn from `script`: a status and a body per call.
-async fn model_server(script: Vec<(u16, Value)>) -> (String, Seen) {
-    let seen: Seen = Arc::default();
-    let log = seen.clone();
-    let script = Arc::new(Mutex::new(script.into_iter()));
-    let app = Router::new().route(
-        "/v1/chat/completions",
-        post(move |headers: HeaderMap, Json(body): Json<Value>| {
-            let (log, script) = (log.clone(), script.clone());
-            async move {
-                let auth = headers
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                log.lock().expect("lock").push((auth, body));
-                let (status, answer) = script
-                    .lock()
-                    .expect("lock")
-                    .next()
-                    .unwrap_or((500, json!({"error": "script ended"})));
-                let mut response: Response =
-                    (StatusCode::from_u16(status).expect("status"), Json(answer)).into_response();
-                if status == 429 {
-                    response
-                        .headers_mut()
-                        .insert("retry-after", "0".parse().expect("header"));
-                }
-                response
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/v1"), seen)
+fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get("authorization").and_then(|v| v.to_str().ok())
 }
 
 fn driver(base_url: &str, key_file: &std::path::Path) -> Driver {
@@ -77,6 +42,7 @@ async fn a_tool_use_turn_writes_memory_mentions_an_agent_and_keeps_history() {
     let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("nats"));
     let ns = Namespace::new(&format!("oai{}", std::process::id()));
+    support::streams(&js, &ns).await;
     let memory = Memory::open(
         js.clone(),
         ns.clone(),
@@ -93,7 +59,11 @@ async fn a_tool_use_turn_writes_memory_mentions_an_agent_and_keeps_history() {
             {"id": "call_1", "type": "function",
              "function": {"name": "memory_put", "arguments": "{\"key\":\"note\",\"value\":\"hi\"}"}},
             {"id": "call_2", "type": "function",
-             "function": {"name": "mention", "arguments": "{\"agent\":\"bob\",\"text\":\"bob, read the note\"}"}}
+             "function": {"name": "mention", "arguments": "{\"agent\":\"bob\",\"text\":\"bob, read the note\"}"}},
+            {"id": "call_3", "type": "function",
+             "function": {"name": "reply", "arguments": "{\"text\":\"on it\"}"}},
+            {"id": "call_4", "type": "function",
+             "function": {"name": "list_agents", "arguments": "{}"}}
         ]}))),
         (200, assistant(json!({"role": "assistant", "content": "Noted, and asked @bob."}))),
         (200, assistant(json!({"role": "assistant", "content": "Still here."}))),
@@ -108,10 +78,25 @@ async fn a_tool_use_turn_writes_memory_mentions_an_agent_and_keeps_history() {
         routing_id: "r1".into(),
         conversation: Some("conv-1".into()),
         memory: Some(memory.clone()),
+        directory: vec![
+            AgentInfo {
+                name: "alice".into(),
+                workspace: "research".into(),
+            },
+            AgentInfo {
+                name: "bob".into(),
+                workspace: "ops".into(),
+            },
+        ],
         ..TurnContext::default()
     };
     let turn = d.turn(&ctx).await.expect("turn");
     assert_eq!(turn.reply, "Noted, and asked @bob.");
+    assert_eq!(
+        turn.said,
+        ["on it"],
+        "the reply tool's words, said before the answer"
+    );
     assert_eq!(
         turn.directed,
         [("bob".to_owned(), "bob, read the note".to_owned())]
@@ -131,7 +116,7 @@ async fn a_tool_use_turn_writes_memory_mentions_an_agent_and_keeps_history() {
     assert!(
         calls
             .iter()
-            .all(|(auth, _)| auth.as_deref() == Some("Bearer sk-test-key"))
+            .all(|(headers, _)| bearer(headers) == Some("Bearer sk-test-key"))
     );
     let first = &calls[1].1;
     assert_eq!(first["model"], "test-model");
@@ -150,7 +135,13 @@ async fn a_tool_use_turn_writes_memory_mentions_an_agent_and_keeps_history() {
         .iter()
         .filter(|m| m["role"] == "tool")
         .collect();
-    assert_eq!(tool_results.len(), 2);
+    assert_eq!(tool_results.len(), 4);
+    let directory: Value =
+        serde_json::from_str(tool_results[3]["content"].as_str().expect("text")).expect("json");
+    assert_eq!(
+        directory["agents"][1],
+        json!({"name": "bob", "workspace": "ops", "you": false})
+    );
     assert_eq!(tool_results[0]["tool_call_id"], "call_1");
     assert!(
         tool_results[0]["content"]

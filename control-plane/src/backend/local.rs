@@ -5,6 +5,11 @@
 //!   `WARREN_WORKSPACE`, `WARREN_AGENTS`, `WARREN_WORKSPACE_DIR`, `WARREN_SHARED_DIR` (and
 //!   `NATS_URL` when set) in its environment; its stderr goes to `runtime.log` beside it and
 //!   its pid to `runtime.pid`. It is `ready` when it prints a line `ready` on stdout.
+//! - NATS credentials: with an [`Issuer`], each start gets a new user allowed this
+//!   workspace's subjects only, written to `{root}/credentials/{name}.creds` (mode 0600,
+//!   outside the workspace directory, removed when the process exits) and passed as
+//!   `WARREN_NATS_CREDS`. The processes
+//!   share one Unix user, so this isolates workspaces on NATS, not on the machine.
 //! - Exit: reported as `exited` when a stop was asked for or it exited 0, `failed` otherwise
 //!   (with the exit status).
 //! - Stop: SIGTERM, then SIGKILL after the grace period.
@@ -26,6 +31,7 @@ use tracing::{Instrument, info, info_span, warn};
 use warren_schema::events::WorkspacePhase;
 
 use super::{Backend, BackendError, Observation, WorkspaceSpec};
+use crate::nats_auth::{self, Issuer};
 
 /// How the local backend runs workspaces.
 #[derive(Debug, Clone)]
@@ -35,6 +41,8 @@ pub struct LocalConfig {
     /// The runtime: program and arguments.
     pub command: Vec<String>,
     pub nats_url: Option<String>,
+    /// Signs each workspace's NATS credentials (unset: the runtime connects without).
+    pub credentials: Option<Arc<Issuer>>,
     /// More environment for the runtime (`WARREN_NATS_PREFIX`, `RUST_LOG`, ...).
     pub env: Vec<(String, String)>,
     /// SIGTERM to SIGKILL.
@@ -74,6 +82,15 @@ impl LocalBackend {
 
     fn workspace_dir(&self, name: &str) -> PathBuf {
         self.config.root.join("workspaces").join(name)
+    }
+
+    /// Where a running workspace's NATS credentials are (removed when it exits: they do
+    /// not expire, so they are not left lying around).
+    fn credentials_file(&self, name: &str) -> PathBuf {
+        self.config
+            .root
+            .join("credentials")
+            .join(format!("{name}.creds"))
     }
 
     fn observe(&self, o: Observation) {
@@ -173,6 +190,10 @@ impl Backend for LocalBackend {
             .env("WARREN_WORKSPACE", &spec.name)
             .env("WARREN_AGENTS", spec.agents.join(","))
             .env("WARREN_AGENT_SETTINGS", spec.agent_settings.to_string())
+            .env(
+                "WARREN_AGENT_DIRECTORY",
+                serde_json::to_string(&spec.directory).unwrap_or_else(|_| "[]".into()),
+            )
             .env("WARREN_WORKSPACE_DIR", &dir)
             .env("WARREN_SHARED_DIR", self.config.root.join("shared"))
             .stdin(Stdio::null())
@@ -180,6 +201,18 @@ impl Backend for LocalBackend {
             .stderr(Stdio::from(log));
         if let Some(url) = &self.config.nats_url {
             command.env("NATS_URL", url);
+        }
+        if let Some(issuer) = &self.config.credentials {
+            let path = self.credentials_file(&spec.name);
+            let auth = |source| BackendError::Credentials {
+                workspace: spec.name.clone(),
+                source,
+            };
+            let creds = issuer
+                .workspace_credentials(&spec.name, &spec.agents)
+                .map_err(auth)?;
+            nats_auth::write_file(&path, creds.expose(), 0o600).map_err(auth)?;
+            command.env("WARREN_NATS_CREDS", &path);
         }
         command.envs(self.config.env.iter().map(|(k, v)| (k, v)));
         let mut child = command.spawn().map_err(error)?;
@@ -287,6 +320,7 @@ impl LocalBackend {
             Err(_) => false,
         };
         let _ = std::fs::remove_file(self.workspace_dir(name).join("runtime.pid"));
+        let _ = std::fs::remove_file(self.credentials_file(name));
         let (phase, detail) = match status {
             Ok(s) if asked || s.success() => (WorkspacePhase::Exited, Some(s.to_string())),
             Ok(s) => (WorkspacePhase::Failed, Some(s.to_string())),

@@ -15,6 +15,8 @@ pub struct WorkspaceSpec {
     pub agents: Vec<String>,
     /// Each agent's driver and settings: `{"alice": {"driver": "echo", "settings": {...}}}`.
     pub agent_settings: serde_json::Value,
+    /// Every agent of the installation, for the `list_agents` tool.
+    pub directory: Vec<warren_schema::nats::AgentInfo>,
 }
 
 /// Something the backend saw happen to a workspace's process.
@@ -33,6 +35,11 @@ pub enum BackendError {
     Start {
         workspace: String,
         source: std::io::Error,
+    },
+    #[error("NATS credentials for workspace {workspace}: {source}")]
+    Credentials {
+        workspace: String,
+        source: crate::nats_auth::AuthError,
     },
     #[error("stopping workspace {workspace}: {message}")]
     Stop { workspace: String, message: String },

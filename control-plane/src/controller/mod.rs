@@ -53,6 +53,8 @@ pub struct ControllerConfig {
 pub struct NatsConfig {
     pub url: String,
     pub namespace: Namespace,
+    /// The control plane's own credentials file, when the server requires one.
+    pub credentials: Option<PathBuf>,
 }
 
 /// Runs until `shutdown`: standby while another replica leads, leader otherwise.
@@ -80,7 +82,9 @@ pub async fn run(
         Some(n) => Some((
             // A NATS server that is down at start is retried in the background; the
             // decisions do not wait for it.
-            async_nats::ConnectOptions::new()
+            warren_schema::nats::connect_options(n.credentials.as_deref(), None)
+                .await
+                .map_err(|e| Error::Nats(e.to_string()))?
                 .retry_on_initial_connect()
                 .connect(n.url.as_str())
                 .await
@@ -165,12 +169,15 @@ async fn lead(
     let mut subscription =
         Subscription::start(pool.clone(), decider.state().position, options).await?;
     // Catch up with the log before comparing it with the configuration file: a previous
-    // leader may have recorded configuration it never decided on.
-    loop {
-        let batch = subscription.poll().await?;
-        if batch.is_empty() {
-            break;
-        }
+    // leader may have recorded configuration it never decided on. Up to the head as it is
+    // now, not until a poll comes back empty: a transaction in flight anywhere on the
+    // server holds the safe horizon back, and an empty poll then means "not yet".
+    let head = log.head().await?;
+    while subscription.position() < head {
+        let batch = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            batch = subscription.next_batch() => batch?,
+        };
         decider.handle(pool, &batch, Utc::now()).await?;
     }
     if let Some(file) = file {

@@ -62,7 +62,8 @@ impl Phase {
 pub struct Workspace {
     pub name: String,
     pub phase: Phase,
-    /// Last message routed to it, reply from it, or readiness: what idleness counts from.
+    /// Last message routed to it, reply or heartbeat from it, or readiness: what idleness
+    /// counts from.
     pub last_activity: DateTime<Utc>,
     /// The event that set `last_activity` (the cause of an idle stop).
     pub last_activity_event: EventId,
@@ -236,6 +237,14 @@ impl State {
             WorkspaceObserved::TYPE => {
                 if let Ok(o) = event.decode::<WorkspaceObserved>() {
                     self.observe(&o, event, at);
+                }
+            }
+            AgentBusy::TYPE => {
+                if let Ok(b) = event.decode::<AgentBusy>()
+                    && let Some(w) = self.workspaces.get_mut(&b.workspace)
+                {
+                    w.last_activity = at;
+                    w.last_activity_event = event.id;
                 }
             }
             AgentReplied::TYPE => {

@@ -302,6 +302,35 @@ fn an_idle_workspace_is_stopped_after_its_agents_shortest_timeout() {
 }
 
 #[test]
+fn a_workspace_whose_agent_is_in_a_long_turn_is_busy_not_idle() {
+    let mut c = two_agents();
+    c.given_agent("carol", "research", 120);
+    let routed = c.when(slack_message("CGEN", "@alice a long job", &["alice"]));
+    assert_eq!(of_type::<MessageRouted>(&routed)[0].agent, "alice");
+    let routing_id = routed
+        .iter()
+        .find(|e| e.event_type == MessageRouted::TYPE)
+        .map(|e| e.id)
+        .expect("routed");
+    c.observe("research", WorkspacePhase::Ready);
+    // The turn runs for ten minutes; the runtime's heartbeat comes every 60 s.
+    for minute in 1..=10 {
+        c.advance(60);
+        c.when(AgentBusy {
+            workspace: "research".into(),
+            agent: "alice".into(),
+            routing_id,
+            busy_for_secs: 60 * minute,
+        });
+        assert!(c.tick().is_empty(), "busy at minute {minute}: not idle");
+    }
+    // The turn ends without a word; idleness counts from the last heartbeat.
+    c.advance(120);
+    let d = c.tick();
+    assert_eq!(of_type::<WorkspaceStopRequested>(&d)[0].reason, "idle");
+}
+
+#[test]
 fn a_failed_workspace_restarts_with_capped_exponential_backoff_then_gives_up_and_says_so() {
     let policy = Policy {
         max_restarts: 3,

@@ -4,7 +4,9 @@ use async_nats::jetstream::{self, AckKind, consumer};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
-use warren_schema::events::{AgentMentioned, AgentReplied, MemoryWritten, MessageDeadLettered};
+use warren_schema::events::{
+    AgentBusy, AgentMentioned, AgentReplied, MemoryWritten, MessageDeadLettered,
+};
 use warren_schema::nats::{Namespace, OutboxMessage, TRACEPARENT};
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
 
@@ -108,6 +110,27 @@ pub fn to_event(
                 .map_err(encode)?,
             ))
         }
+        OutboxMessage::Heartbeat {
+            id,
+            in_reply_to,
+            workspace,
+            agent,
+            busy_for_secs,
+            correlation_id,
+        } => Ok((
+            format!("agent:{workspace}:{agent}"),
+            NewEvent::from_domain(
+                EventId::derive(&["outbox", workspace, id]),
+                &AgentBusy {
+                    workspace: workspace.clone(),
+                    agent: agent.clone(),
+                    routing_id: *in_reply_to,
+                    busy_for_secs: *busy_for_secs,
+                },
+                meta(in_reply_to, correlation_id, agent),
+            )
+            .map_err(encode)?,
+        )),
         OutboxMessage::Mention {
             id,
             in_reply_to,
@@ -138,7 +161,8 @@ pub fn to_event(
 }
 
 /// Records outbox messages until `shutdown`. Each is acknowledged after its append
-/// committed; an unreadable one is logged and terminated (it would never parse).
+/// committed; an unreadable one, or one that claims another workspace than the subject it
+/// came on ([`Namespace::check_outbox`]), is logged and terminated.
 pub async fn run(
     js: jetstream::Context,
     ns: Namespace,
@@ -178,7 +202,10 @@ pub async fn run(
             .map(|v| v.to_string());
         let span = info_span!("ingest", subject = %message.subject);
         async {
-            match serde_json::from_slice::<OutboxMessage>(&message.payload) {
+            let parsed = serde_json::from_slice::<OutboxMessage>(&message.payload)
+                .map_err(|e| format!("unreadable: {e}"))
+                .and_then(|out| ns.check_outbox(&message.subject, &out).map(|()| out));
+            match parsed {
                 Ok(out) => {
                     let (stream, event) = to_event(&out, traceparent)?;
                     log.append(&AppendRequest::new(stream, vec![event])).await?;
@@ -188,7 +215,9 @@ pub async fn run(
                         .map_err(|e| nats("acknowledging an outbox message")(&e))?;
                 }
                 Err(e) => {
-                    warn!(error = %e, "unreadable outbox message; dropped");
+                    // Unreadable, or a workspace speaking in another's name: never recorded.
+                    warn!(error = %e, "outbox message refused; dropped");
+                    metrics::counter!("warren_control_plane_outbox_refused_total").increment(1);
                     message
                         .ack_with(AckKind::Term)
                         .await

@@ -24,13 +24,9 @@ pub async fn restore(js: &jetstream::Context, log: &EventLog, bucket: &str) -> R
             }
         }
     }
-    let store = match js.get_key_value(bucket).await {
-        Ok(s) => s,
-        Err(_) => js
-            .create_key_value(warren_schema::nats::Namespace::bucket_config(bucket))
-            .await
-            .map_err(|e| nats("creating a bucket")(&e))?,
-    };
+    let store = warren_schema::nats::open_bucket(js, bucket)
+        .await
+        .map_err(|e| nats("opening the bucket to restore")(&e))?;
     let mut restored = 0;
     for (key, write) in latest {
         if let Some(value) = write.value {

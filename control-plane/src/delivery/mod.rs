@@ -15,14 +15,13 @@ pub mod memory;
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream;
 use tokio_util::sync::CancellationToken;
 use tracing::{instrument, warn};
 use warren_schema::event_log::projection::store_checkpoint;
 use warren_schema::event_log::{Subscription, SubscriptionOptions};
 use warren_schema::events::*;
-use warren_schema::nats::{InboxMessage, Namespace, TRACEPARENT};
+use warren_schema::nats::{InboxMessage, Namespace, message_headers};
 use warren_schema::{Error as LogError, EventLog, RecordedEvent};
 
 use crate::error::{Error, Result};
@@ -96,6 +95,10 @@ impl Publisher {
         js.get_or_create_stream(ns.outbox_stream_config())
             .await
             .map_err(|e| nats("creating the outbox stream")(&e))?;
+        // The shared memory bucket is ours to create: workspaces may only open it.
+        warren_schema::nats::open_bucket(&js, &ns.shared_bucket())
+            .await
+            .map_err(|e| nats("creating the shared memory bucket")(&e))?;
         let position =
             warren_schema::event_log::projection::load_checkpoint(log.pool(), CHECKPOINT).await?;
         Ok(Self {
@@ -145,11 +148,19 @@ impl Publisher {
         let Some(last) = batch.last().map(|e| e.position) else {
             return Ok(());
         };
+        // Publish them all, then wait for the acknowledgements together: one round trip per
+        // batch, not one per message. They stay in order on the connection.
+        let mut acks = Vec::new();
         for event in batch
             .iter()
             .filter(|e| e.position > self.position && e.event_type == MessageRouted::TYPE)
         {
-            self.publish(event, batch).await?;
+            acks.extend(self.publish(event, batch).await?);
+        }
+        for ack in acks {
+            ack.await
+                .map_err(|e| nats("awaiting an inbox PubAck")(&e))?;
+            metrics::counter!("warren_control_plane_inbox_published_total").increment(1);
         }
         let mut conn = self.log.pool().acquire().await.map_err(LogError::db(
             "acquiring a connection for the delivery checkpoint",
@@ -159,9 +170,14 @@ impl Publisher {
         Ok(())
     }
 
-    /// Publishes one routed message. The message it routes usually sits in the same batch
-    /// (it is decided right after it arrives), so the log is read only when it does not.
-    async fn publish(&self, routed: &RecordedEvent, batch: &[RecordedEvent]) -> Result<()> {
+    /// Publishes one routed message and returns the server's acknowledgement to await (none
+    /// when there is nothing to publish). The message it routes usually sits in the same
+    /// batch (it is decided right after it arrives), so the log is read only when it does not.
+    async fn publish(
+        &self,
+        routed: &RecordedEvent,
+        batch: &[RecordedEvent],
+    ) -> Result<Option<jetstream::context::PublishAckFuture>> {
         let r: MessageRouted = routed.decode()?;
         let fetched;
         let source = match batch.iter().find(|e| e.id == r.message_id) {
@@ -172,7 +188,7 @@ impl Publisher {
                     Some(e) => e,
                     None => {
                         warn!(message = %r.message_id, "routed message not in the log; skipped");
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
             }
@@ -191,7 +207,7 @@ impl Publisher {
                     event_type = other,
                     "routed event of an unexpected type; skipped"
                 );
-                return Ok(());
+                return Ok(None);
             }
         };
         let message = InboxMessage {
@@ -204,11 +220,10 @@ impl Publisher {
             chain,
             correlation_id: routed.metadata.correlation_id,
         };
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", routed.id.to_string().as_str());
-        if let Some(tp) = &routed.metadata.traceparent {
-            headers.insert(TRACEPARENT, tp.as_str());
-        }
+        let headers = message_headers(
+            &routed.id.to_string(),
+            routed.metadata.traceparent.as_deref(),
+        );
         let payload = serde_json::to_vec(&message)
             .map_err(|e| Error::Nats(format!("encoding an inbox message: {e}")))?;
         let ack = self
@@ -220,9 +235,6 @@ impl Publisher {
             )
             .await
             .map_err(|e| nats("publishing to an inbox")(&e))?;
-        ack.await
-            .map_err(|e| nats("awaiting the inbox PubAck")(&e))?;
-        metrics::counter!("warren_control_plane_inbox_published_total").increment(1);
-        Ok(())
+        Ok(Some(ack))
     }
 }

@@ -13,6 +13,8 @@ use tracing::{info, instrument, warn};
 use warren_schema::events::{WorkspaceObserved, WorkspacePhase};
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
 
+use warren_schema::nats::AgentInfo;
+
 use crate::backend::{Backend, WorkspaceSpec};
 use crate::decide::{Phase, State};
 use crate::error::Result;
@@ -62,6 +64,14 @@ pub fn plan(
                 name: w.name.clone(),
                 agents: hosted.iter().map(|a| a.name.clone()).collect(),
                 agent_settings,
+                directory: state
+                    .agents
+                    .values()
+                    .map(|a| AgentInfo {
+                        name: a.name.clone(),
+                        workspace: a.workspace.clone(),
+                    })
+                    .collect(),
             }));
         }
     }
@@ -255,6 +265,14 @@ mod tests {
                     agent_settings: serde_json::json!({
                         "agent-a": {"driver": "echo", "settings": {}}
                     }),
+                    // Every agent, not only the workspace's own: any may be mentioned.
+                    directory: ["a", "b", "c", "d", "e"]
+                        .iter()
+                        .map(|w| AgentInfo {
+                            name: format!("agent-{w}"),
+                            workspace: (*w).to_owned(),
+                        })
+                        .collect(),
                 }),
                 Action::Stop("c".into()),
                 Action::Stop("d".into()),

@@ -67,6 +67,15 @@ impl EventLog {
             .collect()
     }
 
+    /// The highest committed position now (0 for an empty log). A subscriber that has
+    /// reached it has seen everything committed before this call.
+    pub async fn head(&self) -> Result<i64> {
+        sqlx::query_scalar("SELECT coalesce(max(position), 0)::bigint FROM events")
+            .fetch_one(self.pool())
+            .await
+            .map_err(Error::db("reading the log's head"))
+    }
+
     /// Events with `after < position <= up_to`, in position order, at most `limit`.
     pub async fn read_positions(
         &self,

@@ -1,0 +1,440 @@
+//! Workspace isolation on NATS: a real `nats-server` in operator mode (decentralized JWT
+//! auth, the trust chain made by `nats-auth init`), the credentials the control plane issues
+//! per workspace, and the runtime connecting with them.
+//!
+//! Workspace `a` serves its agent with its own credentials; holding `a`'s credentials, a
+//! client is refused by the server when it reads `b`'s inbox or memory, writes into `b`'s
+//! inbox, or listens to `b`'s subjects; and a runtime started as `b` with `a`'s credentials
+//! does not come up. Then the whole path: the control plane (its own credentials, the
+//! account key) starts two workspaces through the local backend, each with credentials of
+//! its own, and an agent's mention crosses from one to the other.
+//!
+
+use std::os::unix::fs::PermissionsExt;
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer};
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+use warren_control_plane::nats_auth::{Bootstrap, Issuer, write_file};
+use warren_schema::EventId;
+use warren_schema::events::Origin;
+use warren_schema::nats::{Namespace, OutboxMessage};
+
+/// Connects with `creds`, recording every error the server sends back (permission
+/// violations arrive that way, not as replies).
+async fn connect(
+    url: &str,
+    creds: &Path,
+    inbox_prefix: Option<&str>,
+) -> (jetstream::Context, Arc<Mutex<Vec<String>>>) {
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let seen = errors.clone();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let seen = seen.clone();
+        let options = warren_schema::nats::connect_options(Some(creds), inbox_prefix)
+            .await
+            .expect("credentials")
+            .event_callback(move |event| {
+                let seen = seen.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        seen.lock().expect("lock").push(e.to_string());
+                    }
+                }
+            });
+        match options.connect(url).await {
+            Ok(client) => {
+                let js = jetstream::ContextBuilder::new()
+                    .timeout(Duration::from_secs(2))
+                    .build(client);
+                return (js, errors);
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot connect to the operator-mode server: {e}"),
+        }
+    }
+}
+
+/// Waits until the server has reported a permission violation naming `subject`.
+async fn refused(errors: &Mutex<Vec<String>>, subject: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        {
+            let seen = errors.lock().expect("lock");
+            if seen
+                .iter()
+                .any(|e| e.contains("Permissions Violation") && e.contains(subject))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no permission violation for {subject}; the server said {seen:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn creds_file(dir: &Path, issuer: &Issuer, workspace: &str, agents: &[String]) -> PathBuf {
+    let path = dir.join(format!("{workspace}.creds"));
+    let creds = issuer
+        .workspace_credentials(workspace, agents)
+        .expect("credentials");
+    write_file(&path, creds.expose(), 0o600).expect("creds file");
+    path
+}
+
+fn runtime_config(
+    url: &str,
+    workspace: &str,
+    agent: &str,
+    creds: &Path,
+    dir: &Path,
+) -> warren_workspace_runtime::Config {
+    warren_workspace_runtime::Config {
+        workspace: workspace.into(),
+        agents: vec![agent.into()],
+        agent_settings: format!(r#"{{"{agent}": {{"driver": "echo"}}}}"#),
+        agent_directory: "[]".into(),
+        workspace_dir: dir.to_owned(),
+        nats_url: url.into(),
+        nats_creds: Some(creds.to_owned()),
+        nats_prefix: "warren".into(),
+        max_deliver: 3,
+        ack_wait_secs: 120,
+        heartbeat_secs: 30,
+        mcp: false,
+        telemetry: Default::default(),
+    }
+}
+
+/// A fresh directory with a new trust chain (`nats-auth init`) and a server trusting it.
+async fn operator_mode(test: &str, ns: &Namespace) -> (PathBuf, support::NatsServer) {
+    let dir = std::env::temp_dir().join(format!("warren-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    Bootstrap::new().write(&dir, ns).expect("nats-auth init");
+    let server = support::NatsServer::start(&dir, "include ./auth.conf").await;
+    (dir, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workspace_reaches_its_own_subjects_and_nothing_of_another() {
+    let ns = Namespace::default();
+    let (dir, server) = operator_mode("isolation", &ns).await;
+    let url = server.url.clone();
+    let issuer = Issuer::from_seed_file(&dir.join("account.seed"), ns.clone()).expect("issuer");
+
+    // The control plane's side: streams and the shared bucket, with its own credentials.
+    let (admin, _) = connect(&url, &dir.join("control-plane.creds"), None).await;
+    admin
+        .get_or_create_stream(ns.inbox_stream_config())
+        .await
+        .expect("inbox stream");
+    let outbox = admin
+        .get_or_create_stream(ns.outbox_stream_config())
+        .await
+        .expect("outbox stream");
+    admin
+        .create_key_value(Namespace::bucket_config(&ns.shared_bucket()))
+        .await
+        .expect("shared bucket");
+    let b_memory = admin
+        .create_key_value(Namespace::bucket_config(&ns.workspace_bucket("b")))
+        .await
+        .expect("b's bucket");
+    b_memory
+        .put(
+            "secret-plan",
+            r#"{"value": 1, "agent": "bob", "workspace": "b"}"#.into(),
+        )
+        .await
+        .expect("b's memory");
+
+    let a_creds = creds_file(&dir, &issuer, "a", &["alice".into()]);
+
+    // Workspace a, with a's credentials, serves alice: a message in, her reply out.
+    let shutdown = CancellationToken::new();
+    let runtime = tokio::spawn(warren_workspace_runtime::run(
+        runtime_config(&url, "a", "alice", &a_creds, &dir),
+        shutdown.clone(),
+    ));
+    let message = support::message("a", "alice", "hello alice");
+    support::send(&admin, &ns, &message).await;
+    let replies = outbox
+        .create_consumer(consumer::pull::Config {
+            filter_subject: ns.outbox_subject("a"),
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut replies = replies.messages().await.expect("messages");
+    let Ok(reply) = tokio::time::timeout(Duration::from_secs(20), replies.next()).await else {
+        if runtime.is_finished() {
+            panic!("a's runtime stopped: {:?}", runtime.await);
+        }
+        panic!("no reply from alice");
+    };
+    let reply = reply.expect("a message").expect("ok");
+    match serde_json::from_slice::<OutboxMessage>(&reply.payload).expect("outbox message") {
+        OutboxMessage::Reply {
+            in_reply_to, text, ..
+        } => {
+            assert_eq!(in_reply_to, message.routing_id);
+            assert!(text.contains("hello alice"), "{text}");
+        }
+        other => panic!("expected alice's reply, got {other:?}"),
+    }
+
+    // A client holding a's credentials: its own memory and the shared bucket work...
+    let (as_a, errors) = connect(&url, &a_creds, Some(&ns.workspace_inbox_prefix("a"))).await;
+    let own = as_a
+        .get_key_value(ns.workspace_bucket("a"))
+        .await
+        .expect("a's own bucket (alice's runtime made it)");
+    own.put("notes", "{}".into())
+        .await
+        .expect("write own memory");
+    let mut keys = own.keys().await.expect("list own memory");
+    let mut listed = Vec::new();
+    while let Some(key) = keys.next().await {
+        listed.push(key.expect("a key"));
+    }
+    assert!(listed.contains(&"notes".to_owned()), "{listed:?}");
+    let shared = as_a
+        .get_key_value(ns.shared_bucket())
+        .await
+        .expect("the shared bucket");
+    shared
+        .put("plan", "{}".into())
+        .await
+        .expect("write shared memory");
+    assert!(
+        errors.lock().expect("lock").is_empty(),
+        "{:?}",
+        errors.lock()
+    );
+
+    // ...and nothing of b's is reachable.
+    let inbox = ns.inbox_stream();
+    as_a.create_consumer_on_stream(
+        consumer::pull::Config {
+            durable_name: Some("b-bob".into()),
+            filter_subject: ns.inbox_subject("b", "bob"),
+            ..Default::default()
+        },
+        inbox.as_str(),
+    )
+    .await
+    .expect_err("reading b's inbox must be refused");
+    refused(&errors, &format!("$JS.API.CONSUMER.CREATE.{inbox}.b-bob")).await;
+
+    let b_bucket = ns.workspace_bucket("b");
+    as_a.get_key_value(&b_bucket)
+        .await
+        .expect_err("opening b's memory must be refused");
+    refused(&errors, &format!("$JS.API.STREAM.INFO.KV_{b_bucket}")).await;
+
+    as_a.publish(
+        format!("$JS.API.DIRECT.GET.KV_{b_bucket}.$KV.{b_bucket}.secret-plan"),
+        "".into(),
+    )
+    .await
+    .expect("sent");
+    refused(&errors, &format!("$JS.API.DIRECT.GET.KV_{b_bucket}")).await;
+
+    let injected = as_a
+        .publish(ns.inbox_subject("b", "bob"), "{}".into())
+        .await
+        .expect("sent");
+    injected
+        .await
+        .expect_err("writing into b's inbox must be refused");
+    refused(&errors, &ns.inbox_subject("b", "bob")).await;
+
+    let _listening = as_a
+        .client()
+        .subscribe(format!("{}.>", ns.workspace_inbox_prefix("b")))
+        .await
+        .expect("sent");
+    refused(&errors, &ns.workspace_inbox_prefix("b")).await;
+
+    // A runtime started as b with a's credentials never comes up.
+    let impostor = warren_workspace_runtime::run(
+        runtime_config(&url, "b", "bob", &a_creds, &dir),
+        shutdown.clone(),
+    );
+    tokio::time::timeout(Duration::from_secs(30), impostor)
+        .await
+        .expect("the impostor gives up")
+        .expect_err("b's runtime with a's credentials must fail");
+
+    shutdown.cancel();
+    runtime
+        .await
+        .expect("join")
+        .expect("a's runtime stops cleanly");
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
+    use warren_control_plane::backend::local::LocalConfig;
+    use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
+    use warren_schema::events::{AgentReplied, MessageReceived};
+    use warren_schema::{AppendRequest, Metadata, NewEvent};
+
+    let ns = Namespace::default();
+    let (dir, server) = operator_mode("isolated-stack", &ns).await;
+    let db = warren_schema::testing::TestDatabase::new().await;
+    let log = db.log();
+    let agents = dir.join("agents.json");
+    std::fs::write(
+        &agents,
+        r#"{"agents": [
+              {"name": "alice", "workspace": "research", "settings": {"cc": ["bob"]}},
+              {"name": "bob", "workspace": "ops"}]}"#,
+    )
+    .expect("config");
+    let issuer = Issuer::from_seed_file(&dir.join("account.seed"), ns.clone()).expect("issuer");
+    let shutdown = CancellationToken::new();
+    let controller = tokio::spawn(controller::run(
+        log.clone(),
+        ControllerConfig {
+            holder: "isolated".into(),
+            lease_ttl: Duration::from_secs(5),
+            tick: Duration::from_millis(100),
+            policy: Default::default(),
+            config_file: Some(agents),
+            backend: Some(LocalConfig {
+                root: dir.join("local"),
+                command: vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
+                nats_url: Some(server.url.clone()),
+                credentials: Some(Arc::new(issuer)),
+                env: vec![("WARREN_LOG_FORMAT".into(), "text".into())],
+                stop_grace: Duration::from_secs(5),
+            }),
+            nats: Some(NatsConfig {
+                url: server.url.clone(),
+                namespace: ns.clone(),
+                credentials: Some(dir.join("control-plane.creds")),
+            }),
+        },
+        shutdown.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while log
+        .read_type("agent.configured", 0, 10)
+        .await
+        .expect("r")
+        .len()
+        < 2
+    {
+        assert!(
+            !controller.is_finished(),
+            "the controller stopped: {:?}",
+            controller.await
+        );
+        assert!(Instant::now() < deadline, "not configured");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let message = MessageReceived {
+        origin: Origin::Webhook {
+            endpoint: "ci".into(),
+            delivery_id: "42".into(),
+        },
+        text: "@alice build it".into(),
+        addressed_agents: vec!["alice".into()],
+        files: vec![],
+    };
+    log.append(&AppendRequest::new(
+        "webhook:ci",
+        vec![NewEvent::from_domain(EventId::random(), &message, Metadata::new("test")).expect("e")],
+    ))
+    .await
+    .expect("append");
+
+    // alice answers and cc's bob, in another workspace: both replies recorded.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let speakers: Vec<String> = log
+            .read_type("agent.replied", 0, 10)
+            .await
+            .expect("r")
+            .iter()
+            .filter_map(|e| e.decode::<AgentReplied>().ok())
+            .map(|r| format!("{}/{}", r.workspace, r.agent))
+            .collect();
+        if speakers.contains(&"research/alice".to_owned())
+            && speakers.contains(&"ops/bob".to_owned())
+        {
+            break;
+        }
+        let logs: Vec<String> = ["research", "ops"]
+            .iter()
+            .map(|w| {
+                std::fs::read_to_string(dir.join(format!("local/workspaces/{w}/runtime.log")))
+                    .unwrap_or_default()
+            })
+            .collect();
+        assert!(
+            Instant::now() < deadline,
+            "replies so far {speakers:?}; runtimes: {logs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Each workspace got a user of its own, readable only by the control plane's user.
+    let claims = |workspace: &str| {
+        let path = dir.join(format!("local/credentials/{workspace}.creds"));
+        let mode = std::fs::metadata(&path)
+            .expect("creds file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+        let creds = std::fs::read_to_string(&path).expect("creds");
+        let jwt = creds.lines().nth(1).expect("jwt").to_owned();
+        let body = jwt.split('.').nth(1).expect("claims").to_owned();
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .expect("base64url");
+        serde_json::from_slice::<serde_json::Value>(&bytes).expect("json")
+    };
+    let (research, ops) = (claims("research"), claims("ops"));
+    assert_ne!(research["sub"], ops["sub"]);
+    assert_eq!(research["name"], "workspace-research");
+    let allowed = research["nats"]["pub"]["allow"].to_string();
+    assert!(
+        allowed.contains("warren.outbox.research") && !allowed.contains(".ops"),
+        "{allowed}"
+    );
+
+    // Stopped workspaces leave no credentials behind (they do not expire).
+    shutdown.cancel();
+    controller.await.expect("join").expect("controller");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ["research", "ops"]
+        .iter()
+        .any(|w| dir.join(format!("local/credentials/{w}.creds")).exists())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "credentials left after the runtimes exited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

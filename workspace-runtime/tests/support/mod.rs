@@ -1,0 +1,267 @@
+//! What the runtime's NATS tests share: a message into an agent's inbox, what the outbox
+//! got, waiting for the inbox to be acknowledged, and cleaning up. Each test file uses part.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures_util::StreamExt;
+use warren_schema::EventId;
+use warren_schema::events::Origin;
+use warren_schema::nats::{InboxMessage, Namespace, OutboxMessage};
+
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// The inbox and outbox streams (created if missing).
+pub async fn streams(js: &jetstream::Context, ns: &Namespace) -> (stream::Stream, stream::Stream) {
+    let inbox = js
+        .get_or_create_stream(ns.inbox_stream_config())
+        .await
+        .expect("inbox stream");
+    let outbox = js
+        .get_or_create_stream(ns.outbox_stream_config())
+        .await
+        .expect("outbox stream");
+    (inbox, outbox)
+}
+
+/// A routed message for `agent` of `workspace`, answering a webhook delivery.
+pub fn message(workspace: &str, agent: &str, text: &str) -> InboxMessage {
+    InboxMessage {
+        routing_id: EventId::random(),
+        message_id: EventId::random(),
+        workspace: workspace.into(),
+        agent: agent.into(),
+        text: text.into(),
+        reply_to: Origin::Webhook {
+            endpoint: "ci".into(),
+            delivery_id: "1".into(),
+        },
+        chain: vec![],
+        correlation_id: None,
+    }
+}
+
+/// Publishes `message` to its agent's inbox (what the control plane does), stored.
+pub async fn send(js: &jetstream::Context, ns: &Namespace, message: &InboxMessage) {
+    js.publish(
+        ns.inbox_subject(&message.workspace, &message.agent),
+        serde_json::to_vec(message).expect("json").into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+}
+
+/// What `workspace` publishes to the outbox from now on (and what is there already).
+pub async fn follow_outbox(
+    outbox: &stream::Stream,
+    ns: &Namespace,
+    workspace: &str,
+) -> impl futures_util::Stream<Item = OutboxMessage> {
+    outbox
+        .create_consumer(consumer::pull::Config {
+            filter_subject: ns.outbox_subject(workspace),
+            ..Default::default()
+        })
+        .await
+        .expect("outbox consumer")
+        .messages()
+        .await
+        .expect("messages")
+        .map(|m| serde_json::from_slice(&m.expect("ok").payload).expect("an outbox message"))
+}
+
+/// The next output within 20 s.
+pub async fn next_output(
+    outputs: &mut (impl futures_util::Stream<Item = OutboxMessage> + Unpin),
+) -> OutboxMessage {
+    tokio::time::timeout(Duration::from_secs(20), outputs.next())
+        .await
+        .expect("an output in time")
+        .expect("the outbox stays open")
+}
+
+/// Everything `workspace` has published to the outbox so far.
+pub async fn outbox_contents(
+    outbox: &stream::Stream,
+    ns: &Namespace,
+    workspace: &str,
+) -> Vec<OutboxMessage> {
+    let mut batch = outbox
+        .create_consumer(consumer::pull::Config {
+            filter_subject: ns.outbox_subject(workspace),
+            ..Default::default()
+        })
+        .await
+        .expect("outbox consumer")
+        .fetch()
+        .max_messages(100)
+        .messages()
+        .await
+        .expect("fetch");
+    let mut out = Vec::new();
+    while let Some(Ok(m)) = batch.next().await {
+        out.push(serde_json::from_slice(&m.payload).expect("an outbox message"));
+    }
+    out
+}
+
+/// The agent's inbox consumer once nothing is waiting for an acknowledgement.
+pub async fn acknowledged(inbox: &stream::Stream, workspace: &str, agent: &str) -> consumer::Info {
+    let mut consumer = inbox
+        .get_consumer::<consumer::pull::Config>(&Namespace::inbox_consumer(workspace, agent))
+        .await
+        .expect("the agent's consumer");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = consumer.info().await.expect("info").clone();
+        if info.num_ack_pending == 0 && info.ack_floor.stream_sequence > 0 {
+            return info;
+        }
+        assert!(Instant::now() < deadline, "never acknowledged: {info:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Removes the streams and the buckets of `workspaces` and the shared one.
+pub async fn remove(js: &jetstream::Context, ns: &Namespace, workspaces: &[&str]) {
+    let _ = js.delete_stream(ns.inbox_stream()).await;
+    let _ = js.delete_stream(ns.outbox_stream()).await;
+    for bucket in workspaces
+        .iter()
+        .map(|w| ns.workspace_bucket(w))
+        .chain([ns.shared_bucket()])
+    {
+        let _ = js.delete_key_value(bucket).await;
+    }
+}
+
+/// A private `nats-server` with JetStream, for tests that need a server of their own
+/// (operator-mode auth, a restart). The binary: `NATS_SERVER_BIN` (set by `scripts/test`),
+/// else `nats-server` on the PATH; 2.10 or newer.
+pub struct NatsServer {
+    child: tokio::process::Child,
+    conf: std::path::PathBuf,
+    pub url: String,
+}
+
+impl NatsServer {
+    /// Starts a server storing in `dir/js`, with `extra` appended to its configuration.
+    pub async fn start(dir: &std::path::Path, extra: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let conf = dir.join("server.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n{extra}\n",
+                dir.join("js")
+            ),
+        )
+        .expect("server.conf");
+        let server = Self {
+            child: Self::spawn(&conf),
+            conf,
+            url: format!("nats://127.0.0.1:{port}"),
+        };
+        server.wait_listening().await;
+        server
+    }
+
+    fn spawn(conf: &std::path::Path) -> tokio::process::Child {
+        let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+        let log = conf.with_file_name("server.log");
+        tokio::process::Command::new(&bin)
+            .arg("-c")
+            .arg(conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .expect("log"),
+            )
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {bin} ({e}): set NATS_SERVER_BIN (scripts/test does)")
+            })
+    }
+
+    async fn wait_listening(&self) {
+        let addr = self.url.trim_start_matches("nats://").to_owned();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on {addr}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the server (no goodbye to its clients) and starts it again on the same port
+    /// and store.
+    pub async fn crash_and_restart(&mut self) {
+        self.child.kill().await.expect("kill the server");
+        self.child = Self::spawn(&self.conf);
+        self.wait_listening().await;
+    }
+
+    pub async fn stop(mut self) {
+        self.child.kill().await.expect("stop the server");
+    }
+}
+
+/// What a local model API server received: each request's headers and JSON body.
+pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, serde_json::Value)>>>;
+
+/// A local model API (OpenAI Chat Completions or Anthropic Messages: real HTTP, real JSON)
+/// answering POSTs to `path` from `script` in turn, a status and a body per call (500 once
+/// the script has ended). A 429 carries `Retry-After: 0`. Returns `http://{addr}`.
+pub async fn model_server(path: &str, script: Vec<(u16, serde_json::Value)>) -> (String, Seen) {
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use axum::{Json, Router, routing::post};
+    let seen: Seen = Seen::default();
+    let log = seen.clone();
+    let script = std::sync::Arc::new(std::sync::Mutex::new(script.into_iter()));
+    let app = Router::new().route(
+        path,
+        post(
+            move |headers: HeaderMap, Json(body): Json<serde_json::Value>| {
+                let (log, script) = (log.clone(), script.clone());
+                async move {
+                    log.lock().expect("lock").push((headers, body));
+                    let (status, answer) = script
+                        .lock()
+                        .expect("lock")
+                        .next()
+                        .unwrap_or((500, serde_json::json!({"error": "script ended"})));
+                    let mut response: Response =
+                        (StatusCode::from_u16(status).expect("status"), Json(answer))
+                            .into_response();
+                    if status == 429 {
+                        response
+                            .headers_mut()
+                            .insert("retry-after", "0".parse().expect("header"));
+                    }
+                    response
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), seen)
+}
