@@ -25,9 +25,13 @@ fn replica(log: &EventLog, name: &str, file: &std::path::Path) -> tokio::task::J
         nats: None,
     };
     let log = log.clone();
+    let name = name.to_owned();
     tokio::spawn(async move {
-        // Killed by abort, never by cancellation: no lease release, no clean shutdown.
-        let _ = controller::run(log, config, CancellationToken::new()).await;
+        // Killed by abort, never by cancellation: no lease release, no clean shutdown. A
+        // replica that stops by itself is a failure of its own: say why.
+        if let Err(e) = controller::run(log, config, CancellationToken::new()).await {
+            eprintln!("replica {name} stopped: {e}");
+        }
     })
 }
 

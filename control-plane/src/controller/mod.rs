@@ -172,13 +172,17 @@ async fn lead(
     // leader may have recorded configuration it never decided on. Up to the head as it is
     // now, not until a poll comes back empty: a transaction in flight anywhere on the
     // server holds the safe horizon back, and an empty poll then means "not yet".
+    // The lease is renewed meanwhile: a long backlog must not cost the lease.
+    let mut renew = tokio::time::interval(config.lease_ttl / 3);
     let head = log.head().await?;
     while subscription.position() < head {
-        let batch = tokio::select! {
+        tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            batch = subscription.next_batch() => batch?,
-        };
-        decider.handle(pool, &batch, Utc::now()).await?;
+            _ = renew.tick() => decider.lease().renew(pool).await??,
+            batch = subscription.next_batch() => {
+                decider.handle(pool, &batch?, Utc::now()).await?;
+            }
+        }
     }
     if let Some(file) = file {
         // The configuration events come back through the subscription like any other.
@@ -206,7 +210,6 @@ async fn lead(
         r.record_observations().await?;
         r.reconcile(decider.state()).await?;
     }
-    let mut renew = tokio::time::interval(config.lease_ttl / 3);
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
