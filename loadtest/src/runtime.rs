@@ -1,7 +1,12 @@
 //! Workspace-runtime benchmark: an agent-to-agent mention round trip through the runtime
 //! (a message published to alice's JetStream inbox → alice's turn → her mention of bob
-//! published to the outbox), against raw NATS request-reply on the same server, the two
-//! interleaved round trip by round trip. Closed loop, one at a time; HDR histograms.
+//! published to the outbox), against raw NATS request-reply on the same server (the goal's
+//! baseline) and against the JetStream floor: the same two stores with a bare relay in place
+//! of the runtime (inbox consumer → outbox publish → ack). The three are interleaved round
+//! trip by round trip. Closed loop, one at a time; HDR histograms.
+//!
+//! runtime / raw is the goal's ratio; runtime / floor is what the runtime itself adds to
+//! what JetStream costs on that path.
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +52,40 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     });
     let mut raw = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
 
+    // The JetStream floor: a relay that takes each message from a durable inbox consumer,
+    // publishes it to the outbox (awaiting the store), then acks, as a turn does, with no
+    // parsing, driver or tracing.
+    let floor_in = ns.inbox_subject("floor", "relay");
+    let floor_out = ns.outbox_subject("floor");
+    let relay = {
+        let inboxes = js.get_stream(ns.inbox_stream()).await?;
+        let consumer = inboxes
+            .get_or_create_consumer(
+                "floor-relay",
+                async_nats::jetstream::consumer::pull::Config {
+                    durable_name: Some("floor-relay".into()),
+                    filter_subject: floor_in.clone(),
+                    ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut messages = consumer.messages().await?;
+        let (js, floor_out) = (js.clone(), floor_out.clone());
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = messages.next().await {
+                let Ok(stored) = js.publish(floor_out.clone(), m.payload.clone()).await else {
+                    return;
+                };
+                if stored.await.is_err() || m.ack().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut floor_outbox = client.subscribe(floor_out).await?;
+    let mut floor = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+
     // Through the runtime: alice (echo, cc bob) in workspace "bench".
     let shutdown = CancellationToken::new();
     let config = warren_workspace_runtime::Config {
@@ -91,6 +130,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             raw.record(started.elapsed().as_micros().max(1) as u64)?;
         }
         let started = Instant::now();
+        js.publish(floor_in.clone(), format!("{n}").into())
+            .await?
+            .await?;
+        tokio::time::timeout(Duration::from_secs(10), floor_outbox.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("floor subscription ended"))?;
+        if n >= 100 {
+            floor.record(started.elapsed().as_micros().max(1) as u64)?;
+        }
+        let started = Instant::now();
         js.publish(
             ns.inbox_subject("bench", "alice"),
             serde_json::to_vec(&message)?.into(),
@@ -116,11 +165,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     shutdown.cancel();
     runtime.await??;
+    relay.abort();
     let _ = js.delete_stream(ns.inbox_stream()).await;
     let _ = js.delete_stream(ns.outbox_stream()).await;
 
     for (name, h) in [
         ("baseline: raw NATS request-reply", &raw),
+        ("JetStream floor: inbox → relay → outbox", &floor),
         ("mention round trip through the runtime", &through),
     ] {
         for (label, q) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
@@ -134,5 +185,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let ratio = through.value_at_quantile(0.99) as f64 / raw.value_at_quantile(0.99).max(1) as f64;
     report::ratio("p99 runtime / p99 raw (goal <= 1.5)", ratio, &[]);
     report::ratio("goal 1.5 / ratio", 1.5 / ratio, &[1.0]);
+    let p99 = |h: &Histogram<u64>| h.value_at_quantile(0.99).max(1) as f64;
+    report::ratio(
+        "p99 JetStream floor / p99 raw",
+        p99(&floor) / p99(&raw),
+        &[],
+    );
+    report::ratio(
+        "p99 runtime / p99 JetStream floor",
+        p99(&through) / p99(&floor),
+        &[],
+    );
     Ok(())
 }

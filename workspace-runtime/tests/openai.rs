@@ -196,3 +196,94 @@ async fn server_errors_are_retried_then_reported_without_the_key() {
     assert!(!message.contains("sk-test-key"), "no secret in the error");
     assert_eq!(seen.lock().expect("lock").len(), 4);
 }
+
+/// Through the runtime: what the model says with the `reply` tool reaches the conversation
+/// before its answer, both as replies to the message's origin, and the inbox message is
+/// acknowledged once both are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_runtime_the_reply_tool_speaks_before_the_answer() {
+    let url = support::nats_url();
+    let prefix = format!("oairt{}", std::process::id());
+    let ns = Namespace::new(&prefix);
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("nats"));
+    let (inbox, outbox) = support::streams(&js, &ns).await;
+    let (base, seen) = model_server(vec![
+        (
+            200,
+            assistant(json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "reply", "arguments": "{\"text\":\"looking into it\"}"}}
+            ]})),
+        ),
+        (
+            200,
+            assistant(json!({"role": "assistant", "content": "found it"})),
+        ),
+    ])
+    .await;
+    let settings = json!({"alice": {"driver": "openai", "settings": {
+        "base_url": base, "model": "test-model", "max_tokens": 64,
+        "api_key_file": key_file("runtime")}}});
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let runtime = tokio::spawn(warren_workspace_runtime::run(
+        warren_workspace_runtime::Config {
+            workspace: "w".into(),
+            agents: vec!["alice".into()],
+            agent_settings: settings.to_string(),
+            agent_directory: "[]".into(),
+            workspace_dir: std::env::temp_dir(),
+            nats_url: url.clone(),
+            nats_creds: None,
+            nats_prefix: prefix.clone(),
+            max_deliver: 3,
+            ack_wait_secs: 30,
+            heartbeat_secs: 10,
+            mcp: false,
+            telemetry: Default::default(),
+        },
+        shutdown.clone(),
+    ));
+
+    let message = support::message("w", "alice", "where is it?");
+    support::send(&js, &ns, &message).await;
+    let mut outputs = Box::pin(support::follow_outbox(&outbox, &ns, "w").await);
+    let mut said = Vec::new();
+    while said.len() < 2 {
+        match support::next_output(&mut outputs).await {
+            warren_schema::nats::OutboxMessage::Reply {
+                in_reply_to,
+                reply_to,
+                text,
+                ..
+            } => {
+                assert_eq!(in_reply_to, message.routing_id);
+                assert_eq!(
+                    reply_to, message.reply_to,
+                    "said in the message's conversation"
+                );
+                said.push(text);
+            }
+            other => panic!("unexpected output {other:?}"),
+        }
+    }
+    assert_eq!(said, ["looking into it", "found it"]);
+    let info = support::acknowledged(&inbox, "w", "alice").await;
+    assert_eq!(
+        info.delivered.consumer_sequence, 1,
+        "answered on the first delivery"
+    );
+    // The model saw the tool's result before it answered.
+    let calls = seen.lock().expect("lock").clone();
+    assert_eq!(calls.len(), 2);
+    let answered = calls[1].1["messages"].as_array().expect("messages").clone();
+    assert!(
+        answered
+            .iter()
+            .any(|m| m["role"] == "tool" && m["tool_call_id"] == "call_1"),
+        "{answered:?}"
+    );
+
+    shutdown.cancel();
+    runtime.await.expect("join").expect("runtime");
+    support::remove(&js, &ns, &["w"]).await;
+}
