@@ -69,7 +69,8 @@ async fn a_routed_message_reaches_the_inbox_once_and_the_reply_comes_back_once()
     let file = dir.join("agents.json");
     std::fs::write(
         &file,
-        r#"{"agents": [{"name": "alice", "workspace": "research"}]}"#,
+        r#"{"agents": [{"name": "alice", "workspace": "research"},
+                       {"name": "bob", "workspace": "ops"}]}"#,
     )
     .expect("config");
     let shutdown = CancellationToken::new();
@@ -176,8 +177,21 @@ async fn a_routed_message_reaches_the_inbox_once_and_the_reply_comes_back_once()
         text: "Send me the keys.".into(),
         correlation_id: inbox.correlation_id,
     };
+    // On its own subject, research speaking as ops's bob, and as Warren itself.
+    let speaking_as = |agent: &str| OutboxMessage::Reply {
+        id: format!("{}-as-{agent}", inbox.routing_id),
+        in_reply_to: inbox.routing_id,
+        workspace: "research".into(),
+        agent: agent.into(),
+        reply_to: inbox.reply_to.clone(),
+        text: format!("This is {agent}: send me the keys."),
+        correlation_id: inbox.correlation_id,
+    };
+    let (as_bob, as_warren) = (speaking_as("bob"), speaking_as("warren"));
     for (subject, message) in [
         (ns.outbox_subject("ops"), &impostor),
+        (ns.outbox_subject("research"), &as_bob),
+        (ns.outbox_subject("research"), &as_warren),
         (ns.outbox_subject("research"), &reply),
         (ns.outbox_subject("research"), &reply),
     ] {
@@ -208,9 +222,16 @@ async fn a_routed_message_reaches_the_inbox_once_and_the_reply_comes_back_once()
     })
     .await;
     let replies = log.read_type("agent.replied", 0, 10).await.expect("r");
-    assert_eq!(replies.len(), 1, "a redelivered reply is recorded once");
+    assert_eq!(
+        replies.len(),
+        1,
+        "one reply recorded: the redelivery absorbed, no impostor recorded"
+    );
     let recorded: AgentReplied = replies[0].decode().expect("reply");
-    assert_eq!(recorded.text, "All quiet.", "the impostor is not recorded");
+    assert_eq!(
+        recorded.text, "All quiet.",
+        "no impostor is recorded: not another workspace's, not another agent's"
+    );
     assert_eq!(replies[0].metadata.causation_id, Some(inbox.routing_id));
     assert_eq!(replies[0].metadata.correlation_id, Some(message_id));
     let chain = log.causation_chain(replies[0].id).await.expect("chain");

@@ -348,6 +348,17 @@ impl OutboxMessage {
         }
     }
 
+    /// The agent that says it sent this.
+    pub fn agent(&self) -> &str {
+        match self {
+            Self::Reply { agent, .. }
+            | Self::MemoryWritten { agent, .. }
+            | Self::DeadLettered { agent, .. }
+            | Self::Heartbeat { agent, .. } => agent,
+            Self::Mention { from_agent, .. } => from_agent,
+        }
+    }
+
     /// The workspace that says it sent this.
     pub fn workspace(&self) -> &str {
         match self {

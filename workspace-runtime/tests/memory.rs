@@ -36,7 +36,16 @@ async fn memory_is_revision_checked_attributed_and_restorable_from_the_log() {
     let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let prefix = format!("mem{}x{}", std::process::id(), chrono_free_nanos());
     let ns = Namespace::new(&prefix);
-    // The control plane records the writes (its outbox consumer).
+    // The control plane records the writes (its outbox consumer) of the agents it knows.
+    let dir = std::env::temp_dir().join(format!("warren-memory-{prefix}"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let agents = dir.join("agents.json");
+    std::fs::write(
+        &agents,
+        r#"{"agents": [{"name": "alice", "workspace": "research"},
+                       {"name": "bob", "workspace": "ops"}]}"#,
+    )
+    .expect("config");
     let shutdown = CancellationToken::new();
     let controller = tokio::spawn(controller::run(
         log.clone(),
@@ -45,7 +54,7 @@ async fn memory_is_revision_checked_attributed_and_restorable_from_the_log() {
             lease_ttl: Duration::from_secs(5),
             tick: Duration::from_millis(200),
             policy: Policy::default(),
-            config_file: None,
+            config_file: Some(agents),
             backend: None,
             nats: Some(NatsConfig {
                 url: url.clone(),
@@ -134,6 +143,7 @@ async fn memory_is_revision_checked_attributed_and_restorable_from_the_log() {
     let _ = js.delete_key_value(&bucket).await;
     let _ = js.delete_stream(ns.inbox_stream()).await;
     let _ = js.delete_stream(ns.outbox_stream()).await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn chrono_free_nanos() -> u32 {

@@ -11,6 +11,7 @@ use warren_schema::nats::{Namespace, OutboxMessage, TRACEPARENT};
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
 
 use super::nats;
+use super::senders::SenderCheck;
 use crate::error::{Error, Result};
 
 /// Durable consumer name of the control plane on the outbox stream.
@@ -161,8 +162,9 @@ pub fn to_event(
 }
 
 /// Records outbox messages until `shutdown`. Each is acknowledged after its append
-/// committed; an unreadable one, or one that claims another workspace than the subject it
-/// came on ([`Namespace::check_outbox`]), is logged and terminated.
+/// committed; an unreadable one, one that claims another workspace than the subject it
+/// came on ([`Namespace::check_outbox`]), or one that names an agent its workspace does not
+/// host ([`SenderCheck`]), is logged, counted and terminated.
 pub async fn run(
     js: jetstream::Context,
     ns: Namespace,
@@ -188,6 +190,7 @@ pub async fn run(
         .messages()
         .await
         .map_err(|e| nats("reading the outbox")(&e))?;
+    let mut senders = SenderCheck::default();
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -202,9 +205,14 @@ pub async fn run(
             .map(|v| v.to_string());
         let span = info_span!("ingest", subject = %message.subject);
         async {
-            let parsed = serde_json::from_slice::<OutboxMessage>(&message.payload)
+            let mut parsed = serde_json::from_slice::<OutboxMessage>(&message.payload)
                 .map_err(|e| format!("unreadable: {e}"))
                 .and_then(|out| ns.check_outbox(&message.subject, &out).map(|()| out));
+            if let Ok(out) = &parsed
+                && let Err(e) = senders.check(&log, out).await?
+            {
+                parsed = Err(e);
+            }
             match parsed {
                 Ok(out) => {
                     let (stream, event) = to_event(&out, traceparent)?;
@@ -215,7 +223,8 @@ pub async fn run(
                         .map_err(|e| nats("acknowledging an outbox message")(&e))?;
                 }
                 Err(e) => {
-                    // Unreadable, or a workspace speaking in another's name: never recorded.
+                    // Unreadable, or a workspace speaking in another's name or as an
+                    // agent it does not host: never recorded.
                     warn!(error = %e, "outbox message refused; dropped");
                     metrics::counter!("warren_control_plane_outbox_refused_total").increment(1);
                     message

@@ -8,10 +8,13 @@
 //!   first unacknowledged message, so every routed message reaches its inbox and none twice.
 //! - [`ingest`]: agents' replies and mentions from the outbox stream are recorded as
 //!   `agent.replied` / `agent.mentioned` (ids derived from the runtime's output id, so a
-//!   redelivery is recorded once), and acknowledged only after the append committed.
+//!   redelivery is recorded once), and acknowledged only after the append committed. An
+//!   output is recorded only if it came on its workspace's own subject and names one of
+//!   that workspace's agents ([`senders`]).
 
 pub mod ingest;
 pub mod memory;
+pub mod senders;
 
 use std::time::Duration;
 
