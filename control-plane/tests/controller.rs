@@ -330,3 +330,63 @@ async fn a_deposed_leader_cannot_record_a_decision() {
         "nothing recorded for {m}"
     );
 }
+
+/// A new leader's start-up (replaying a large log) can take longer than the lease's TTL.
+/// The lease is renewed while it runs, so no rival takes over mid-way; and work under a
+/// lease that is lost anyway (a long pause) stops at the next renewal.
+#[tokio::test]
+async fn long_work_under_the_lease_keeps_it_and_lost_lease_stops_it() {
+    let db = TestDatabase::new().await;
+    let ttl = Duration::from_millis(600);
+    let a = Lease::try_acquire(&db.pool, "test.leader", "a", ttl)
+        .await
+        .expect("db")
+        .expect("free lease");
+    // Work five TTLs long, while b tries to take the lease every 50 ms.
+    let rival = async {
+        let mut tries = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tries += 1;
+            if let Some(b) = Lease::try_acquire(&db.pool, "test.leader", "b", ttl)
+                .await
+                .expect("db")
+            {
+                return (tries, b);
+            }
+        }
+    };
+    let work = tokio::time::sleep(ttl * 5);
+    tokio::select! {
+        held = a.hold_while(&db.pool, work) => {
+            held.expect("db").expect("the lease was kept for the whole work");
+        }
+        (tries, _) = rival => panic!("b took the lease after {tries} tries, during a's work"),
+    }
+
+    // Without renewal the lease expires and b takes it; a's next work stops at its first
+    // renewal, long before the work would end.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let b = loop {
+        if let Some(b) = Lease::try_acquire(&db.pool, "test.leader", "b", ttl)
+            .await
+            .expect("db")
+        {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "b never took over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(b.fence, a.fence + 1);
+    let started = Instant::now();
+    let lost = a
+        .hold_while(&db.pool, tokio::time::sleep(Duration::from_secs(30)))
+        .await
+        .expect("db");
+    assert!(lost.is_err(), "a's work ran on under b's lease");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stopped at the first renewal, after {:?}",
+        started.elapsed()
+    );
+}

@@ -115,6 +115,33 @@ impl Lease {
         })
     }
 
+    /// Runs `work` while renewing the lease every `ttl / 3`, so that long work (a new
+    /// leader replaying a large log) does not cost the lease: without it, a log that takes
+    /// longer than the TTL to load would pass the lease from replica to replica, each
+    /// deposed before it decides anything. Returns `Err(LeaseLost)` inside `Ok` as soon as
+    /// a renewal finds the lease gone; `work` is dropped then.
+    pub async fn hold_while<F: Future>(
+        &self,
+        pool: &PgPool,
+        work: F,
+    ) -> Result<Result<F::Output, LeaseLost>, LogError> {
+        let mut work = std::pin::pin!(work);
+        let mut renew = tokio::time::interval(self.ttl / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate: the lease was just taken or renewed.
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                out = &mut work => return Ok(Ok(out)),
+                _ = renew.tick() => {
+                    if let Err(lost) = self.renew(pool).await? {
+                        return Ok(Err(lost));
+                    }
+                }
+            }
+        }
+    }
+
     /// Gives the lease up (on shutdown), so a standby takes over at once.
     pub async fn release(&self, pool: &PgPool) -> Result<(), LogError> {
         sqlx::query(

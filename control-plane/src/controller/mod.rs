@@ -158,38 +158,41 @@ async fn lead(
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let pool = log.pool();
-    let mut decider = Decider::load(log, config.policy.clone(), lease).await?;
-    let options = SubscriptionOptions {
-        name: decider::CHECKPOINT.into(),
-        // Decisions are on the path of every message: re-check unsettled positions often
-        // (one cheap watermark query per millisecond while a writer is in flight).
-        settle_poll: Duration::from_millis(1),
-        ..SubscriptionOptions::default()
-    };
-    let mut subscription =
-        Subscription::start(pool.clone(), decider.state().position, options).await?;
-    // Catch up with the log before comparing it with the configuration file: a previous
-    // leader may have recorded configuration it never decided on. Up to the head as it is
-    // now, not until a poll comes back empty: a transaction in flight anywhere on the
-    // server holds the safe horizon back, and an empty poll then means "not yet".
-    // The lease is renewed meanwhile: a long backlog must not cost the lease.
-    let mut renew = tokio::time::interval(config.lease_ttl / 3);
-    let head = log.head().await?;
-    while subscription.position() < head {
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            _ = renew.tick() => decider.lease().renew(pool).await??,
-            batch = subscription.next_batch() => {
-                decider.handle(pool, &batch?, Utc::now()).await?;
-            }
+    // Taking over: load the decisions' state, catch up with the log, sync the configuration
+    // file, load the read models. On a large log this takes longer than the lease's TTL,
+    // so the lease is renewed all along.
+    let starting = async {
+        let mut decider = Decider::load(log, config.policy.clone(), lease.clone()).await?;
+        let options = SubscriptionOptions {
+            name: decider::CHECKPOINT.into(),
+            // Decisions are on the path of every message: re-check unsettled positions
+            // often (one cheap watermark query per millisecond while a writer is in flight).
+            settle_poll: Duration::from_millis(1),
+            ..SubscriptionOptions::default()
+        };
+        let mut subscription =
+            Subscription::start(pool.clone(), decider.state().position, options).await?;
+        // Catch up with the log before comparing it with the configuration file: a previous
+        // leader may have recorded configuration it never decided on. Up to the head as it
+        // is now, not until a poll comes back empty: a transaction in flight anywhere on
+        // the server holds the safe horizon back, and an empty poll then means "not yet".
+        let head = log.head().await?;
+        while subscription.position() < head {
+            let batch = subscription.next_batch().await?;
+            decider.handle(pool, &batch, Utc::now()).await?;
         }
-    }
-    if let Some(file) = file {
-        // The configuration events come back through the subscription like any other.
-        config_file::sync(log, decider.state(), file).await?;
-    }
-    // The read models follow the log beside the decisions, on the leader only.
-    let mut projections = Projections::load(log).await?;
+        if let Some(file) = file {
+            // The configuration events come back through the subscription like any other.
+            config_file::sync(log, decider.state(), file).await?;
+        }
+        // The read models follow the log beside the decisions, on the leader only.
+        let projections = Projections::load(log).await?;
+        Ok::<_, Error>((decider, subscription, projections))
+    };
+    let (mut decider, mut subscription, mut projections) = tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        started = lease.hold_while(pool, starting) => started???,
+    };
     let read_models = projections.run(log, shutdown.clone());
     tokio::pin!(read_models);
     // Delivery to agents and their output back, beside the decisions; NATS failures are
@@ -210,6 +213,7 @@ async fn lead(
         r.record_observations().await?;
         r.reconcile(decider.state()).await?;
     }
+    let mut renew = tokio::time::interval(config.lease_ttl / 3);
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
