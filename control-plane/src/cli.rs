@@ -160,6 +160,11 @@ pub struct RunArgs {
     /// credentials of its own, allowed its own subjects only.
     #[arg(long, env = "WARREN_NATS_ACCOUNT_SEED")]
     pub nats_account_seed: Option<std::path::PathBuf>,
+    /// Seconds a workspace's NATS credentials are valid (0: no expiry). A running workspace
+    /// gets new ones at half that, and reconnects with them when the old ones expire; a
+    /// stopped workspace's leftover credentials stop working.
+    #[arg(long, env = "WARREN_NATS_CREDENTIALS_TTL_SECS", default_value_t = 3600)]
+    pub nats_credentials_ttl_secs: u64,
     /// Admin listener: `GET /metrics` (Prometheus).
     #[arg(
         long,
@@ -182,7 +187,14 @@ impl RunArgs {
         let issuer = self
             .nats_account_seed
             .as_deref()
-            .map(|path| Issuer::from_seed_file(path, namespace.clone()).map(Arc::new))
+            .map(|path| {
+                Issuer::from_seed_file(path, namespace.clone()).map(|issuer| {
+                    Arc::new(match self.nats_credentials_ttl_secs {
+                        0 => issuer,
+                        secs => issuer.with_lifetime(Duration::from_secs(secs)),
+                    })
+                })
+            })
             .transpose()?;
         if issuer.is_none() && self.nats_url.is_some() && self.backend == BackendKind::Local {
             tracing::warn!(

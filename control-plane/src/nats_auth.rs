@@ -45,6 +45,8 @@ pub enum AuthError {
 pub struct Issuer {
     account: KeyPair,
     ns: Namespace,
+    /// How long a workspace's credentials are valid (the JWT's `exp`); `None`: forever.
+    lifetime: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -52,6 +54,7 @@ impl std::fmt::Debug for Issuer {
         f.debug_struct("Issuer")
             .field("account", &self.account.public_key())
             .field("ns", &self.ns)
+            .field("lifetime", &self.lifetime)
             .finish()
     }
 }
@@ -67,7 +70,24 @@ impl Issuer {
                 account.key_pair_type()
             )));
         }
-        Ok(Self { account, ns })
+        Ok(Self {
+            account,
+            ns,
+            lifetime: None,
+        })
+    }
+
+    /// Workspace credentials expire `lifetime` after they are issued: a stopped workspace's
+    /// leftover credentials stop working, and a running one gets new ones in time (the
+    /// backend renews them at half their lifetime; the runtime reads its credentials file
+    /// again at every reconnect).
+    pub fn with_lifetime(mut self, lifetime: std::time::Duration) -> Self {
+        self.lifetime = Some(lifetime);
+        self
+    }
+
+    pub fn lifetime(&self) -> Option<std::time::Duration> {
+        self.lifetime
     }
 
     /// Reads the account seed from a file (what `nats-auth init` wrote).
@@ -95,12 +115,13 @@ impl Issuer {
             &self.account,
             &format!("workspace-{workspace}"),
             Some(&permissions),
+            self.lifetime,
         )
     }
 
     /// Credentials with the account's every permission (the control plane, operators' tools).
     pub fn full_credentials(&self, name: &str) -> Result<Secret, AuthError> {
-        user_credentials(&self.account, name, None)
+        user_credentials(&self.account, name, None, None)
     }
 }
 
@@ -109,6 +130,7 @@ fn user_credentials(
     account: &KeyPair,
     name: &str,
     permissions: Option<&Permissions>,
+    lifetime: Option<std::time::Duration>,
 ) -> Result<Secret, AuthError> {
     let user = KeyPair::new_user();
     let mut nats = json!({
@@ -119,7 +141,7 @@ fn user_credentials(
         nats["pub"] = json!({ "allow": p.publish });
         nats["sub"] = json!({ "allow": p.subscribe });
     }
-    let jwt = encode(&user.public_key(), name, nats, account)?;
+    let jwt = encode(&user.public_key(), name, nats, account, lifetime)?;
     let seed = user.seed().map_err(|e| AuthError::Sign(e.to_string()))?;
     Ok(Secret::new(format!(
         "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
@@ -131,15 +153,27 @@ fn user_credentials(
     )))
 }
 
-/// A NATS JWT: `subject`'s claims signed by `issuer` (ed25519, NATS's `ed25519-nkey`).
-fn encode(subject: &str, name: &str, nats: Value, issuer: &KeyPair) -> Result<String, AuthError> {
+/// A NATS JWT: `subject`'s claims signed by `issuer` (ed25519, NATS's `ed25519-nkey`),
+/// expiring `lifetime` from now if given.
+fn encode(
+    subject: &str,
+    name: &str,
+    nats: Value,
+    issuer: &KeyPair,
+    lifetime: Option<std::time::Duration>,
+) -> Result<String, AuthError> {
+    let now = chrono::Utc::now().timestamp();
     let mut claims = json!({
-        "iat": chrono::Utc::now().timestamp(),
+        "iat": now,
         "iss": issuer.public_key(),
         "name": name,
         "sub": subject,
         "nats": nats,
     });
+    if let Some(lifetime) = lifetime {
+        // Whole seconds, at least one: NATS compares `exp` with the clock in seconds.
+        claims["exp"] = json!(now + (lifetime.as_secs() as i64).max(1));
+    }
     // The JWT id is a hash of the claims without it, as NATS's own tools make it.
     let digest = sha2::Sha256::digest(claims.to_string().as_bytes());
     claims["jti"] = json!(data_encoding::BASE32_NOPAD.encode(&digest));
@@ -202,6 +236,7 @@ impl Bootstrap {
             json!({ "type": "operator", "version": 2,
                     "system_account": self.system.public_key() }),
             &self.operator,
+            None,
         )?;
         let unlimited = json!({
             "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
@@ -212,6 +247,7 @@ impl Bootstrap {
             "SYS",
             json!({ "type": "account", "version": 2, "limits": unlimited }),
             &self.operator,
+            None,
         )?;
         let mut limits = unlimited;
         for key in ["mem_storage", "disk_storage", "streams", "consumer"] {
@@ -222,6 +258,7 @@ impl Bootstrap {
             "WARREN",
             json!({ "type": "account", "version": 2, "limits": limits }),
             &self.operator,
+            None,
         )?;
         Ok(format!(
             "# Warren's NATS trust chain (warren-control-plane nats-auth init).\n\
@@ -286,6 +323,31 @@ mod tests {
 
     fn jwt_of(creds: &str) -> &str {
         creds.lines().nth(1).expect("the JWT line")
+    }
+
+    #[test]
+    fn workspace_credentials_expire_after_the_lifetime_and_others_do_not() {
+        let boot = Bootstrap::new();
+        let seed = boot.account_seed().expect("seed");
+        let forever = Issuer::new(&seed, Namespace::default()).expect("issuer");
+        let hourly = Issuer::new(&seed, Namespace::default())
+            .expect("issuer")
+            .with_lifetime(std::time::Duration::from_secs(3600));
+        let c = claims(jwt_of(
+            hourly.workspace_credentials("w", &[]).expect("c").expose(),
+        ));
+        let (iat, exp) = (
+            c["iat"].as_i64().expect("iat"),
+            c["exp"].as_i64().expect("exp"),
+        );
+        assert_eq!(exp - iat, 3600);
+        let c = claims(jwt_of(
+            forever.workspace_credentials("w", &[]).expect("c").expose(),
+        ));
+        assert!(c.get("exp").is_none(), "{c}");
+        // The control plane's own user never expires (nothing renews it).
+        let c = claims(jwt_of(hourly.full_credentials("cp").expect("c").expose()));
+        assert!(c.get("exp").is_none(), "{c}");
     }
 
     #[test]

@@ -232,23 +232,69 @@ pub enum ConnectError {
 /// Connection options for a Warren process: its credentials file (a NATS `.creds` file: a
 /// user JWT and its seed) when the server requires one, and the inbox prefix its
 /// permissions allow.
+///
+/// The credentials file is read at every connect and reconnect, not once: workspace
+/// credentials expire, the control plane writes new ones before they do, and the server
+/// closes a connection whose JWT has expired, so the reconnect must present the new file.
+/// It is also read here, so a missing or malformed file is an error at start.
 pub async fn connect_options(
     credentials: Option<&Path>,
     inbox_prefix: Option<&str>,
 ) -> Result<async_nats::ConnectOptions, ConnectError> {
     let options = match credentials {
-        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
-            .await
-            .map_err(|source| ConnectError::Credentials {
-                path: path.to_owned(),
-                source,
-            })?,
+        Some(path) => {
+            read_credentials(path)?;
+            let path = path.to_owned();
+            async_nats::ConnectOptions::with_auth_callback(move |nonce| {
+                let read = read_credentials(&path);
+                async move {
+                    let (jwt, key) = read.map_err(|e| async_nats::AuthError::new(e.to_string()))?;
+                    let mut auth = async_nats::Auth::new();
+                    auth.jwt = Some(jwt);
+                    auth.signature = Some(
+                        key.sign(&nonce)
+                            .map_err(|e| async_nats::AuthError::new(e.to_string()))?,
+                    );
+                    Ok(auth)
+                }
+            })
+        }
         None => async_nats::ConnectOptions::new(),
     };
     Ok(match inbox_prefix {
         Some(prefix) => options.custom_inbox_prefix(prefix),
         None => options,
     })
+}
+
+/// The user JWT and key pair of a `.creds` file. Errors name the file, never its contents.
+fn read_credentials(path: &Path) -> Result<(String, nkeys::KeyPair), ConnectError> {
+    let error = |source| ConnectError::Credentials {
+        path: path.to_owned(),
+        source,
+    };
+    let invalid = |what: &str| error(std::io::Error::new(std::io::ErrorKind::InvalidData, what));
+    let contents = std::fs::read_to_string(path).map_err(error)?;
+    let (jwt, seed) = parse_credentials(&contents)
+        .ok_or_else(|| invalid("not a credentials file (no user JWT and seed blocks)"))?;
+    let key = nkeys::KeyPair::from_seed(seed).map_err(|_| invalid("its seed is not valid"))?;
+    Ok((jwt.to_owned(), key))
+}
+
+/// The JWT and the seed of a `.creds` file: each is the first line after its BEGIN marker.
+fn parse_credentials(contents: &str) -> Option<(&str, &str)> {
+    let block = |begin: &str| {
+        contents
+            .lines()
+            .skip_while(|l| !l.contains(begin))
+            .nth(1)
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("---"))
+    };
+    Some((
+        block("BEGIN NATS USER JWT")?,
+        block("BEGIN USER NKEY SEED")?,
+    ))
 }
 
 /// One agent of the installation, as the `list_agents` tool shows it (the control plane
@@ -398,6 +444,23 @@ impl Namespace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_credentials_file_gives_its_jwt_and_seed() {
+        let creds = "-----BEGIN NATS USER JWT-----\neyJ0.eyJ1.c2ln\n------END NATS USER JWT------\n\n\
+                     ***** IMPORTANT *****\n\n\
+                     -----BEGIN USER NKEY SEED-----\nSUAEXAMPLE\n------END USER NKEY SEED------\n";
+        assert_eq!(
+            parse_credentials(creds),
+            Some(("eyJ0.eyJ1.c2ln", "SUAEXAMPLE"))
+        );
+        assert_eq!(parse_credentials("user: x\npassword: y\n"), None);
+        let no_seed =
+            "-----BEGIN NATS USER JWT-----\neyJ0.eyJ1.c2ln\n------END NATS USER JWT------\n";
+        assert_eq!(parse_credentials(no_seed), None);
+        let empty_block = "-----BEGIN NATS USER JWT-----\n------END NATS USER JWT------\n-----BEGIN USER NKEY SEED-----\nSU\n";
+        assert_eq!(parse_credentials(empty_block), None);
+    }
 
     /// NATS subject matching: `*` is one token, `>` the rest (at least one token).
     fn matches(pattern: &str, subject: &str) -> bool {

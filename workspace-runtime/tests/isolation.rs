@@ -307,7 +307,10 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
               {"name": "bob", "workspace": "ops"}]}"#,
     )
     .expect("config");
-    let issuer = Issuer::from_seed_file(&dir.join("account.seed"), ns.clone()).expect("issuer");
+    // Short-lived credentials, so that the test sees them expire and renewed.
+    let issuer = Issuer::from_seed_file(&dir.join("account.seed"), ns.clone())
+        .expect("issuer")
+        .with_lifetime(Duration::from_secs(2));
     let shutdown = CancellationToken::new();
     let controller = tokio::spawn(controller::run(
         log.clone(),
@@ -421,7 +424,65 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
         "{allowed}"
     );
 
-    // Stopped workspaces leave no credentials behind (they do not expire).
+    // They expire, and the backend renews them while the runtimes run: once the
+    // credentials research's runtime connected with have expired, alice still answers.
+    let exp = research["exp"]
+        .as_i64()
+        .expect("workspace credentials expire");
+    until_past(exp + 2).await;
+    let again = MessageReceived {
+        origin: Origin::Webhook {
+            endpoint: "ci".into(),
+            delivery_id: "43".into(),
+        },
+        text: "@alice again".into(),
+        addressed_agents: vec!["alice".into()],
+        files: vec![],
+    };
+    log.append(&AppendRequest::new(
+        "webhook:ci",
+        vec![NewEvent::from_domain(EventId::random(), &again, Metadata::new("test")).expect("e")],
+    ))
+    .await
+    .expect("append");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answers = log
+            .read_type("agent.replied", 0, 20)
+            .await
+            .expect("r")
+            .iter()
+            .filter_map(|e| e.decode::<AgentReplied>().ok())
+            .filter(|r| r.agent == "alice" && r.text.contains("again"))
+            .count();
+        if answers > 0 {
+            break;
+        }
+        let log = std::fs::read_to_string(dir.join("local/workspaces/research/runtime.log"))
+            .unwrap_or_default();
+        assert!(
+            Instant::now() < deadline,
+            "alice did not answer after her first credentials expired; runtime: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The same runtime answered: renewed in place, not restarted with new credentials.
+    let starts: Vec<String> = log
+        .read_type("workspace.start_requested", 0, 20)
+        .await
+        .expect("r")
+        .iter()
+        .filter_map(|e| {
+            e.decode::<warren_schema::events::WorkspaceStartRequested>()
+                .ok()
+        })
+        .filter(|s| s.workspace == "research")
+        .map(|s| s.reason)
+        .collect();
+    assert_eq!(starts.len(), 1, "research was started again: {starts:?}");
+
+    // Stopped workspaces leave no credentials behind.
     shutdown.cancel();
     controller.await.expect("join").expect("controller");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -435,6 +496,121 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Writes `workspace`'s credentials as the local backend renews them: to a staged file,
+/// then renamed over the old one.
+fn renew_creds(dir: &Path, issuer: &Issuer, workspace: &str, agents: &[String]) -> PathBuf {
+    let path = dir.join(format!("{workspace}.creds"));
+    let staged = dir.join(format!("{workspace}.creds.new"));
+    let creds = issuer
+        .workspace_credentials(workspace, agents)
+        .expect("credentials");
+    write_file(&staged, creds.expose(), 0o600).expect("creds file");
+    std::fs::rename(&staged, &path).expect("rename");
+    path
+}
+
+/// The `exp` claim of the credentials in `path`.
+fn expiry(path: &Path) -> i64 {
+    use base64::Engine;
+    let creds = std::fs::read_to_string(path).expect("creds");
+    let body = creds
+        .lines()
+        .nth(1)
+        .and_then(|jwt| jwt.split('.').nth(1))
+        .expect("a JWT")
+        .to_owned();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .expect("base64url"),
+    )
+    .expect("json");
+    claims["exp"].as_i64().expect("an expiry")
+}
+
+/// Waits until the clock is past `exp` (a Unix time in seconds).
+async fn until_past(exp: i64) {
+    while chrono::Utc::now().timestamp() <= exp {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Workspace credentials expire. Expired ones are refused by the server. A runtime whose
+/// credentials file is renewed at half its lifetime (as the local backend does) is cut off
+/// when the JWT it connected with expires, reconnects with the file as it is now, and goes
+/// on answering, through several expiries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiring_credentials_are_renewed_in_time_and_refused_once_expired() {
+    let ns = Namespace::default();
+    let (dir, server) = operator_mode("expiry", &ns).await;
+    let url = server.url.clone();
+    let issuer = Arc::new(
+        Issuer::from_seed_file(&dir.join("account.seed"), ns.clone())
+            .expect("issuer")
+            .with_lifetime(Duration::from_secs(2)),
+    );
+    let (admin, _) = connect(&url, &dir.join("control-plane.creds"), None).await;
+    let (_, outbox) = support::streams(&admin, &ns).await;
+    admin
+        .create_key_value(Namespace::bucket_config(&ns.shared_bucket()))
+        .await
+        .expect("shared bucket");
+
+    // Expired credentials: the server refuses the connection.
+    let stale = renew_creds(&dir, &issuer, "stale", &["nobody".into()]);
+    until_past(expiry(&stale)).await;
+    let refused = warren_schema::nats::connect_options(Some(&stale), None)
+        .await
+        .expect("a readable file")
+        .connect(url.as_str())
+        .await;
+    assert!(refused.is_err(), "expired credentials were accepted");
+
+    // A runtime with credentials renewed every second.
+    let agents = vec!["alice".to_owned()];
+    let creds = renew_creds(&dir, &issuer, "a", &agents);
+    let first_expiry = expiry(&creds);
+    let renewing = tokio::spawn({
+        let (dir, issuer, agents) = (dir.clone(), issuer.clone(), agents.clone());
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                renew_creds(&dir, &issuer, "a", &agents);
+            }
+        }
+    });
+    let shutdown = CancellationToken::new();
+    let runtime = tokio::spawn(warren_workspace_runtime::run(
+        runtime_config(&url, "a", "alice", &creds, &dir),
+        shutdown.clone(),
+    ));
+    let mut outputs = Box::pin(support::follow_outbox(&outbox, &ns, "a").await);
+    // Answered now, and again after the first credentials, and those after them, expired.
+    for (n, past) in [
+        (0, None),
+        (1, Some(first_expiry)),
+        (2, Some(first_expiry + 2)),
+    ] {
+        if let Some(exp) = past {
+            until_past(exp).await;
+        }
+        let message = support::message("a", "alice", &format!("question {n}"));
+        support::send(&admin, &ns, &message).await;
+        match support::next_output(&mut outputs).await {
+            OutboxMessage::Reply { in_reply_to, .. } => {
+                assert_eq!(in_reply_to, message.routing_id, "question {n}");
+            }
+            other => panic!("expected alice's reply to question {n}, got {other:?}"),
+        }
+        assert!(!runtime.is_finished(), "the runtime stopped");
+    }
+    renewing.abort();
+    shutdown.cancel();
+    runtime.await.expect("join").expect("runtime");
     server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -202,16 +202,7 @@ impl Backend for LocalBackend {
         if let Some(url) = &self.config.nats_url {
             command.env("NATS_URL", url);
         }
-        if let Some(issuer) = &self.config.credentials {
-            let path = self.credentials_file(&spec.name);
-            let auth = |source| BackendError::Credentials {
-                workspace: spec.name.clone(),
-                source,
-            };
-            let creds = issuer
-                .workspace_credentials(&spec.name, &spec.agents)
-                .map_err(auth)?;
-            nats_auth::write_file(&path, creds.expose(), 0o600).map_err(auth)?;
+        if let Some(path) = self.write_credentials(&spec.name, &spec.agents)? {
             command.env("WARREN_NATS_CREDS", &path);
         }
         command.envs(self.config.env.iter().map(|(k, v)| (k, v)));
@@ -232,23 +223,47 @@ impl Backend for LocalBackend {
 
         let backend = self.clone();
         let name = spec.name.clone();
+        let agents = spec.agents.clone();
         let stdout = child.stdout.take();
+        // Expiring credentials are renewed at half their lifetime while the runtime runs.
+        let renew_every = self
+            .config
+            .credentials
+            .as_ref()
+            .and_then(|issuer| issuer.lifetime())
+            .map(|lifetime| lifetime / 2);
         tokio::spawn(
             async move {
-                if let Some(stdout) = stdout {
-                    let mut lines = BufReader::new(stdout).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        if line.trim() == "ready" {
-                            backend.observe(Observation {
-                                workspace: name.clone(),
-                                phase: WorkspacePhase::Ready,
-                                instance: Some(pid.to_string()),
-                                detail: None,
-                            });
+                let running = async {
+                    if let Some(stdout) = stdout {
+                        let mut lines = BufReader::new(stdout).lines();
+                        while let Ok(Some(line)) = lines.next_line().await {
+                            if line.trim() == "ready" {
+                                backend.observe(Observation {
+                                    workspace: name.clone(),
+                                    phase: WorkspacePhase::Ready,
+                                    instance: Some(pid.to_string()),
+                                    detail: None,
+                                });
+                            }
                         }
                     }
-                }
-                let status = child.wait().await;
+                    child.wait().await
+                };
+                tokio::pin!(running);
+                let status = loop {
+                    let Some(every) = renew_every else {
+                        break running.await;
+                    };
+                    tokio::select! {
+                        status = &mut running => break status,
+                        () = tokio::time::sleep(every) => {
+                            if let Err(e) = backend.write_credentials(&name, &agents) {
+                                warn!(error = %e, "could not renew the workspace's NATS credentials");
+                            }
+                        }
+                    }
+                };
                 backend.exited(&name, pid, status);
             }
             .instrument(info_span!("local_runtime", workspace = %spec.name, pid)),
@@ -307,6 +322,36 @@ impl LocalBackend {
                 warn!(workspace = %name, error = %e, "could not stop a workspace");
             }
         }
+    }
+
+    /// Issues `workspace`'s NATS credentials (a new user, its subjects only) and writes them
+    /// to its credentials file, replacing it in one rename so that a runtime reconnecting
+    /// meanwhile reads either the old file or the new one. `None` without an issuer.
+    fn write_credentials(
+        &self,
+        workspace: &str,
+        agents: &[String],
+    ) -> Result<Option<PathBuf>, BackendError> {
+        let Some(issuer) = &self.config.credentials else {
+            return Ok(None);
+        };
+        let auth = |source| BackendError::Credentials {
+            workspace: workspace.to_owned(),
+            source,
+        };
+        let path = self.credentials_file(workspace);
+        let creds = issuer
+            .workspace_credentials(workspace, agents)
+            .map_err(auth)?;
+        let staged = path.with_extension("creds.new");
+        nats_auth::write_file(&staged, creds.expose(), 0o600).map_err(auth)?;
+        std::fs::rename(&staged, &path).map_err(|source| {
+            auth(nats_auth::AuthError::Write {
+                path: path.clone(),
+                source,
+            })
+        })?;
+        Ok(Some(path))
     }
 
     fn exited(&self, name: &str, pid: u32, status: std::io::Result<std::process::ExitStatus>) {
