@@ -104,6 +104,11 @@ impl Worker {
             if let Some(tp) = &sent_with {
                 warren_telemetry::set_parent_from_traceparent(&span, tp);
             }
+            if delivered > 1 {
+                metrics::counter!("warren_runtime_redeliveries_total", "agent" => self.agent.clone())
+                    .increment(1);
+            }
+            let started = std::time::Instant::now();
             let (turn, result) = match serde_json::from_slice::<InboxMessage>(&message.payload) {
                 Ok(inbox) => {
                     let turn = TurnRef::of(&inbox, &self.workspace, &self.agent);
@@ -118,6 +123,23 @@ impl Worker {
                 }
                 Err(e) => (None, Err(TurnError::Unreadable(e.to_string()))),
             };
+            metrics::histogram!("warren_runtime_turn_seconds", "agent" => self.agent.clone())
+                .record(started.elapsed().as_secs_f64());
+            let outcome = match &result {
+                Ok(()) => "answered",
+                Err(e)
+                    if delivered >= self.max_deliver || matches!(e, TurnError::Unreadable(_)) =>
+                {
+                    "dead_lettered"
+                }
+                Err(_) => "failed",
+            };
+            metrics::counter!(
+                "warren_runtime_turns_total",
+                "agent" => self.agent.clone(),
+                "outcome" => outcome
+            )
+            .increment(1);
             match result {
                 Ok(()) => message.ack().await.map_err(anyhow::Error::msg)?,
                 Err(e)

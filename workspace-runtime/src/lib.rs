@@ -104,6 +104,35 @@ async fn connect(
     Ok(async_nats::jetstream::new(client))
 }
 
+/// The runtime process's command line: its [`Config`] and where to serve its metrics.
+#[derive(Debug, Clone, clap::Parser)]
+pub struct Args {
+    #[command(flatten)]
+    pub config: Config,
+    /// Admin listener for `GET /metrics` (Prometheus): turns by agent and outcome, turn
+    /// durations, redeliveries, memory writes and conflicts. Unset: not served (the local
+    /// backend runs many runtimes on one machine; a pod sets it).
+    #[arg(long, env = "WARREN_RUNTIME_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// Serves `metrics` (a `GET /metrics` router) on `listen`, in the background.
+pub async fn serve_metrics(
+    listen: std::net::SocketAddr,
+    metrics: axum::Router,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the metrics listener {listen}: {e}"))?;
+    info!(listen = %listener.local_addr()?, "serving metrics");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, metrics).await {
+            tracing::warn!(error = %e, "the metrics listener stopped");
+        }
+    });
+    Ok(())
+}
+
 /// Serves MCP on stdin/stdout for the turn described by the environment.
 pub async fn run_mcp(config: Config) -> anyhow::Result<()> {
     let mut turn = mcp::McpTurn::from_env(&config.workspace)?;

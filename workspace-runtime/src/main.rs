@@ -2,13 +2,19 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = warren_workspace_runtime::Config::parse();
+    let warren_workspace_runtime::Args {
+        config,
+        metrics_listen,
+    } = warren_workspace_runtime::Args::parse();
     if config.mcp {
         // stdout is the protocol: logs go to stderr only, and no telemetry set-up output.
         return warren_workspace_runtime::run_mcp(config).await;
     }
     let telemetry =
         warren_telemetry::Telemetry::init("warren-workspace-runtime", &config.telemetry)?;
+    if let Some(listen) = metrics_listen {
+        warren_workspace_runtime::serve_metrics(listen, telemetry.metrics_router()).await?;
+    }
     // SIGTERM or SIGINT: finish the current turns, take no new ones.
     let shutdown = warren_telemetry::shutdown_on_signal()?;
     let result = warren_workspace_runtime::run(config, shutdown).await;

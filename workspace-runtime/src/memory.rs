@@ -208,6 +208,10 @@ impl Memory {
                     }
                 })
         };
+        if let Err(MemoryError::Conflict { .. }) = &result {
+            metrics::counter!("warren_runtime_memory_conflicts_total", "agent" => self.agent.clone())
+                .increment(1);
+        }
         let revision = result?;
         self.record(key, Some(value), revision).await?;
         Ok(revision)
@@ -260,6 +264,9 @@ impl Memory {
         self.outbox
             .send_stored(&message, None)
             .await
-            .map_err(|e| MemoryError::Nats(format!("recording a write: {e}")))
+            .map_err(|e| MemoryError::Nats(format!("recording a write: {e}")))?;
+        metrics::counter!("warren_runtime_memory_writes_total", "agent" => self.agent.clone())
+            .increment(1);
+        Ok(())
     }
 }
