@@ -292,8 +292,7 @@ async fn a_workspace_reaches_its_own_subjects_and_nothing_of_another() {
 async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
     use warren_control_plane::backend::local::LocalConfig;
     use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
-    use warren_schema::events::{AgentReplied, MessageReceived};
-    use warren_schema::{AppendRequest, Metadata, NewEvent};
+    use warren_schema::events::AgentReplied;
 
     let ns = Namespace::default();
     let (dir, server) = operator_mode("isolated-stack", &ns).await;
@@ -352,21 +351,7 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
         assert!(Instant::now() < deadline, "not configured");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let message = MessageReceived {
-        origin: Origin::Webhook {
-            endpoint: "ci".into(),
-            delivery_id: "42".into(),
-        },
-        text: "@alice build it".into(),
-        addressed_agents: vec!["alice".into()],
-        files: vec![],
-    };
-    log.append(&AppendRequest::new(
-        "webhook:ci",
-        vec![NewEvent::from_domain(EventId::random(), &message, Metadata::new("test")).expect("e")],
-    ))
-    .await
-    .expect("append");
+    ask_alice(&log, "42", "@alice build it").await;
 
     // alice answers and cc's bob, in another workspace: both replies recorded.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -406,14 +391,7 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "{}", path.display());
-        let creds = std::fs::read_to_string(&path).expect("creds");
-        let jwt = creds.lines().nth(1).expect("jwt").to_owned();
-        let body = jwt.split('.').nth(1).expect("claims").to_owned();
-        use base64::Engine;
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(body)
-            .expect("base64url");
-        serde_json::from_slice::<serde_json::Value>(&bytes).expect("json")
+        jwt_claims(&path)
     };
     let (research, ops) = (claims("research"), claims("ops"));
     assert_ne!(research["sub"], ops["sub"]);
@@ -430,21 +408,7 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
         .as_i64()
         .expect("workspace credentials expire");
     until_past(exp + 2).await;
-    let again = MessageReceived {
-        origin: Origin::Webhook {
-            endpoint: "ci".into(),
-            delivery_id: "43".into(),
-        },
-        text: "@alice again".into(),
-        addressed_agents: vec!["alice".into()],
-        files: vec![],
-    };
-    log.append(&AppendRequest::new(
-        "webhook:ci",
-        vec![NewEvent::from_domain(EventId::random(), &again, Metadata::new("test")).expect("e")],
-    ))
-    .await
-    .expect("append");
+    ask_alice(&log, "43", "@alice again").await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let answers = log
@@ -480,7 +444,13 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
         .filter(|s| s.workspace == "research")
         .map(|s| s.reason)
         .collect();
-    assert_eq!(starts.len(), 1, "research was started again: {starts:?}");
+    assert_eq!(
+        starts.len(),
+        1,
+        "research was started again: {starts:?}; its log: {}",
+        std::fs::read_to_string(dir.join("local/workspaces/research/runtime.log"))
+            .unwrap_or_default()
+    );
 
     // Stopped workspaces leave no credentials behind.
     shutdown.cancel();
@@ -513,8 +483,8 @@ fn renew_creds(dir: &Path, issuer: &Issuer, workspace: &str, agents: &[String]) 
     path
 }
 
-/// The `exp` claim of the credentials in `path`.
-fn expiry(path: &Path) -> i64 {
+/// The claims of the user JWT in the credentials file `path`.
+fn jwt_claims(path: &Path) -> serde_json::Value {
     use base64::Engine;
     let creds = std::fs::read_to_string(path).expect("creds");
     let body = creds
@@ -523,13 +493,38 @@ fn expiry(path: &Path) -> i64 {
         .and_then(|jwt| jwt.split('.').nth(1))
         .expect("a JWT")
         .to_owned();
-    let claims: serde_json::Value = serde_json::from_slice(
+    serde_json::from_slice(
         &base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(body)
             .expect("base64url"),
     )
-    .expect("json");
-    claims["exp"].as_i64().expect("an expiry")
+    .expect("json")
+}
+
+/// The `exp` claim of the credentials in `path`.
+fn expiry(path: &Path) -> i64 {
+    jwt_claims(path)["exp"].as_i64().expect("an expiry")
+}
+
+/// A webhook delivery for alice, as the gateway records it.
+async fn ask_alice(log: &warren_schema::EventLog, delivery_id: &str, text: &str) {
+    use warren_schema::events::MessageReceived;
+    use warren_schema::{AppendRequest, Metadata, NewEvent};
+    let message = MessageReceived {
+        origin: Origin::Webhook {
+            endpoint: "ci".into(),
+            delivery_id: delivery_id.into(),
+        },
+        text: text.into(),
+        addressed_agents: vec!["alice".into()],
+        files: vec![],
+    };
+    log.append(&AppendRequest::new(
+        "webhook:ci",
+        vec![NewEvent::from_domain(EventId::random(), &message, Metadata::new("test")).expect("e")],
+    ))
+    .await
+    .expect("append");
 }
 
 /// Waits until the clock is past `exp` (a Unix time in seconds).
