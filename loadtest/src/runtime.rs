@@ -24,6 +24,76 @@ pub struct Args {
     /// Round trips per measurement.
     #[arg(long, default_value_t = 2000)]
     pub round_trips: usize,
+    /// Run the runtime as this binary (`target/release/warren-workspace-runtime`), a
+    /// process of its own with its own connection, as it runs in a workspace. Without it,
+    /// the runtime runs inside the benchmark process.
+    #[arg(long)]
+    pub runtime_binary: Option<std::path::PathBuf>,
+}
+
+/// The runtime under test: in this process, or a child process.
+enum Runtime {
+    InProcess(
+        CancellationToken,
+        tokio::task::JoinHandle<warren_workspace_runtime::Result<()>>,
+    ),
+    Process(tokio::process::Child),
+}
+
+impl Runtime {
+    async fn start(
+        config: warren_workspace_runtime::Config,
+        binary: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        let Some(binary) = binary else {
+            let shutdown = CancellationToken::new();
+            let task = tokio::spawn(warren_workspace_runtime::run(config, shutdown.clone()));
+            return Ok(Self::InProcess(shutdown, task));
+        };
+        let mut child = tokio::process::Command::new(binary)
+            .env("WARREN_WORKSPACE", &config.workspace)
+            .env("WARREN_AGENTS", config.agents.join(","))
+            .env("WARREN_AGENT_SETTINGS", &config.agent_settings)
+            .env("WARREN_WORKSPACE_DIR", &config.workspace_dir)
+            .env("NATS_URL", &config.nats_url)
+            .env("WARREN_NATS_PREFIX", &config.nats_prefix)
+            // Its logs at their default level, as deployed, written where nobody reads.
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting {}: {e}", binary.display()))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .map_err(|_| anyhow::anyhow!("the runtime did not say ready within 30 s"))??
+                .ok_or_else(|| anyhow::anyhow!("the runtime exited before it was ready"))?;
+            if line.trim() == "ready" {
+                break;
+            }
+        }
+        // Keep reading its stdout so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self::Process(child))
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        match self {
+            Self::InProcess(shutdown, task) => {
+                shutdown.cancel();
+                task.await??;
+            }
+            Self::Process(mut child) => {
+                child.kill().await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -87,7 +157,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut floor = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
 
     // Through the runtime: alice (echo, cc bob) in workspace "bench".
-    let shutdown = CancellationToken::new();
     let config = warren_workspace_runtime::Config {
         workspace: "bench".into(),
         agents: vec!["alice".into()],
@@ -103,7 +172,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         mcp: false,
         telemetry: Default::default(),
     };
-    let runtime = tokio::spawn(warren_workspace_runtime::run(config, shutdown.clone()));
+    let runtime = Runtime::start(config, args.runtime_binary.as_deref()).await?;
+    report::line(match args.runtime_binary {
+        Some(_) => "runtime: its own process (the binary)",
+        None => "runtime: inside the benchmark process",
+    });
     let mut outbox = client.subscribe(ns.outbox_subject("bench")).await?;
     let mut through = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let origin = Origin::Webhook {
@@ -163,8 +236,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             through.record(started.elapsed().as_micros().max(1) as u64)?;
         }
     }
-    shutdown.cancel();
-    runtime.await??;
+    runtime.stop().await?;
     relay.abort();
     let _ = js.delete_stream(ns.inbox_stream()).await;
     let _ = js.delete_stream(ns.outbox_stream()).await;

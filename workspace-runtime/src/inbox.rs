@@ -10,6 +10,7 @@ use tracing::{Instrument, info, warn};
 use warren_schema::nats::{InboxMessage, Namespace, TRACEPARENT};
 
 use crate::agent;
+use crate::error::{Error, Result};
 use crate::outbox::{Outbox, OutboxError, TurnRef};
 
 /// Why a turn failed.
@@ -34,9 +35,9 @@ pub async fn consumer(
     agent: &str,
     max_deliver: i64,
     ack_wait: Duration,
-) -> anyhow::Result<consumer::PullConsumer> {
+) -> Result<consumer::PullConsumer> {
     let name = Namespace::inbox_consumer(workspace, agent);
-    Ok(inboxes
+    inboxes
         .get_or_create_consumer(
             &name,
             consumer::pull::Config {
@@ -48,7 +49,38 @@ pub async fn consumer(
                 ..Default::default()
             },
         )
-        .await?)
+        .await
+        .map_err(|e| Error::jetstream(format!("creating the inbox consumer {name}"), e))
+}
+
+/// What becomes of a message after its turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Acknowledged: its outputs are stored.
+    Answered,
+    /// Nak'd with a delay: it comes back.
+    Failed,
+    /// Its last delivery failed, or it cannot be read: to the dead-letter subject.
+    DeadLettered,
+}
+
+impl Outcome {
+    fn of(result: &Result<(), TurnError>, delivered: i64, max_deliver: i64) -> Self {
+        match result {
+            Ok(()) => Self::Answered,
+            Err(TurnError::Unreadable(_)) => Self::DeadLettered,
+            Err(_) if delivered >= max_deliver => Self::DeadLettered,
+            Err(_) => Self::Failed,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Answered => "answered",
+            Self::Failed => "failed",
+            Self::DeadLettered => "dead_lettered",
+        }
+    }
 }
 
 /// Runs one agent's turns.
@@ -74,112 +106,156 @@ pub struct Worker {
 
 impl Worker {
     /// Takes messages until `shutdown`; the turn in progress finishes first.
+    ///
+    /// Only a consumer that is gone (deleted under the runtime) stops it; NATS being away
+    /// does not: the client reconnects, and a message whose ack was lost comes back after
+    /// `ack_wait` and is answered again under the same output ids (dropped as repeats).
     pub async fn run(
         self,
         consumer: consumer::PullConsumer,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<()> {
-        let mut messages = consumer.messages().await?;
+    ) -> Result<()> {
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| Error::jetstream(format!("reading the inbox of {}", self.agent), e))?;
         loop {
             let next = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 next = messages.next() => next,
             };
-            let Some(message) = next else { return Ok(()) };
-            let message = message?;
-            let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-            // Each turn is a span, a child of the conversation's trace (the inbox message's
-            // `traceparent`); what the turn publishes carries the turn's own context.
-            let span = tracing::info_span!(
-                "turn",
-                agent = %self.agent,
-                subject = %message.subject,
-                delivered
-            );
-            let sent_with = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(TRACEPARENT))
-                .map(|v| v.to_string());
-            if let Some(tp) = &sent_with {
-                warren_telemetry::set_parent_from_traceparent(&span, tp);
-            }
-            if delivered > 1 {
-                metrics::counter!("warren_runtime_redeliveries_total", "agent" => self.agent.clone())
-                    .increment(1);
-            }
-            let started = std::time::Instant::now();
-            let (turn, result) = match serde_json::from_slice::<InboxMessage>(&message.payload) {
-                Ok(inbox) => {
-                    let turn = TurnRef::of(&inbox, &self.workspace, &self.agent);
-                    let traceparent = span
-                        .in_scope(warren_telemetry::current_traceparent)
-                        .or(sent_with);
-                    let result = self
-                        .turn_with_heartbeats(&message, &inbox, &turn, traceparent.as_deref())
-                        .instrument(span.clone())
-                        .await;
-                    (Some(turn), result)
+            let message = match next {
+                None => return Ok(()),
+                Some(Ok(message)) => message,
+                Some(Err(e)) if e.kind() == consumer::pull::MessagesErrorKind::ConsumerDeleted => {
+                    return Err(Error::jetstream(
+                        format!("the inbox consumer of {}", self.agent),
+                        e,
+                    ));
                 }
-                Err(e) => (None, Err(TurnError::Unreadable(e.to_string()))),
+                Some(Err(e)) => {
+                    // Missed heartbeats, a refused pull while NATS restarts: the stream
+                    // goes on by itself.
+                    warn!(error = %e, "reading the inbox; going on");
+                    continue;
+                }
             };
-            metrics::histogram!("warren_runtime_turn_seconds", "agent" => self.agent.clone())
-                .record(started.elapsed().as_secs_f64());
-            let outcome = match &result {
-                Ok(()) => "answered",
-                Err(e)
-                    if delivered >= self.max_deliver || matches!(e, TurnError::Unreadable(_)) =>
-                {
-                    "dead_lettered"
-                }
-                Err(_) => "failed",
-            };
-            metrics::counter!(
-                "warren_runtime_turns_total",
-                "agent" => self.agent.clone(),
-                "outcome" => outcome
-            )
-            .increment(1);
-            match result {
-                Ok(()) => message.ack().await.map_err(anyhow::Error::msg)?,
-                Err(e)
-                    if delivered >= self.max_deliver || matches!(e, TurnError::Unreadable(_)) =>
-                {
-                    warn!(error = %e, delivered, "giving up on a message: dead-lettered");
-                    let mut headers = HeaderMap::new();
-                    headers.insert("Warren-Error", e.to_string().as_str());
-                    self.js
-                        .publish_with_headers(
-                            self.ns.dead_letter_subject(&self.workspace, &self.agent),
-                            headers,
-                            message.payload.clone(),
-                        )
-                        .await?
-                        .await?;
-                    // Told to the control plane (`message.dead_lettered`), which tells the
-                    // conversation. An unreadable message names no conversation: the
-                    // dead-letter subject keeps it for an operator.
-                    if let Some(turn) = &turn {
-                        self.outbox
-                            .send_stored(&turn.dead_lettered(delivered, e.to_string()), None)
-                            .await?;
-                    }
-                    message
-                        .ack_with(AckKind::Term)
-                        .await
-                        .map_err(anyhow::Error::msg)?;
-                }
-                Err(e) => {
-                    warn!(error = %e, delivered, "turn failed; redelivery later");
-                    message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(
-                            1 << delivered.min(5),
-                        ))))
-                        .await
-                        .map_err(anyhow::Error::msg)?;
-                }
-            }
+            self.take(message).await;
         }
+    }
+
+    /// One message: its turn, then its ack (answered), a delayed nak (failed, to be
+    /// redelivered) or its dead letter (failed for the last time, or unreadable).
+    async fn take(&self, message: jetstream::Message) {
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        // Each turn is a span, a child of the conversation's trace (the inbox message's
+        // `traceparent`); what the turn publishes carries the turn's own context.
+        let span = tracing::info_span!(
+            "turn",
+            agent = %self.agent,
+            subject = %message.subject,
+            delivered
+        );
+        let sent_with = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(TRACEPARENT))
+            .map(|v| v.to_string());
+        if let Some(tp) = &sent_with {
+            warren_telemetry::set_parent_from_traceparent(&span, tp);
+        }
+        if delivered > 1 {
+            metrics::counter!("warren_runtime_redeliveries_total", "agent" => self.agent.clone())
+                .increment(1);
+        }
+        let started = std::time::Instant::now();
+        let (turn, result) = match serde_json::from_slice::<InboxMessage>(&message.payload) {
+            Ok(inbox) => {
+                let turn = TurnRef::of(&inbox, &self.workspace, &self.agent);
+                let traceparent = span
+                    .in_scope(warren_telemetry::current_traceparent)
+                    .or(sent_with);
+                let result = self
+                    .turn_with_heartbeats(&message, &inbox, &turn, traceparent.as_deref())
+                    .instrument(span.clone())
+                    .await;
+                (Some(turn), result)
+            }
+            Err(e) => (None, Err(TurnError::Unreadable(e.to_string()))),
+        };
+        metrics::histogram!("warren_runtime_turn_seconds", "agent" => self.agent.clone())
+            .record(started.elapsed().as_secs_f64());
+        let outcome = Outcome::of(&result, delivered, self.max_deliver);
+        metrics::counter!(
+            "warren_runtime_turns_total",
+            "agent" => self.agent.clone(),
+            "outcome" => outcome.label()
+        )
+        .increment(1);
+        let settled = match result {
+            Ok(()) => message.ack().await,
+            Err(e) if outcome == Outcome::Failed => {
+                warn!(error = %e, delivered, "turn failed; redelivery later");
+                message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(
+                        1 << delivered.min(5),
+                    ))))
+                    .await
+            }
+            Err(e) => {
+                warn!(error = %e, delivered, "giving up on a message: dead-lettered");
+                match self
+                    .dead_letter(&message, turn.as_ref(), delivered, &e)
+                    .await
+                {
+                    Ok(()) => message.ack_with(AckKind::Term).await,
+                    Err(stored) => {
+                        // Not terminated: while deliveries remain it comes back and is
+                        // dead-lettered then; the server's MAX_DELIVERIES advisory names
+                        // it otherwise.
+                        warn!(error = %stored, "could not store the dead letter");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        if let Err(e) = settled {
+            // The message comes back after `ack_wait`; its outputs are repeats the server
+            // drops by their ids.
+            warn!(error = %e, delivered, "could not settle the message with the server");
+        }
+    }
+
+    /// Publishes the message to the dead-letter subject (with the error) and tells the
+    /// control plane, which records `message.dead_lettered` and tells the conversation. An
+    /// unreadable message names no conversation: the dead-letter subject keeps it for an
+    /// operator.
+    async fn dead_letter(
+        &self,
+        message: &jetstream::Message,
+        turn: Option<&TurnRef>,
+        delivered: i64,
+        error: &TurnError,
+    ) -> Result<(), OutboxError> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Warren-Error", error.to_string().as_str());
+        let publish = |e: async_nats::Error| OutboxError::Publish(e.to_string());
+        self.js
+            .publish_with_headers(
+                self.ns.dead_letter_subject(&self.workspace, &self.agent),
+                headers,
+                message.payload.clone(),
+            )
+            .await
+            .map_err(|e| publish(e.into()))?
+            .await
+            .map_err(|e| publish(e.into()))?;
+        if let Some(turn) = turn {
+            self.outbox
+                .send_stored(&turn.dead_lettered(delivered, error.to_string()), None)
+                .await?;
+        }
+        Ok(())
     }
 
     /// The turn, with a heartbeat every `self.heartbeat` while it runs.
@@ -285,5 +361,21 @@ impl Worker {
             ack.await.map_err(|e| OutboxError::Publish(e.to_string()))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_turn_is_retried_until_its_last_delivery_and_an_unreadable_one_never() {
+        let failed = || Err(TurnError::Driver(agent::DriverError::Api("503".into())));
+        assert_eq!(Outcome::of(&Ok(()), 5, 5), Outcome::Answered);
+        assert_eq!(Outcome::of(&failed(), 1, 5), Outcome::Failed);
+        assert_eq!(Outcome::of(&failed(), 4, 5), Outcome::Failed);
+        assert_eq!(Outcome::of(&failed(), 5, 5), Outcome::DeadLettered);
+        let unreadable = Err(TurnError::Unreadable("not JSON".into()));
+        assert_eq!(Outcome::of(&unreadable, 1, 5), Outcome::DeadLettered);
     }
 }

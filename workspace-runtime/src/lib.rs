@@ -3,25 +3,28 @@
 //! each takes its messages from its JetStream inbox, one turn at a time, and publishes what
 //! it says to the outbox, where the control plane records it.
 //!
+//! Where a message goes, in order:
+//!
 //! - [`inbox`]: a durable consumer per agent; a message is acknowledged only after the
 //!   turn's outputs are acknowledged by the server; a crash mid-turn redelivers; a message
-//!   that keeps failing goes to the dead-letter subject.
-//! - [`agent`]: drivers (`echo`, `command`, [`openai`]) and the `@name` mentions in what an
-//!   agent says.
+//!   that keeps failing goes to the dead-letter subject and is reported.
+//! - [`agent`]: the drivers (`echo`, `command`, `openai`, `anthropic`) that turn a message
+//!   into what the agent says, and the `@name` mentions in it.
+//! - [`tools`]: what agents can do during a turn (mention, reply, memory, list agents), the
+//!   same for every driver; [`mcp`] serves them to `command` agents over MCP.
 //! - [`memory`]: shared memory on JetStream KV, every write recorded in the log.
-//!
-//! Built so far (issue 5 in progress): inboxes, turns, replies, mentions, readiness and
-//! graceful shutdown, with the `echo` and `command` drivers. Not yet: key-value memory, the
-//! `anthropic` and `openai` drivers, MCP tools, per-workspace NATS credentials.
+//! - [`outbox`]: the one way the runtime speaks (replies, mentions, heartbeats, reports).
+//! - [`error`]: why the runtime could not start or had to stop.
 
 pub mod agent;
-pub mod anthropic;
+pub mod error;
 pub mod inbox;
 pub mod mcp;
 pub mod memory;
-pub mod model;
-pub mod openai;
 pub mod outbox;
+pub mod tools;
+
+pub use error::{Error, Result};
 
 use std::io::Write;
 use std::time::Duration;
@@ -80,18 +83,36 @@ pub struct Config {
 
 impl Config {
     /// The agent directory, parsed.
-    pub fn directory(&self) -> anyhow::Result<Vec<warren_schema::nats::AgentInfo>> {
+    pub fn directory(&self) -> Result<Vec<warren_schema::nats::AgentInfo>> {
         serde_json::from_str(&self.agent_directory).map_err(|e| {
-            anyhow::anyhow!("WARREN_AGENT_DIRECTORY is not a list of {{name, workspace}}: {e}")
+            Error::Config(format!(
+                "WARREN_AGENT_DIRECTORY is not a list of {{name, workspace}}: {e}"
+            ))
         })
+    }
+
+    /// Each hosted agent's driver, from `WARREN_AGENT_SETTINGS`: every agent is checked
+    /// before any consumer is created, so bad settings change nothing.
+    pub fn drivers(&self) -> Result<Vec<(String, agent::Driver)>> {
+        let settings: serde_json::Value = serde_json::from_str(&self.agent_settings)
+            .map_err(|e| Error::Config(format!("WARREN_AGENT_SETTINGS is not JSON: {e}")))?;
+        self.agents
+            .iter()
+            .filter(|a| !a.is_empty())
+            .map(|agent| {
+                agent::Driver::from_settings(&settings[agent.as_str()])
+                    .map(|driver| (agent.clone(), driver))
+                    .map_err(|source| Error::Agent {
+                        agent: agent.clone(),
+                        source,
+                    })
+            })
+            .collect()
     }
 }
 
 /// Connects as this workspace: its credentials, its reply inboxes.
-async fn connect(
-    config: &Config,
-    ns: &Namespace,
-) -> anyhow::Result<async_nats::jetstream::Context> {
+async fn connect(config: &Config, ns: &Namespace) -> Result<async_nats::jetstream::Context> {
     let options = warren_schema::nats::connect_options(
         config.nats_creds.as_deref(),
         Some(&ns.workspace_inbox_prefix(&config.workspace)),
@@ -100,7 +121,10 @@ async fn connect(
     let client = options
         .connect(config.nats_url.as_str())
         .await
-        .map_err(|e| anyhow::anyhow!("connecting to NATS: {e}"))?;
+        .map_err(|source| Error::Connect {
+            url: config.nats_url.clone(),
+            source,
+        })?;
     Ok(async_nats::jetstream::new(client))
 }
 
@@ -117,14 +141,14 @@ pub struct Args {
 }
 
 /// Serves `metrics` (a `GET /metrics` router) on `listen`, in the background.
-pub async fn serve_metrics(
-    listen: std::net::SocketAddr,
-    metrics: axum::Router,
-) -> anyhow::Result<()> {
+pub async fn serve_metrics(listen: std::net::SocketAddr, metrics: axum::Router) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("binding the metrics listener {listen}: {e}"))?;
-    info!(listen = %listener.local_addr()?, "serving metrics");
+        .map_err(|source| Error::Io {
+            what: "binding the metrics listener",
+            source,
+        })?;
+    info!(%listen, "serving metrics");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, metrics).await {
             tracing::warn!(error = %e, "the metrics listener stopped");
@@ -134,7 +158,7 @@ pub async fn serve_metrics(
 }
 
 /// Serves MCP on stdin/stdout for the turn described by the environment.
-pub async fn run_mcp(config: Config) -> anyhow::Result<()> {
+pub async fn run_mcp(config: Config) -> Result<()> {
     let mut turn = mcp::McpTurn::from_env(&config.workspace)?;
     turn.ctx.directory = config.directory()?;
     let ns = Namespace::new(&config.nats_prefix);
@@ -150,28 +174,26 @@ pub async fn run_mcp(config: Config) -> anyhow::Result<()> {
 }
 
 /// Runs the workspace's agents until `shutdown`; each finishes its current turn first.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let drivers = config.drivers()?;
+    let directory = config.directory()?;
     let ns = Namespace::new(&config.nats_prefix);
     let js = connect(&config, &ns).await?;
-    let agents: Vec<String> = config
-        .agents
-        .iter()
-        .filter(|a| !a.is_empty())
-        .cloned()
-        .collect();
-    let settings: serde_json::Value = serde_json::from_str(&config.agent_settings)
-        .map_err(|e| anyhow::anyhow!("WARREN_AGENT_SETTINGS is not JSON: {e}"))?;
-    let directory = config.directory()?;
     // Opened once for all the workspace's agents.
     let buckets = memory::Buckets::open(&js, &ns, &config.workspace).await?;
     // The streams are the control plane's; created here only if missing and allowed (a
     // runtime with credentials of its own may not, and then fails until they exist).
-    let inboxes = js.get_or_create_stream(ns.inbox_stream_config()).await?;
-    js.get_or_create_stream(ns.outbox_stream_config()).await?;
+    let inboxes = js
+        .get_or_create_stream(ns.inbox_stream_config())
+        .await
+        .map_err(|e| Error::jetstream(format!("the stream {}", ns.inbox_stream()), e))?;
+    js.get_or_create_stream(ns.outbox_stream_config())
+        .await
+        .map_err(|e| Error::jetstream(format!("the stream {}", ns.outbox_stream()), e))?;
     let outbox = outbox::Outbox::new(js.clone(), &ns, &config.workspace);
     let mut tasks = Vec::new();
-    for agent in &agents {
-        let driver = agent::Driver::from_settings(&settings[agent.as_str()])?;
+    let agents: Vec<&str> = drivers.iter().map(|(a, _)| a.as_str()).collect();
+    for (agent, driver) in &drivers {
         let consumer = inbox::consumer(
             &inboxes,
             &ns,
@@ -187,7 +209,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             outbox: outbox.clone(),
             workspace: config.workspace.clone(),
             agent: agent.clone(),
-            driver,
+            driver: driver.clone(),
             workspace_dir: config.workspace_dir.clone(),
             memory: Some(buckets.for_agent(agent)),
             max_deliver: config.max_deliver,
@@ -203,8 +225,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // The local backend waits for this line.
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "ready")?;
-        out.flush()?;
+        writeln!(out, "ready")
+            .and_then(|()| out.flush())
+            .map_err(|source| Error::Io {
+                what: "writing the ready line",
+                source,
+            })?;
     }
     for task in tasks {
         task.await??;

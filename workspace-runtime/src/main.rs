@@ -8,7 +8,7 @@ async fn main() -> anyhow::Result<()> {
     } = warren_workspace_runtime::Args::parse();
     if config.mcp {
         // stdout is the protocol: logs go to stderr only, and no telemetry set-up output.
-        return warren_workspace_runtime::run_mcp(config).await;
+        return Ok(warren_workspace_runtime::run_mcp(config).await?);
     }
     let telemetry =
         warren_telemetry::Telemetry::init("warren-workspace-runtime", &config.telemetry)?;
@@ -19,5 +19,5 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = warren_telemetry::shutdown_on_signal()?;
     let result = warren_workspace_runtime::run(config, shutdown).await;
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
-    result
+    Ok(result?)
 }

@@ -19,8 +19,9 @@ use warren_schema::events::Origin;
 use warren_schema::nats::{Namespace, OutboxMessage};
 
 use crate::agent::TurnContext;
-use crate::openai::{ToolEffects, execute};
+use crate::error::{Error, Result};
 use crate::outbox::{Outbox, TurnRef};
+use crate::tools::{ToolEffects, execute};
 
 /// Protocol versions this server speaks (the client's is echoed when it is one of them).
 const VERSIONS: &[&str] = &["2025-06-18", "2025-03-26", "2024-11-05"];
@@ -36,10 +37,10 @@ pub struct McpTurn {
 
 impl McpTurn {
     /// Reads the turn's context from `WARREN_*` variables.
-    pub fn from_env(workspace: &str) -> anyhow::Result<Self> {
+    pub fn from_env(workspace: &str) -> Result<Self> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let agent = var("WARREN_AGENT").ok_or_else(|| {
-            anyhow::anyhow!("WARREN_AGENT is not set: start me from an agent's turn")
+            Error::Config("WARREN_AGENT is not set: start me from an agent's turn".into())
         })?;
         let parse_id = |name: &str| var(name).and_then(|v| v.parse().ok()).map(EventId);
         Ok(Self {
@@ -69,7 +70,7 @@ pub async fn serve(
     ns: Namespace,
     input: impl AsyncBufRead + Unpin,
     mut output: impl AsyncWrite + Unpin,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let (own, shared) = crate::memory::Buckets::open(&js, &ns, &turn.ctx.workspace)
         .await?
         .for_agent(&turn.ctx.agent);
@@ -79,7 +80,10 @@ pub async fn serve(
     let mut lines = input.lines();
     // Outputs sent in this session: numbers their ids, so each is recorded once.
     let mut sent = 0;
-    while let Some(line) = lines.next_line().await? {
+    while let Some(line) = lines.next_line().await.map_err(|source| Error::Io {
+        what: "reading the MCP client's requests",
+        source,
+    })? {
         if line.trim().is_empty() {
             continue;
         }
@@ -148,19 +152,22 @@ pub async fn serve(
 
 /// The tools in MCP's shape (`name`, `description`, `inputSchema`).
 pub fn mcp_tools() -> Value {
-    crate::openai::tools_flat("inputSchema")
+    crate::tools::flat("inputSchema")
 }
 
 fn error(id: Value, code: i64, message: &str) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
 }
 
-async fn write(output: &mut (impl AsyncWrite + Unpin), message: &Value) -> anyhow::Result<()> {
-    let mut line = serde_json::to_vec(message)?;
+async fn write(output: &mut (impl AsyncWrite + Unpin), message: &Value) -> Result<()> {
+    let mut line = message.to_string().into_bytes();
     line.push(b'\n');
-    output.write_all(&line).await?;
-    output.flush().await?;
-    Ok(())
+    let io = |source| Error::Io {
+        what: "answering the MCP client",
+        source,
+    };
+    output.write_all(&line).await.map_err(io)?;
+    output.flush().await.map_err(io)
 }
 
 /// Publishes what a tool call said (a mention or a reply) at once, as part of the turn.
@@ -168,10 +175,12 @@ async fn publish(
     outbox: &Outbox,
     turn: &McpTurn,
     message: impl FnOnce(&TurnRef) -> OutboxMessage,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let (Some(routing_id), Some(reply_to)) = (turn.routing_id, turn.reply_to.clone()) else {
         warn!("a tool call outside a turn (no WARREN_ROUTING_ID / WARREN_REPLY_TO): not sent");
-        anyhow::bail!("mention and reply need a turn's context");
+        return Err(Error::Config(
+            "mention and reply need a turn's context (WARREN_ROUTING_ID, WARREN_REPLY_TO)".into(),
+        ));
     };
     let turn_ref = TurnRef {
         routing_id,

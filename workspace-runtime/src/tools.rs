@@ -1,22 +1,15 @@
-//! The `openai` driver: any OpenAI-compatible Chat Completions API (OpenAI, vLLM, Ollama,
-//! LiteLLM, OpenRouter), with a tool-use loop over Warren's agent tools.
+//! Warren's tools for agents, the same for every driver: `mention(agent, text)`,
+//! `reply(text)`, `list_agents`, `memory_get`, `memory_put`, `memory_update(expected_revision)`,
+//! `memory_list` and `memory_delete`.
 //!
-//! Settings: `{"base_url": "http://127.0.0.1:11434/v1", "model": "...", "max_tokens": 1024,
-//! "api_key_file": "/run/secrets/openai"}`. Without `api_key_file` the key comes from
-//! `OPENAI_API_KEY_FILE` or `OPENAI_API_KEY` (optional for local servers); it is never
-//! logged. History is kept per conversation. 429 (honouring
-//! `Retry-After`) and 5xx are retried with backoff; what still fails fails the turn, which
-//! redelivers the message and, in the end, dead-letters it.
+//! [`chat_completions`] defines them for the `openai` driver, [`flat`] for the Messages API
+//! (`anthropic`) and MCP ([`crate::mcp`]); [`execute`] runs one call. A mention or a reply is
+//! not sent here: it is collected in [`ToolEffects`] and published by the caller as part of
+//! the turn (the inbox worker after the turn, the MCP server at once).
 
 use serde_json::{Value, json};
-use tracing::info;
 
-use crate::agent::{DriverError, TurnContext};
-use crate::model::{MAX_STEPS, ModelApi, post_with_retry};
-
-/// An OpenAI-compatible agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OpenAi(ModelApi);
+use crate::agent::TurnContext;
 
 /// What the tools did during a turn, besides the reply.
 #[derive(Debug, Default)]
@@ -27,97 +20,8 @@ pub struct ToolEffects {
     pub replies: Vec<String>,
 }
 
-fn api_error(message: String) -> DriverError {
-    DriverError::Api(message)
-}
-
-impl OpenAi {
-    pub fn from_settings(settings: &Value) -> anyhow::Result<Self> {
-        ModelApi::from_settings(
-            "openai",
-            settings,
-            "https://api.openai.com/v1",
-            "OPENAI_API_KEY",
-        )
-        .map(Self)
-    }
-
-    /// One turn: the model is called until it answers without tool calls.
-    pub async fn turn(&self, ctx: &TurnContext) -> Result<(String, ToolEffects), DriverError> {
-        let (conversation, mut messages) = self
-            .0
-            .start_turn(ctx, json!({"role": "user", "content": ctx.text}));
-        let system = json!({"role": "system", "content": format!(
-            "You are {}, an agent in the Warren workspace {}. Use the tools to mention \
-             other agents and to read and write shared memory.",
-            ctx.agent, ctx.workspace)});
-        let mut effects = ToolEffects::default();
-        for _ in 0..MAX_STEPS {
-            let response = self.complete(&system, &messages, ctx).await?;
-            let message = response["choices"][0]["message"].clone();
-            if message.is_null() {
-                return Err(api_error("the response has no choices[0].message".into()));
-            }
-            messages.push(message.clone());
-            let calls = message["tool_calls"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            if calls.is_empty() {
-                let reply = message["content"].as_str().unwrap_or_default().to_owned();
-                self.0.remember(conversation, messages);
-                return Ok((reply, effects));
-            }
-            for call in calls {
-                let name = call["function"]["name"].as_str().unwrap_or_default();
-                let args: Value = call["function"]["arguments"]
-                    .as_str()
-                    .and_then(|a| serde_json::from_str(a).ok())
-                    .unwrap_or(Value::Null);
-                let result = execute(name, &args, ctx, &mut effects).await;
-                info!(tool = name, "tool call");
-                messages.push(json!({
-                    "role": "tool",
-                    "tool_call_id": call["id"],
-                    "content": result.to_string(),
-                }));
-            }
-        }
-        Err(api_error(format!(
-            "the model was still calling tools after {MAX_STEPS} steps"
-        )))
-    }
-
-    async fn complete(
-        &self,
-        system: &Value,
-        messages: &[Value],
-        ctx: &TurnContext,
-    ) -> Result<Value, DriverError> {
-        let api = &self.0;
-        let mut all = Vec::with_capacity(messages.len() + 1);
-        all.push(system.clone());
-        all.extend_from_slice(messages);
-        let body = json!({
-            "model": api.model,
-            "max_tokens": api.max_tokens,
-            "messages": all,
-            "tools": tools(),
-        });
-        let url = format!("{}/chat/completions", api.base_url);
-        post_with_retry(&url, ctx, || {
-            let request = api.client.post(&url).json(&body);
-            match &api.api_key {
-                Some(key) => request.bearer_auth(key.expose()),
-                None => request,
-            }
-        })
-        .await
-    }
-}
-
-/// Warren's agent tools, as Chat Completions function definitions.
-pub fn tools() -> Value {
+/// The tools as Chat Completions function definitions.
+pub fn chat_completions() -> Value {
     let function = |name: &str, description: &str, properties: Value, required: &[&str]| {
         json!({"type": "function", "function": {
             "name": name, "description": description,
@@ -181,9 +85,9 @@ pub fn tools() -> Value {
 
 /// The tools as flat definitions (`name`, `description`, and the parameter schema under
 /// `schema_key`): `input_schema` for the Messages API, `inputSchema` for MCP.
-pub fn tools_flat(schema_key: &str) -> Value {
+pub fn flat(schema_key: &str) -> Value {
     Value::Array(
-        tools()
+        chat_completions()
             .as_array()
             .map(|all| {
                 all.iter()

@@ -9,9 +9,9 @@
 use serde_json::{Value, json};
 use tracing::info;
 
-use crate::agent::{DriverError, TurnContext};
-use crate::model::{MAX_STEPS, ModelApi, post_with_retry};
-use crate::openai::{ToolEffects, execute};
+use super::model::{MAX_STEPS, ModelApi, post_with_retry};
+use super::{DriverError, TurnContext};
+use crate::tools::{ToolEffects, execute};
 
 const API_VERSION: &str = "2023-06-01";
 
@@ -21,11 +21,11 @@ pub struct Anthropic(ModelApi);
 
 /// The agent tools in the Messages API's shape (`name`, `description`, `input_schema`).
 pub fn anthropic_tools() -> Value {
-    crate::openai::tools_flat("input_schema")
+    crate::tools::flat("input_schema")
 }
 
 impl Anthropic {
-    pub fn from_settings(settings: &Value) -> anyhow::Result<Self> {
+    pub fn from_settings(settings: &Value) -> Result<Self, DriverError> {
         ModelApi::from_settings(
             "anthropic",
             settings,

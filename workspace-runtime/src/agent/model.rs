@@ -8,10 +8,9 @@ use std::time::Duration;
 use serde_json::Value;
 use warren_schema::Secret;
 
-use crate::agent::TurnContext;
 use tracing::warn;
 
-use crate::agent::DriverError;
+use super::{DriverError, TurnContext};
 
 /// Attempts of one model call (429 and 5xx are retried).
 const ATTEMPTS: u32 = 4;
@@ -54,13 +53,14 @@ impl ModelApi {
         settings: &Value,
         default_base: &str,
         key_var: &str,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, DriverError> {
         Ok(Self {
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(
                     settings["timeout_secs"].as_u64().unwrap_or(300),
                 ))
-                .build()?,
+                .build()
+                .map_err(|e| DriverError::Settings(format!("the {driver} HTTP client: {e}")))?,
             base_url: settings["base_url"]
                 .as_str()
                 .unwrap_or(default_base)
@@ -68,7 +68,9 @@ impl ModelApi {
                 .to_owned(),
             model: settings["model"]
                 .as_str()
-                .ok_or_else(|| anyhow::anyhow!("an {driver} agent needs settings.model"))?
+                .ok_or_else(|| {
+                    DriverError::Settings(format!("an {driver} agent needs settings.model"))
+                })?
                 .to_owned(),
             max_tokens: settings["max_tokens"].as_u64().unwrap_or(1024),
             api_key: api_key(settings, key_var)?,
@@ -161,7 +163,7 @@ pub async fn post_with_retry(
 }
 
 /// Reads an API key: the agent's `api_key_file`, else `{var}_FILE`, else `{var}`.
-pub fn api_key(settings: &Value, var: &str) -> anyhow::Result<Option<Secret>> {
+pub fn api_key(settings: &Value, var: &str) -> Result<Option<Secret>, DriverError> {
     let key_file = settings["api_key_file"]
         .as_str()
         .map(str::to_owned)
@@ -169,7 +171,9 @@ pub fn api_key(settings: &Value, var: &str) -> anyhow::Result<Option<Secret>> {
     Ok(match key_file {
         Some(path) => Some(Secret::new(
             std::fs::read_to_string(&path)
-                .map_err(|e| anyhow::anyhow!("reading the API key file {path}: {e}"))?
+                .map_err(|e| {
+                    DriverError::Settings(format!("reading the API key file {path}: {e}"))
+                })?
                 .trim(),
         )),
         None => std::env::var(var).ok().map(Secret::new),

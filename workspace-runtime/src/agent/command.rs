@@ -1,0 +1,369 @@
+//! The `command` driver: runs a program per turn, the way CLI agents (Claude Code, Codex)
+//! are run.
+//!
+//! Settings: `{"command": ["claude", "-p"], "input": "argument" | "stdin", "timeout_secs":
+//! 600, "kill_grace_secs": 5}`.
+//!
+//! - The message goes on stdin (default) or as the last argument.
+//! - The context is in `WARREN_AGENT`, `WARREN_WORKSPACE`, `WARREN_MESSAGE_ID`,
+//!   `WARREN_ROUTING_ID`, `WARREN_CONVERSATION`, `WARREN_CHAIN`, `WARREN_REPLY_TO` and
+//!   `TRACEPARENT`; the rest of the runtime's environment (`WARREN_SHARED_DIR`, `NATS_URL`,
+//!   the credentials file) is inherited, which is what `warren-workspace-runtime --mcp`
+//!   needs when the program starts it as its MCP server.
+//! - The working directory is the workspace directory.
+//! - Stdout is the reply; stderr goes to the runtime's log.
+//! - The program runs in a process group of its own, and the turn's processes end with the
+//!   turn: on a timeout the group gets SIGTERM, then SIGKILL after `kill_grace_secs`; what is
+//!   left of the group when the program exits is killed. A tool the program started in the
+//!   background therefore cannot hold the turn (or its stdout) open.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+
+use super::{DriverError, TurnContext, strings};
+
+/// How a `command` agent receives the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    Stdin,
+    /// Appended as the last argument (`claude -p MESSAGE`).
+    Argument,
+}
+
+/// A program run per turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub argv: Vec<String>,
+    pub input: Input,
+    /// The whole turn, program and children.
+    pub timeout: Duration,
+    /// Between SIGTERM and SIGKILL when the turn times out.
+    pub kill_grace: Duration,
+}
+
+impl Command {
+    pub fn from_settings(settings: &serde_json::Value) -> Result<Self, DriverError> {
+        let argv = strings(&settings["command"]);
+        if argv.is_empty() {
+            return Err(DriverError::Settings(
+                "a command agent needs settings.command, e.g. [\"claude\", \"-p\"]".into(),
+            ));
+        }
+        let input = match settings["input"].as_str().unwrap_or("stdin") {
+            "stdin" => Input::Stdin,
+            "argument" => Input::Argument,
+            other => {
+                return Err(DriverError::Settings(format!(
+                    "settings.input {other:?}: use stdin or argument"
+                )));
+            }
+        };
+        let secs = |key: &str, default: u64| {
+            Duration::from_secs(settings[key].as_u64().unwrap_or(default))
+        };
+        Ok(Self {
+            argv,
+            input,
+            timeout: secs("timeout_secs", 600),
+            kill_grace: secs("kill_grace_secs", 5),
+        })
+    }
+
+    /// Runs the program for one turn; its stdout, trimmed, is the reply.
+    pub async fn run(&self, ctx: &TurnContext) -> Result<String, DriverError> {
+        let program = self.argv[0].clone();
+        let io = |source| DriverError::Io {
+            program: program.clone(),
+            source,
+        };
+        let mut command = tokio::process::Command::new(&program);
+        command
+            .args(&self.argv[1..])
+            .current_dir(&ctx.workspace_dir)
+            .env("WARREN_AGENT", &ctx.agent)
+            .env("WARREN_WORKSPACE", &ctx.workspace)
+            .env("WARREN_MESSAGE_ID", &ctx.message_id)
+            .env("WARREN_ROUTING_ID", &ctx.routing_id)
+            .env(
+                "WARREN_CONVERSATION",
+                ctx.conversation.as_deref().unwrap_or(""),
+            )
+            .env("WARREN_CHAIN", ctx.chain.join(","))
+            .env("TRACEPARENT", ctx.traceparent.as_deref().unwrap_or(""))
+            .env("WARREN_REPLY_TO", ctx.reply_to.as_deref().unwrap_or(""))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .kill_on_drop(true);
+        if self.input == Input::Argument {
+            command.arg(&ctx.text);
+        }
+        let mut child = command.spawn().map_err(|source| DriverError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        // From here on, however the turn ends (even dropped mid-way), the group is killed.
+        let group = child.id().map(ProcessGroup);
+        let mut stdin = child.stdin.take();
+        let mut stdout = child.stdout.take();
+        let text = ctx.text.clone();
+        let input = self.input;
+        let feed = async move {
+            if let (Some(stdin), Input::Stdin) = (stdin.as_mut(), input) {
+                stdin.write_all(text.as_bytes()).await?;
+                stdin.write_all(b"\n").await?;
+            }
+            drop(stdin);
+            Ok::<(), std::io::Error>(())
+        };
+        let read = async {
+            let mut out = Vec::new();
+            if let Some(stdout) = stdout.as_mut() {
+                tokio::io::AsyncReadExt::read_to_end(stdout, &mut out).await?;
+            }
+            Ok::<_, std::io::Error>(out)
+        };
+        let exit = async {
+            let status = child.wait().await;
+            // The program is done: what it left running goes with it, so nothing holds
+            // its stdout (and the turn) open.
+            if let Some(group) = &group {
+                group.signal(Signal::SIGKILL);
+            }
+            status
+        };
+        let run = async {
+            // A program that does not read its stdin is not an error.
+            let (fed, status, out) = tokio::join!(feed, exit, read);
+            if let Err(e) = fed {
+                warn!(error = %e, "the command did not take its input");
+            }
+            Ok::<_, std::io::Error>((status?, out?))
+        };
+        let (status, out) = match tokio::time::timeout(self.timeout, run).await {
+            Ok(done) => done.map_err(io)?,
+            Err(_) => {
+                if let Some(group) = &group {
+                    group.terminate(&mut child, self.kill_grace).await;
+                }
+                return Err(DriverError::Timeout {
+                    program,
+                    timeout: self.timeout,
+                });
+            }
+        };
+        if !status.success() {
+            return Err(DriverError::Failed {
+                program,
+                status: status.to_string(),
+            });
+        }
+        let reply = String::from_utf8_lossy(&out).trim().to_owned();
+        info!(bytes = reply.len(), "command turn finished");
+        Ok(reply)
+    }
+}
+
+/// A turn's process group (its id is the program's pid). Dropping it kills whatever is
+/// left in it.
+#[derive(Debug)]
+struct ProcessGroup(u32);
+
+impl ProcessGroup {
+    fn signal(&self, signal: Signal) {
+        let Ok(pgid) = i32::try_from(self.0) else {
+            return;
+        };
+        // ESRCH: nothing is left in the group, which is the usual case.
+        if let Err(e) = killpg(Pid::from_raw(pgid), signal)
+            && e != nix::errno::Errno::ESRCH
+        {
+            warn!(pgid, ?signal, error = %e, "could not signal the turn's processes");
+        }
+    }
+
+    /// SIGTERM to the group, then (after `grace`, or as soon as the program has exited)
+    /// SIGKILL to what is left of it when this is dropped.
+    async fn terminate(&self, child: &mut tokio::process::Child, grace: Duration) {
+        warn!(
+            pgid = self.0,
+            "the command timed out; terminating its processes"
+        );
+        self.signal(Signal::SIGTERM);
+        let _ = tokio::time::timeout(grace, child.wait()).await;
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.signal(Signal::SIGKILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(script: &str, input: Input, timeout_ms: u64) -> Command {
+        Command {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            input,
+            timeout: Duration::from_millis(timeout_ms),
+            kill_grace: Duration::from_millis(200),
+        }
+    }
+
+    fn ctx(text: &str) -> TurnContext {
+        TurnContext {
+            workspace: "research".into(),
+            agent: "alice".into(),
+            text: text.into(),
+            chain: vec!["bob".into()],
+            workspace_dir: std::env::temp_dir(),
+            ..TurnContext::default()
+        }
+    }
+
+    /// Whether `pid` is still a live process (a zombie waiting for its reaper is not).
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(") ")
+                    .map(|(_, rest)| !rest.starts_with('Z'))
+            })
+            .unwrap_or(false)
+    }
+
+    async fn gone_within(pid: u32, deadline: Duration) -> bool {
+        let until = tokio::time::Instant::now() + deadline;
+        while alive(pid) {
+            if tokio::time::Instant::now() > until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    #[test]
+    fn settings_are_checked_when_the_runtime_starts() {
+        let c = Command::from_settings(&serde_json::json!({
+            "command": ["claude", "-p"], "input": "argument", "timeout_secs": 60
+        }))
+        .expect("valid");
+        assert_eq!(c.argv, ["claude", "-p"]);
+        assert_eq!(c.input, Input::Argument);
+        assert_eq!(c.timeout, Duration::from_secs(60));
+        assert_eq!(c.kill_grace, Duration::from_secs(5), "the default grace");
+        let e = Command::from_settings(&serde_json::json!({"command": ["x"], "input": "file"}))
+            .expect_err("no such input");
+        assert!(e.to_string().contains("stdin or argument"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_command_agent_reads_stdin_with_its_context_and_replies_on_stdout() {
+        let c = command(
+            r#"read line; echo "$WARREN_AGENT in $WARREN_WORKSPACE (asked by $WARREN_CHAIN) heard: $line; cc @carol""#,
+            Input::Stdin,
+            5_000,
+        );
+        let reply = c.run(&ctx("hello")).await.expect("turn");
+        assert_eq!(
+            reply,
+            "alice in research (asked by bob) heard: hello; cc @carol"
+        );
+        let pwd = command("pwd", Input::Stdin, 5_000);
+        let dir = pwd.run(&ctx("x")).await.expect("turn");
+        assert_eq!(
+            std::fs::canonicalize(dir).expect("dir"),
+            std::fs::canonicalize(std::env::temp_dir()).expect("tmp"),
+            "runs in the workspace directory"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_command_agent_can_take_the_message_as_its_last_argument() {
+        let c = command(r#"echo "arg: $0""#, Input::Argument, 5_000);
+        assert_eq!(
+            c.run(&ctx("summarise")).await.expect("turn"),
+            "arg: summarise"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_or_hanging_command_is_an_error_not_a_reply() {
+        let failing = command("echo partial; exit 4", Input::Stdin, 5_000);
+        let e = failing.run(&ctx("x")).await.expect_err("fails");
+        assert!(e.to_string().contains("exit status: 4"), "{e}");
+        let hanging = command("sleep 30", Input::Stdin, 200);
+        let started = std::time::Instant::now();
+        let e = hanging.run(&ctx("x")).await.expect_err("times out");
+        assert!(matches!(e, DriverError::Timeout { .. }), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "killed, not waited for"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_turn_takes_the_programs_children_with_it() {
+        let dir = std::env::temp_dir().join(format!("warren-pg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let pidfile = dir.join("child.pid");
+        // The child ignores SIGTERM: only the SIGKILL after the grace ends it.
+        let script = format!(
+            "sh -c 'trap \"\" TERM; sleep 30' & echo $! > {}; wait",
+            pidfile.display()
+        );
+        let e = command(&script, Input::Stdin, 500)
+            .run(&ctx("x"))
+            .await
+            .expect_err("times out");
+        assert!(matches!(e, DriverError::Timeout { .. }), "{e}");
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .expect("the program wrote its child's pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        assert!(
+            gone_within(pid, Duration::from_secs(5)).await,
+            "the program's child {pid} outlived the timed-out turn"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_background_process_cannot_hold_a_finished_turn_open() {
+        let dir = std::env::temp_dir().join(format!("warren-bg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let pidfile = dir.join("bg.pid");
+        // The background sleep keeps stdout open; the turn ends when the program does.
+        let script = format!("sleep 30 & echo $! > {}; echo done", pidfile.display());
+        let started = std::time::Instant::now();
+        let reply = command(&script, Input::Stdin, 20_000).run(&ctx("x")).await;
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .expect("pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        assert!(
+            gone_within(pid, Duration::from_secs(5)).await,
+            "the background process {pid} outlived the turn"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+        // The program's exit ended the turn, not the timeout.
+        assert_eq!(reply.expect("answered"), "done");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
