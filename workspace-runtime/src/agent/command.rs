@@ -252,6 +252,19 @@ mod tests {
         true
     }
 
+    /// The process whose pid the script wrote to `pidfile` ends within 5 s of the turn.
+    async fn assert_gone(pidfile: &std::path::Path, what: &str) {
+        let pid: u32 = std::fs::read_to_string(pidfile)
+            .expect("the program wrote the pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        assert!(
+            gone_within(pid, Duration::from_secs(5)).await,
+            "{what} ({pid}) outlived the turn"
+        );
+    }
+
     #[test]
     fn settings_are_checked_when_the_runtime_starts() {
         let c = Command::from_settings(&serde_json::json!({
@@ -327,15 +340,7 @@ mod tests {
             .await
             .expect_err("times out");
         assert!(matches!(e, DriverError::Timeout { .. }), "{e}");
-        let pid: u32 = std::fs::read_to_string(&pidfile)
-            .expect("the program wrote its child's pid")
-            .trim()
-            .parse()
-            .expect("a pid");
-        assert!(
-            gone_within(pid, Duration::from_secs(5)).await,
-            "the program's child {pid} outlived the timed-out turn"
-        );
+        assert_gone(&pidfile, "the program's child").await;
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -348,15 +353,7 @@ mod tests {
         let script = format!("sleep 30 & echo $! > {}; echo done", pidfile.display());
         let started = std::time::Instant::now();
         let reply = command(&script, Input::Stdin, 20_000).run(&ctx("x")).await;
-        let pid: u32 = std::fs::read_to_string(&pidfile)
-            .expect("pid")
-            .trim()
-            .parse()
-            .expect("a pid");
-        assert!(
-            gone_within(pid, Duration::from_secs(5)).await,
-            "the background process {pid} outlived the turn"
-        );
+        assert_gone(&pidfile, "the background process").await;
         let _ = std::fs::remove_dir_all(dir);
         // The program's exit ended the turn, not the timeout.
         assert_eq!(reply.expect("answered"), "done");
