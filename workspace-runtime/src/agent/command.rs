@@ -2,7 +2,7 @@
 //! are run.
 //!
 //! Settings: `{"command": ["claude", "-p"], "input": "argument" | "stdin", "timeout_secs":
-//! 600, "kill_grace_secs": 5}`.
+//! 600, "kill_grace_secs": 5, "max_output_bytes": 1048576}`.
 //!
 //! - The message goes on stdin (default) or as the last argument.
 //! - The context is in `WARREN_AGENT`, `WARREN_WORKSPACE`, `WARREN_MESSAGE_ID`,
@@ -11,7 +11,8 @@
 //!   the credentials file) is inherited, which is what `warren-workspace-runtime --mcp`
 //!   needs when the program starts it as its MCP server.
 //! - The working directory is the workspace directory.
-//! - Stdout is the reply; stderr goes to the runtime's log.
+//! - Stdout is the reply; stderr goes to the runtime's log. More than `max_output_bytes` of
+//!   stdout fails the turn and kills the program.
 //! - The program runs in a process group of its own, and the turn's processes end with the
 //!   turn: on a timeout the group gets SIGTERM, then SIGKILL after `kill_grace_secs`; what is
 //!   left of the group when the program exits is killed. A tool the program started in the
@@ -44,6 +45,9 @@ pub struct Command {
     pub timeout: Duration,
     /// Between SIGTERM and SIGKILL when the turn times out.
     pub kill_grace: Duration,
+    /// Most bytes of stdout a turn may write; more fails the turn (and kills the program)
+    /// rather than filling the runtime's memory.
+    pub max_output_bytes: u64,
 }
 
 impl Command {
@@ -71,6 +75,7 @@ impl Command {
             input,
             timeout: secs("timeout_secs", 600),
             kill_grace: secs("kill_grace_secs", 5),
+            max_output_bytes: settings["max_output_bytes"].as_u64().unwrap_or(1 << 20),
         })
     }
 
@@ -122,10 +127,18 @@ impl Command {
             drop(stdin);
             Ok::<(), std::io::Error>(())
         };
+        let limit = self.max_output_bytes;
         let read = async {
             let mut out = Vec::new();
             if let Some(stdout) = stdout.as_mut() {
-                tokio::io::AsyncReadExt::read_to_end(stdout, &mut out).await?;
+                let mut bounded = tokio::io::AsyncReadExt::take(stdout, limit + 1);
+                tokio::io::AsyncReadExt::read_to_end(&mut bounded, &mut out).await?;
+            }
+            if out.len() as u64 > limit
+                && let Some(group) = &group
+            {
+                // Not read any further: the program would block on a full pipe.
+                group.signal(Signal::SIGKILL);
             }
             Ok::<_, std::io::Error>(out)
         };
@@ -158,6 +171,12 @@ impl Command {
                 });
             }
         };
+        if out.len() as u64 > limit {
+            return Err(DriverError::Failed {
+                program,
+                status: format!("wrote more than {limit} bytes on stdout (max_output_bytes)"),
+            });
+        }
         if !status.success() {
             return Err(DriverError::Failed {
                 program,
@@ -216,6 +235,7 @@ mod tests {
             input,
             timeout: Duration::from_millis(timeout_ms),
             kill_grace: Duration::from_millis(200),
+            max_output_bytes: 1 << 20,
         }
     }
 
@@ -323,6 +343,23 @@ mod tests {
             started.elapsed() < Duration::from_secs(10),
             "killed, not waited for"
         );
+    }
+
+    #[tokio::test]
+    async fn a_turn_that_writes_without_end_fails_at_its_output_limit() {
+        let mut endless = command("yes warren", Input::Stdin, 20_000);
+        endless.max_output_bytes = 4096;
+        let started = std::time::Instant::now();
+        let e = endless.run(&ctx("x")).await.expect_err("too much output");
+        assert!(e.to_string().contains("more than 4096 bytes"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "stopped at the limit, not at the timeout: {:?}",
+            started.elapsed()
+        );
+        let mut exact = command("printf 1234", Input::Stdin, 5_000);
+        exact.max_output_bytes = 4;
+        assert_eq!(exact.run(&ctx("x")).await.expect("at the limit"), "1234");
     }
 
     #[tokio::test]
