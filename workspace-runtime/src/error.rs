@@ -61,19 +61,4 @@ impl Error {
             source: source.into(),
         }
     }
-
-    /// A short, stable name for logs and metric labels.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Self::Config(_) => "config",
-            Self::Agent { .. } => "agent_settings",
-            Self::Credentials(_) => "credentials",
-            Self::Connect { .. } => "connect",
-            Self::JetStream { .. } => "jetstream",
-            Self::Memory(_) => "memory",
-            Self::Outbox(_) => "outbox",
-            Self::Io { .. } => "io",
-            Self::Task(_) => "task",
-        }
-    }
 }

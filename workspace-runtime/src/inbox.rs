@@ -210,9 +210,10 @@ impl Worker {
                 {
                     Ok(()) => message.ack_with(AckKind::Term).await,
                     Err(stored) => {
-                        // Not terminated: while deliveries remain it comes back and is
-                        // dead-lettered then; the server's MAX_DELIVERIES advisory names
-                        // it otherwise.
+                        // Not terminated. An unreadable message with deliveries left comes
+                        // back and is dead-lettered then; a message on its last delivery
+                        // does not come back, and only the server's MAX_DELIVERIES
+                        // advisory names it (a known gap: docs/workspace-runtime.md).
                         warn!(error = %stored, "could not store the dead letter");
                         Ok(())
                     }
@@ -239,7 +240,6 @@ impl Worker {
     ) -> Result<(), OutboxError> {
         let mut headers = HeaderMap::new();
         headers.insert("Warren-Error", error.to_string().as_str());
-        let publish = |e: async_nats::Error| OutboxError::Publish(e.to_string());
         self.js
             .publish_with_headers(
                 self.ns.dead_letter_subject(&self.workspace, &self.agent),
@@ -247,9 +247,9 @@ impl Worker {
                 message.payload.clone(),
             )
             .await
-            .map_err(|e| publish(e.into()))?
+            .map_err(|e| OutboxError::Publish(e.to_string()))?
             .await
-            .map_err(|e| publish(e.into()))?;
+            .map_err(|e| OutboxError::Publish(e.to_string()))?;
         if let Some(turn) = turn {
             self.outbox
                 .send_stored(&turn.dead_lettered(delivered, error.to_string()), None)

@@ -114,7 +114,7 @@ impl Command {
             source,
         })?;
         // From here on, however the turn ends (even dropped mid-way), the group is killed.
-        let group = child.id().map(ProcessGroup);
+        let group = child.id().map(ProcessGroup::new);
         let mut stdin = child.stdin.take();
         let mut stdout = child.stdout.take();
         let text = ctx.text.clone();
@@ -190,13 +190,31 @@ impl Command {
 }
 
 /// A turn's process group (its id is the program's pid). Dropping it kills whatever is
-/// left in it.
+/// left in it, unless it was killed already: once its members are gone its id may be
+/// reused, and a second SIGKILL could reach someone else's group.
 #[derive(Debug)]
-struct ProcessGroup(u32);
+struct ProcessGroup {
+    pgid: u32,
+    killed: std::sync::atomic::AtomicBool,
+}
 
 impl ProcessGroup {
+    fn new(pgid: u32) -> Self {
+        Self {
+            pgid,
+            killed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     fn signal(&self, signal: Signal) {
-        let Ok(pgid) = i32::try_from(self.0) else {
+        if self.killed.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if signal == Signal::SIGKILL {
+            self.killed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let Ok(pgid) = i32::try_from(self.pgid) else {
             return;
         };
         // ESRCH: nothing is left in the group, which is the usual case.
@@ -211,7 +229,7 @@ impl ProcessGroup {
     /// SIGKILL to what is left of it when this is dropped.
     async fn terminate(&self, child: &mut tokio::process::Child, grace: Duration) {
         warn!(
-            pgid = self.0,
+            pgid = self.pgid,
             "the command timed out; terminating its processes"
         );
         self.signal(Signal::SIGTERM);

@@ -20,8 +20,6 @@ pub mod openai;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use command::Input;
-
 use crate::tools::ToolEffects;
 
 /// What a driver knows about the turn besides the text.
