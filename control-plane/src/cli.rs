@@ -8,11 +8,12 @@ use clap::{Parser, Subcommand};
 use sqlx::postgres::PgPoolOptions;
 use warren_schema::{EventId, EventLog, Secret};
 
-use crate::backend::local::LocalConfig;
+use crate::backend::local::{LocalConfig, Users};
 use crate::controller::{self, ControllerConfig};
 use crate::decide::Policy;
 use crate::nats_auth::{Bootstrap, Issuer};
 use crate::operator;
+use warren_schema::launch::TelemetryLaunch;
 
 #[derive(Debug, Parser)]
 #[command(name = "warren-control-plane", version, about)]
@@ -160,6 +161,14 @@ pub struct RunArgs {
     /// credentials of its own, allowed its own subjects only.
     #[arg(long, env = "WARREN_NATS_ACCOUNT_SEED")]
     pub nats_account_seed: Option<std::path::PathBuf>,
+    /// Local backend: a directory of model keys, one file per key named like the key
+    /// (`OPENAI_API_KEY`, mode 0600). An agent gets only those its `allowed_keys` names.
+    #[arg(long, env = "WARREN_MODEL_KEYS_DIR")]
+    pub model_keys_dir: Option<std::path::PathBuf>,
+    /// Local backend: run every workspace as the control plane's own user even when it is
+    /// root (by default, as root, each workspace gets a Unix user of its own).
+    #[arg(long, env = "WARREN_LOCAL_SAME_USER")]
+    pub same_user: bool,
     /// Seconds a workspace's NATS credentials are valid (0: no expiry). A running workspace
     /// gets new ones at half that, and reconnects with them when the old ones expire; a
     /// stopped workspace's leftover credentials stop working.
@@ -182,7 +191,10 @@ pub enum BackendKind {
 }
 
 impl RunArgs {
-    fn controller_config(&self) -> anyhow::Result<ControllerConfig> {
+    fn controller_config(
+        &self,
+        telemetry: &warren_telemetry::TelemetryOptions,
+    ) -> anyhow::Result<ControllerConfig> {
         let namespace = warren_schema::nats::Namespace::new(&self.nats_prefix);
         let issuer = self
             .nats_account_seed
@@ -222,16 +234,37 @@ impl RunArgs {
             },
             config_file: self.config.clone(),
             backend: (self.backend == BackendKind::Local).then(|| LocalConfig {
-                root: self.local_root.clone(),
-                command: self
-                    .runtime_command
-                    .split_whitespace()
-                    .map(str::to_owned)
-                    .collect(),
                 nats_url: self.nats_url.clone(),
+                nats_prefix: self.nats_prefix.clone(),
                 credentials: issuer,
-                env: vec![("WARREN_NATS_PREFIX".into(), self.nats_prefix.clone())],
-                stop_grace: Duration::from_secs(10),
+                model_keys: self.model_keys_dir.clone(),
+                telemetry: TelemetryLaunch {
+                    log_format: Some(
+                        match telemetry.log_format {
+                            warren_telemetry::LogFormat::Json => "json",
+                            warren_telemetry::LogFormat::Text => "text",
+                        }
+                        .into(),
+                    ),
+                    log_filter: telemetry.log_filter.clone(),
+                    otlp_endpoint: telemetry.otlp_endpoint.clone(),
+                    metrics_listen: None,
+                },
+                // Where programs are: not a secret, and the agents' CLIs need it.
+                path: std::env::var("PATH")
+                    .unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+                users: if self.same_user {
+                    Users::Same
+                } else {
+                    Users::Auto
+                },
+                ..LocalConfig::new(
+                    self.local_root.clone(),
+                    self.runtime_command
+                        .split_whitespace()
+                        .map(str::to_owned)
+                        .collect(),
+                )
             }),
             nats: self.nats_url.clone().map(|url| controller::NatsConfig {
                 url,
@@ -277,7 +310,7 @@ async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::R
                     .with_graceful_shutdown(async move { admin_shutdown.cancelled().await })
                     .await
             });
-            controller::run(log, args.controller_config()?, shutdown).await?;
+            controller::run(log, args.controller_config(&cli.telemetry)?, shutdown).await?;
         }
         Command::Rebuild => {
             let started = std::time::Instant::now();

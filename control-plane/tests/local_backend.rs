@@ -87,12 +87,8 @@ async fn a_message_starts_a_process_in_its_directory_and_idleness_stops_it() {
         policy: Policy::default(),
         config_file: Some(file),
         backend: Some(LocalConfig {
-            root: root.clone(),
-            command: sh("echo ready; exec sleep 600"),
-            nats_url: None,
-            credentials: None,
-            env: vec![],
             stop_grace: Duration::from_secs(5),
+            ..LocalConfig::new(root.clone(), sh("echo ready; exec sleep 600"))
         }),
         nats: None,
     };
@@ -121,10 +117,29 @@ async fn a_message_starts_a_process_in_its_directory_and_idleness_stops_it() {
         .parse()
         .expect("pid");
     assert!(alive(pid), "the runtime process runs");
+    // Its whole environment is its launch contract (and PATH, HOME): nothing of ours.
     let env = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
-    let env = String::from_utf8_lossy(&env);
-    assert!(env.contains("WARREN_WORKSPACE=research"));
-    assert!(env.contains("WARREN_AGENTS=alice"));
+    let env: Vec<String> = env
+        .split(|b| *b == 0)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| String::from_utf8_lossy(kv).into_owned())
+        .collect();
+    // (`PWD` is set by the shell that stands in for the runtime.)
+    let mut names: Vec<&str> = env
+        .iter()
+        .filter_map(|kv| kv.split('=').next())
+        .filter(|k| *k != "PWD")
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["HOME", "PATH", "WARREN_LAUNCH"], "{env:?}");
+    let contract = warren_schema::launch::LaunchContract::from_json(
+        env.iter()
+            .find_map(|kv| kv.strip_prefix("WARREN_LAUNCH="))
+            .expect("the contract"),
+    )
+    .expect("a launch contract");
+    assert_eq!(contract.workspace, "research");
+    assert_eq!(contract.agents[0].name, "alice");
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).expect("cwd");
     assert_eq!(cwd, root.join("workspaces/research"));
     assert!(root.join("shared").is_dir());
@@ -185,12 +200,8 @@ async fn a_crashing_runtime_is_restarted_then_given_up_on() {
         },
         config_file: Some(file),
         backend: Some(LocalConfig {
-            root: root.clone(),
-            command: sh("echo boom >&2; exit 3"),
-            nats_url: None,
-            credentials: None,
-            env: vec![],
             stop_grace: Duration::from_secs(5),
+            ..LocalConfig::new(root.clone(), sh("echo boom >&2; exit 3"))
         }),
         nats: None,
     };
@@ -227,7 +238,7 @@ async fn a_crashing_runtime_is_restarted_then_given_up_on() {
     );
     let notice = log.read_type("agent.replied", 0, 10).await.expect("r");
     assert_eq!(notice.len(), 1, "the channel is told once");
-    let log_file = std::fs::read_to_string(root.join("workspaces/ops/runtime.log")).expect("log");
+    let log_file = std::fs::read_to_string(root.join("runtimes/ops/runtime.log")).expect("log");
     assert!(
         log_file.contains("boom"),
         "stderr goes to the workspace's runtime.log"
@@ -239,31 +250,34 @@ async fn a_crashing_runtime_is_restarted_then_given_up_on() {
 #[tokio::test]
 async fn processes_left_by_a_previous_control_plane_are_stopped_and_reported_gone() {
     let root = temp_root("leftover");
-    let dir = root.join("workspaces/research");
+    let dir = root.join("runtimes/research");
     std::fs::create_dir_all(&dir).expect("dir");
+    // A runtime as the backend starts one: its launch contract names its workspace.
+    let contract = warren_schema::launch::LaunchContract::new(
+        "research",
+        root.join("workspaces/research"),
+        warren_schema::launch::NatsLaunch::new("nats://127.0.0.1:4222", "warren"),
+    );
+    let marker = format!("{}={}", warren_schema::launch::ENV, contract.to_json());
     let mut leftover = std::process::Command::new("/bin/sh")
         .args(["-c", "exec sleep 600"])
-        .env("WARREN_WORKSPACE", "research")
+        .env_clear()
+        .envs(contract.environment("/usr/bin:/bin"))
         .spawn()
         .expect("spawn");
     std::fs::write(dir.join("runtime.pid"), leftover.id().to_string()).expect("pidfile");
     // Until it has exec'd, a fresh child still shows this test's environment.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read(format!("/proc/{}/environ", leftover.id())).is_ok_and(|env| {
-        env.split(|b| *b == 0)
-            .any(|kv| kv == b"WARREN_WORKSPACE=research")
-    }) {
+    while !std::fs::read(format!("/proc/{}/environ", leftover.id()))
+        .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()))
+    {
         assert!(Instant::now() < deadline, "the leftover never started");
         std::thread::sleep(Duration::from_millis(5));
     }
 
     let backend = LocalBackend::new(LocalConfig {
-        root: root.clone(),
-        command: sh("exit 0"),
-        nats_url: None,
-        credentials: None,
-        env: vec![],
         stop_grace: Duration::from_secs(5),
+        ..LocalConfig::new(root.clone(), sh("exit 0"))
     })
     .expect("backend");
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -51,12 +51,8 @@ impl Runtime {
             return Ok(Self::InProcess(shutdown, task));
         };
         let mut child = tokio::process::Command::new(binary)
-            .env("WARREN_WORKSPACE", &config.workspace)
-            .env("WARREN_AGENTS", config.agents.join(","))
-            .env("WARREN_AGENT_SETTINGS", &config.agent_settings)
-            .env("WARREN_WORKSPACE_DIR", &config.workspace_dir)
-            .env("NATS_URL", &config.nats_url)
-            .env("WARREN_NATS_PREFIX", &config.nats_prefix)
+            .env_clear()
+            .envs(config.environment("/usr/local/bin:/usr/bin:/bin"))
             // Its logs at their default level, as deployed, written where nobody reads.
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
@@ -157,21 +153,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut floor = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
 
     // Through the runtime: alice (echo, cc bob) in workspace "bench".
-    let config = warren_workspace_runtime::Config {
-        workspace: "bench".into(),
-        agents: vec!["alice".into()],
-        agent_settings: r#"{"alice": {"driver": "echo", "settings": {"cc": ["bob"]}}}"#.into(),
-        agent_directory: "[]".into(),
-        workspace_dir: std::env::temp_dir(),
-        nats_url: url.clone(),
-        nats_prefix: prefix.clone(),
-        max_deliver: 5,
-        nats_creds: None,
-        ack_wait_secs: 120,
-        heartbeat_secs: 30,
-        mcp: false,
-        telemetry: Default::default(),
-    };
+    let mut config = warren_schema::launch::LaunchContract::new(
+        "bench",
+        std::env::temp_dir(),
+        warren_schema::launch::NatsLaunch::new(url.clone(), prefix.clone()),
+    );
+    config.agents.push(warren_schema::launch::AgentLaunch::new(
+        "alice",
+        "echo",
+        serde_json::json!({"cc": ["bob"]}),
+    ));
     let runtime = Runtime::start(config, args.runtime_binary.as_deref()).await?;
     report::line(match args.runtime_binary {
         Some(_) => "runtime: its own process (the binary)",

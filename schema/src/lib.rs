@@ -9,6 +9,7 @@ pub mod envelope;
 mod error;
 pub mod event_log;
 pub mod events;
+pub mod launch;
 pub mod nats;
 pub mod secret;
 #[cfg(feature = "testing")]

@@ -59,6 +59,9 @@ pub struct TelemetryOptions {
     /// Log line format.
     #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
+    /// Which logs to write (an `EnvFilter` directive such as `info,warren=debug`).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_filter: Option<String>,
     /// OTLP/HTTP collector base URL; spans go to `{url}/v1/traces`. Unset: no export.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -86,7 +89,11 @@ impl Telemetry {
         let otel_layer = tracer
             .as_ref()
             .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        let filter = options
+            .log_filter
+            .as_deref()
+            .and_then(|f| EnvFilter::try_new(f).ok())
+            .unwrap_or_else(|| EnvFilter::new("info"));
         let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
         let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
         match options.log_format {

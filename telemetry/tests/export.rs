@@ -42,6 +42,7 @@ async fn spans_are_exported_over_otlp_and_metrics_render() {
         "warren-telemetry-test",
         &TelemetryOptions {
             log_format: LogFormat::Text,
+            log_filter: None,
             otlp_endpoint: Some(endpoint),
         },
     )

@@ -94,6 +94,9 @@ pub struct Worker {
     pub agent: String,
     pub driver: agent::Driver,
     pub workspace_dir: std::path::PathBuf,
+    pub shared_dir: Option<std::path::PathBuf>,
+    /// What `command` agents' programs run with besides the turn.
+    pub environment: agent::command::Environment,
     /// This agent's view of the workspace bucket and the shared one.
     pub memory: Option<(crate::memory::Memory, crate::memory::Memory)>,
     pub max_deliver: i64,
@@ -325,6 +328,8 @@ impl Worker {
                 chain: inbox.chain.clone(),
                 traceparent: traceparent.map(str::to_owned),
                 workspace_dir: self.workspace_dir.clone(),
+                shared_dir: self.shared_dir.clone(),
+                environment: self.environment.clone(),
                 reply_to: serde_json::to_string(&inbox.reply_to).ok(),
                 memory: self.memory.as_ref().map(|(m, _)| with_conversation(m)),
                 shared_memory: self.memory.as_ref().map(|(_, s)| with_conversation(s)),

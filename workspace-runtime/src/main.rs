@@ -2,17 +2,18 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let warren_workspace_runtime::Args {
-        config,
-        metrics_listen,
-    } = warren_workspace_runtime::Args::parse();
-    if config.mcp {
+    let args = warren_workspace_runtime::Args::parse();
+    // Everything the runtime knows comes from its launch contract.
+    let config = warren_workspace_runtime::Config::from_env()?;
+    if args.mcp {
         // stdout is the protocol: logs go to stderr only, and no telemetry set-up output.
         return Ok(warren_workspace_runtime::run_mcp(config).await?);
     }
-    let telemetry =
-        warren_telemetry::Telemetry::init("warren-workspace-runtime", &config.telemetry)?;
-    if let Some(listen) = metrics_listen {
+    let telemetry = warren_telemetry::Telemetry::init(
+        "warren-workspace-runtime",
+        &warren_workspace_runtime::telemetry_options(&config),
+    )?;
+    if let Some(listen) = config.telemetry.metrics_listen {
         warren_workspace_runtime::serve_metrics(listen, telemetry.metrics_router()).await?;
     }
     // SIGTERM or SIGINT: finish the current turns, take no new ones.

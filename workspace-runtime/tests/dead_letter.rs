@@ -3,6 +3,8 @@
 //! `message.dead_lettered` → a notice from `warren` for the channel. Real NATS and
 //! PostgreSQL.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -61,22 +63,17 @@ async fn a_message_that_keeps_failing_is_dead_lettered_and_the_channel_told() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let runtime = tokio::spawn(warren_workspace_runtime::run(
-        warren_workspace_runtime::Config {
-            workspace: "w".into(),
-            agents: vec!["carl".into()],
-            agent_settings: format!(
-                r#"{{"carl": {{"driver": "command", "settings": {settings}}}}}"#
-            ),
-            agent_directory: "[]".into(),
-            workspace_dir: dir.clone(),
-            nats_url: url.clone(),
-            nats_prefix: prefix.clone(),
-            max_deliver: 2,
-            nats_creds: None,
-            ack_wait_secs: 120,
-            heartbeat_secs: 30,
-            mcp: false,
-            telemetry: Default::default(),
+        {
+            let mut c = support::launch(
+                &url,
+                &prefix,
+                "w",
+                "carl",
+                serde_json::json!({"driver": "command", "settings": serde_json::from_str::<serde_json::Value>(settings).expect("settings")}),
+                &dir,
+            );
+            c.tuning.max_deliver = 2;
+            c
         },
         shutdown.clone(),
     ));

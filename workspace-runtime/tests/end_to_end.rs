@@ -6,6 +6,8 @@
 //! The gateway and the control plane run in this test's process (their library entry
 //! points, on real sockets); the runtime is the real binary.
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -126,15 +128,14 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
             policy: Policy::default(),
             config_file: Some(agents),
             backend: Some(LocalConfig {
-                root: root.clone(),
-                command: vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
                 nats_url: Some(nats_url.clone()),
-                credentials: None,
-                env: vec![
-                    ("WARREN_NATS_PREFIX".into(), prefix.clone()),
-                    ("WARREN_LOG_FORMAT".into(), "text".into()),
-                ],
+                nats_prefix: prefix.clone(),
+                telemetry: support::text_logs(),
                 stop_grace: Duration::from_secs(5),
+                ..LocalConfig::new(
+                    root.clone(),
+                    vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
+                )
             }),
             nats: Some(NatsConfig {
                 url: nats_url.clone(),

@@ -27,22 +27,18 @@ async fn a_turn_longer_than_ack_wait_runs_once_and_reports_busy() {
 
     let shutdown = CancellationToken::new();
     let runtime = tokio::spawn(warren_workspace_runtime::run(
-        warren_workspace_runtime::Config {
-            workspace: "w".into(),
-            agents: vec!["slow".into()],
-            agent_settings: format!(
-                r#"{{"slow": {{"driver": "command", "settings": {settings}}}}}"#
-            ),
-            agent_directory: "[]".into(),
-            workspace_dir: dir.clone(),
-            nats_url: url.clone(),
-            nats_creds: None,
-            nats_prefix: prefix.clone(),
-            max_deliver: 5,
-            ack_wait_secs: 2,
-            heartbeat_secs: 1,
-            mcp: false,
-            telemetry: Default::default(),
+        {
+            let mut c = support::launch(
+                &url,
+                &prefix,
+                "w",
+                "slow",
+                serde_json::json!({"driver": "command", "settings": serde_json::from_str::<serde_json::Value>(&settings).expect("settings")}),
+                &dir,
+            );
+            c.tuning.ack_wait_secs = 2;
+            c.tuning.heartbeat_secs = 1;
+            c
         },
         shutdown.clone(),
     ));

@@ -101,21 +101,17 @@ fn runtime_config(
     creds: &Path,
     dir: &Path,
 ) -> warren_workspace_runtime::Config {
-    warren_workspace_runtime::Config {
-        workspace: workspace.into(),
-        agents: vec![agent.into()],
-        agent_settings: format!(r#"{{"{agent}": {{"driver": "echo"}}}}"#),
-        agent_directory: "[]".into(),
-        workspace_dir: dir.to_owned(),
-        nats_url: url.into(),
-        nats_creds: Some(creds.to_owned()),
-        nats_prefix: "warren".into(),
-        max_deliver: 3,
-        ack_wait_secs: 120,
-        heartbeat_secs: 30,
-        mcp: false,
-        telemetry: Default::default(),
-    }
+    let mut contract = support::launch(
+        url,
+        "warren",
+        workspace,
+        agent,
+        serde_json::json!({"driver": "echo"}),
+        dir,
+    );
+    contract.nats.credentials = Some(creds.to_owned());
+    contract.tuning.max_deliver = 3;
+    contract
 }
 
 /// A fresh directory with a new trust chain (`nats-auth init`) and a server trusting it.
@@ -320,12 +316,14 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
             policy: Default::default(),
             config_file: Some(agents),
             backend: Some(LocalConfig {
-                root: dir.join("local"),
-                command: vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
                 nats_url: Some(server.url.clone()),
                 credentials: Some(Arc::new(issuer)),
-                env: vec![("WARREN_LOG_FORMAT".into(), "text".into())],
+                telemetry: support::text_logs(),
                 stop_grace: Duration::from_secs(5),
+                ..LocalConfig::new(
+                    dir.join("local"),
+                    vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
+                )
             }),
             nats: Some(NatsConfig {
                 url: server.url.clone(),
@@ -372,7 +370,7 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
         let logs: Vec<String> = ["research", "ops"]
             .iter()
             .map(|w| {
-                std::fs::read_to_string(dir.join(format!("local/workspaces/{w}/runtime.log")))
+                std::fs::read_to_string(dir.join(format!("local/runtimes/{w}/runtime.log")))
                     .unwrap_or_default()
             })
             .collect();
@@ -383,14 +381,14 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // Each workspace got a user of its own, readable only by the control plane's user.
+    // Each workspace got a NATS user of its own, in a file readable only by its own user.
     let claims = |workspace: &str| {
-        let path = dir.join(format!("local/credentials/{workspace}.creds"));
+        let path = dir.join(format!("local/credentials/{workspace}/nats.creds"));
         let mode = std::fs::metadata(&path)
             .expect("creds file")
             .permissions()
             .mode();
-        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+        assert_eq!(mode & 0o777, 0o400, "{}", path.display());
         jwt_claims(&path)
     };
     let (research, ops) = (claims("research"), claims("ops"));
@@ -422,7 +420,7 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
         if answers > 0 {
             break;
         }
-        let log = std::fs::read_to_string(dir.join("local/workspaces/research/runtime.log"))
+        let log = std::fs::read_to_string(dir.join("local/runtimes/research/runtime.log"))
             .unwrap_or_default();
         assert!(
             Instant::now() < deadline,
@@ -448,7 +446,7 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
         starts.len(),
         1,
         "research was started again: {starts:?}; its log: {}",
-        std::fs::read_to_string(dir.join("local/workspaces/research/runtime.log"))
+        std::fs::read_to_string(dir.join("local/runtimes/research/runtime.log"))
             .unwrap_or_default()
     );
 
@@ -458,7 +456,7 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
     let deadline = Instant::now() + Duration::from_secs(20);
     while ["research", "ops"]
         .iter()
-        .any(|w| dir.join(format!("local/credentials/{w}.creds")).exists())
+        .any(|w| dir.join(format!("local/credentials/{w}")).exists())
     {
         assert!(
             Instant::now() < deadline,
@@ -508,23 +506,7 @@ fn expiry(path: &Path) -> i64 {
 
 /// A webhook delivery for alice, as the gateway records it.
 async fn ask_alice(log: &warren_schema::EventLog, delivery_id: &str, text: &str) {
-    use warren_schema::events::MessageReceived;
-    use warren_schema::{AppendRequest, Metadata, NewEvent};
-    let message = MessageReceived {
-        origin: Origin::Webhook {
-            endpoint: "ci".into(),
-            delivery_id: delivery_id.into(),
-        },
-        text: text.into(),
-        addressed_agents: vec!["alice".into()],
-        files: vec![],
-    };
-    log.append(&AppendRequest::new(
-        "webhook:ci",
-        vec![NewEvent::from_domain(EventId::random(), &message, Metadata::new("test")).expect("e")],
-    ))
-    .await
-    .expect("append");
+    ask(log, "alice", delivery_id, text).await;
 }
 
 /// Waits until the clock is past `exp` (a Unix time in seconds).
@@ -608,4 +590,233 @@ async fn expiring_credentials_are_renewed_in_time_and_refused_once_expired() {
     runtime.await.expect("join").expect("runtime");
     server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What an agent can reach on the machine, tried as an attacker would: a `command` agent
+/// prints its environment, lists the directories around it and tries to read the NATS
+/// account seed, the control plane's and other runtimes' `/proc/*/environ`, another
+/// workspace's credentials and directory, and the model keys it was not allowed. It finds
+/// none of them. (Where the control plane runs as root, as here in CI, each workspace is a
+/// Unix user of its own; the file checks need that and are skipped, saying so, otherwise.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_agent_finds_no_secret_and_nothing_of_another_workspace() {
+    use warren_control_plane::backend::local::LocalConfig;
+    use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
+    use warren_schema::events::AgentReplied;
+
+    let ns = Namespace::default();
+    let (dir, server) = operator_mode("snoop", &ns).await;
+    let db = warren_schema::testing::TestDatabase::new().await;
+    let log = db.log();
+    let root = dir.join("local");
+    let seed = std::fs::read_to_string(dir.join("account.seed")).expect("seed");
+    // The operator's model keys: the spy is allowed none, the coder (in the other
+    // workspace) one of them.
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys).expect("keys dir");
+    for (name, value) in [
+        ("OPENAI_API_KEY", "sk-test-openai-6c1f"),
+        ("ANTHROPIC_API_KEY", "sk-test-anthropic-93ab"),
+    ] {
+        write_file(&keys.join(name), value, 0o600).expect("key file");
+    }
+    let script = format!(
+        r#"echo "== env"; env
+echo "== dirs"; ls -la {root} {root}/workspaces {root}/credentials {root}/shared 2>&1
+echo "== other workspace"; ls -la {root}/workspaces/other 2>&1; cat {root}/credentials/other/nats.creds 2>&1
+echo "== seed"; cat {dir}/account.seed 2>&1; cat {dir}/control-plane.creds 2>&1
+echo "== keys"; cat {keys}/OPENAI_API_KEY {keys}/ANTHROPIC_API_KEY {root}/credentials/other/keys/OPENAI_API_KEY 2>&1
+echo "== proc"; for f in /proc/[0-9]*/environ; do tr '\0' '\n' < "$f" 2>/dev/null; done | grep -v '^WARREN_LAUNCH=' | sort -u
+echo "== done""#,
+        root = root.display(),
+        dir = dir.display(),
+        keys = keys.display(),
+    );
+    let agents = dir.join("agents.json");
+    std::fs::write(
+        &agents,
+        serde_json::json!({"agents": [
+            {"name": "spy", "workspace": "spy", "driver": "command",
+             "settings": {"command": ["/bin/sh", "-c", script]}},
+            {"name": "coder", "workspace": "other", "driver": "command",
+             "settings": {"command": ["/bin/sh", "-c", "echo \"$OPENAI_API_KEY|$ANTHROPIC_API_KEY\""],
+                          "allowed_keys": ["OPENAI_API_KEY"]}},
+            {"name": "neighbour", "workspace": "other"}]})
+        .to_string(),
+    )
+    .expect("config");
+    let issuer = Issuer::from_seed_file(&dir.join("account.seed"), ns.clone()).expect("issuer");
+    let shutdown = CancellationToken::new();
+    let controller = tokio::spawn(controller::run(
+        log.clone(),
+        ControllerConfig {
+            holder: "snoop".into(),
+            lease_ttl: Duration::from_secs(5),
+            tick: Duration::from_millis(100),
+            policy: Default::default(),
+            config_file: Some(agents),
+            backend: Some(LocalConfig {
+                nats_url: Some(server.url.clone()),
+                credentials: Some(Arc::new(issuer)),
+                model_keys: Some(keys.clone()),
+                telemetry: support::text_logs(),
+                stop_grace: Duration::from_secs(5),
+                ..LocalConfig::new(
+                    root.clone(),
+                    vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
+                )
+            }),
+            nats: Some(NatsConfig {
+                url: server.url.clone(),
+                namespace: ns.clone(),
+                credentials: Some(dir.join("control-plane.creds")),
+            }),
+        },
+        shutdown.clone(),
+    ));
+    let reply_of = async |agent: &str, delivery: &str, text: &str| -> String {
+        ask(&log, agent, delivery, text).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let said: Vec<AgentReplied> = log
+                .read_type("agent.replied", 0, 100)
+                .await
+                .expect("r")
+                .iter()
+                .filter_map(|e| e.decode::<AgentReplied>().ok())
+                .filter(|r| r.agent == agent)
+                .collect();
+            if let Some(r) = said.first() {
+                return r.text.clone();
+            }
+            assert!(
+                !controller.is_finished() && Instant::now() < deadline,
+                "{agent} did not answer (controller stopped: {}); events: {:?}; runtimes: {:?}",
+                controller.is_finished(),
+                log.read_positions(0, i64::MAX, 200)
+                    .await
+                    .expect("r")
+                    .iter()
+                    .map(|e| format!("{} {}", e.event_type, e.payload))
+                    .collect::<Vec<_>>(),
+                ["spy", "other"].map(|w| std::fs::read_to_string(
+                    root.join(format!("runtimes/{w}/runtime.log"))
+                )
+                .unwrap_or_default())
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while log
+        .read_type("agent.configured", 0, 10)
+        .await
+        .expect("r")
+        .len()
+        < 3
+    {
+        assert!(
+            Instant::now() < deadline && !controller.is_finished(),
+            "not configured"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The neighbour's workspace runs first, so that its credentials exist to be stolen.
+    reply_of("neighbour", "n1", "@neighbour hi").await;
+    let other_creds =
+        std::fs::read_to_string(root.join("credentials/other/nats.creds")).expect("creds");
+    let found = reply_of("spy", "s1", "@spy look around").await;
+
+    // Its environment is its turn, its launch contract and its allowed keys (none).
+    let env: Vec<&str> = found
+        .split("== env")
+        .nth(1)
+        .and_then(|s| s.split("== dirs").next())
+        .expect("the env section")
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    // (`PWD` is the shell's own.)
+    let turn = [
+        "HOME",
+        "PATH",
+        "PWD",
+        "TRACEPARENT",
+        "WARREN_AGENT",
+        "WARREN_CHAIN",
+        "WARREN_CONVERSATION",
+        "WARREN_LAUNCH",
+        "WARREN_MESSAGE_ID",
+        "WARREN_REPLY_TO",
+        "WARREN_ROUTING_ID",
+        "WARREN_SHARED_DIR",
+        "WARREN_WORKSPACE",
+    ];
+    for name in &env {
+        assert!(turn.contains(name), "{name} reached the agent: {found}");
+    }
+    let database_url = warren_schema::testing::server_url();
+    for (what, secret) in [
+        ("the database URL", database_url.as_str()),
+        ("a database URL", "postgres://"),
+        ("the account seed", seed.trim()),
+        (
+            "another workspace's credentials",
+            other_creds.lines().nth(1).unwrap_or("none"),
+        ),
+        ("a key it was not allowed", "sk-test-openai-6c1f"),
+        ("a key it was not allowed", "sk-test-anthropic-93ab"),
+    ] {
+        assert!(!found.contains(secret), "the agent read {what}: {found}");
+    }
+    if std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+    {
+        let denied = |section: &str| {
+            found
+                .split(section)
+                .nth(1)
+                .is_some_and(|s| s.contains("Permission denied"))
+        };
+        assert!(denied("== other workspace"), "{found}");
+        assert!(denied("== seed"), "{found}");
+        assert!(denied("== keys"), "{found}");
+    } else {
+        eprintln!(
+            "not root: workspaces share the test's Unix user, so only the environment was \
+             checked (docs/security.md)"
+        );
+    }
+
+    // The agent allowed one key gets that one, and not the other.
+    let coder = reply_of("coder", "c1", "@coder keys?").await;
+    assert_eq!(coder, "sk-test-openai-6c1f|");
+
+    shutdown.cancel();
+    controller.await.expect("join").expect("controller");
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A webhook delivery addressed to `agent`, as the gateway records it.
+async fn ask(log: &warren_schema::EventLog, agent: &str, delivery_id: &str, text: &str) {
+    use warren_schema::events::MessageReceived;
+    use warren_schema::{AppendRequest, Metadata, NewEvent};
+    let message = MessageReceived {
+        origin: Origin::Webhook {
+            endpoint: "ci".into(),
+            delivery_id: delivery_id.into(),
+        },
+        text: text.into(),
+        addressed_agents: vec![agent.into()],
+        files: vec![],
+    };
+    log.append(&AppendRequest::new(
+        "webhook:ci",
+        vec![NewEvent::from_domain(EventId::random(), &message, Metadata::new("test")).expect("e")],
+    ))
+    .await
+    .expect("append");
 }

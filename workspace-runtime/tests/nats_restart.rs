@@ -45,21 +45,14 @@ async fn agents_go_on_answering_after_nats_crashes_and_comes_back() {
 
     let shutdown = CancellationToken::new();
     let runtime = tokio::spawn(warren_workspace_runtime::run(
-        warren_workspace_runtime::Config {
-            workspace: "w".into(),
-            agents: vec!["alice".into()],
-            agent_settings: r#"{"alice": {"driver": "echo"}}"#.into(),
-            agent_directory: "[]".into(),
-            workspace_dir: dir.clone(),
-            nats_url: url.clone(),
-            nats_creds: None,
-            nats_prefix: "warren".into(),
-            max_deliver: 5,
-            ack_wait_secs: 30,
-            heartbeat_secs: 30,
-            mcp: false,
-            telemetry: Default::default(),
-        },
+        support::launch(
+            &url,
+            "warren",
+            "w",
+            "alice",
+            serde_json::json!({"driver": "echo"}),
+            &dir,
+        ),
         shutdown.clone(),
     ));
     let before = support::message("w", "alice", "before the crash");

@@ -226,20 +226,18 @@ async fn through_the_runtime_the_reply_tool_speaks_before_the_answer() {
         "api_key_file": key_file("runtime")}}});
     let shutdown = tokio_util::sync::CancellationToken::new();
     let runtime = tokio::spawn(warren_workspace_runtime::run(
-        warren_workspace_runtime::Config {
-            workspace: "w".into(),
-            agents: vec!["alice".into()],
-            agent_settings: settings.to_string(),
-            agent_directory: "[]".into(),
-            workspace_dir: std::env::temp_dir(),
-            nats_url: url.clone(),
-            nats_creds: None,
-            nats_prefix: prefix.clone(),
-            max_deliver: 3,
-            ack_wait_secs: 30,
-            heartbeat_secs: 10,
-            mcp: false,
-            telemetry: Default::default(),
+        {
+            let mut c = support::launch(
+                &url,
+                &prefix,
+                "w",
+                "alice",
+                settings["alice"].clone(),
+                &std::env::temp_dir(),
+            );
+            c.tuning.max_deliver = 3;
+            c.tuning.heartbeat_secs = 10;
+            c
         },
         shutdown.clone(),
     ));

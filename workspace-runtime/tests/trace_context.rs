@@ -22,21 +22,14 @@ async fn a_turns_outputs_carry_the_conversations_trace() {
     let (_, outbox) = support::streams(&js, &ns).await;
     let shutdown = CancellationToken::new();
     let runtime = tokio::spawn(warren_workspace_runtime::run(
-        warren_workspace_runtime::Config {
-            workspace: "w".into(),
-            agents: vec!["alice".into()],
-            agent_settings: r#"{"alice": {"driver": "echo", "settings": {"cc": ["bob"]}}}"#.into(),
-            agent_directory: "[]".into(),
-            workspace_dir: std::env::temp_dir(),
-            nats_url: url.clone(),
-            nats_creds: None,
-            nats_prefix: prefix.clone(),
-            max_deliver: 5,
-            ack_wait_secs: 30,
-            heartbeat_secs: 30,
-            mcp: false,
-            telemetry: Default::default(),
-        },
+        support::launch(
+            &url,
+            &prefix,
+            "w",
+            "alice",
+            serde_json::json!({"driver": "echo", "settings": {"cc": ["bob"]}}),
+            &std::env::temp_dir(),
+        ),
         shutdown.clone(),
     ));
 

@@ -1,24 +1,39 @@
 //! The `local` backend: each workspace is a child process of the control plane, with its own
 //! directory (the stand-in for the workspace's NFS subPath) and a directory shared by all.
 //!
-//! - Start: `{root}/workspaces/{name}/` is created and the runtime command runs there with
-//!   `WARREN_WORKSPACE`, `WARREN_AGENTS`, `WARREN_WORKSPACE_DIR`, `WARREN_SHARED_DIR` (and
-//!   `NATS_URL` when set) in its environment; its stderr goes to `runtime.log` beside it and
-//!   its pid to `runtime.pid`. It is `ready` when it prints a line `ready` on stdout.
+//! What a workspace's process gets is its [`LaunchContract`] and nothing else: it starts
+//! from an empty environment (`WARREN_LAUNCH`, `PATH`, `HOME` only), so the control plane's
+//! `DATABASE_URL`, NATS account seed and model keys never reach it.
+//!
+//! Layout under the root:
+//!
+//! ```text
+//! workspaces/{name}/        the workspace's directory (its own user, 0700)
+//! shared/                   shared by every workspace (their common group, 2770)
+//! credentials/{name}/       its NATS credentials and allowed model keys (its own user, 0700)
+//! runtimes/{name}/          runtime.log and runtime.pid (the control plane's only)
+//! users.json                the Unix user of each workspace, once given
+//! ```
+//!
+//! - Users: when the control plane runs as root ([`Users::Auto`]), each workspace runs as a
+//!   Unix user of its own (uids from [`FIRST_UID`] up, never reused for another workspace),
+//!   so it cannot read another workspace's directory, credentials or `/proc/*/environ`, nor
+//!   the control plane's. Not as root, every workspace runs as the control plane's user and
+//!   only the environment is isolated: see docs/security.md.
 //! - NATS credentials: with an [`Issuer`], each start gets a new user allowed this
-//!   workspace's subjects only, written to `{root}/credentials/{name}.creds` (mode 0600,
-//!   outside the workspace directory, removed when the process exits) and passed as
-//!   `WARREN_NATS_CREDS`. The processes
-//!   share one Unix user, so this isolates workspaces on NATS, not on the machine.
-//! - Exit: reported as `exited` when a stop was asked for or it exited 0, `failed` otherwise
-//!   (with the exit status).
+//!   workspace's subjects only, renewed at half its lifetime, removed when the process exits.
+//! - Model keys: the agents' `allowed_keys` are copied from the operator's key directory
+//!   into the workspace's credentials directory; no other key is.
+//! - Ready: when the runtime prints a line `ready` on stdout.
+//! - Exit: reported as `exited` when a stop was asked for or it exited 0, `failed` otherwise.
 //! - Stop: SIGTERM, then SIGKILL after the grace period.
 //! - A previous control plane's processes (found by their pid files, checked against
 //!   `/proc/{pid}/environ`) are stopped at start and reported `gone`, so the decisions
 //!   restart what should run; nothing is left running that no one tracks.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,24 +44,64 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::Notify;
 use tracing::{Instrument, info, info_span, warn};
 use warren_schema::events::WorkspacePhase;
+use warren_schema::launch::{self, LaunchContract, NatsLaunch, TelemetryLaunch};
 
 use super::{Backend, BackendError, Observation, WorkspaceSpec};
 use crate::nats_auth::{self, Issuer};
 
+/// The first uid given to a workspace (and, as a gid, the group all workspaces share):
+/// far above the ids a distribution gives its users.
+pub const FIRST_UID: u32 = 420_000;
+
+/// Which Unix user a workspace runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Users {
+    /// A user of its own when the control plane runs as root, else the control plane's.
+    Auto,
+    /// Always the control plane's user (only the environment is isolated).
+    Same,
+}
+
 /// How the local backend runs workspaces.
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
-    /// Holds `workspaces/{name}/` and `shared/`.
+    /// Holds `workspaces/`, `shared/`, `credentials/` and `runtimes/`.
     pub root: PathBuf,
     /// The runtime: program and arguments.
     pub command: Vec<String>,
     pub nats_url: Option<String>,
+    /// Prefix of every NATS subject and stream.
+    pub nats_prefix: String,
     /// Signs each workspace's NATS credentials (unset: the runtime connects without).
     pub credentials: Option<Arc<Issuer>>,
-    /// More environment for the runtime (`WARREN_NATS_PREFIX`, `RUST_LOG`, ...).
-    pub env: Vec<(String, String)>,
+    /// Where the operator keeps model keys, a file per key named like the key
+    /// (`OPENAI_API_KEY`). An agent gets those its `allowed_keys` names.
+    pub model_keys: Option<PathBuf>,
+    /// The runtimes' log format, filter and trace export.
+    pub telemetry: TelemetryLaunch,
+    /// `PATH` of the runtimes and their agents' programs.
+    pub path: String,
+    pub users: Users,
     /// SIGTERM to SIGKILL.
     pub stop_grace: Duration,
+}
+
+impl LocalConfig {
+    /// Runs `command` per workspace under `root`, with no NATS, no keys, the usual `PATH`.
+    pub fn new(root: PathBuf, command: Vec<String>) -> Self {
+        Self {
+            root,
+            command,
+            nats_url: None,
+            nats_prefix: "warren".into(),
+            credentials: None,
+            model_keys: None,
+            telemetry: TelemetryLaunch::default(),
+            path: "/usr/local/bin:/usr/bin:/bin".into(),
+            users: Users::Auto,
+            stop_grace: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -56,24 +111,70 @@ struct Inner {
     /// Workspaces asked to stop (their exit is not a failure).
     stopping: BTreeSet<String>,
     observations: Vec<Observation>,
+    /// Workspace → its uid (with per-workspace users), as in `users.json`.
+    uids: BTreeMap<String, u32>,
 }
 
 /// Child processes, one per workspace.
 #[derive(Debug, Clone)]
 pub struct LocalBackend {
     config: Arc<LocalConfig>,
+    /// Whether each workspace gets a user of its own.
+    own_users: bool,
     inner: Arc<Mutex<Inner>>,
     notify: Arc<Notify>,
+}
+
+/// Sets `path`'s mode, and its owner when one is given.
+fn own(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Creates `path` (and its parents) with `mode` and `owner`.
+fn make_dir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    std::fs::create_dir_all(path)?;
+    own(path, mode, owner)
+}
+
+/// Key names are environment variable names: `A-Z`, `0-9`, `_` (never a path).
+pub fn is_key_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }
 
 impl LocalBackend {
     /// Creates the directories and stops what a previous control plane left running.
     pub fn new(config: LocalConfig) -> std::io::Result<Self> {
-        std::fs::create_dir_all(config.root.join("workspaces"))?;
-        std::fs::create_dir_all(config.root.join("shared"))?;
+        let own_users = config.users == Users::Auto && running_as_root();
+        let group = own_users.then_some((0, FIRST_UID));
+        // Workspaces may pass through the root and the parent directories, not list them.
+        make_dir(&config.root, 0o711, None)?;
+        for dir in ["workspaces", "credentials"] {
+            make_dir(&config.root.join(dir), 0o711, None)?;
+        }
+        make_dir(&config.root.join("runtimes"), 0o700, None)?;
+        // Everyone's: the workspaces' common group may write, new files keep the group.
+        make_dir(
+            &config.root.join("shared"),
+            if own_users { 0o2770 } else { 0o755 },
+            group,
+        )?;
+        let uids = std::fs::read(config.root.join("users.json"))
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .unwrap_or_default();
         let backend = Self {
             config: Arc::new(config),
-            inner: Arc::default(),
+            own_users,
+            inner: Arc::new(Mutex::new(Inner {
+                uids,
+                ..Inner::default()
+            })),
             notify: Arc::new(Notify::new()),
         };
         backend.clean_up_leftovers()?;
@@ -84,13 +185,42 @@ impl LocalBackend {
         self.config.root.join("workspaces").join(name)
     }
 
-    /// Where a running workspace's NATS credentials are (removed when it exits: they do
-    /// not expire, so they are not left lying around).
+    /// The runtime's log and pid file: the control plane's, out of the workspace's reach
+    /// (a workspace that could write its pid file could have another process killed).
+    fn runtime_dir(&self, name: &str) -> PathBuf {
+        self.config.root.join("runtimes").join(name)
+    }
+
+    /// A running workspace's NATS credentials and model keys (removed when it exits).
+    fn credentials_dir(&self, name: &str) -> PathBuf {
+        self.config.root.join("credentials").join(name)
+    }
+
     fn credentials_file(&self, name: &str) -> PathBuf {
-        self.config
-            .root
-            .join("credentials")
-            .join(format!("{name}.creds"))
+        self.credentials_dir(name).join("nats.creds")
+    }
+
+    /// The uid and gid `workspace` runs as (`None`: the control plane's). A new workspace
+    /// gets the next uid, recorded in `users.json` before it is used.
+    fn owner(&self, workspace: &str) -> std::io::Result<Option<(u32, u32)>> {
+        if !self.own_users {
+            return Ok(None);
+        }
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| std::io::Error::other("backend state poisoned"))?;
+        if let Some(uid) = inner.uids.get(workspace) {
+            return Ok(Some((*uid, FIRST_UID)));
+        }
+        let uid = inner.uids.values().max().map_or(FIRST_UID + 1, |u| u + 1);
+        inner.uids.insert(workspace.to_owned(), uid);
+        let json = serde_json::to_vec_pretty(&inner.uids).map_err(std::io::Error::other)?;
+        let path = self.config.root.join("users.json");
+        let staged = path.with_extension("json.new");
+        std::fs::write(&staged, json)?;
+        std::fs::rename(&staged, &path)?;
+        Ok(Some((uid, FIRST_UID)))
     }
 
     fn observe(&self, o: Observation) {
@@ -101,7 +231,7 @@ impl LocalBackend {
     }
 
     fn clean_up_leftovers(&self) -> std::io::Result<()> {
-        for entry in std::fs::read_dir(self.config.root.join("workspaces"))? {
+        for entry in std::fs::read_dir(self.config.root.join("runtimes"))? {
             let dir = entry?.path();
             let pidfile = dir.join("runtime.pid");
             let Some(name) = dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
@@ -124,6 +254,7 @@ impl LocalBackend {
                 "a stale pid file; no such runtime was running".to_owned()
             };
             let _ = std::fs::remove_file(&pidfile);
+            let _ = std::fs::remove_dir_all(self.credentials_dir(&name));
             self.observe(Observation {
                 workspace: name,
                 phase: WorkspacePhase::Gone,
@@ -133,17 +264,90 @@ impl LocalBackend {
         }
         Ok(())
     }
+
+    /// Copies each agent's allowed keys from the operator's key directory into the
+    /// workspace's credentials directory (readable by the workspace only) and names them in
+    /// its launch entry. A key the directory lacks, or a key file others may read, is
+    /// refused with the reason.
+    fn give_keys(
+        &self,
+        spec: &WorkspaceSpec,
+        owner: Option<(u32, u32)>,
+    ) -> std::io::Result<Vec<launch::AgentLaunch>> {
+        let mut agents = spec.agents.clone();
+        for agent in &mut agents {
+            agent.keys.clear();
+            for name in launch::AgentLaunch::allowed_keys(&agent.settings) {
+                if !is_key_name(&name) {
+                    return Err(std::io::Error::other(format!(
+                        "agent {}: allowed key {name:?} is not a key name (A-Z, 0-9, _)",
+                        agent.name
+                    )));
+                }
+                let Some(keys) = &self.config.model_keys else {
+                    return Err(std::io::Error::other(format!(
+                        "agent {} is allowed {name}, but no model key directory is configured \
+                         (--model-keys-dir)",
+                        agent.name
+                    )));
+                };
+                let source = keys.join(&name);
+                let meta = std::fs::metadata(&source).map_err(|e| {
+                    std::io::Error::other(format!(
+                        "agent {}: key {name} ({}): {e}",
+                        agent.name,
+                        source.display()
+                    ))
+                })?;
+                if meta.permissions().mode() & 0o077 != 0 {
+                    return Err(std::io::Error::other(format!(
+                        "key file {} may be read by others (mode {:o}); chmod 600 it",
+                        source.display(),
+                        meta.permissions().mode() & 0o777
+                    )));
+                }
+                let target = self.credentials_dir(&spec.name).join("keys").join(&name);
+                let value = std::fs::read_to_string(&source)?;
+                nats_auth::write_file(&target, value.trim(), 0o600)
+                    .map_err(std::io::Error::other)?;
+                own(&target, 0o400, owner)?;
+                agent.keys.insert(name, target);
+            }
+        }
+        if let Some(owner) = owner
+            && self.credentials_dir(&spec.name).join("keys").exists()
+        {
+            own(
+                &self.credentials_dir(&spec.name).join("keys"),
+                0o500,
+                Some(owner),
+            )?;
+        }
+        Ok(agents)
+    }
+}
+
+/// Whether this process runs as root (`/proc/self` belongs to the effective user).
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 fn pid_of(pid: u32) -> Pid {
     Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
 }
 
-/// Whether `pid` is alive and is the runtime of `workspace` (not a recycled pid).
+/// Whether `pid` is alive and is the runtime of `workspace` (not a recycled pid): its
+/// launch contract names the workspace.
 fn is_our_runtime(pid: u32, workspace: &str) -> bool {
+    let prefix = format!("{}=", launch::ENV);
     std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-        env.split(|b| *b == 0)
-            .any(|kv| kv == format!("WARREN_WORKSPACE={workspace}").as_bytes())
+        env.split(|b| *b == 0).any(|kv| {
+            kv.strip_prefix(prefix.as_bytes())
+                .and_then(|json| std::str::from_utf8(json).ok())
+                .and_then(|json| LaunchContract::from_json(json).ok())
+                .is_some_and(|c| c.workspace == workspace)
+        })
     })
 }
 
@@ -171,49 +375,60 @@ impl Backend for LocalBackend {
             workspace: spec.name.clone(),
             source,
         };
+        let owner = self.owner(&spec.name).map_err(error)?;
         let dir = self.workspace_dir(&spec.name);
-        std::fs::create_dir_all(&dir).map_err(error)?;
+        make_dir(&dir, 0o700, owner).map_err(error)?;
+        let runtime_dir = self.runtime_dir(&spec.name);
+        make_dir(&runtime_dir, 0o700, None).map_err(error)?;
+        let credentials_dir = self.credentials_dir(&spec.name);
+        let _ = std::fs::remove_dir_all(&credentials_dir);
+        make_dir(&credentials_dir, 0o700, owner).map_err(error)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("runtime.log"))
+            .open(runtime_dir.join("runtime.log"))
             .map_err(error)?;
         let (program, args) = self
             .config
             .command
             .split_first()
             .ok_or_else(|| error(std::io::Error::other("no runtime command configured")))?;
+        let mut contract = LaunchContract::new(
+            &spec.name,
+            dir.clone(),
+            NatsLaunch::new(
+                self.config.nats_url.clone().unwrap_or_default(),
+                &self.config.nats_prefix,
+            ),
+        );
+        contract.agents = self.give_keys(spec, owner).map_err(error)?;
+        contract.directory = spec.directory.clone();
+        contract.shared_dir = Some(self.config.root.join("shared"));
+        contract.telemetry = self.config.telemetry.clone();
+        contract.nats.credentials = self.write_credentials(&spec.name, &spec.agent_names())?;
         let mut command = tokio::process::Command::new(program);
         command
             .args(args)
             .current_dir(&dir)
-            .env("WARREN_WORKSPACE", &spec.name)
-            .env("WARREN_AGENTS", spec.agents.join(","))
-            .env("WARREN_AGENT_SETTINGS", spec.agent_settings.to_string())
-            .env(
-                "WARREN_AGENT_DIRECTORY",
-                serde_json::to_string(&spec.directory).unwrap_or_else(|_| "[]".into()),
-            )
-            .env("WARREN_WORKSPACE_DIR", &dir)
-            .env("WARREN_SHARED_DIR", self.config.root.join("shared"))
+            // Nothing of the control plane's environment crosses: only the contract.
+            .env_clear()
+            .envs(contract.environment(&self.config.path))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(log));
-        if let Some(url) = &self.config.nats_url {
-            command.env("NATS_URL", url);
+            .stderr(Stdio::from(log))
+            // A control plane that goes away (or a test that fails) takes its runtimes along.
+            .kill_on_drop(true);
+        if let Some((uid, gid)) = owner {
+            command.uid(uid).gid(gid);
         }
-        if let Some(path) = self.write_credentials(&spec.name, &spec.agents)? {
-            command.env("WARREN_NATS_CREDS", &path);
-        }
-        command.envs(self.config.env.iter().map(|(k, v)| (k, v)));
         let mut child = command.spawn().map_err(error)?;
         let pid = child.id().unwrap_or_default();
-        std::fs::write(dir.join("runtime.pid"), pid.to_string()).map_err(error)?;
+        std::fs::write(runtime_dir.join("runtime.pid"), pid.to_string()).map_err(error)?;
         if let Ok(mut inner) = self.inner.lock() {
             inner.running.insert(spec.name.clone(), pid);
             inner.stopping.remove(&spec.name);
         }
-        info!(workspace = %spec.name, pid, "runtime started");
+        info!(workspace = %spec.name, pid, uid = owner.map(|o| o.0), "runtime started");
         self.observe(Observation {
             workspace: spec.name.clone(),
             phase: WorkspacePhase::Starting,
@@ -223,7 +438,7 @@ impl Backend for LocalBackend {
 
         let backend = self.clone();
         let name = spec.name.clone();
-        let agents = spec.agents.clone();
+        let agents = spec.agent_names();
         let stdout = child.stdout.take();
         // Expiring credentials are renewed at half their lifetime while the runtime runs.
         let renew_every = self
@@ -344,13 +559,17 @@ impl LocalBackend {
             .workspace_credentials(workspace, agents)
             .map_err(auth)?;
         let staged = path.with_extension("creds.new");
-        nats_auth::write_file(&staged, creds.expose(), 0o600).map_err(auth)?;
-        std::fs::rename(&staged, &path).map_err(|source| {
+        let write_error = |source| {
             auth(nats_auth::AuthError::Write {
                 path: path.clone(),
                 source,
             })
-        })?;
+        };
+        nats_auth::write_file(&staged, creds.expose(), 0o600).map_err(auth)?;
+        // Readable by this workspace's user only.
+        let owner = self.owner(workspace).map_err(write_error)?;
+        own(&staged, 0o400, owner).map_err(write_error)?;
+        std::fs::rename(&staged, &path).map_err(write_error)?;
         Ok(Some(path))
     }
 
@@ -364,8 +583,8 @@ impl LocalBackend {
             }
             Err(_) => false,
         };
-        let _ = std::fs::remove_file(self.workspace_dir(name).join("runtime.pid"));
-        let _ = std::fs::remove_file(self.credentials_file(name));
+        let _ = std::fs::remove_file(self.runtime_dir(name).join("runtime.pid"));
+        let _ = std::fs::remove_dir_all(self.credentials_dir(name));
         let (phase, detail) = match status {
             Ok(s) if asked || s.success() => (WorkspacePhase::Exited, Some(s.to_string())),
             Ok(s) => (WorkspacePhase::Failed, Some(s.to_string())),

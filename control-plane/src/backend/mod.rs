@@ -11,12 +11,18 @@ use warren_schema::events::WorkspacePhase;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkspaceSpec {
     pub name: String,
-    /// The agents that live in it.
-    pub agents: Vec<String>,
-    /// Each agent's driver and settings: `{"alice": {"driver": "echo", "settings": {...}}}`.
-    pub agent_settings: serde_json::Value,
+    /// The agents that live in it, with their drivers and settings (the backend gives each
+    /// the model keys its `allowed_keys` names).
+    pub agents: Vec<warren_schema::launch::AgentLaunch>,
     /// Every agent of the installation, for the `list_agents` tool.
     pub directory: Vec<warren_schema::nats::AgentInfo>,
+}
+
+impl WorkspaceSpec {
+    /// The names of its agents.
+    pub fn agent_names(&self) -> Vec<String> {
+        self.agents.iter().map(|a| a.name.clone()).collect()
+    }
 }
 
 /// Something the backend saw happen to a workspace's process.

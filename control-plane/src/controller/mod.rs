@@ -69,15 +69,9 @@ pub async fn run(
         .as_deref()
         .map(config_file::load)
         .transpose()?;
-    let backend = config
-        .backend
-        .clone()
-        .map(LocalBackend::new)
-        .transpose()
-        .map_err(|e| Error::Config {
-            path: "local backend root".into(),
-            message: e.to_string(),
-        })?;
+    // The backend is made once this replica leads, never before: making it stops the
+    // runtimes it finds, and a standby's would be the leader's.
+    let mut backend: Option<LocalBackend> = None;
     let nats = match &config.nats {
         Some(n) => Some((
             // A NATS server that is down at start is retried in the background; the
@@ -106,6 +100,14 @@ pub async fn run(
             }
         };
         info!(holder = %lease.holder, fence = lease.fence, "leading");
+        if backend.is_none()
+            && let Some(local) = &config.backend
+        {
+            backend = Some(LocalBackend::new(local.clone()).map_err(|e| Error::Config {
+                path: "local backend root".into(),
+                message: e.to_string(),
+            })?);
+        }
         let span = info_span!("lead", fence = lease.fence);
         let parts = Parts {
             file: file.as_ref(),

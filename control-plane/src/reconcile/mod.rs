@@ -13,6 +13,7 @@ use tracing::{info, instrument, warn};
 use warren_schema::events::{WorkspaceObserved, WorkspacePhase};
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
 
+use warren_schema::launch::AgentLaunch;
 use warren_schema::nats::AgentInfo;
 
 use crate::backend::{Backend, WorkspaceSpec};
@@ -49,21 +50,12 @@ pub fn plan(
                 .values()
                 .filter(|a| a.workspace == w.name)
                 .collect();
-            let agent_settings = serde_json::Value::Object(
-                hosted
-                    .iter()
-                    .map(|a| {
-                        (
-                            a.name.clone(),
-                            serde_json::json!({"driver": a.driver, "settings": a.settings}),
-                        )
-                    })
-                    .collect(),
-            );
             actions.push(Action::Start(WorkspaceSpec {
                 name: w.name.clone(),
-                agents: hosted.iter().map(|a| a.name.clone()).collect(),
-                agent_settings,
+                agents: hosted
+                    .iter()
+                    .map(|a| AgentLaunch::new(&a.name, &a.driver, a.settings.clone()))
+                    .collect(),
                 directory: state
                     .agents
                     .values()
@@ -261,10 +253,7 @@ mod tests {
             vec![
                 Action::Start(WorkspaceSpec {
                     name: "a".into(),
-                    agents: vec!["agent-a".into()],
-                    agent_settings: serde_json::json!({
-                        "agent-a": {"driver": "echo", "settings": {}}
-                    }),
+                    agents: vec![AgentLaunch::new("agent-a", "echo", serde_json::json!({}))],
                     // Every agent, not only the workspace's own: any may be mentioned.
                     directory: ["a", "b", "c", "d", "e"]
                         .iter()

@@ -2,9 +2,8 @@
 //! (the same tools as the `openai` driver).
 //!
 //! Settings: `{"model": "claude-...", "max_tokens": 1024, "base_url":
-//! "https://api.anthropic.com", "api_key_file": ...}`. Without `api_key_file` the key comes
-//! from `ANTHROPIC_API_KEY_FILE` or `ANTHROPIC_API_KEY`; it is sent as `x-api-key` and never
-//! logged. History is kept per conversation; 429 and 5xx are retried as for `openai`.
+//! "https://api.anthropic.com", "api_key_file": ...}`. Without `api_key_file` the key is the
+//! agent's allowed `ANTHROPIC_API_KEY`; it is sent as `x-api-key` and never logged. History is kept per conversation; 429 and 5xx are retried as for `openai`.
 
 use serde_json::{Value, json};
 use tracing::info;
@@ -24,15 +23,12 @@ pub fn anthropic_tools() -> Value {
     crate::tools::flat("input_schema")
 }
 
+/// The name of its key among an agent's allowed keys.
+pub const KEY: &str = "ANTHROPIC_API_KEY";
+
 impl Anthropic {
     pub fn from_settings(settings: &Value) -> Result<Self, DriverError> {
-        ModelApi::from_settings(
-            "anthropic",
-            settings,
-            "https://api.anthropic.com",
-            "ANTHROPIC_API_KEY",
-        )
-        .map(Self)
+        ModelApi::from_settings("anthropic", settings, "https://api.anthropic.com").map(Self)
     }
 
     pub async fn turn(&self, ctx: &TurnContext) -> Result<(String, ToolEffects), DriverError> {

@@ -4,12 +4,15 @@
 //! Settings: `{"command": ["claude", "-p"], "input": "argument" | "stdin", "timeout_secs":
 //! 600, "kill_grace_secs": 5, "max_output_bytes": 1048576}`.
 //!
-//! - The message goes on stdin (default) or as the last argument.
-//! - The context is in `WARREN_AGENT`, `WARREN_WORKSPACE`, `WARREN_MESSAGE_ID`,
-//!   `WARREN_ROUTING_ID`, `WARREN_CONVERSATION`, `WARREN_CHAIN`, `WARREN_REPLY_TO` and
-//!   `TRACEPARENT`; the rest of the runtime's environment (`WARREN_SHARED_DIR`, `NATS_URL`,
-//!   the credentials file) is inherited, which is what `warren-workspace-runtime --mcp`
-//!   needs when the program starts it as its MCP server.
+//! - The message goes on stdin (default) or as the last argument, after `--` so that it is
+//!   never read as an option; a message longer than [`MAX_ARGUMENT_BYTES`] is refused.
+//! - The environment is built from nothing: `PATH`, `HOME` (the workspace directory), the
+//!   turn's context (`WARREN_AGENT`, `WARREN_WORKSPACE`, `WARREN_MESSAGE_ID`,
+//!   `WARREN_ROUTING_ID`, `WARREN_CONVERSATION`, `WARREN_CHAIN`, `WARREN_REPLY_TO`,
+//!   `TRACEPARENT`), `WARREN_SHARED_DIR`, the launch contract (what
+//!   `warren-workspace-runtime --mcp` reads when the program starts it as its MCP server)
+//!   and the model keys this agent is allowed (`OPENAI_API_KEY=...`, read from the files
+//!   the backend wrote). Nothing of the runtime's own environment is inherited.
 //! - The working directory is the workspace directory.
 //! - Stdout is the reply; stderr goes to the runtime's log. More than `max_output_bytes` of
 //!   stdout fails the turn and kills the program.
@@ -18,6 +21,8 @@
 //!   left of the group when the program exits is killed. A tool the program started in the
 //!   background therefore cannot hold the turn (or its stdout) open.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -48,6 +53,21 @@ pub struct Command {
     /// Most bytes of stdout a turn may write; more fails the turn (and kills the program)
     /// rather than filling the runtime's memory.
     pub max_output_bytes: u64,
+    /// The model keys this agent may use: name → file (from its launch contract).
+    pub keys: BTreeMap<String, PathBuf>,
+}
+
+/// Longest message passed as an argument. Linux refuses one argument over 128 KiB
+/// (`MAX_ARG_STRLEN`) with a bare E2BIG; refusing it here says why.
+pub const MAX_ARGUMENT_BYTES: usize = 128 * 1024 - 1;
+
+/// What the program runs with besides its own context.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Environment {
+    /// Where programs are found.
+    pub path: String,
+    /// The launch contract (for `--mcp`).
+    pub launch: String,
 }
 
 impl Command {
@@ -76,7 +96,31 @@ impl Command {
             timeout: secs("timeout_secs", 600),
             kill_grace: secs("kill_grace_secs", 5),
             max_output_bytes: settings["max_output_bytes"].as_u64().unwrap_or(1 << 20),
+            keys: BTreeMap::new(),
         })
+    }
+
+    /// The same program, with these model keys in its environment.
+    pub fn with_keys(mut self, keys: BTreeMap<String, PathBuf>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    /// The allowed keys, read now (a rotated key file is picked up at the next turn).
+    fn key_values(&self) -> Result<Vec<(String, String)>, DriverError> {
+        self.keys
+            .iter()
+            .map(|(name, path)| {
+                std::fs::read_to_string(path)
+                    .map(|v| (name.clone(), v.trim().to_owned()))
+                    .map_err(|e| {
+                        DriverError::Settings(format!(
+                            "reading the allowed key {name} from {}: {e}",
+                            path.display()
+                        ))
+                    })
+            })
+            .collect()
     }
 
     /// Runs the program for one turn; its stdout, trimmed, is the reply.
@@ -86,10 +130,25 @@ impl Command {
             program: program.clone(),
             source,
         };
+        if self.input == Input::Argument && ctx.text.len() > MAX_ARGUMENT_BYTES {
+            return Err(DriverError::Failed {
+                program,
+                status: format!(
+                    "the message is {} bytes, more than an argument may hold ({MAX_ARGUMENT_BYTES}); \
+                     use \"input\": \"stdin\"",
+                    ctx.text.len()
+                ),
+            });
+        }
         let mut command = tokio::process::Command::new(&program);
         command
             .args(&self.argv[1..])
             .current_dir(&ctx.workspace_dir)
+            .env_clear()
+            .env("PATH", &ctx.environment.path)
+            .env("HOME", &ctx.workspace_dir)
+            .env(warren_schema::launch::ENV, &ctx.environment.launch)
+            .envs(self.key_values()?)
             .env("WARREN_AGENT", &ctx.agent)
             .env("WARREN_WORKSPACE", &ctx.workspace)
             .env("WARREN_MESSAGE_ID", &ctx.message_id)
@@ -101,13 +160,19 @@ impl Command {
             .env("WARREN_CHAIN", ctx.chain.join(","))
             .env("TRACEPARENT", ctx.traceparent.as_deref().unwrap_or(""))
             .env("WARREN_REPLY_TO", ctx.reply_to.as_deref().unwrap_or(""))
+            .env(
+                "WARREN_SHARED_DIR",
+                ctx.shared_dir
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new("")),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .process_group(0)
             .kill_on_drop(true);
         if self.input == Input::Argument {
-            command.arg(&ctx.text);
+            command.arg("--").arg(&ctx.text);
         }
         let mut child = command.spawn().map_err(|source| DriverError::Spawn {
             program: program.clone(),
@@ -254,6 +319,7 @@ mod tests {
             timeout: Duration::from_millis(timeout_ms),
             kill_grace: Duration::from_millis(200),
             max_output_bytes: 1 << 20,
+            keys: BTreeMap::new(),
         }
     }
 
@@ -264,6 +330,10 @@ mod tests {
             text: text.into(),
             chain: vec!["bob".into()],
             workspace_dir: std::env::temp_dir(),
+            environment: Environment {
+                path: "/usr/bin:/bin".into(),
+                launch: "{}".into(),
+            },
             ..TurnContext::default()
         }
     }
@@ -341,11 +411,47 @@ mod tests {
 
     #[tokio::test]
     async fn a_command_agent_can_take_the_message_as_its_last_argument() {
-        let c = command(r#"echo "arg: $0""#, Input::Argument, 5_000);
+        // After `--`: a message that looks like an option is still the message.
+        let c = command(r#"echo "$# args: $0 $1""#, Input::Argument, 5_000);
         assert_eq!(
             c.run(&ctx("summarise")).await.expect("turn"),
-            "arg: summarise"
+            "1 args: -- summarise"
         );
+        assert_eq!(
+            c.run(&ctx("--help")).await.expect("turn"),
+            "1 args: -- --help"
+        );
+        let too_long = "x".repeat(MAX_ARGUMENT_BYTES + 1);
+        let e = c.run(&ctx(&too_long)).await.expect_err("refused");
+        assert!(e.to_string().contains("use \"input\": \"stdin\""), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_command_agent_sees_only_its_context_and_its_allowed_keys() {
+        let dir = std::env::temp_dir().join(format!("warren-cmd-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("OPENAI_API_KEY"), "sk-allowed\n").expect("key");
+        // Set in the runtime's own environment: never passed on.
+        let c = command(
+            "env | cut -d= -f1 | sort | tr '\\n' ' '; echo; echo \"$OPENAI_API_KEY\"",
+            Input::Stdin,
+            5_000,
+        )
+        .with_keys(BTreeMap::from([(
+            "OPENAI_API_KEY".to_owned(),
+            dir.join("OPENAI_API_KEY"),
+        )]));
+        let reply = c.run(&ctx("x")).await.expect("turn");
+        let (names, key) = reply.split_once('\n').expect("two lines");
+        assert_eq!(
+            names.trim(),
+            "HOME OPENAI_API_KEY PATH PWD TRACEPARENT WARREN_AGENT WARREN_CHAIN \
+             WARREN_CONVERSATION WARREN_LAUNCH WARREN_MESSAGE_ID WARREN_REPLY_TO \
+             WARREN_ROUTING_ID WARREN_SHARED_DIR WARREN_WORKSPACE",
+            "nothing of the runtime's environment (it has CARGO_*, DATABASE_URL...)"
+        );
+        assert_eq!(key, "sk-allowed");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -36,6 +36,10 @@ pub struct TurnContext {
     pub traceparent: Option<String>,
     /// The workspace's directory (the working directory of `command` agents).
     pub workspace_dir: PathBuf,
+    /// The directory every workspace shares, when there is one.
+    pub shared_dir: Option<PathBuf>,
+    /// What a `command` agent's program runs with besides the turn (PATH, the contract).
+    pub environment: command::Environment,
     /// Where the conversation's replies go (JSON `Origin`), for the MCP server's mentions.
     pub reply_to: Option<String>,
     /// The workspace's memory bucket and the shared one, as this agent (for tools).
@@ -129,16 +133,44 @@ pub enum Driver {
 pub const DRIVERS: &[&str] = &["echo", "command", "openai", "anthropic"];
 
 impl Driver {
-    /// The driver described by `{"driver": ..., "settings": {...}}` (missing: `echo`).
+    /// The driver described by `{"driver": ..., "settings": {...}}` (missing: `echo`), with
+    /// no model keys.
     pub fn from_settings(agent: &serde_json::Value) -> Result<Self, DriverError> {
-        let settings = &agent["settings"];
-        match agent["driver"].as_str().unwrap_or("echo") {
+        Self::from_launch(&warren_schema::launch::AgentLaunch::new(
+            "",
+            agent["driver"].as_str().unwrap_or("echo"),
+            agent["settings"].clone(),
+        ))
+    }
+
+    /// The driver of a hosted agent, with the model keys its launch contract gives it and
+    /// no others: a model driver's key is its `api_key_file` or the allowed key of its
+    /// provider; a command agent gets its allowed keys in its environment.
+    pub fn from_launch(agent: &warren_schema::launch::AgentLaunch) -> Result<Self, DriverError> {
+        let mut settings = agent.settings.clone();
+        if settings.is_null() {
+            settings = serde_json::json!({});
+        }
+        let with_key = |mut settings: serde_json::Value, var: &str| {
+            if settings["api_key_file"].is_null()
+                && let Some(path) = agent.keys.get(var)
+            {
+                settings["api_key_file"] = path.to_string_lossy().into_owned().into();
+            }
+            settings
+        };
+        match agent.driver.as_str() {
             "echo" => Ok(Self::Echo {
                 cc: strings(&settings["cc"]),
             }),
-            "command" => command::Command::from_settings(settings).map(Self::Command),
-            "openai" => openai::OpenAi::from_settings(settings).map(Self::OpenAi),
-            "anthropic" => anthropic::Anthropic::from_settings(settings).map(Self::Anthropic),
+            "command" => command::Command::from_settings(&settings)
+                .map(|c| c.with_keys(agent.keys.clone()))
+                .map(Self::Command),
+            "openai" => {
+                openai::OpenAi::from_settings(&with_key(settings, openai::KEY)).map(Self::OpenAi)
+            }
+            "anthropic" => anthropic::Anthropic::from_settings(&with_key(settings, anthropic::KEY))
+                .map(Self::Anthropic),
             other => Err(DriverError::Settings(format!(
                 "driver {other:?} is not one of {}",
                 DRIVERS.join(", ")

@@ -47,12 +47,12 @@ impl Eq for ModelApi {}
 
 impl ModelApi {
     /// `settings.model` (required), `base_url` (default `default_base`), `max_tokens`,
-    /// `timeout_secs`, and the key from `api_key_file`, `{key_var}_FILE` or `{key_var}`.
+    /// `timeout_secs`, and the key from `api_key_file` (never from the process environment:
+    /// an agent has the keys its launch contract allows, see `Driver::from_launch`).
     pub fn from_settings(
         driver: &str,
         settings: &Value,
         default_base: &str,
-        key_var: &str,
     ) -> Result<Self, DriverError> {
         Ok(Self {
             client: reqwest::Client::builder()
@@ -73,7 +73,7 @@ impl ModelApi {
                 })?
                 .to_owned(),
             max_tokens: settings["max_tokens"].as_u64().unwrap_or(1024),
-            api_key: api_key(settings, key_var)?,
+            api_key: api_key(settings)?,
             history: Arc::default(),
         })
     }
@@ -162,22 +162,17 @@ pub async fn post_with_retry(
     Err(api_error("no attempt made".into()))
 }
 
-/// Reads an API key: the agent's `api_key_file`, else `{var}_FILE`, else `{var}`.
-pub fn api_key(settings: &Value, var: &str) -> Result<Option<Secret>, DriverError> {
-    let key_file = settings["api_key_file"]
+/// Reads an API key from the agent's `api_key_file` (none: the API is called without one,
+/// as local servers allow).
+pub fn api_key(settings: &Value) -> Result<Option<Secret>, DriverError> {
+    settings["api_key_file"]
         .as_str()
-        .map(str::to_owned)
-        .or_else(|| std::env::var(format!("{var}_FILE")).ok());
-    Ok(match key_file {
-        Some(path) => Some(Secret::new(
-            std::fs::read_to_string(&path)
-                .map_err(|e| {
-                    DriverError::Settings(format!("reading the API key file {path}: {e}"))
-                })?
-                .trim(),
-        )),
-        None => std::env::var(var).ok().map(Secret::new),
-    })
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .map(|key| Secret::new(key.trim()))
+                .map_err(|e| DriverError::Settings(format!("reading the API key file {path}: {e}")))
+        })
+        .transpose()
 }
 
 #[cfg(test)]

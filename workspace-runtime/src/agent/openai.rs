@@ -2,8 +2,8 @@
 //! LiteLLM, OpenRouter), with a tool-use loop over Warren's agent tools.
 //!
 //! Settings: `{"base_url": "http://127.0.0.1:11434/v1", "model": "...", "max_tokens": 1024,
-//! "api_key_file": "/run/secrets/openai"}`. Without `api_key_file` the key comes from
-//! `OPENAI_API_KEY_FILE` or `OPENAI_API_KEY` (optional for local servers); it is never
+//! "api_key_file": "/run/secrets/openai"}`. Without `api_key_file` the key is the agent's
+//! allowed `OPENAI_API_KEY` (see `allowed_keys`; optional for local servers); it is never
 //! logged. History is kept per conversation. 429 (honouring
 //! `Retry-After`) and 5xx are retried with backoff; what still fails fails the turn, which
 //! redelivers the message and, in the end, dead-letters it.
@@ -23,15 +23,12 @@ fn api_error(message: String) -> DriverError {
     DriverError::Api(message)
 }
 
+/// The name of its key among an agent's allowed keys.
+pub const KEY: &str = "OPENAI_API_KEY";
+
 impl OpenAi {
     pub fn from_settings(settings: &Value) -> Result<Self, DriverError> {
-        ModelApi::from_settings(
-            "openai",
-            settings,
-            "https://api.openai.com/v1",
-            "OPENAI_API_KEY",
-        )
-        .map(Self)
+        ModelApi::from_settings("openai", settings, "https://api.openai.com/v1").map(Self)
     }
 
     /// One turn: the model is called until it answers without tool calls.

@@ -265,3 +265,35 @@ pub async fn model_server(path: &str, script: Vec<(u16, serde_json::Value)>) -> 
     tokio::spawn(async move { axum::serve(listener, app).await });
     (format!("http://{addr}"), seen)
 }
+
+/// Text logs for runtimes a test starts through a backend (their log is read on failure).
+pub fn text_logs() -> warren_schema::launch::TelemetryLaunch {
+    warren_schema::launch::TelemetryLaunch {
+        log_format: Some("text".into()),
+        ..Default::default()
+    }
+}
+
+/// A launch contract for `workspace` hosting one agent (`{"driver": ..., "settings": ...}`).
+pub fn launch(
+    url: &str,
+    prefix: &str,
+    workspace: &str,
+    agent: &str,
+    driver: serde_json::Value,
+    dir: &std::path::Path,
+) -> warren_workspace_runtime::Config {
+    let mut contract = warren_schema::launch::LaunchContract::new(
+        workspace,
+        dir.to_owned(),
+        warren_schema::launch::NatsLaunch::new(url, prefix),
+    );
+    contract
+        .agents
+        .push(warren_schema::launch::AgentLaunch::new(
+            agent,
+            driver["driver"].as_str().unwrap_or("echo"),
+            driver["settings"].clone(),
+        ));
+    contract
+}
