@@ -413,3 +413,210 @@ async fn with_nats_down_decisions_go_on_and_nothing_stops() {
     shutdown.cancel();
     task.await.expect("join").expect("a clean stop");
 }
+
+/// A workspace does not say where its answers go, in which conversation, after which chain
+/// of mentions, or whose message it answers: the control plane takes all of that from its
+/// own record of the routed message. An answer to a message routed to another agent (of
+/// another workspace, or of its own) or to no message at all is refused, and the refusal
+/// is an event `explain` shows beside the message it claimed to answer.
+#[tokio::test]
+async fn a_workspace_cannot_choose_where_or_in_which_conversation_it_answers() {
+    let db = TestDatabase::new().await;
+    let log = EventLog::new(db.pool.clone());
+    let client = connect().await;
+    let js = jetstream::new(client.clone());
+    let ns = namespace("forged");
+    let dir = std::env::temp_dir().join(format!("warren-forged-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("agents.json");
+    std::fs::write(
+        &file,
+        r#"{"agents": [{"name": "alice", "workspace": "research"},
+                       {"name": "carol", "workspace": "research"},
+                       {"name": "bob", "workspace": "ops"}]}"#,
+    )
+    .expect("config");
+    let shutdown = CancellationToken::new();
+    let config = ControllerConfig {
+        holder: "forged".into(),
+        lease_ttl: Duration::from_secs(5),
+        tick: Duration::from_millis(50),
+        policy: Policy::default(),
+        config_file: Some(file),
+        backend: None,
+        nats: Some(NatsConfig {
+            url: nats_url(),
+            namespace: ns.clone(),
+            credentials: None,
+        }),
+    };
+    let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
+    eventually("configuration", async || {
+        log.read_type("agent.configured", 0, 10)
+            .await
+            .expect("r")
+            .len()
+            == 3
+    })
+    .await;
+    let origin = |channel: &str| Origin::Slack {
+        team_id: "T1".into(),
+        channel: channel.into(),
+        thread_ts: "1.0".into(),
+        ts: "1.0".into(),
+        user: "U1".into(),
+    };
+    // A message for alice in C1, and one for bob in C2.
+    for (agent, channel) in [("alice", "C1"), ("bob", "C2")] {
+        let message = MessageReceived {
+            origin: origin(channel),
+            text: format!("@{agent} hello"),
+            addressed_agents: vec![agent.into()],
+            files: vec![],
+        };
+        log.append(&AppendRequest::new(
+            format!("slack:T1:{channel}"),
+            vec![NewEvent::from_domain(EventId::random(), &message, Metadata::new("test"))
+                .expect("e")],
+        ))
+        .await
+        .expect("append");
+    }
+    eventually("both routed", async || {
+        log.read_type("message.routed", 0, 10)
+            .await
+            .expect("r")
+            .len()
+            == 2
+    })
+    .await;
+    let routed = log.read_type("message.routed", 0, 10).await.expect("r");
+    let routing_of = |agent: &str| {
+        routed
+            .iter()
+            .find(|e| e.decode::<MessageRouted>().expect("routed").agent == agent)
+            .expect("routed")
+            .clone()
+    };
+    let (to_alice, to_bob) = (routing_of("alice"), routing_of("bob"));
+    let alice_conversation = to_alice.metadata.correlation_id;
+
+    let elsewhere = origin("C-ALL-HANDS");
+    let reply = |id: &str, agent: &str, in_reply_to: EventId| OutboxMessage::Reply {
+        id: id.into(),
+        in_reply_to,
+        workspace: "research".into(),
+        agent: agent.into(),
+        reply_to: elsewhere.clone(),
+        text: format!("{id} from {agent}"),
+        correlation_id: Some(EventId::random()),
+    };
+    let outputs = [
+        // alice answers her own message, but names another channel and conversation.
+        reply("forged-target", "alice", to_alice.id),
+        // ...and mentions bob with an empty chain, in another channel and conversation.
+        OutboxMessage::Mention {
+            id: "forged-chain".into(),
+            in_reply_to: to_alice.id,
+            workspace: "research".into(),
+            from_agent: "alice".into(),
+            to_agent: "bob".into(),
+            text: "@bob look".into(),
+            chain: vec![],
+            reply_to: elsewhere.clone(),
+            correlation_id: Some(EventId::random()),
+        },
+        // carol (same workspace) answers alice's message; alice answers bob's; and an
+        // answer to a message never routed.
+        reply("as-carol", "carol", to_alice.id),
+        reply("bobs-message", "alice", to_bob.id),
+        reply("no-such-message", "alice", EventId::random()),
+    ];
+    for out in &outputs {
+        js.publish(
+            ns.outbox_subject("research"),
+            serde_json::to_vec(out).expect("json").into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    }
+    eventually("three refusals", async || {
+        log.read_type("output.refused", 0, 10)
+            .await
+            .expect("r")
+            .len()
+            == 3
+    })
+    .await;
+    eventually("the reply and the mention", async || {
+        !log.read_type("agent.replied", 0, 10)
+            .await
+            .expect("r")
+            .is_empty()
+            && !log
+                .read_type("agent.mentioned", 0, 10)
+                .await
+                .expect("r")
+                .is_empty()
+    })
+    .await;
+
+    let replies = log.read_type("agent.replied", 0, 10).await.expect("r");
+    assert_eq!(replies.len(), 1, "only alice's answer to her own message");
+    let recorded: AgentReplied = replies[0].decode().expect("reply");
+    assert_eq!(recorded.text, "forged-target from alice");
+    assert_eq!(recorded.reply_to, origin("C1"), "where the message came from");
+    assert_eq!(replies[0].metadata.correlation_id, alice_conversation);
+
+    let mentions = log.read_type("agent.mentioned", 0, 10).await.expect("r");
+    let mention: AgentMentioned = mentions[0].decode().expect("mention");
+    assert_eq!(mention.chain, ["alice"], "the recorded chain, not the empty one");
+    assert_eq!(mention.reply_to, origin("C1"));
+    assert_eq!(mentions[0].metadata.correlation_id, alice_conversation);
+
+    let refused: Vec<OutputRefused> = log
+        .read_type("output.refused", 0, 10)
+        .await
+        .expect("r")
+        .iter()
+        .map(|e| e.decode().expect("refusal"))
+        .collect();
+    let reasons: Vec<(&str, &str)> = refused
+        .iter()
+        .map(|r| (r.agent.as_str(), r.reason.as_str()))
+        .collect();
+    assert!(
+        reasons.contains(&("carol", "the message was routed to research/alice, not research/carol"))
+            && reasons.contains(&("alice", "the message was routed to ops/bob, not research/alice")),
+        "{reasons:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|r| r.reason.ends_with("is not a message Warren routed")),
+        "{reasons:?}"
+    );
+    // explain: carol's refusal leads back to alice's message.
+    let carol = log
+        .read_type("output.refused", 0, 10)
+        .await
+        .expect("r")
+        .into_iter()
+        .find(|e| e.decode::<OutputRefused>().is_ok_and(|r| r.agent == "carol"))
+        .expect("carol's refusal");
+    let chain = warren_control_plane::explain::event(&log, carol.id)
+        .await
+        .expect("explain");
+    assert_eq!(
+        chain
+            .iter()
+            .map(|e| e.event_type.as_str())
+            .collect::<Vec<_>>(),
+        ["message.received", "message.routed", "output.refused"]
+    );
+    shutdown.cancel();
+    task.await.expect("join").expect("controller");
+    remove_streams(&js, &ns).await;
+}

@@ -50,6 +50,7 @@ domain_events! {
     MemoryWritten => "memory.written" v 1,
     MessageDeadLettered => "message.dead_lettered" v 1,
     AgentBusy => "agent.busy" v 1,
+    OutputRefused => "output.refused" v 1,
 }
 
 /// A Slack Events API `event_callback`, stored as received (after signature verification).
@@ -277,6 +278,23 @@ pub struct MentionRefused {
     /// `unknown_agent`.
     pub reason: String,
     pub chain: Vec<String>,
+}
+
+/// Something a workspace sent was not recorded, because what it says about itself does not
+/// match the control plane's own record: an answer to a message that was not routed to that
+/// agent, an agent its workspace does not host, a bucket that is not its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputRefused {
+    /// The workspace that sent it (proved by the outbox subject its credentials allow).
+    pub workspace: String,
+    /// The agent it claimed to be.
+    pub agent: String,
+    /// `reply`, `mention`, `memory_written`, `dead_lettered`, `heartbeat`.
+    pub kind: String,
+    /// The routed message it claimed to answer, if any.
+    pub in_reply_to: Option<crate::EventId>,
+    /// Why, for the operator.
+    pub reason: String,
 }
 
 /// An agent wrote to (or deleted from) a shared-memory bucket. The log keeps every write, so

@@ -180,6 +180,13 @@ fn samples() -> Vec<Sample> {
             routing_id: id("routing"),
             busy_for_secs: 90,
         }),
+        entry(OutputRefused {
+            workspace: "research".into(),
+            agent: "carol".into(),
+            kind: "reply".into(),
+            in_reply_to: Some(id("routing")),
+            reason: "the message was routed to research/alice, not research/carol".into(),
+        }),
     ]
 }
 

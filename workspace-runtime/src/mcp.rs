@@ -4,7 +4,7 @@
 //! The agent's MCP client starts `warren-workspace-runtime --mcp` during a turn; the turn's
 //! context comes from the environment the `command` driver set (`WARREN_AGENT`,
 //! `WARREN_ROUTING_ID`, `WARREN_CONVERSATION`, `WARREN_CHAIN`, `WARREN_REPLY_TO`) and
-//! the runtime's own (`NATS_URL`, `WARREN_NATS_PREFIX`, `WARREN_WORKSPACE`).
+//! the runtime's launch contract (`WARREN_LAUNCH`: NATS, prefix, workspace, credentials).
 //!
 //! Transport: newline-delimited JSON-RPC 2.0 on stdin/stdout (MCP's stdio transport).
 //! Methods: `initialize`, `notifications/initialized`, `ping`, `tools/list`, `tools/call`.

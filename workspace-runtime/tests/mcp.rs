@@ -3,6 +3,8 @@
 //! list, memory tools on real NATS key-value, a mention and a reply published to the outbox,
 //! the agent directory, errors.
 
+mod support;
+
 use std::process::Stdio;
 
 use async_nats::jetstream;
@@ -76,16 +78,30 @@ async fn an_mcp_client_lists_and_calls_warrens_tools() {
     };
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_warren-workspace-runtime"))
         .arg("--mcp")
-        .env("NATS_URL", &url)
-        .env("WARREN_NATS_PREFIX", &prefix)
-        .env("WARREN_WORKSPACE", "research")
+        .env(warren_schema::launch::ENV, {
+            let mut contract = support::launch(
+                &url,
+                &prefix,
+                "research",
+                "alice",
+                serde_json::json!({"driver": "command", "settings": {"command": ["true"]}}),
+                &std::env::temp_dir(),
+            );
+            contract.directory = vec![
+                warren_schema::nats::AgentInfo {
+                    name: "alice".into(),
+                    workspace: "research".into(),
+                },
+                warren_schema::nats::AgentInfo {
+                    name: "bob".into(),
+                    workspace: "ops".into(),
+                },
+            ];
+            contract.to_json()
+        })
         .env("WARREN_AGENT", "alice")
         .env("WARREN_ROUTING_ID", routing.to_string())
         .env("WARREN_CHAIN", "")
-        .env(
-            "WARREN_AGENT_DIRECTORY",
-            r#"[{"name": "alice", "workspace": "research"}, {"name": "bob", "workspace": "ops"}]"#,
-        )
         .env(
             "WARREN_REPLY_TO",
             serde_json::to_string(&reply_to).expect("json"),

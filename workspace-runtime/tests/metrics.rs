@@ -26,12 +26,19 @@ async fn a_turn_shows_in_the_runtime_metrics() {
         .port();
 
     let mut runtime = tokio::process::Command::new(env!("CARGO_BIN_EXE_warren-workspace-runtime"))
-        .env("NATS_URL", &url)
-        .env("WARREN_NATS_PREFIX", &prefix)
-        .env("WARREN_WORKSPACE", "w")
-        .env("WARREN_AGENTS", "alice")
-        .env("WARREN_WORKSPACE_DIR", &dir)
-        .env("WARREN_RUNTIME_METRICS_LISTEN", format!("127.0.0.1:{port}"))
+        .env(warren_schema::launch::ENV, {
+            let mut contract = support::launch(
+                &url,
+                &prefix,
+                "w",
+                "alice",
+                serde_json::json!({"driver": "echo"}),
+                &dir,
+            );
+            contract.telemetry.metrics_listen =
+                Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+            contract.to_json()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)

@@ -15,17 +15,20 @@ use warren_schema::nats::{Namespace, OutboxMessage};
 
 fn runtime(url: &str, prefix: &str, dir: &Path, settings: &str) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_warren-workspace-runtime"))
-        .env("NATS_URL", url)
-        .env("WARREN_NATS_PREFIX", prefix)
-        .env("WARREN_WORKSPACE", "w")
-        .env("WARREN_AGENTS", "worker")
-        .env(
-            "WARREN_AGENT_SETTINGS",
-            format!(r#"{{"worker": {{"driver": "command", "settings": {settings}}}}}"#),
-        )
-        .env("WARREN_WORKSPACE_DIR", dir)
-        .env("WARREN_ACK_WAIT_SECS", "2")
-        .env("WARREN_HEARTBEAT_SECS", "1")
+        .env(warren_schema::launch::ENV, {
+            let mut contract = support::launch(
+                url,
+                prefix,
+                "w",
+                "worker",
+                serde_json::json!({"driver": "command",
+                    "settings": serde_json::from_str::<serde_json::Value>(settings).expect("settings")}),
+                dir,
+            );
+            contract.tuning.ack_wait_secs = 2;
+            contract.tuning.heartbeat_secs = 1;
+            contract.to_json()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)

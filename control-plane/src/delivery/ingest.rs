@@ -5,26 +5,39 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 use warren_schema::events::{
-    AgentBusy, AgentMentioned, AgentReplied, MemoryWritten, MessageDeadLettered,
+    AgentBusy, AgentMentioned, AgentReplied, MemoryWritten, MessageDeadLettered, OutputRefused,
 };
 use warren_schema::nats::{Namespace, OutboxMessage, TRACEPARENT};
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
 
 use super::nats;
+use super::routed::{self, Routed, Trusted};
 use super::senders::SenderCheck;
 use crate::error::{Error, Result};
 
 /// Durable consumer name of the control plane on the outbox stream.
 pub const CONSUMER: &str = "control-plane";
 
-/// The event an outbox message becomes, and the stream it is appended to. Pure.
+/// Heartbeats of one turn recorded at most once per this many seconds, whatever ids the
+/// workspace gives them: a workspace cannot fill the log with them.
+pub const HEARTBEAT_RECORD_SECS: i64 = 30;
+
+/// Refusals recorded per workspace per minute; past that they are only counted, so a
+/// workspace cannot fill the log with refused output either.
+pub const REFUSALS_PER_MINUTE: u32 = 10;
+
+/// The event an outbox message becomes, and the stream it is appended to. What it says of
+/// its origin, conversation and chain is ignored: `trusted` holds the control plane's own
+/// record ([`routed::authorize`]). `now` buckets heartbeats. Pure.
 pub fn to_event(
     message: &OutboxMessage,
+    trusted: &Trusted,
     traceparent: Option<String>,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(String, NewEvent)> {
-    let meta = |id: &EventId, correlation: &Option<EventId>, actor: &str| Metadata {
+    let meta = |id: &EventId, _claimed: &Option<EventId>, actor: &str| Metadata {
         traceparent: traceparent.clone(),
-        correlation_id: correlation.or(Some(*id)),
+        correlation_id: trusted.correlation_id.or(Some(*id)),
         causation_id: Some(*id),
         source: "control-plane.ingest".into(),
         actor: Some(actor.to_owned()),
@@ -37,7 +50,7 @@ pub fn to_event(
             in_reply_to,
             workspace,
             agent,
-            reply_to,
+            reply_to: _,
             text,
             correlation_id,
         } => Ok((
@@ -47,7 +60,7 @@ pub fn to_event(
                 &AgentReplied {
                     workspace: workspace.clone(),
                     agent: agent.clone(),
-                    reply_to: reply_to.clone(),
+                    reply_to: trusted_origin(trusted)?,
                     text: text.clone(),
                 },
                 meta(in_reply_to, correlation_id, agent),
@@ -61,7 +74,7 @@ pub fn to_event(
             agent,
             deliveries,
             error,
-            reply_to,
+            reply_to: _,
             correlation_id,
         } => Ok((
             format!("agent:{workspace}:{agent}"),
@@ -73,7 +86,7 @@ pub fn to_event(
                     agent: agent.clone(),
                     deliveries: *deliveries,
                     error: error.clone(),
-                    reply_to: reply_to.clone(),
+                    reply_to: trusted.reply_to.clone(),
                 },
                 meta(in_reply_to, correlation_id, agent),
             )
@@ -112,7 +125,7 @@ pub fn to_event(
             ))
         }
         OutboxMessage::Heartbeat {
-            id,
+            id: _,
             in_reply_to,
             workspace,
             agent,
@@ -121,7 +134,12 @@ pub fn to_event(
         } => Ok((
             format!("agent:{workspace}:{agent}"),
             NewEvent::from_domain(
-                EventId::derive(&["outbox", workspace, id]),
+                // One per turn and period, not one per id the workspace makes up.
+                EventId::derive(&[
+                    "heartbeat",
+                    &in_reply_to.to_string(),
+                    &(now.timestamp() / HEARTBEAT_RECORD_SECS).to_string(),
+                ]),
                 &AgentBusy {
                     workspace: workspace.clone(),
                     agent: agent.clone(),
@@ -139,8 +157,8 @@ pub fn to_event(
             from_agent,
             to_agent,
             text,
-            chain,
-            reply_to,
+            chain: _,
+            reply_to: _,
             correlation_id,
         } => Ok((
             format!("agent:{workspace}:{from_agent}"),
@@ -151,8 +169,8 @@ pub fn to_event(
                     from_agent: from_agent.clone(),
                     to_agent: to_agent.clone(),
                     text: text.clone(),
-                    chain: chain.clone(),
-                    reply_to: reply_to.clone(),
+                    chain: trusted.chain.clone(),
+                    reply_to: trusted_origin(trusted)?,
                 },
                 meta(in_reply_to, correlation_id, from_agent),
             )
@@ -161,10 +179,67 @@ pub fn to_event(
     }
 }
 
+/// The origin of an authorized answer (always there: [`routed::authorize`] sets it).
+fn trusted_origin(trusted: &Trusted) -> Result<warren_schema::events::Origin> {
+    trusted
+        .reply_to
+        .clone()
+        .ok_or_else(|| Error::Nats("an answer without its routed message's origin".into()))
+}
+
+/// The `output.refused` event for `out`, and its stream. Its id is derived from the output,
+/// so a redelivered refusal is recorded once; its cause is the routed message it claimed to
+/// answer, when that exists, so `explain` shows it beside that message.
+pub fn refusal(
+    out: &OutboxMessage,
+    routed: Option<&Routed>,
+    reason: &str,
+) -> Result<(String, NewEvent)> {
+    let workspace = out.workspace();
+    let mut metadata = Metadata::new("control-plane.ingest");
+    metadata.actor = Some(out.agent().to_owned());
+    metadata.causation_id = routed.map(|r| r.routing_id);
+    metadata.correlation_id = routed.and_then(|r| r.correlation_id);
+    let event = NewEvent::from_domain(
+        EventId::derive(&["outbox-refused", workspace, out.id()]),
+        &OutputRefused {
+            workspace: workspace.to_owned(),
+            agent: out.agent().to_owned(),
+            kind: routed::kind(out).to_owned(),
+            in_reply_to: routed::answers(out),
+            reason: reason.to_owned(),
+        },
+        metadata,
+    )
+    .map_err(|e| Error::Nats(format!("encoding a refusal: {e}")))?;
+    Ok((format!("refused:{workspace}"), event))
+}
+
+/// At most [`REFUSALS_PER_MINUTE`] recorded refusals per workspace per minute.
+#[derive(Debug, Default)]
+struct RefusalBudget {
+    minute: i64,
+    used: std::collections::HashMap<String, u32>,
+}
+
+impl RefusalBudget {
+    fn take(&mut self, workspace: &str, now: chrono::DateTime<chrono::Utc>) -> bool {
+        let minute = now.timestamp() / 60;
+        if minute != self.minute {
+            self.minute = minute;
+            self.used.clear();
+        }
+        let used = self.used.entry(workspace.to_owned()).or_default();
+        *used += 1;
+        *used <= REFUSALS_PER_MINUTE
+    }
+}
+
 /// Records outbox messages until `shutdown`. Each is acknowledged after its append
-/// committed; an unreadable one, one that claims another workspace than the subject it
-/// came on ([`Namespace::check_outbox`]), or one that names an agent its workspace does not
-/// host ([`SenderCheck`]), is logged, counted and terminated.
+/// committed; an unreadable one, or one that claims another workspace than the subject it
+/// came on ([`Namespace::check_outbox`]), is logged, counted and terminated. One that names
+/// an agent its workspace does not host ([`SenderCheck`]) or answers a message not routed to
+/// that agent ([`routed::authorize`]) is recorded as `output.refused` instead.
 pub async fn run(
     js: jetstream::Context,
     ns: Namespace,
@@ -191,6 +266,7 @@ pub async fn run(
         .await
         .map_err(|e| nats("reading the outbox")(&e))?;
     let mut senders = SenderCheck::default();
+    let mut budget = RefusalBudget::default();
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -205,34 +281,50 @@ pub async fn run(
             .map(|v| v.to_string());
         let span = info_span!("ingest", subject = %message.subject);
         async {
-            let mut parsed = serde_json::from_slice::<OutboxMessage>(&message.payload)
+            let parsed = serde_json::from_slice::<OutboxMessage>(&message.payload)
                 .map_err(|e| format!("unreadable: {e}"))
                 .and_then(|out| ns.check_outbox(&message.subject, &out).map(|()| out));
-            if let Ok(out) = &parsed
-                && let Err(e) = senders.check(&log, out).await?
-            {
-                parsed = Err(e);
-            }
-            match parsed {
-                Ok(out) => {
-                    let (stream, event) = to_event(&out, traceparent)?;
-                    log.append(&AppendRequest::new(stream, vec![event])).await?;
-                    message
-                        .ack()
-                        .await
-                        .map_err(|e| nats("acknowledging an outbox message")(&e))?;
-                }
+            let out = match parsed {
+                Ok(out) => out,
                 Err(e) => {
-                    // Unreadable, or a workspace speaking in another's name or as an
-                    // agent it does not host: never recorded.
+                    // Unreadable, or on another workspace's subject: there is no workspace
+                    // to hold to account, only the metric and the log line.
                     warn!(error = %e, "outbox message refused; dropped");
                     metrics::counter!("warren_control_plane_outbox_refused_total").increment(1);
                     message
                         .ack_with(AckKind::Term)
                         .await
                         .map_err(|e| nats("terminating an outbox message")(&e))?;
+                    return Ok(());
+                }
+            };
+            let routed = match routed::answers(&out) {
+                Some(id) => Routed::load(&log, id).await?,
+                None => None,
+            };
+            let now = chrono::Utc::now();
+            let verdict = match senders.check(&log, &out).await? {
+                Ok(()) => routed::authorize(&out, routed.as_ref()),
+                Err(e) => Err(e),
+            };
+            match verdict {
+                Ok(trusted) => {
+                    let (stream, event) = to_event(&out, &trusted, traceparent, now)?;
+                    log.append(&AppendRequest::new(stream, vec![event])).await?;
+                }
+                Err(reason) => {
+                    warn!(workspace = out.workspace(), agent = out.agent(), %reason, "output refused");
+                    metrics::counter!("warren_control_plane_outbox_refused_total").increment(1);
+                    if budget.take(out.workspace(), now) {
+                        let (stream, event) = refusal(&out, routed.as_ref(), &reason)?;
+                        log.append(&AppendRequest::new(stream, vec![event])).await?;
+                    }
                 }
             }
+            message
+                .ack()
+                .await
+                .map_err(|e| nats("acknowledging an outbox message")(&e))?;
             Ok::<(), Error>(())
         }
         .instrument(span)

@@ -9,11 +9,15 @@
 //! - [`ingest`]: agents' replies and mentions from the outbox stream are recorded as
 //!   `agent.replied` / `agent.mentioned` (ids derived from the runtime's output id, so a
 //!   redelivery is recorded once), and acknowledged only after the append committed. An
-//!   output is recorded only if it came on its workspace's own subject and names one of
-//!   that workspace's agents ([`senders`]).
+//!   output is recorded only if it came on its workspace's own subject, names one of
+//!   that workspace's agents ([`senders`]) and answers a message routed to that agent; its
+//!   origin, conversation and mention chain come from the control plane's record of that
+//!   message ([`routed`]), not from the output. What is refused is recorded as
+//!   `output.refused`.
 
 pub mod ingest;
 pub mod memory;
+pub mod routed;
 pub mod senders;
 
 use std::time::Duration;
@@ -24,7 +28,7 @@ use tracing::{instrument, warn};
 use warren_schema::event_log::projection::store_checkpoint;
 use warren_schema::event_log::{Subscription, SubscriptionOptions};
 use warren_schema::events::*;
-use warren_schema::nats::{InboxMessage, Namespace, message_headers};
+use warren_schema::nats::{Namespace, message_headers};
 use warren_schema::{Error as LogError, EventLog, RecordedEvent};
 
 use crate::error::{Error, Result};
@@ -196,33 +200,14 @@ impl Publisher {
                 }
             }
         };
-        let (text, reply_to, chain) = match source.event_type.as_str() {
-            MessageReceived::TYPE => {
-                let m: MessageReceived = source.decode()?;
-                (m.text, m.origin, Vec::new())
-            }
-            AgentMentioned::TYPE => {
-                let m: AgentMentioned = source.decode()?;
-                (m.text, m.reply_to, m.chain)
-            }
-            other => {
-                warn!(
-                    event_type = other,
-                    "routed event of an unexpected type; skipped"
-                );
-                return Ok(None);
-            }
+        let Some(routed_message) = routed::Routed::from_events(routed, source)? else {
+            warn!(
+                event_type = %source.event_type,
+                "routed event of an unexpected type; skipped"
+            );
+            return Ok(None);
         };
-        let message = InboxMessage {
-            routing_id: routed.id,
-            message_id: r.message_id,
-            workspace: r.workspace.clone(),
-            agent: r.agent.clone(),
-            text,
-            reply_to,
-            chain,
-            correlation_id: routed.metadata.correlation_id,
-        };
+        let message = routed_message.inbox_message();
         let headers = message_headers(
             &routed.id.to_string(),
             routed.metadata.traceparent.as_deref(),
