@@ -476,8 +476,10 @@ async fn a_workspace_cannot_choose_where_or_in_which_conversation_it_answers() {
         };
         log.append(&AppendRequest::new(
             format!("slack:T1:{channel}"),
-            vec![NewEvent::from_domain(EventId::random(), &message, Metadata::new("test"))
-                .expect("e")],
+            vec![
+                NewEvent::from_domain(EventId::random(), &message, Metadata::new("test"))
+                    .expect("e"),
+            ],
         ))
         .await
         .expect("append");
@@ -567,12 +569,20 @@ async fn a_workspace_cannot_choose_where_or_in_which_conversation_it_answers() {
     assert_eq!(replies.len(), 1, "only alice's answer to her own message");
     let recorded: AgentReplied = replies[0].decode().expect("reply");
     assert_eq!(recorded.text, "forged-target from alice");
-    assert_eq!(recorded.reply_to, origin("C1"), "where the message came from");
+    assert_eq!(
+        recorded.reply_to,
+        origin("C1"),
+        "where the message came from"
+    );
     assert_eq!(replies[0].metadata.correlation_id, alice_conversation);
 
     let mentions = log.read_type("agent.mentioned", 0, 10).await.expect("r");
     let mention: AgentMentioned = mentions[0].decode().expect("mention");
-    assert_eq!(mention.chain, ["alice"], "the recorded chain, not the empty one");
+    assert_eq!(
+        mention.chain,
+        ["alice"],
+        "the recorded chain, not the empty one"
+    );
     assert_eq!(mention.reply_to, origin("C1"));
     assert_eq!(mentions[0].metadata.correlation_id, alice_conversation);
 
@@ -588,8 +598,13 @@ async fn a_workspace_cannot_choose_where_or_in_which_conversation_it_answers() {
         .map(|r| (r.agent.as_str(), r.reason.as_str()))
         .collect();
     assert!(
-        reasons.contains(&("carol", "the message was routed to research/alice, not research/carol"))
-            && reasons.contains(&("alice", "the message was routed to ops/bob, not research/alice")),
+        reasons.contains(&(
+            "carol",
+            "the message was routed to research/alice, not research/carol"
+        )) && reasons.contains(&(
+            "alice",
+            "the message was routed to ops/bob, not research/alice"
+        )),
         "{reasons:?}"
     );
     assert!(
@@ -604,7 +619,10 @@ async fn a_workspace_cannot_choose_where_or_in_which_conversation_it_answers() {
         .await
         .expect("r")
         .into_iter()
-        .find(|e| e.decode::<OutputRefused>().is_ok_and(|r| r.agent == "carol"))
+        .find(|e| {
+            e.decode::<OutputRefused>()
+                .is_ok_and(|r| r.agent == "carol")
+        })
         .expect("carol's refusal");
     let chain = warren_control_plane::explain::event(&log, carol.id)
         .await
