@@ -104,6 +104,21 @@ pub fn validate(file: &ConfigFile) -> std::result::Result<(), String> {
                 a.name, a.workspace
             ));
         }
+        if warren_schema::nats::Namespace::RESERVED_WORKSPACES.contains(&a.workspace.as_str()) {
+            return Err(format!(
+                "agent {}: workspace {:?} is reserved (the shared memory bucket); choose another",
+                a.name, a.workspace
+            ));
+        }
+        if let Some(key) = warren_schema::launch::AgentLaunch::allowed_keys(&a.settings)
+            .into_iter()
+            .find(|k| !crate::backend::local::is_key_name(k))
+        {
+            return Err(format!(
+                "agent {}: allowed key {key:?}: use a key name such as OPENAI_API_KEY (A-Z, 0-9, _)",
+                a.name
+            ));
+        }
         if !DRIVERS.contains(&a.driver.as_str()) {
             return Err(format!(
                 "agent {}: driver {:?} is not one of {DRIVERS:?}",
@@ -216,4 +231,33 @@ pub async fn sync(log: &EventLog, state: &State, file: &ConfigFile) -> Result<us
         .await?;
     tracing::info!(events = n, "configuration changes recorded");
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(json: Value) -> ConfigFile {
+        serde_json::from_value(json).expect("a config file")
+    }
+
+    #[test]
+    fn reserved_workspaces_and_bad_key_names_are_refused_naming_the_agent() {
+        let shared = file(serde_json::json!({"agents": [{"name": "a", "workspace": "shared"}]}));
+        let e = validate(&shared).expect_err("shared is the shared bucket");
+        assert!(e.contains("agent a") && e.contains("reserved"), "{e}");
+
+        let traversal = file(
+            serde_json::json!({"agents": [{"name": "a", "workspace": "w",
+            "settings": {"allowed_keys": ["../../etc/shadow"]}}]}),
+        );
+        let e = validate(&traversal).expect_err("not a key name");
+        assert!(e.contains("allowed key"), "{e}");
+
+        let fine = file(
+            serde_json::json!({"agents": [{"name": "a", "workspace": "w",
+            "settings": {"allowed_keys": ["OPENAI_API_KEY"]}}]}),
+        );
+        assert_eq!(validate(&fine), Ok(()));
+    }
 }

@@ -87,17 +87,54 @@ impl Config {
     }
 }
 
+/// A secret from its variable or its file. An empty one (`SLACK_SIGNING_SECRET=`, an empty
+/// file) is an error, not "no secret": with an empty signing key anyone can sign.
 fn secret_or_file(
     value: &Option<Secret>,
     file: &Option<PathBuf>,
 ) -> std::io::Result<Option<Secret>> {
-    if let Some(s) = value {
-        return Ok(Some(s.clone()));
-    }
-    file.as_ref()
-        .map(|p| {
+    let secret = match (value, file) {
+        (Some(s), _) => Some(s.clone()),
+        (None, Some(p)) => {
             let text = std::fs::read_to_string(p)?;
-            Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))
-        })
-        .transpose()
+            Some(Secret::new(text.trim_end_matches(['\r', '\n'])))
+        }
+        (None, None) => None,
+    };
+    if secret
+        .as_ref()
+        .is_some_and(|s| s.expose().trim().is_empty())
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the secret is empty: with an empty key anyone can sign; set it or unset it",
+        ));
+    }
+    Ok(secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_secret_is_refused_not_taken_as_none() {
+        let empty = Some(Secret::new(""));
+        let e = secret_or_file(&empty, &None).expect_err("empty");
+        assert!(e.to_string().contains("anyone can sign"), "{e}");
+        let file = std::env::temp_dir().join(format!("warren-empty-secret-{}", std::process::id()));
+        std::fs::write(&file, "\n").expect("file");
+        assert!(
+            secret_or_file(&None, &Some(file.clone())).is_err(),
+            "an empty file"
+        );
+        std::fs::remove_file(&file).expect("rm");
+        assert!(secret_or_file(&None, &None).expect("unset").is_none());
+        assert_eq!(
+            secret_or_file(&Some(Secret::new("s3cret")), &None)
+                .expect("set")
+                .map(|s| s.expose().to_owned()),
+            Some("s3cret".into())
+        );
+    }
 }

@@ -66,10 +66,12 @@ fn check_timestamp(raw: &str, name: &'static str, now: i64) -> Result<(), Verify
     let ts: i64 = raw
         .parse()
         .map_err(|_| VerifyError::MalformedHeader(name))?;
-    if (now - ts).abs() > TIMESTAMP_TOLERANCE_SECS {
-        return Err(VerifyError::StaleTimestamp);
+    // Checked: `now - ts` overflows for timestamps near i64's ends (a panic in debug
+    // builds, a wrapped, accepted difference in release).
+    match now.checked_sub(ts).map(i64::unsigned_abs) {
+        Some(skew) if skew <= TIMESTAMP_TOLERANCE_SECS.unsigned_abs() => Ok(()),
+        _ => Err(VerifyError::StaleTimestamp),
     }
-    Ok(())
 }
 
 fn verify_hex(m: HmacSha256, hex_sig: &str, name: &'static str) -> Result<(), VerifyError> {
@@ -344,6 +346,26 @@ mod tests {
         assert!(
             !text.contains(&expected),
             "the expected signature must not leak"
+        );
+    }
+
+    #[test]
+    fn extreme_timestamps_are_stale_not_a_panic_or_an_acceptance() {
+        let body = b"{}";
+        for ts in [i64::MIN, i64::MIN + 1, i64::MAX, -NOW] {
+            let h = slack_headers(b"secret", ts, body);
+            assert!(
+                matches!(
+                    slack(b"secret", &h, body, NOW),
+                    Err(VerifyError::StaleTimestamp)
+                ),
+                "timestamp {ts}"
+            );
+        }
+        let h = slack_headers(b"secret", NOW - TIMESTAMP_TOLERANCE_SECS, body);
+        assert!(
+            slack(b"secret", &h, body, NOW).is_ok(),
+            "the edge of the window"
         );
     }
 }

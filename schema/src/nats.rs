@@ -93,10 +93,16 @@ impl Namespace {
         format!("_INBOX.{}.{workspace}", self.prefix)
     }
 
-    /// The durable consumer of one agent's inbox.
+    /// The durable consumer of one agent's inbox: `{workspace}_{agent}`. Names are
+    /// lowercase letters, digits and `-`, so `_` cannot occur in either and the name is
+    /// unambiguous (with `-`, `a-b`/`c` and `a`/`b-c` shared one consumer).
     pub fn inbox_consumer(workspace: &str, agent: &str) -> String {
-        format!("{workspace}-{agent}")
+        format!("{workspace}_{agent}")
     }
+
+    /// Workspace names that would collide with Warren's own: `shared` is the shared
+    /// memory bucket's suffix.
+    pub const RESERVED_WORKSPACES: &'static [&'static str] = &["shared"];
 
     /// What a workspace hosting `agents` may publish and subscribe to: its agents' inbox
     /// consumers (created with a filter on their own subject only), its outbox and dead
@@ -475,6 +481,14 @@ mod tests {
                 _ => return false,
             }
         }
+    }
+
+    #[test]
+    fn consumer_names_do_not_collide_across_the_dash() {
+        assert_ne!(
+            Namespace::inbox_consumer("a-b", "c"),
+            Namespace::inbox_consumer("a", "b-c")
+        );
     }
 
     /// What a runtime of `ws` hosting `agent` has to reach.

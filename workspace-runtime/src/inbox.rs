@@ -37,12 +37,13 @@ pub async fn consumer(
     ack_wait: Duration,
 ) -> Result<consumer::PullConsumer> {
     let name = Namespace::inbox_consumer(workspace, agent);
-    inboxes
+    let subject = ns.inbox_subject(workspace, agent);
+    let consumer: consumer::PullConsumer = inboxes
         .get_or_create_consumer(
             &name,
             consumer::pull::Config {
                 durable_name: Some(name.clone()),
-                filter_subject: ns.inbox_subject(workspace, agent),
+                filter_subject: subject.clone(),
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait,
                 max_deliver,
@@ -50,7 +51,16 @@ pub async fn consumer(
             },
         )
         .await
-        .map_err(|e| Error::jetstream(format!("creating the inbox consumer {name}"), e))
+        .map_err(|e| Error::jetstream(format!("creating the inbox consumer {name}"), e))?;
+    // A consumer that already exists is reused as it is: it must be this agent's inbox, or
+    // the agent would answer someone else's messages.
+    let filter = consumer.cached_info().config.filter_subject.clone();
+    if filter != subject {
+        return Err(Error::Config(format!(
+            "the inbox consumer {name} reads {filter:?}, not {subject:?}; delete it"
+        )));
+    }
+    Ok(consumer)
 }
 
 /// What becomes of a message after its turn.

@@ -116,7 +116,17 @@ pub fn load(path: &Path) -> Result<HashMap<String, Endpoint>, ConfigError> {
                 .to_owned(),
             _ => return Err(bad("exactly one of secret and secret_file is required")),
         };
-        if secret.is_empty() {
+        // An empty key lets anyone sign: `""`, blanks, or a bare `whsec_` (whose key,
+        // base64-decoded, is empty).
+        let key_empty = match e.scheme {
+            Scheme::StandardWebhooks => secret
+                .trim()
+                .strip_prefix("whsec_")
+                .unwrap_or(secret.trim())
+                .is_empty(),
+            _ => secret.trim().is_empty(),
+        };
+        if key_empty {
             return Err(bad("the secret is empty"));
         }
         // Header names are configured once at start-up and live for the process.
@@ -293,6 +303,16 @@ mod tests {
             (
                 "empty.json",
                 r#"{"endpoints": [{"name": "a", "scheme": "github", "secret": "", "agent": "x"}]}"#,
+                "empty",
+            ),
+            (
+                "blank.json",
+                r#"{"endpoints": [{"name": "a", "scheme": "hmac_sha256", "secret": "  ", "agent": "x"}]}"#,
+                "empty",
+            ),
+            (
+                "bare-whsec.json",
+                r#"{"endpoints": [{"name": "a", "scheme": "standard_webhooks", "secret": "whsec_", "agent": "x"}]}"#,
                 "empty",
             ),
         ] {
