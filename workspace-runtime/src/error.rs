@@ -49,6 +49,10 @@ pub enum Error {
     },
     #[error("an agent's task panicked: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// An agent stopped taking messages while the runtime was not shutting down: the
+    /// runtime ends, so that its backend restarts it, rather than run on without it.
+    #[error("agent {agent} stopped taking messages: {reason}")]
+    AgentStopped { agent: String, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -63,6 +63,23 @@ pub async fn consumer(
     Ok(consumer)
 }
 
+/// `text` as a header value: a provider's multi-line JSON body in an error would make an
+/// invalid header (and a panic); control characters become spaces, and it is cut at 1 KiB.
+pub fn header_value(text: &str) -> String {
+    let mut value: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if value.len() > 1024 {
+        let mut end = 1024;
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        value.truncate(end);
+    }
+    value
+}
+
 /// What becomes of a message after its turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -252,7 +269,7 @@ impl Worker {
         error: &TurnError,
     ) -> Result<(), OutboxError> {
         let mut headers = HeaderMap::new();
-        headers.insert("Warren-Error", error.to_string().as_str());
+        headers.insert("Warren-Error", header_value(&error.to_string()).as_str());
         self.js
             .publish_with_headers(
                 self.ns.dead_letter_subject(&self.workspace, &self.agent),
@@ -382,6 +399,20 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_with_a_provider_body_is_a_valid_header_value() {
+        let error = format!(
+            "model API: 400 Bad Request: {{\n  \"error\": \r\n \"{}\"\n}}",
+            "é".repeat(900)
+        );
+        let value = header_value(&error);
+        assert!(!value.chars().any(char::is_control), "{value}");
+        assert!(value.len() <= 1024);
+        let mut headers = HeaderMap::new();
+        headers.insert("Warren-Error", value.as_str());
+        assert!(headers.get("Warren-Error").is_some());
+    }
 
     #[test]
     fn a_failed_turn_is_retried_until_its_last_delivery_and_an_unreadable_one_never() {

@@ -149,7 +149,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         path: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
         launch: config.to_json(),
     };
-    let mut tasks = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
     let agents: Vec<&str> = drivers.iter().map(|(a, _)| a.as_str()).collect();
     for (agent, driver) in &drivers {
         let consumer = inbox::consumer(
@@ -177,9 +177,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             directory: directory.clone(),
         };
         let span = info_span!("agent", workspace = %config.workspace, agent = %agent);
-        tasks.push(tokio::spawn(
-            worker.run(consumer, shutdown.clone()).instrument(span),
-        ));
+        let (name, stop) = (agent.clone(), shutdown.clone());
+        tasks.spawn(async move { (name, worker.run(consumer, stop).await) }.instrument(span));
     }
     info!(workspace = %config.workspace, ?agents, "ready");
     // The local backend waits for this line.
@@ -192,8 +191,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                 source,
             })?;
     }
-    for task in tasks {
-        task.await??;
+    // Every agent runs until shutdown. One that ends before (its consumer deleted, its task
+    // panicked) ends the runtime, so that the backend restarts it whole; the others finish
+    // their turns first.
+    let mut first_failure = None;
+    while let Some(done) = tasks.join_next().await {
+        let failure = match done {
+            Ok((_, Ok(()))) if shutdown.is_cancelled() => None,
+            Ok((agent, Ok(()))) => Some(Error::AgentStopped {
+                agent,
+                reason: "its inbox ended".into(),
+            }),
+            Ok((agent, Err(e))) => Some(Error::AgentStopped {
+                agent,
+                reason: e.to_string(),
+            }),
+            Err(e) => Some(Error::Task(e)),
+        };
+        if let Some(failure) = failure {
+            tracing::error!(error = %failure, "an agent stopped; ending the runtime");
+            shutdown.cancel();
+            first_failure.get_or_insert(failure);
+        }
     }
-    Ok(())
+    first_failure.map_or(Ok(()), Err)
 }

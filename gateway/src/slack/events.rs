@@ -93,6 +93,12 @@ pub fn parse(body: &[u8], traceparent: Option<String>) -> Result<Inbound, Malfor
             .map(Inbound::Challenge)
             .ok_or_else(|| Malformed("url_verification without challenge".into())),
         "event_callback" => event_callback(envelope, body, traceparent),
+        // Slack says it is dropping this app's events for a while. A 200 keeps the
+        // subscription; anything else and Slack would disable it.
+        "app_rate_limited" => {
+            tracing::warn!("Slack reports app_rate_limited: events are being dropped");
+            Ok(Inbound::Ignore("app_rate_limited"))
+        }
         other => Err(Malformed(format!("unsupported type {other:?}"))),
     }
 }
@@ -159,12 +165,16 @@ fn event_callback(
             events: vec![raw],
         });
     }
-    let (Some(user), Some(ts)) = (message.user.clone(), message.ts.clone()) else {
-        return Err(Malformed("message without user or ts".into()));
+    // A message with no user (an integration's, a workflow's) is no one to answer: kept for
+    // the record, answered 200, so that Slack does not give up on the subscription.
+    let (Some(user), Some(ts), false) =
+        (message.user.clone(), message.ts.clone(), channel.is_empty())
+    else {
+        return Ok(Inbound::Store {
+            stream,
+            events: vec![raw],
+        });
     };
-    if channel.is_empty() {
-        return Err(Malformed("message without channel".into()));
-    }
     let thread_ts = message.thread_ts.clone().unwrap_or_else(|| ts.clone());
     let mut meta = Metadata::new("gateway/slack");
     meta.traceparent = traceparent;
@@ -368,8 +378,26 @@ mod tests {
         assert!(parse(br#"{"type":"url_verification"}"#, None).is_err());
         assert!(parse(br#"{"type":"event_callback","team_id":"T1"}"#, None).is_err());
         assert!(parse(br#"{"type":"something_else"}"#, None).is_err());
-        let no_ts =
-            callback(json!({"type": "message", "user": "U1", "channel": "C1", "text": "x"}));
-        assert!(parse(&no_ts, None).is_err());
+    }
+
+    #[test]
+    fn rate_limit_notices_and_messages_without_a_user_are_answered_not_refused() {
+        let limited = br#"{"type":"app_rate_limited","token":"x","team_id":"T1","minute_rate_limited":1518467820,"api_app_id":"A1"}"#;
+        assert!(matches!(parse(limited, None), Ok(Inbound::Ignore(_))));
+        for event in [
+            json!({"type": "message", "user": "U1", "channel": "C1", "text": "x"}),
+            json!({"type": "message", "channel": "C1", "text": "from a workflow", "ts": "1.2"}),
+        ] {
+            match parse(&callback(event), None) {
+                Ok(Inbound::Store { events, .. }) => {
+                    assert_eq!(
+                        events.len(),
+                        1,
+                        "kept for the record, no message for an agent"
+                    );
+                }
+                other => panic!("expected the raw event stored, got {other:?}"),
+            }
+        }
     }
 }
