@@ -78,27 +78,10 @@ async fn an_mcp_client_lists_and_calls_warrens_tools() {
     };
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_warren-workspace-runtime"))
         .arg("--mcp")
-        .env(warren_schema::launch::ENV, {
-            let mut contract = support::launch(
-                &url,
-                &prefix,
-                "research",
-                "alice",
-                serde_json::json!({"driver": "command", "settings": {"command": ["true"]}}),
-                &std::env::temp_dir(),
-            );
-            contract.directory = vec![
-                warren_schema::nats::AgentInfo {
-                    name: "alice".into(),
-                    workspace: "research".into(),
-                },
-                warren_schema::nats::AgentInfo {
-                    name: "bob".into(),
-                    workspace: "ops".into(),
-                },
-            ];
-            contract.to_json()
-        })
+        .env(
+            warren_schema::launch::ENV,
+            support::mcp_launch(&url, &prefix),
+        )
         .env("WARREN_AGENT", "alice")
         .env("WARREN_ROUTING_ID", routing.to_string())
         .env("WARREN_CHAIN", "")

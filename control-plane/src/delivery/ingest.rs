@@ -299,7 +299,7 @@ pub async fn run(
                 }
             };
             let routed = match routed::answers(&out) {
-                Some(id) => Routed::load(&log, id).await?,
+                Some(id) => routed::load(&log, id).await?,
                 None => None,
             };
             let now = chrono::Utc::now();

@@ -200,14 +200,13 @@ impl Publisher {
                 }
             }
         };
-        let Some(routed_message) = routed::Routed::from_events(routed, source)? else {
+        let Some(message) = routed::from_events(routed, source)? else {
             warn!(
                 event_type = %source.event_type,
                 "routed event of an unexpected type; skipped"
             );
             return Ok(None);
         };
-        let message = routed_message.inbox_message();
         let headers = message_headers(
             &routed.id.to_string(),
             routed.metadata.traceparent.as_deref(),

@@ -10,78 +10,51 @@ use warren_schema::{EventId, EventLog, RecordedEvent};
 
 use crate::error::Result;
 
-/// A `message.routed` decision with the message it routed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Routed {
-    pub routing_id: EventId,
-    pub message_id: EventId,
-    pub workspace: String,
-    pub agent: String,
-    pub text: String,
-    /// Where the conversation's replies go.
-    pub reply_to: Origin,
-    /// Who asked whom before this message.
-    pub chain: Vec<String>,
-    pub correlation_id: Option<EventId>,
+/// A `message.routed` decision with the message it routed, as the agent's inbox gets it:
+/// the control plane's own record of what the agent is answering.
+pub type Routed = InboxMessage;
+
+/// From the decision and the event it routed (`message.received` or `agent.mentioned`);
+/// `None` when the routed event is of another type. Pure.
+pub fn from_events(routed: &RecordedEvent, source: &RecordedEvent) -> Result<Option<Routed>> {
+    let r: MessageRouted = routed.decode()?;
+    let (text, reply_to, chain) = match source.event_type.as_str() {
+        MessageReceived::TYPE => {
+            let m: MessageReceived = source.decode()?;
+            (m.text, m.origin, Vec::new())
+        }
+        AgentMentioned::TYPE => {
+            let m: AgentMentioned = source.decode()?;
+            (m.text, m.reply_to, m.chain)
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(InboxMessage {
+        routing_id: routed.id,
+        message_id: r.message_id,
+        workspace: r.workspace,
+        agent: r.agent,
+        text,
+        reply_to,
+        chain,
+        correlation_id: routed.metadata.correlation_id,
+    }))
 }
 
-impl Routed {
-    /// From the decision and the event it routed (`message.received` or `agent.mentioned`);
-    /// `None` when the routed event is of another type. Pure.
-    pub fn from_events(routed: &RecordedEvent, source: &RecordedEvent) -> Result<Option<Self>> {
-        let r: MessageRouted = routed.decode()?;
-        let (text, reply_to, chain) = match source.event_type.as_str() {
-            MessageReceived::TYPE => {
-                let m: MessageReceived = source.decode()?;
-                (m.text, m.origin, Vec::new())
-            }
-            AgentMentioned::TYPE => {
-                let m: AgentMentioned = source.decode()?;
-                (m.text, m.reply_to, m.chain)
-            }
-            _ => return Ok(None),
-        };
-        Ok(Some(Self {
-            routing_id: routed.id,
-            message_id: r.message_id,
-            workspace: r.workspace,
-            agent: r.agent,
-            text,
-            reply_to,
-            chain,
-            correlation_id: routed.metadata.correlation_id,
-        }))
+/// The routing decision `routing_id` and its message, from the log (`None`: no such
+/// decision).
+pub async fn load(log: &EventLog, routing_id: EventId) -> Result<Option<Routed>> {
+    let Some(routed) = log.get(routing_id).await? else {
+        return Ok(None);
+    };
+    if routed.event_type != MessageRouted::TYPE {
+        return Ok(None);
     }
-
-    /// The routing decision `routing_id` and its message, from the log (`None`: no such
-    /// decision).
-    pub async fn load(log: &EventLog, routing_id: EventId) -> Result<Option<Self>> {
-        let Some(routed) = log.get(routing_id).await? else {
-            return Ok(None);
-        };
-        if routed.event_type != MessageRouted::TYPE {
-            return Ok(None);
-        }
-        let message_id = routed.decode::<MessageRouted>()?.message_id;
-        let Some(source) = log.get(message_id).await? else {
-            return Ok(None);
-        };
-        Self::from_events(&routed, &source)
-    }
-
-    /// What the agent's inbox gets.
-    pub fn inbox_message(&self) -> InboxMessage {
-        InboxMessage {
-            routing_id: self.routing_id,
-            message_id: self.message_id,
-            workspace: self.workspace.clone(),
-            agent: self.agent.clone(),
-            text: self.text.clone(),
-            reply_to: self.reply_to.clone(),
-            chain: self.chain.clone(),
-            correlation_id: self.correlation_id,
-        }
-    }
+    let message_id = routed.decode::<MessageRouted>()?.message_id;
+    let Some(source) = log.get(message_id).await? else {
+        return Ok(None);
+    };
+    from_events(&routed, &source)
 }
 
 /// The context an output is recorded with, all of it from the control plane's record.

@@ -297,3 +297,23 @@ pub fn launch(
         ));
     contract
 }
+
+/// The launch contract an MCP server (`--mcp`) of alice in `research` reads: bob is in
+/// `ops`.
+pub fn mcp_launch(url: &str, prefix: &str) -> String {
+    let mut contract = launch(
+        url,
+        prefix,
+        "research",
+        "alice",
+        serde_json::json!({"driver": "command", "settings": {"command": ["true"]}}),
+        &std::env::temp_dir(),
+    );
+    contract.directory = [("alice", "research"), ("bob", "ops")]
+        .map(|(name, workspace)| warren_schema::nats::AgentInfo {
+            name: name.into(),
+            workspace: workspace.into(),
+        })
+        .to_vec();
+    contract.to_json()
+}
