@@ -178,7 +178,7 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "WARREN_CONTROL_PLANE_METRICS_LISTEN",
-        default_value = "0.0.0.0:9465"
+        default_value = "127.0.0.1:9465"
     )]
     pub metrics_listen: std::net::SocketAddr,
 }

@@ -67,7 +67,7 @@ pub struct Config {
     #[arg(
         long,
         env = "WARREN_GATEWAY_METRICS_LISTEN",
-        default_value = "0.0.0.0:9464"
+        default_value = "127.0.0.1:9464"
     )]
     pub metrics_listen: SocketAddr,
 
@@ -116,6 +116,21 @@ fn secret_or_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_metrics_listener_is_on_loopback_unless_told_otherwise() {
+        use clap::Parser;
+        let config = Config::try_parse_from(["warren-gateway", "--database-url", "postgres://x"])
+            .expect("parses");
+        // (WARREN_GATEWAY_METRICS_LISTEN, if the test's environment sets it, wins.)
+        if std::env::var_os("WARREN_GATEWAY_METRICS_LISTEN").is_none() {
+            assert!(
+                config.metrics_listen.ip().is_loopback(),
+                "{}",
+                config.metrics_listen
+            );
+        }
+    }
 
     #[test]
     fn an_empty_secret_is_refused_not_taken_as_none() {

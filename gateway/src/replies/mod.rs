@@ -116,7 +116,8 @@ pub async fn run(log: EventLog, slack: SlackApi, shutdown: CancellationToken) ->
                     () = tokio::time::sleep(wait) => {}
                 }
             }
-            match post(&slack, channel, thread_ts, &reply.text, &shutdown).await {
+            let text = escape_broadcasts(&reply.text);
+            match post(&slack, channel, thread_ts, &text, &shutdown).await {
                 Some(Ok(ts)) => {
                     info!(position = event.position, %channel, %ts, "reply delivered");
                     recorder
@@ -135,6 +136,33 @@ pub async fn run(log: EventLog, slack: SlackApi, shutdown: CancellationToken) ->
         }
         projection::apply_batch(log.pool(), &mut recorder, &batch).await?;
     }
+}
+
+/// `text` with Slack's broadcast mentions (`<!channel>`, `<!here>`, `<!everyone>`,
+/// `<!subteam^ID>`, with or without a `|label`) escaped, so that they show as text instead of
+/// notifying everyone: an agent's words are model output, and a prompt injection should not
+/// page a whole workspace. User mentions (`<@U…>`) and links are left alone. Pure.
+pub fn escape_broadcasts(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("<!") {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        match tail.find('>') {
+            Some(end) => {
+                out.push_str("&lt;");
+                out.push_str(&tail[1..end]);
+                out.push_str("&gt;");
+                rest = &tail[end + 1..];
+            }
+            None => {
+                out.push_str("&lt;");
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Posts with retries: rate limits are waited out, transient failures retried with backoff.
@@ -165,5 +193,27 @@ async fn post(
             () = shutdown.cancelled() => return None,
             () = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod escape_tests {
+    use super::escape_broadcasts;
+
+    #[test]
+    fn broadcast_mentions_are_shown_not_sent() {
+        assert_eq!(
+            escape_broadcasts("hey <!channel> and <!here|here>, <!subteam^S1|@ops> <!everyone>"),
+            "hey &lt;!channel&gt; and &lt;!here|here&gt;, &lt;!subteam^S1|@ops&gt; &lt;!everyone&gt;"
+        );
+        assert_eq!(
+            escape_broadcasts("ask <@U123> about <https://x.test|the doc>"),
+            "ask <@U123> about <https://x.test|the doc>",
+            "user mentions and links stay"
+        );
+        assert_eq!(
+            escape_broadcasts("unclosed <!channel"),
+            "unclosed &lt;!channel"
+        );
     }
 }
