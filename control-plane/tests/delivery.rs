@@ -57,6 +57,23 @@ async fn inbox_count(js: &jetstream::Context, ns: &Namespace) -> u64 {
     }
 }
 
+/// The controller's settings for these tests: decisions and delivery, no backend.
+fn delivery_config(holder: &str, file: std::path::PathBuf, ns: &Namespace) -> ControllerConfig {
+    ControllerConfig {
+        holder: holder.into(),
+        lease_ttl: Duration::from_secs(5),
+        tick: Duration::from_millis(50),
+        policy: Policy::default(),
+        config_file: Some(file),
+        backend: None,
+        nats: Some(NatsConfig {
+            url: nats_url(),
+            namespace: ns.clone(),
+            credentials: None,
+        }),
+    }
+}
+
 #[tokio::test]
 async fn a_routed_message_reaches_the_inbox_once_and_the_reply_comes_back_once() {
     let db = TestDatabase::new().await;
@@ -74,19 +91,7 @@ async fn a_routed_message_reaches_the_inbox_once_and_the_reply_comes_back_once()
     )
     .expect("config");
     let shutdown = CancellationToken::new();
-    let config = ControllerConfig {
-        holder: "d".into(),
-        lease_ttl: Duration::from_secs(5),
-        tick: Duration::from_millis(50),
-        policy: Policy::default(),
-        config_file: Some(file),
-        backend: None,
-        nats: Some(NatsConfig {
-            url: nats_url(),
-            namespace: ns.clone(),
-            credentials: None,
-        }),
-    };
+    let config = delivery_config("d", file, &ns);
     let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
     eventually("configuration", async || {
         !log.read_type("agent.configured", 0, 1)
@@ -437,19 +442,7 @@ async fn a_workspace_cannot_choose_where_or_in_which_conversation_it_answers() {
     )
     .expect("config");
     let shutdown = CancellationToken::new();
-    let config = ControllerConfig {
-        holder: "forged".into(),
-        lease_ttl: Duration::from_secs(5),
-        tick: Duration::from_millis(50),
-        policy: Policy::default(),
-        config_file: Some(file),
-        backend: None,
-        nats: Some(NatsConfig {
-            url: nats_url(),
-            namespace: ns.clone(),
-            credentials: None,
-        }),
-    };
+    let config = delivery_config("forged", file, &ns);
     let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
     eventually("configuration", async || {
         log.read_type("agent.configured", 0, 10)

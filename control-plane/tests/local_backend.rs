@@ -305,3 +305,31 @@ async fn processes_left_by_a_previous_control_plane_are_stopped_and_reported_gon
     assert!(!dir.join("runtime.pid").exists());
     assert!(backend.running().await.is_empty());
 }
+
+/// A workspace whose agent is allowed a key the operator does not have does not start, says
+/// which key, and leaves nothing behind: no credentials directory, no process.
+#[tokio::test]
+async fn a_start_refused_for_a_missing_key_names_it_and_leaves_nothing() {
+    use warren_schema::launch::AgentLaunch;
+    let root = temp_root("missing-key");
+    let keys = root.join("keys");
+    std::fs::create_dir_all(&keys).expect("keys dir");
+    let backend = LocalBackend::new(LocalConfig {
+        model_keys: Some(keys),
+        ..LocalConfig::new(root.join("local"), sh("echo ready; exec sleep 600"))
+    })
+    .expect("backend");
+    let spec = warren_control_plane::backend::WorkspaceSpec {
+        name: "research".into(),
+        agents: vec![AgentLaunch::new(
+            "alice",
+            "openai",
+            serde_json::json!({"model": "m", "allowed_keys": ["OPENAI_API_KEY"]}),
+        )],
+        directory: vec![],
+    };
+    let e = backend.start(&spec).await.expect_err("no such key");
+    assert!(e.to_string().contains("OPENAI_API_KEY"), "{e}");
+    assert!(!root.join("local/credentials/research").exists());
+    assert!(backend.running().await.is_empty());
+}

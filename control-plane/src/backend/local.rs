@@ -265,6 +265,35 @@ impl LocalBackend {
         Ok(())
     }
 
+    /// What `spec`'s runtime is given: its contract, with its allowed keys and NATS
+    /// credentials written for it.
+    fn launch_contract(
+        &self,
+        spec: &WorkspaceSpec,
+        dir: &Path,
+        owner: Option<(u32, u32)>,
+    ) -> Result<LaunchContract, BackendError> {
+        let mut contract = LaunchContract::new(
+            &spec.name,
+            dir.to_owned(),
+            NatsLaunch::new(
+                self.config.nats_url.clone().unwrap_or_default(),
+                &self.config.nats_prefix,
+            ),
+        );
+        contract.agents = self
+            .give_keys(spec, owner)
+            .map_err(|source| BackendError::Start {
+                workspace: spec.name.clone(),
+                source,
+            })?;
+        contract.directory = spec.directory.clone();
+        contract.shared_dir = Some(self.config.root.join("shared"));
+        contract.telemetry = self.config.telemetry.clone();
+        contract.nats.credentials = self.write_credentials(&spec.name, &spec.agent_names())?;
+        Ok(contract)
+    }
+
     /// Copies each agent's allowed keys from the operator's key directory into the
     /// workspace's credentials directory (readable by the workspace only) and names them in
     /// its launch entry. A key the directory lacks, or a key file others may read, is
@@ -393,19 +422,10 @@ impl Backend for LocalBackend {
             .command
             .split_first()
             .ok_or_else(|| error(std::io::Error::other("no runtime command configured")))?;
-        let mut contract = LaunchContract::new(
-            &spec.name,
-            dir.clone(),
-            NatsLaunch::new(
-                self.config.nats_url.clone().unwrap_or_default(),
-                &self.config.nats_prefix,
-            ),
-        );
-        contract.agents = self.give_keys(spec, owner).map_err(error)?;
-        contract.directory = spec.directory.clone();
-        contract.shared_dir = Some(self.config.root.join("shared"));
-        contract.telemetry = self.config.telemetry.clone();
-        contract.nats.credentials = self.write_credentials(&spec.name, &spec.agent_names())?;
+        // Nothing of a start that fails is left behind: no keys, no credentials.
+        let contract = self.launch_contract(spec, &dir, owner).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&credentials_dir);
+        })?;
         let mut command = tokio::process::Command::new(program);
         command
             .args(args)
@@ -421,7 +441,10 @@ impl Backend for LocalBackend {
         if let Some((uid, gid)) = owner {
             command.uid(uid).gid(gid);
         }
-        let mut child = command.spawn().map_err(error)?;
+        let mut child = command.spawn().map_err(|e| {
+            let _ = std::fs::remove_dir_all(&credentials_dir);
+            error(e)
+        })?;
         let pid = child.id().unwrap_or_default();
         std::fs::write(runtime_dir.join("runtime.pid"), pid.to_string()).map_err(error)?;
         if let Ok(mut inner) = self.inner.lock() {

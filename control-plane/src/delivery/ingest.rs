@@ -35,7 +35,7 @@ pub fn to_event(
     traceparent: Option<String>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(String, NewEvent)> {
-    let meta = |id: &EventId, _claimed: &Option<EventId>, actor: &str| Metadata {
+    let meta = |id: &EventId, actor: &str| Metadata {
         traceparent: traceparent.clone(),
         correlation_id: trusted.correlation_id.or(Some(*id)),
         causation_id: Some(*id),
@@ -52,7 +52,7 @@ pub fn to_event(
             agent,
             reply_to: _,
             text,
-            correlation_id,
+            correlation_id: _,
         } => Ok((
             format!("agent:{workspace}:{agent}"),
             NewEvent::from_domain(
@@ -63,7 +63,7 @@ pub fn to_event(
                     reply_to: trusted_origin(trusted)?,
                     text: text.clone(),
                 },
-                meta(in_reply_to, correlation_id, agent),
+                meta(in_reply_to, agent),
             )
             .map_err(encode)?,
         )),
@@ -75,7 +75,7 @@ pub fn to_event(
             deliveries,
             error,
             reply_to: _,
-            correlation_id,
+            correlation_id: _,
         } => Ok((
             format!("agent:{workspace}:{agent}"),
             NewEvent::from_domain(
@@ -88,7 +88,7 @@ pub fn to_event(
                     error: error.clone(),
                     reply_to: trusted.reply_to.clone(),
                 },
-                meta(in_reply_to, correlation_id, agent),
+                meta(in_reply_to, agent),
             )
             .map_err(encode)?,
         )),
@@ -130,7 +130,7 @@ pub fn to_event(
             workspace,
             agent,
             busy_for_secs,
-            correlation_id,
+            correlation_id: _,
         } => Ok((
             format!("agent:{workspace}:{agent}"),
             NewEvent::from_domain(
@@ -146,7 +146,7 @@ pub fn to_event(
                     routing_id: *in_reply_to,
                     busy_for_secs: *busy_for_secs,
                 },
-                meta(in_reply_to, correlation_id, agent),
+                meta(in_reply_to, agent),
             )
             .map_err(encode)?,
         )),
@@ -159,7 +159,7 @@ pub fn to_event(
             text,
             chain: _,
             reply_to: _,
-            correlation_id,
+            correlation_id: _,
         } => Ok((
             format!("agent:{workspace}:{from_agent}"),
             NewEvent::from_domain(
@@ -172,7 +172,7 @@ pub fn to_event(
                     chain: trusted.chain.clone(),
                     reply_to: trusted_origin(trusted)?,
                 },
-                meta(in_reply_to, correlation_id, from_agent),
+                meta(in_reply_to, from_agent),
             )
             .map_err(encode)?,
         )),
