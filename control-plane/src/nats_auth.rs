@@ -41,6 +41,14 @@ pub enum AuthError {
     },
 }
 
+/// The largest message a workspace may publish (bytes): an agent's reply or memory value
+/// fits many times over; a flood of big ones does not.
+pub const WORKSPACE_MAX_PAYLOAD: i64 = 1 << 20;
+
+/// Subscriptions one workspace connection may hold (a runtime holds one per agent and a
+/// few more).
+pub const WORKSPACE_MAX_SUBSCRIPTIONS: i64 = 256;
+
 /// Signs workspace users with Warren's account key.
 pub struct Issuer {
     account: KeyPair,
@@ -140,6 +148,9 @@ fn user_credentials(
     if let Some(p) = permissions {
         nats["pub"] = json!({ "allow": p.publish });
         nats["sub"] = json!({ "allow": p.subscribe });
+        // A workspace's connection: bounded messages and subscriptions.
+        nats["payload"] = json!(WORKSPACE_MAX_PAYLOAD);
+        nats["subs"] = json!(WORKSPACE_MAX_SUBSCRIPTIONS);
     }
     let jwt = encode(&user.public_key(), name, nats, account, lifetime)?;
     let seed = user.seed().map_err(|e| AuthError::Sign(e.to_string()))?;
@@ -374,6 +385,8 @@ mod tests {
         let expected = Namespace::default().workspace_permissions("research", &["alice".into()]);
         assert_eq!(c["nats"]["pub"]["allow"], json!(expected.publish));
         assert_eq!(c["nats"]["sub"]["allow"], json!(expected.subscribe));
+        assert_eq!(c["nats"]["payload"], WORKSPACE_MAX_PAYLOAD);
+        assert_eq!(c["nats"]["subs"], WORKSPACE_MAX_SUBSCRIPTIONS);
         // The seed in the file is the user's, the subject's own.
         let seed = creds
             .expose()

@@ -327,6 +327,7 @@ async fn a_start_refused_for_a_missing_key_names_it_and_leaves_nothing() {
             serde_json::json!({"model": "m", "allowed_keys": ["OPENAI_API_KEY"]}),
         )],
         directory: vec![],
+        tuning: Default::default(),
     };
     let e = backend.start(&spec).await.expect_err("no such key");
     assert!(e.to_string().contains("OPENAI_API_KEY"), "{e}");

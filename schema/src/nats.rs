@@ -77,12 +77,73 @@ impl Namespace {
         format!("{}-mem-shared", self.prefix)
     }
 
-    /// A memory bucket: file-backed, a short history per key.
-    pub fn bucket_config(bucket: &str) -> async_nats::jetstream::kv::Config {
-        async_nats::jetstream::kv::Config {
-            bucket: bucket.to_owned(),
-            history: 5,
+    /// The limits of `bucket`: the shared bucket's, or a workspace's.
+    pub fn bucket_limits(&self, bucket: &str) -> BucketLimits {
+        if bucket == self.shared_bucket() {
+            BucketLimits::SHARED
+        } else {
+            BucketLimits::WORKSPACE
+        }
+    }
+
+    /// Where a workspace asks the control plane to write the shared bucket
+    /// (`{prefix}.memory.{workspace}`, request and reply): only that workspace's credentials
+    /// may publish there, so the subject is the writer's proof of who it is.
+    pub fn shared_write_subject(&self, workspace: &str) -> String {
+        format!("{}.memory.{workspace}", self.prefix)
+    }
+
+    /// Every workspace's shared-write subject (what the control plane serves).
+    pub fn shared_write_subjects(&self) -> String {
+        format!("{}.memory.*", self.prefix)
+    }
+
+    /// The workspace a shared write came from, read from its subject.
+    pub fn shared_write_workspace<'s>(&self, subject: &'s str) -> Option<&'s str> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".memory.")
+            .filter(|w| !w.is_empty() && !w.contains('.'))
+    }
+
+    /// A memory bucket as a stream, the way NATS's key-value layer lays it out (`KV_{bucket}`,
+    /// subjects `$KV.{bucket}.>`, a short history per key, direct gets), with Warren's
+    /// limits: at most `limits.max_bytes` in all and `limits.max_value_bytes` per value
+    /// (writes past them are refused, nothing old is dropped), and no `Nats-Rollup` header
+    /// (one rollup would wipe every key).
+    pub fn bucket_stream_config(bucket: &str, limits: &BucketLimits) -> stream::Config {
+        stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 5,
+            max_bytes: limits.max_bytes,
+            max_message_size: limits.max_value_bytes,
             storage: stream::StorageType::File,
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: false,
+            deny_delete: true,
+            deny_purge: false,
+            allow_direct: true,
+            num_replicas: 1,
+            ..Default::default()
+        }
+    }
+
+    /// The durable pull consumer of one agent's inbox: its subject only, explicit acks, at
+    /// most `tuning.max_deliver` deliveries, redelivered after `tuning.ack_wait_secs`.
+    pub fn inbox_consumer_config(
+        &self,
+        workspace: &str,
+        agent: &str,
+        tuning: &crate::launch::Tuning,
+    ) -> async_nats::jetstream::consumer::pull::Config {
+        use async_nats::jetstream::consumer;
+        consumer::pull::Config {
+            durable_name: Some(Self::inbox_consumer(workspace, agent)),
+            filter_subject: self.inbox_subject(workspace, agent),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(tuning.ack_wait_secs.max(1)),
+            max_deliver: tuning.max_deliver,
             ..Default::default()
         }
     }
@@ -104,50 +165,45 @@ impl Namespace {
     /// memory bucket's suffix.
     pub const RESERVED_WORKSPACES: &'static [&'static str] = &["shared"];
 
-    /// What a workspace hosting `agents` may publish and subscribe to: its agents' inbox
-    /// consumers (created with a filter on their own subject only), its outbox and dead
-    /// letters, its memory bucket and the shared one, and its own reply inboxes. The shared
-    /// bucket and the streams are created by the control plane; a workspace may only create
-    /// its own bucket. Everything else is refused by the server.
+    /// What a workspace hosting `agents` may publish and subscribe to. It may read its
+    /// agents' inbox consumers (fetch, acknowledge, info), publish to its outbox and dead
+    /// letters, read and write its own memory bucket, read the shared one, ask the control
+    /// plane to write the shared one ([`Self::shared_write_subject`]), and receive replies
+    /// under its own inbox prefix. Everything else is refused by the server.
+    ///
+    /// It may create nothing: no stream, no consumer. The control plane creates its bucket
+    /// and its agents' consumers before it starts. A consumer a workspace could create
+    /// would be a push consumer whose deliver subject the server does not check against the
+    /// creator's permissions (a value in its own bucket delivered into another workspace's
+    /// inbox), and a stream it could create could source another's messages.
     pub fn workspace_permissions(&self, workspace: &str, agents: &[String]) -> Permissions {
         let inbox = self.inbox_stream();
         let mut publish = vec![
             self.outbox_subject(workspace),
             format!("{}.dead.{workspace}.*", self.prefix),
+            self.shared_write_subject(workspace),
             format!("$JS.API.STREAM.INFO.{inbox}"),
             format!("$JS.API.STREAM.INFO.{}", self.outbox_stream()),
         ];
         for agent in agents {
             let consumer = Self::inbox_consumer(workspace, agent);
             publish.extend([
-                format!(
-                    "$JS.API.CONSUMER.CREATE.{inbox}.{consumer}.{}",
-                    self.inbox_subject(workspace, agent)
-                ),
                 format!("$JS.API.CONSUMER.INFO.{inbox}.{consumer}"),
                 format!("$JS.API.CONSUMER.MSG.NEXT.{inbox}.{consumer}"),
                 format!("$JS.ACK.{inbox}.{consumer}.>"),
             ]);
         }
         let own = self.workspace_bucket(workspace);
-        // Creating its bucket reads the account's limits first (`$JS.API.INFO`: totals and
-        // limits of the account, no names or contents).
-        publish.push(format!("$JS.API.STREAM.CREATE.KV_{own}"));
-        publish.push("$JS.API.INFO".to_owned());
+        // Writes: its own bucket only (the stream refuses rollups and values past its limits).
+        publish.push(format!("$KV.{own}.>"));
         for bucket in [own, self.shared_bucket()] {
+            // Reads: stream info (with a subjects filter: how keys are listed) and gets.
             let stream = format!("KV_{bucket}");
             publish.extend([
-                format!("$KV.{bucket}.>"),
                 format!("$JS.API.STREAM.INFO.{stream}"),
                 format!("$JS.API.STREAM.MSG.GET.{stream}"),
                 format!("$JS.API.DIRECT.GET.{stream}"),
                 format!("$JS.API.DIRECT.GET.{stream}.>"),
-                // Listing keys: an ordered consumer on the bucket, with flow control.
-                format!("$JS.API.CONSUMER.CREATE.{stream}"),
-                format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
-                format!("$JS.API.CONSUMER.INFO.{stream}.>"),
-                format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
-                format!("$JS.FC.{stream}.>"),
             ]);
         }
         Permissions {
@@ -207,15 +263,70 @@ pub fn message_headers(id: &str, traceparent: Option<&str>) -> async_nats::Heade
     headers
 }
 
-/// Opens memory bucket `bucket`, creating it (with [`Namespace::bucket_config`]) if missing.
-pub async fn open_bucket(
+/// How big a memory bucket may grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketLimits {
+    /// All values and their history, in bytes.
+    pub max_bytes: i64,
+    /// One stored value (with its provenance), in bytes.
+    pub max_value_bytes: i32,
+}
+
+impl BucketLimits {
+    /// A workspace's own bucket: 64 MiB, 128 KiB per value.
+    pub const WORKSPACE: Self = Self {
+        max_bytes: 64 << 20,
+        max_value_bytes: 128 << 10,
+    };
+    /// The shared bucket: 256 MiB, 128 KiB per value.
+    pub const SHARED: Self = Self {
+        max_bytes: 256 << 20,
+        max_value_bytes: 128 << 10,
+    };
+}
+
+/// Why a bucket could not be made ready.
+#[derive(Debug, thiserror::Error)]
+pub enum BucketError {
+    #[error("memory bucket {bucket}: {message}")]
+    Nats { bucket: String, message: String },
+}
+
+/// Makes memory bucket `bucket` exist with [`Namespace::bucket_stream_config`], and brings
+/// an existing one to it (buckets made before the limits had none, and allowed rollups).
+/// The control plane's call: workspaces may not create or change streams.
+pub async fn ensure_bucket(
     js: &async_nats::jetstream::Context,
     bucket: &str,
-) -> Result<async_nats::jetstream::kv::Store, async_nats::jetstream::context::CreateKeyValueError> {
-    match js.get_key_value(bucket).await {
-        Ok(store) => Ok(store),
-        Err(_) => js.create_key_value(Namespace::bucket_config(bucket)).await,
+    limits: &BucketLimits,
+) -> Result<async_nats::jetstream::kv::Store, BucketError> {
+    let error = |e: &dyn std::fmt::Display| BucketError::Nats {
+        bucket: bucket.to_owned(),
+        message: e.to_string(),
+    };
+    let wanted = Namespace::bucket_stream_config(bucket, limits);
+    match js.get_stream(&wanted.name).await {
+        Ok(existing) => {
+            let have = &existing.cached_info().config;
+            if have.allow_rollup
+                || have.max_bytes != wanted.max_bytes
+                || have.max_message_size != wanted.max_message_size
+            {
+                let mut config = have.clone();
+                config.allow_rollup = false;
+                config.max_bytes = wanted.max_bytes;
+                config.max_message_size = wanted.max_message_size;
+                js.update_stream(config).await.map_err(|e| error(&e))?;
+            }
+        }
+        // Missing (or unreadable: then creating it says why).
+        Err(_) => {
+            js.get_or_create_stream(wanted)
+                .await
+                .map_err(|e| error(&e))?;
+        }
     }
+    js.get_key_value(bucket).await.map_err(|e| error(&e))
 }
 
 /// Subjects a NATS user may publish and subscribe to (allow lists; the rest is refused).
@@ -328,6 +439,39 @@ pub struct InboxMessage {
     pub correlation_id: Option<EventId>,
 }
 
+/// A workspace's request to write the shared bucket, on its
+/// [`Namespace::shared_write_subject`]. The control plane writes it with the provenance it
+/// knows (the workspace the subject proves, an agent that workspace hosts), records it as
+/// `memory.written`, and answers with a [`SharedWriteResult`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedWrite {
+    /// The agent writing (checked: it must live in the workspace).
+    pub agent: String,
+    pub key: String,
+    /// `None` deletes the key.
+    pub value: Option<serde_json::Value>,
+    /// Write only if the key is at this revision (0: only if absent); `None`: whatever it is.
+    pub expected_revision: Option<u64>,
+    /// The conversation the write belongs to, as the agent says (recorded as the event's
+    /// correlation; nothing is routed or posted on it).
+    pub conversation: Option<EventId>,
+}
+
+/// The control plane's answer to a [`SharedWrite`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum SharedWriteResult {
+    /// Written (or deleted) at `revision`, and recorded.
+    Written { revision: u64 },
+    /// The key is not at `expected` any more.
+    Conflict { expected: u64 },
+    /// Not allowed or not valid; nothing was written.
+    Refused { reason: String },
+    /// NATS or the log failed; try again.
+    Failed { reason: String },
+}
+
 /// What an agent sends back (the outbox).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -426,8 +570,8 @@ impl OutboxMessage {
 impl Namespace {
     /// Whether `message`, read from `subject` of the outbox, may be recorded: it must be
     /// on its own workspace's outbox subject (the only one that workspace's credentials
-    /// may publish to), and a memory write must be to that workspace's bucket or the shared
-    /// one. Otherwise a workspace could speak, or write memory, in another's name.
+    /// may publish to), and a memory write must be to that workspace's own bucket (the
+    /// control plane itself records writes to the shared one). Otherwise a workspace could speak, or write memory, in another's name.
     pub fn check_outbox(&self, subject: &str, message: &OutboxMessage) -> Result<(), String> {
         let workspace = message.workspace();
         if subject != self.outbox_subject(workspace) {
@@ -437,7 +581,6 @@ impl Namespace {
         }
         if let OutboxMessage::MemoryWritten { bucket, .. } = message
             && *bucket != self.workspace_bucket(workspace)
-            && *bucket != self.shared_bucket()
         {
             return Err(format!(
                 "workspace {workspace:?} reported a write to bucket {bucket:?}"
@@ -484,6 +627,35 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_write_names_its_workspace_by_its_subject_only() {
+        let ns = Namespace::default();
+        assert_eq!(
+            ns.shared_write_workspace(&ns.shared_write_subject("research")),
+            Some("research")
+        );
+        for subject in [
+            "warren.memory.",
+            "warren.memory.a.b",
+            "other.memory.a",
+            "warren.outbox.a",
+        ] {
+            assert_eq!(ns.shared_write_workspace(subject), None, "{subject}");
+        }
+    }
+
+    #[test]
+    fn buckets_refuse_rollups_and_have_limits() {
+        let c = Namespace::bucket_stream_config("warren-mem-a", &BucketLimits::WORKSPACE);
+        assert_eq!(c.name, "KV_warren-mem-a");
+        assert_eq!(c.subjects, vec!["$KV.warren-mem-a.>".to_owned()]);
+        assert!(!c.allow_rollup);
+        assert!(c.allow_direct);
+        assert_eq!(c.discard, stream::DiscardPolicy::New);
+        assert_eq!(c.max_bytes, BucketLimits::WORKSPACE.max_bytes);
+        assert_eq!(c.max_message_size, BucketLimits::WORKSPACE.max_value_bytes);
+    }
+
+    #[test]
     fn consumer_names_do_not_collide_across_the_dash() {
         assert_ne!(
             Namespace::inbox_consumer("a-b", "c"),
@@ -499,15 +671,13 @@ mod tests {
         vec![
             ns.outbox_subject(ws),
             ns.dead_letter_subject(ws, agent),
-            format!(
-                "$JS.API.CONSUMER.CREATE.{inbox}.{consumer}.{}",
-                ns.inbox_subject(ws, agent)
-            ),
+            ns.shared_write_subject(ws),
+            format!("$JS.API.CONSUMER.INFO.{inbox}.{consumer}"),
             format!("$JS.API.CONSUMER.MSG.NEXT.{inbox}.{consumer}"),
             format!("$JS.ACK.{inbox}.{consumer}.1.7.7.1700000000.0"),
             format!("$KV.{bucket}.notes"),
             format!("$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.notes"),
-            format!("$JS.API.STREAM.CREATE.KV_{bucket}"),
+            format!("$JS.API.STREAM.INFO.KV_{bucket}"),
         ]
     }
 
@@ -524,9 +694,14 @@ mod tests {
                 assert!(allowed(&p, &subject), "research should reach {subject}");
             }
         }
+        // The shared bucket is read directly and written through the control plane.
         let shared = ns.shared_bucket();
-        assert!(allowed(&p, &format!("$KV.{shared}.plan")));
         assert!(allowed(&p, &format!("$JS.API.STREAM.INFO.KV_{shared}")));
+        assert!(allowed(
+            &p,
+            &format!("$JS.API.DIRECT.GET.KV_{shared}.$KV.{shared}.plan")
+        ));
+        assert!(!allowed(&p, &format!("$KV.{shared}.plan")));
         assert_eq!(p.subscribe, vec!["_INBOX.warren.research.>".to_owned()]);
         assert!(matches(&p.subscribe[0], "_INBOX.warren.research.abc123"));
     }
@@ -539,10 +714,21 @@ mod tests {
             assert!(!allowed(&p, &subject), "research must not reach {subject}");
         }
         // Nor another agent's inbox in its own workspace's name, nor the inboxes directly,
-        // nor creating the shared bucket or deleting any stream.
+        // nor creating any stream or consumer (its own included: a push consumer's deliver
+        // subject is not checked against its creator's permissions), nor deleting any.
+        let own = ns.workspace_bucket("research");
         for subject in [
             ns.inbox_subject("ops", "bob"),
             ns.inbox_subject("research", "alice"),
+            ns.shared_write_subject("ops"),
+            format!("$JS.API.STREAM.CREATE.KV_{own}"),
+            format!("$JS.API.STREAM.UPDATE.KV_{own}"),
+            format!("$JS.API.CONSUMER.CREATE.KV_{own}"),
+            format!("$JS.API.CONSUMER.CREATE.KV_{own}.x.$KV.{own}.>"),
+            format!(
+                "$JS.API.CONSUMER.CREATE.{}.research_alice.warren.inbox.research.alice",
+                ns.inbox_stream()
+            ),
             format!(
                 "$JS.API.CONSUMER.CREATE.{}.ops-bob.warren.inbox.research.alice",
                 ns.inbox_stream()
@@ -594,9 +780,11 @@ mod tests {
             ns.check_outbox("warren.outbox.a", &write("warren-mem-a")),
             Ok(())
         );
-        assert_eq!(
-            ns.check_outbox("warren.outbox.a", &write("warren-mem-shared")),
-            Ok(())
+        // The control plane records shared writes itself; a workspace reporting one is
+        // not believed.
+        assert!(
+            ns.check_outbox("warren.outbox.a", &write("warren-mem-shared"))
+                .is_err()
         );
         assert!(
             ns.check_outbox("warren.outbox.a", &write("warren-mem-b"))

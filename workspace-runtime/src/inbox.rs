@@ -24,40 +24,45 @@ pub enum TurnError {
     Driver(#[from] agent::DriverError),
 }
 
-/// The agent's durable consumer (created if missing): its inbox subject only, explicit acks,
-/// at most `max_deliver` deliveries; a message not acknowledged (or reported in progress)
-/// within `ack_wait` is redelivered: that is how a turn lost with a crashed runtime comes
-/// back.
+/// The agent's durable consumer, which the control plane made before starting the
+/// workspace ([`Namespace::inbox_consumer_config`]: its inbox subject only, explicit acks, at
+/// most `max_deliver` deliveries, redelivery after `ack_wait`; that is how a turn lost with
+/// a crashed runtime comes back). With `create_missing` (unrestricted credentials: tests, a
+/// runtime without a control plane) a missing one is created here; workspace credentials
+/// may not create it.
 pub async fn consumer(
     inboxes: &stream::Stream,
     ns: &Namespace,
     workspace: &str,
     agent: &str,
-    max_deliver: i64,
-    ack_wait: Duration,
+    tuning: &warren_schema::launch::Tuning,
+    create_missing: bool,
 ) -> Result<consumer::PullConsumer> {
     let name = Namespace::inbox_consumer(workspace, agent);
-    let subject = ns.inbox_subject(workspace, agent);
-    let consumer: consumer::PullConsumer = inboxes
-        .get_or_create_consumer(
-            &name,
-            consumer::pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: subject.clone(),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait,
-                max_deliver,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| Error::jetstream(format!("creating the inbox consumer {name}"), e))?;
+    let config = ns.inbox_consumer_config(workspace, agent, tuning);
+    let consumer: consumer::PullConsumer = match inboxes.get_consumer(&name).await {
+        Ok(consumer) => consumer,
+        Err(_) if create_missing => inboxes
+            .create_consumer(config.clone())
+            .await
+            .map_err(|e| Error::jetstream(format!("creating the inbox consumer {name}"), e))?,
+        Err(e) => {
+            return Err(Error::jetstream(
+                format!(
+                    "the inbox consumer {name} (the control plane makes it before it starts \
+                     the workspace)"
+                ),
+                e,
+            ));
+        }
+    };
     // A consumer that already exists is reused as it is: it must be this agent's inbox, or
     // the agent would answer someone else's messages.
     let filter = consumer.cached_info().config.filter_subject.clone();
-    if filter != subject {
+    if filter != config.filter_subject {
         return Err(Error::Config(format!(
-            "the inbox consumer {name} reads {filter:?}, not {subject:?}; delete it"
+            "the inbox consumer {name} reads {filter:?}, not {:?}; delete it",
+            config.filter_subject
         )));
     }
     Ok(consumer)

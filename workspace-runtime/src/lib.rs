@@ -116,10 +116,18 @@ pub async fn run_mcp(config: Config) -> Result<()> {
     turn.ctx.directory = config.directory.clone();
     let ns = Namespace::new(&config.nats.prefix);
     let js = connect(&config, &ns).await?;
+    let buckets = memory::Buckets::open(
+        &js,
+        &ns,
+        &config.workspace,
+        config.nats.credentials.is_none(),
+    )
+    .await?;
     mcp::serve(
         turn,
         js,
         ns,
+        &buckets,
         tokio::io::BufReader::new(tokio::io::stdin()),
         tokio::io::stdout(),
     )
@@ -132,8 +140,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let directory = config.directory.clone();
     let ns = Namespace::new(&config.nats.prefix);
     let js = connect(&config, &ns).await?;
+    // The control plane made the buckets and consumers; only a runtime with unrestricted
+    // credentials (none: tests, a machine without a control plane) makes what is missing.
+    let create_missing = config.nats.credentials.is_none();
     // Opened once for all the workspace's agents.
-    let buckets = memory::Buckets::open(&js, &ns, &config.workspace).await?;
+    let buckets = memory::Buckets::open(&js, &ns, &config.workspace, create_missing).await?;
     // The streams are the control plane's; created here only if missing and allowed (a
     // runtime with credentials of its own may not, and then fails until they exist).
     let inboxes = js
@@ -157,8 +168,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             &ns,
             &config.workspace,
             agent,
-            config.tuning.max_deliver,
-            Duration::from_secs(config.tuning.ack_wait_secs.max(1)),
+            &config.tuning,
+            create_missing,
         )
         .await?;
         let worker = inbox::Worker {

@@ -68,12 +68,11 @@ pub async fn serve(
     mut turn: McpTurn,
     js: async_nats::jetstream::Context,
     ns: Namespace,
+    buckets: &crate::memory::Buckets,
     input: impl AsyncBufRead + Unpin,
     mut output: impl AsyncWrite + Unpin,
 ) -> Result<()> {
-    let (own, shared) = crate::memory::Buckets::open(&js, &ns, &turn.ctx.workspace)
-        .await?
-        .for_agent(&turn.ctx.agent);
+    let (own, shared) = buckets.for_agent(&turn.ctx.agent);
     turn.ctx.memory = Some(own);
     turn.ctx.shared_memory = Some(shared);
     let outbox = Outbox::new(js.clone(), &ns, &turn.ctx.workspace);

@@ -90,6 +90,16 @@ async fn memory_is_revision_checked_attributed_and_restorable_from_the_log() {
     assert!(matches!(err, MemoryError::Conflict { .. }), "{err}");
     let err = alice.update("plan", json!(0), 0).await.expect_err("exists");
     assert!(matches!(err, MemoryError::Conflict { .. }), "{err}");
+    // Shared writes are made by the control plane, with the provenance it knows: research
+    // cannot write in the name of bob, who lives in ops.
+    let impostor = Memory::open(js.clone(), ns.clone(), &bucket, "research", "bob")
+        .await
+        .expect("open");
+    let err = impostor
+        .put("plan", json!("research's bob"))
+        .await
+        .expect_err("bob does not live in research");
+    assert!(matches!(err, MemoryError::Refused(_)), "{err}");
     bob.delete("draft").await.expect("delete");
     bob.update("notes", json!(["a", "b"]), 0)
         .await
@@ -127,7 +137,7 @@ async fn memory_is_revision_checked_attributed_and_restorable_from_the_log() {
 
     // The NATS store loses the bucket; it is re-seeded from the log.
     js.delete_key_value(&bucket).await.expect("wipe");
-    let restored = restore(&js, &log, &bucket).await.expect("restore");
+    let restored = restore(&js, &ns, &log, &bucket).await.expect("restore");
     assert_eq!(restored, 2);
     let fresh = Memory::open(js.clone(), ns.clone(), &bucket, "research", "alice")
         .await

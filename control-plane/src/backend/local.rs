@@ -290,6 +290,7 @@ impl LocalBackend {
         contract.directory = spec.directory.clone();
         contract.shared_dir = Some(self.config.root.join("shared"));
         contract.telemetry = self.config.telemetry.clone();
+        contract.tuning = spec.tuning.clone();
         contract.nats.credentials = self.write_credentials(&spec.name, &spec.agent_names())?;
         Ok(contract)
     }

@@ -16,6 +16,9 @@ pub struct WorkspaceSpec {
     pub agents: Vec<warren_schema::launch::AgentLaunch>,
     /// Every agent of the installation, for the `list_agents` tool.
     pub directory: Vec<warren_schema::nats::AgentInfo>,
+    /// How its inbox consumers redeliver (the control plane makes them with it, and the
+    /// runtime dead-letters by it).
+    pub tuning: warren_schema::launch::Tuning,
 }
 
 impl WorkspaceSpec {

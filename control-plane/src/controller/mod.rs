@@ -21,6 +21,7 @@ use crate::delivery;
 use crate::error::{Error, Result};
 use crate::projection::Projections;
 use crate::reconcile::Reconciler;
+use crate::reconcile::nats::NatsResources;
 pub use decider::Decider;
 pub use lease::Lease;
 use warren_schema::nats::Namespace;
@@ -208,7 +209,15 @@ async fn lead(
         }
     };
     tokio::pin!(delivering);
-    let reconciler = backend.map(|b| Reconciler::new(b.clone(), log.clone()));
+    let reconciler = backend.map(|b| {
+        let reconciler = Reconciler::new(b.clone(), log.clone());
+        match nats {
+            Some((client, ns)) => {
+                reconciler.with_nats(NatsResources::new(client.clone(), ns.clone()))
+            }
+            None => reconciler,
+        }
+    });
     let idle = tokio::sync::Notify::new();
     let observed = || backend.map_or(&idle, |b| b.observed());
     if let Some(r) = &reconciler {

@@ -4,13 +4,19 @@ use async_nats::jetstream;
 use serde_json::json;
 use warren_schema::EventLog;
 use warren_schema::events::{DomainEvent, MemoryWritten};
+use warren_schema::nats::Namespace;
 
 use super::nats;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Puts back, into `bucket` (created if missing), the latest value of every key the log
 /// has for it; keys whose latest write is a delete stay absent. Returns the keys restored.
-pub async fn restore(js: &jetstream::Context, log: &EventLog, bucket: &str) -> Result<usize> {
+pub async fn restore(
+    js: &jetstream::Context,
+    ns: &Namespace,
+    log: &EventLog,
+    bucket: &str,
+) -> Result<usize> {
     let mut latest: std::collections::BTreeMap<String, MemoryWritten> = Default::default();
     let mut after = 0;
     loop {
@@ -24,9 +30,9 @@ pub async fn restore(js: &jetstream::Context, log: &EventLog, bucket: &str) -> R
             }
         }
     }
-    let store = warren_schema::nats::open_bucket(js, bucket)
+    let store = warren_schema::nats::ensure_bucket(js, bucket, &ns.bucket_limits(bucket))
         .await
-        .map_err(|e| nats("opening the bucket to restore")(&e))?;
+        .map_err(|e| Error::Nats(e.to_string()))?;
     let mut restored = 0;
     for (key, write) in latest {
         if let Some(value) = write.value {

@@ -14,11 +14,14 @@
 //!   origin, conversation and mention chain come from the control plane's record of that
 //!   message ([`routed`]), not from the output. What is refused is recorded as
 //!   `output.refused`.
+//! - [`shared_memory`]: writes to the shared memory bucket, which workspaces ask the control
+//!   plane for, so that a shared value's provenance is what the control plane checked.
 
 pub mod ingest;
 pub mod memory;
 pub mod routed;
 pub mod senders;
+pub mod shared_memory;
 
 use std::time::Duration;
 
@@ -50,7 +53,10 @@ pub async fn run(
     let ingesting = retry_nats("outbox ingest", &shutdown, || {
         ingest::run(js.clone(), ns.clone(), log.clone(), shutdown.clone())
     });
-    tokio::try_join!(publishing, ingesting).map(|_| ())
+    let sharing = retry_nats("shared memory", &shutdown, || {
+        shared_memory::run(js.clone(), ns.clone(), log.clone(), shutdown.clone())
+    });
+    tokio::try_join!(publishing, ingesting, sharing).map(|_| ())
 }
 
 async fn retry_nats<F, Fut>(what: &str, shutdown: &CancellationToken, mut start: F) -> Result<()>
@@ -102,10 +108,6 @@ impl Publisher {
         js.get_or_create_stream(ns.outbox_stream_config())
             .await
             .map_err(|e| nats("creating the outbox stream")(&e))?;
-        // The shared memory bucket is ours to create: workspaces may only open it.
-        warren_schema::nats::open_bucket(&js, &ns.shared_bucket())
-            .await
-            .map_err(|e| nats("creating the shared memory bucket")(&e))?;
         let position =
             warren_schema::event_log::projection::load_checkpoint(log.pool(), CHECKPOINT).await?;
         Ok(Self {

@@ -43,7 +43,11 @@ impl Senders {
 
     /// Whether `out`'s agent is one of its workspace's agents.
     pub fn check(&self, out: &OutboxMessage) -> Result<(), String> {
-        let (agent, workspace) = (out.agent(), out.workspace());
+        self.check_agent(out.workspace(), out.agent())
+    }
+
+    /// Whether `agent` is one of `workspace`'s agents.
+    pub fn check_agent(&self, workspace: &str, agent: &str) -> Result<(), String> {
         match self.agents.get(agent) {
             Some(w) if w == workspace => Ok(()),
             Some(w) => Err(format!(
@@ -73,11 +77,21 @@ impl SenderCheck {
         log: &EventLog,
         out: &OutboxMessage,
     ) -> Result<Result<(), String>> {
-        if self.senders.check(out).is_ok() {
+        self.check_agent(log, out.workspace(), out.agent()).await
+    }
+
+    /// Whether `agent` lives in `workspace`, by the configuration as recorded now.
+    pub async fn check_agent(
+        &mut self,
+        log: &EventLog,
+        workspace: &str,
+        agent: &str,
+    ) -> Result<Result<(), String>> {
+        if self.senders.check_agent(workspace, agent).is_ok() {
             return Ok(Ok(()));
         }
         self.catch_up(log).await?;
-        Ok(self.senders.check(out))
+        Ok(self.senders.check_agent(workspace, agent))
     }
 
     async fn catch_up(&mut self, log: &EventLog) -> Result<()> {

@@ -16,6 +16,8 @@ use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
 use warren_schema::launch::AgentLaunch;
 use warren_schema::nats::AgentInfo;
 
+pub mod nats;
+
 use crate::backend::{Backend, WorkspaceSpec};
 use crate::decide::{Phase, State};
 use crate::error::Result;
@@ -64,6 +66,7 @@ pub fn plan(
                         workspace: a.workspace.clone(),
                     })
                     .collect(),
+                tuning: warren_schema::launch::Tuning::default(),
             }));
         }
     }
@@ -86,6 +89,8 @@ pub struct Reconciler<B> {
     log: EventLog,
     /// Start decision acted on, per workspace.
     acted: std::sync::Mutex<BTreeMap<String, EventId>>,
+    /// Makes each workspace's bucket and inbox consumers before it starts.
+    nats: Option<nats::NatsResources>,
 }
 
 impl<B: Backend> Reconciler<B> {
@@ -94,7 +99,14 @@ impl<B: Backend> Reconciler<B> {
             backend,
             log,
             acted: Default::default(),
+            nats: None,
         }
+    }
+
+    /// Prepares each workspace's NATS resources before starting it (see [`nats`]).
+    pub fn with_nats(mut self, resources: nats::NatsResources) -> Self {
+        self.nats = Some(resources);
+        self
     }
 
     pub fn backend(&self) -> &B {
@@ -121,7 +133,20 @@ impl<B: Backend> Reconciler<B> {
                     ) {
                         acted.insert(spec.name.clone(), decision);
                     }
-                    if let Err(e) = self.backend.start(&spec).await {
+                    let prepared = match &self.nats {
+                        Some(resources) => resources.prepare(&spec).await,
+                        None => Ok(()),
+                    };
+                    if let Err(e) = prepared {
+                        warn!(workspace = %spec.name, error = %e, "preparing NATS failed");
+                        self.record(
+                            &spec.name,
+                            WorkspacePhase::Failed,
+                            None,
+                            Some(e.to_string()),
+                        )
+                        .await?;
+                    } else if let Err(e) = self.backend.start(&spec).await {
                         warn!(workspace = %spec.name, error = %e, "start failed");
                         self.record(
                             &spec.name,
@@ -262,6 +287,7 @@ mod tests {
                             workspace: (*w).to_owned(),
                         })
                         .collect(),
+                    tuning: Default::default(),
                 }),
                 Action::Stop("c".into()),
                 Action::Stop("d".into()),
