@@ -18,9 +18,12 @@ use warren_schema::launch::TelemetryLaunch;
 #[derive(Debug, Parser)]
 #[command(name = "warren-control-plane", version, about)]
 pub struct Cli {
-    /// PostgreSQL connection string of Warren's database (every command but `nats-auth`).
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<Secret>,
+    /// File holding the PostgreSQL connection string of Warren's database, instead of the
+    /// `DATABASE_URL` variable (every command but `nats-auth` needs one). Secrets are read
+    /// from the environment or files, never from flags: a command line is visible to every
+    /// user of the machine.
+    #[arg(long, env = "DATABASE_URL_FILE")]
+    pub database_url_file: Option<std::path::PathBuf>,
 
     /// Most connections this process opens.
     #[arg(long, env = "WARREN_DB_MAX_CONNECTIONS", default_value_t = 10)]
@@ -287,9 +290,8 @@ async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::R
     if let Command::NatsAuth(command) = &cli.command {
         return nats_auth_command(command, &mut std::io::stdout().lock());
     }
-    let database_url = cli
-        .database_url
-        .ok_or_else(|| anyhow::anyhow!("set DATABASE_URL (or --database-url)"))?;
+    let database_url = Secret::from_env_or_file("DATABASE_URL", cli.database_url_file.as_deref())?
+        .ok_or_else(|| anyhow::anyhow!("set DATABASE_URL (or --database-url-file)"))?;
     let pool = PgPoolOptions::new()
         .max_connections(cli.db_max_connections)
         .acquire_timeout(Duration::from_secs(10))
@@ -406,4 +408,21 @@ fn nats_auth_command(command: &NatsAuthCommand, out: &mut impl Write) -> anyhow:
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_url_is_not_a_flag() {
+        let e = Cli::try_parse_from([
+            "warren-control-plane",
+            "--database-url",
+            "postgres://warren:s3cret@db/warren",
+            "run",
+        ])
+        .expect_err("a secret on the command line");
+        assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument);
+    }
 }

@@ -1,10 +1,12 @@
-//! The gateway's configuration: every setting a flag with an environment variable; secrets
-//! also readable from files (`*_FILE`) and never printed (`[redacted]`).
+//! The gateway's configuration: every setting a flag with an environment variable. Secrets
+//! (the database URL, the Slack signing secret and bot token) come from the environment or
+//! from files (`--*-file`), never from flags, and are never printed (`[redacted]`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use warren_schema::Secret;
+use warren_schema::secret::SecretError;
 
 #[derive(Debug, clap::Parser)]
 #[command(name = "warren-gateway", version, about)]
@@ -13,29 +15,20 @@ pub struct Config {
     #[arg(long, env = "WARREN_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
-    /// PostgreSQL connection string of Warren's database.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: Secret,
+    /// File holding the PostgreSQL connection string (instead of the `DATABASE_URL`
+    /// variable). Secrets are read from the environment or files, never from flags: a
+    /// command line is visible to every user of the machine.
+    #[arg(long, env = "DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
 
-    /// Slack app signing secret (Basic Information → App Credentials).
-    #[arg(long, env = "SLACK_SIGNING_SECRET", hide_env_values = true)]
-    pub slack_signing_secret: Option<Secret>,
-
-    /// File holding the Slack signing secret (instead of SLACK_SIGNING_SECRET).
-    #[arg(
-        long,
-        env = "SLACK_SIGNING_SECRET_FILE",
-        conflicts_with = "slack_signing_secret"
-    )]
+    /// File holding the Slack app signing secret (instead of the `SLACK_SIGNING_SECRET`
+    /// variable; Basic Information → App Credentials). Without either, /slack answers 404.
+    #[arg(long, env = "SLACK_SIGNING_SECRET_FILE")]
     pub slack_signing_secret_file: Option<PathBuf>,
 
-    /// Slack bot token (xoxb-...) for posting agents' replies. Without one, replies are
-    /// recorded in the log but not sent.
-    #[arg(long, env = "SLACK_BOT_TOKEN", hide_env_values = true)]
-    pub slack_bot_token: Option<Secret>,
-
-    /// File holding the Slack bot token (instead of SLACK_BOT_TOKEN).
-    #[arg(long, env = "SLACK_BOT_TOKEN_FILE", conflicts_with = "slack_bot_token")]
+    /// File holding the Slack bot token, xoxb-... (instead of the `SLACK_BOT_TOKEN`
+    /// variable). Without either, replies are recorded in the log but not sent.
+    #[arg(long, env = "SLACK_BOT_TOKEN_FILE")]
     pub slack_bot_token_file: Option<PathBuf>,
 
     /// Base URL of Slack's Web API (a local server in tests and air-gapped installs).
@@ -58,6 +51,24 @@ pub struct Config {
     #[arg(long, env = "WARREN_APPEND_QUEUE", default_value_t = 10_000)]
     pub append_queue: usize,
 
+    /// Most connections open at once; one more gets 503 with Retry-After and is closed.
+    #[arg(long, env = "WARREN_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Longest a client may take to send a request's headers (and an idle kept-alive
+    /// connection may stay open), milliseconds.
+    #[arg(long, env = "WARREN_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+
+    /// Longest a whole request may take, body included, milliseconds (408 beyond).
+    #[arg(long, env = "WARREN_REQUEST_TIMEOUT_MS", default_value_t = 15_000)]
+    pub request_timeout_ms: u64,
+
+    /// Bytes of request bodies that may wait for the log at once; beyond this senders get
+    /// 503 at once (the queue is bounded in requests and in bytes).
+    #[arg(long, env = "WARREN_APPEND_QUEUE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub append_queue_bytes: usize,
+
     /// Most database connections.
     #[arg(long, env = "WARREN_DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub db_max_connections: u32,
@@ -76,41 +87,37 @@ pub struct Config {
 }
 
 impl Config {
-    /// The Slack signing secret, from the flag, the environment or the file.
-    pub fn slack_signing_secret(&self) -> std::io::Result<Option<Secret>> {
-        secret_or_file(&self.slack_signing_secret, &self.slack_signing_secret_file)
+    /// The database URL, from `DATABASE_URL` or `--database-url-file`.
+    pub fn database_url(&self) -> Result<Secret, SecretError> {
+        Secret::from_env_or_file("DATABASE_URL", self.database_url_file.as_deref())?.ok_or(
+            SecretError::Empty {
+                var: "DATABASE_URL (or --database-url-file)".into(),
+            },
+        )
     }
 
-    /// The Slack bot token, from the flag, the environment or the file.
-    pub fn slack_bot_token(&self) -> std::io::Result<Option<Secret>> {
-        secret_or_file(&self.slack_bot_token, &self.slack_bot_token_file)
+    /// The Slack signing secret, from `SLACK_SIGNING_SECRET` or its file.
+    pub fn slack_signing_secret(&self) -> Result<Option<Secret>, SecretError> {
+        Secret::from_env_or_file(
+            "SLACK_SIGNING_SECRET",
+            self.slack_signing_secret_file.as_deref(),
+        )
     }
-}
 
-/// A secret from its variable or its file. An empty one (`SLACK_SIGNING_SECRET=`, an empty
-/// file) is an error, not "no secret": with an empty signing key anyone can sign.
-fn secret_or_file(
-    value: &Option<Secret>,
-    file: &Option<PathBuf>,
-) -> std::io::Result<Option<Secret>> {
-    let secret = match (value, file) {
-        (Some(s), _) => Some(s.clone()),
-        (None, Some(p)) => {
-            let text = std::fs::read_to_string(p)?;
-            Some(Secret::new(text.trim_end_matches(['\r', '\n'])))
+    /// The Slack bot token, from `SLACK_BOT_TOKEN` or its file.
+    pub fn slack_bot_token(&self) -> Result<Option<Secret>, SecretError> {
+        Secret::from_env_or_file("SLACK_BOT_TOKEN", self.slack_bot_token_file.as_deref())
+    }
+
+    /// What one client may hold on the public port.
+    pub fn limits(&self) -> crate::http::Limits {
+        crate::http::Limits {
+            max_connections: self.max_connections,
+            header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
+            request_timeout: std::time::Duration::from_millis(self.request_timeout_ms),
+            retry_after_secs: 1,
         }
-        (None, None) => None,
-    };
-    if secret
-        .as_ref()
-        .is_some_and(|s| s.expose().trim().is_empty())
-    {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "the secret is empty: with an empty key anyone can sign; set it or unset it",
-        ));
     }
-    Ok(secret)
 }
 
 #[cfg(test)]
@@ -120,8 +127,7 @@ mod tests {
     #[test]
     fn the_metrics_listener_is_on_loopback_unless_told_otherwise() {
         use clap::Parser;
-        let config = Config::try_parse_from(["warren-gateway", "--database-url", "postgres://x"])
-            .expect("parses");
+        let config = Config::try_parse_from(["warren-gateway"]).expect("parses");
         // (WARREN_GATEWAY_METRICS_LISTEN, if the test's environment sets it, wins.)
         if std::env::var_os("WARREN_GATEWAY_METRICS_LISTEN").is_none() {
             assert!(
@@ -133,23 +139,16 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_secret_is_refused_not_taken_as_none() {
-        let empty = Some(Secret::new(""));
-        let e = secret_or_file(&empty, &None).expect_err("empty");
-        assert!(e.to_string().contains("anyone can sign"), "{e}");
-        let file = std::env::temp_dir().join(format!("warren-empty-secret-{}", std::process::id()));
-        std::fs::write(&file, "\n").expect("file");
-        assert!(
-            secret_or_file(&None, &Some(file.clone())).is_err(),
-            "an empty file"
-        );
-        std::fs::remove_file(&file).expect("rm");
-        assert!(secret_or_file(&None, &None).expect("unset").is_none());
-        assert_eq!(
-            secret_or_file(&Some(Secret::new("s3cret")), &None)
-                .expect("set")
-                .map(|s| s.expose().to_owned()),
-            Some("s3cret".into())
-        );
+    fn secrets_are_not_flags() {
+        use clap::Parser;
+        for flag in [
+            "--database-url",
+            "--slack-signing-secret",
+            "--slack-bot-token",
+        ] {
+            let e = Config::try_parse_from(["warren-gateway", flag, "s3cret"])
+                .expect_err("a secret on the command line");
+            assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument, "{flag}");
+        }
     }
 }

@@ -40,18 +40,13 @@ pub async fn run(
         .max_connections(config.db_max_connections)
         // Fail fast so a database outage becomes a 503 inside Slack's 3 s, not a hang.
         .acquire_timeout(Duration::from_secs(1))
-        .connect_lazy(config.database_url.expose())
+        .connect_lazy(config.database_url()?.expose())
         .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-    let slack_signing_secret = config
-        .slack_signing_secret()
-        .context("reading SLACK_SIGNING_SECRET_FILE")?;
+    let slack_signing_secret = config.slack_signing_secret()?;
     if slack_signing_secret.is_none() {
         info!("no Slack signing secret configured: /slack/events answers 404");
     }
-    let replies = match config
-        .slack_bot_token()
-        .context("reading SLACK_BOT_TOKEN_FILE")?
-    {
+    let replies = match config.slack_bot_token()? {
         Some(token) => {
             let slack = replies::slack_api::SlackApi::new(&config.slack_api_url, token)?;
             let (log, shutdown) = (EventLog::new(pool.clone()), shutdown.clone());
@@ -83,6 +78,7 @@ pub async fn run(
         webhooks: Arc::new(webhooks),
         append_timeout: Duration::from_millis(config.append_timeout_ms),
         retry_after_secs: 1,
+        queued_bytes: http::QueuedBytes::new(config.append_queue_bytes),
     };
     let app = http::router(state, config.max_body_bytes);
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -92,11 +88,21 @@ pub async fn run(
         .await
         .with_context(|| format!("binding {}", config.metrics_listen))?;
     let admin_shutdown = shutdown.clone();
-    tokio::spawn(http::serve(admin_listener, admin, async move {
-        admin_shutdown.cancelled().await
-    }));
-    info!(listen = %config.listen, metrics = %config.metrics_listen, "gateway listening");
-    http::serve(listener, app, async move { shutdown.cancelled().await }).await?;
+    tokio::spawn(http::serve(
+        admin_listener,
+        admin,
+        http::Limits::default(),
+        async move { admin_shutdown.cancelled().await },
+    ));
+    let limits = config.limits();
+    info!(listen = %config.listen, metrics = %config.metrics_listen, ?limits, "gateway listening");
+    http::serve(
+        listener,
+        app,
+        limits,
+        async move { shutdown.cancelled().await },
+    )
+    .await?;
     // The router (and its Appender) is gone: the writers drain the queue and stop.
     writers.join().await;
     if let Some(replies) = replies {

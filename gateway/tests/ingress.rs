@@ -38,10 +38,10 @@ fn now() -> i64 {
 
 fn app(db: &TestDatabase) -> Router {
     let (appender, _writers) = Appender::start(db.pool.clone(), AppenderConfig::default());
-    state_router(appender, db.pool.clone())
+    state_router(appender, db.pool.clone(), 64 << 20)
 }
 
-fn state_router(appender: Appender, pool: sqlx::PgPool) -> Router {
+fn state_router(appender: Appender, pool: sqlx::PgPool, queued_bytes: usize) -> Router {
     let endpoint = |name: &str, scheme, secret: String| {
         (
             name.to_owned(),
@@ -77,6 +77,7 @@ fn state_router(appender: Appender, pool: sqlx::PgPool) -> Router {
             webhooks: Arc::new(webhooks),
             append_timeout: Duration::from_millis(1500),
             retry_after_secs: 1,
+            queued_bytes: warren_gateway::http::QueuedBytes::new(queued_bytes),
         },
         MAX_BODY,
     )
@@ -359,7 +360,7 @@ async fn database_down_answers_503_with_retry_after_quickly() {
         .connect_lazy("postgres://postgres@127.0.0.1:1/warren")
         .expect("lazy pool");
     let (appender, _writers) = Appender::start(pool.clone(), AppenderConfig::default());
-    let app = state_router(appender, pool);
+    let app = state_router(appender, pool, 64 << 20);
 
     let started = Instant::now();
     let (status, body, retry_after) = send(
@@ -387,6 +388,26 @@ async fn database_down_answers_503_with_retry_after_quickly() {
         .body(Body::empty())
         .expect("request");
     assert_eq!(send(&app, health).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn past_the_bytes_the_append_queue_may_hold_senders_get_503_and_nothing_is_stored() {
+    let db = TestDatabase::new().await;
+    let (appender, _writers) = Appender::start(db.pool.clone(), AppenderConfig::default());
+    let body = mention("Ev1");
+    // Room for less than one body: the queue holds no request, however few are queued.
+    let app = state_router(appender, db.pool.clone(), body.len() - 1);
+    let (status, _, retry_after) =
+        send(&app, slack_request(SLACK_SECRET, now(), &body, None)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert!(stored(&db).await.is_empty());
+    // With room for it, the same delivery is stored.
+    let (appender, _writers) = Appender::start(db.pool.clone(), AppenderConfig::default());
+    let app = state_router(appender, db.pool.clone(), body.len());
+    let (status, _, _) = send(&app, slack_request(SLACK_SECRET, now(), &body, None)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stored(&db).await.len(), 2);
 }
 
 #[tokio::test]

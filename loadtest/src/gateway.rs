@@ -60,6 +60,7 @@ async fn start_gateway(writers: usize) -> anyhow::Result<Gateway> {
             webhooks: Arc::new(HashMap::new()),
             append_timeout: Duration::from_secs(2),
             retry_after_secs: 1,
+            queued_bytes: warren_gateway::http::QueuedBytes::new(64 << 20),
         },
         1024 * 1024,
     );
@@ -68,6 +69,7 @@ async fn start_gateway(writers: usize) -> anyhow::Result<Gateway> {
     tokio::spawn(warren_gateway::http::serve(
         listener,
         app,
+        warren_gateway::http::Limits::default(),
         std::future::pending(),
     ));
     Ok(Gateway { url, db })

@@ -98,6 +98,7 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
             webhooks: Arc::new(HashMap::new()),
             append_timeout: Duration::from_secs(2),
             retry_after_secs: 1,
+            queued_bytes: warren_gateway::http::QueuedBytes::new(64 << 20),
         },
         1024 * 1024,
     );
@@ -106,7 +107,9 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
         .expect("bind");
     let gateway = format!("http://{}", listener.local_addr().expect("addr"));
     let stop = shutdown.clone();
-    tokio::spawn(serve(listener, app, async move { stop.cancelled().await }));
+    tokio::spawn(serve(listener, app, Default::default(), async move {
+        stop.cancelled().await
+    }));
     let slack = SlackApi::new(&slack_url, Secret::new(BOT_TOKEN)).expect("client");
     let delivery = tokio::spawn(replies::run(log.clone(), slack, shutdown.clone()));
 

@@ -26,6 +26,7 @@ use crate::slack::events::{self, Inbound};
 use crate::verify::{self, VerifyError};
 use crate::webhook::{self, Endpoint, Refusal};
 
+mod listener;
 mod trace;
 
 /// What every handler shares.
@@ -40,6 +41,28 @@ pub struct AppState {
     pub append_timeout: Duration,
     /// Seconds a refused sender is asked to wait (`Retry-After`).
     pub retry_after_secs: u64,
+    /// Bytes of request bodies waiting for the log.
+    pub queued_bytes: QueuedBytes,
+}
+
+/// A bound on the bytes of request bodies waiting for the log at once (the append queue is
+/// bounded in requests too): past it, senders get 503 at once rather than the gateway's
+/// memory growing with a flood of large bodies.
+#[derive(Debug, Clone)]
+pub struct QueuedBytes(Arc<tokio::sync::Semaphore>);
+
+impl QueuedBytes {
+    pub fn new(max_bytes: usize) -> Self {
+        Self(Arc::new(tokio::sync::Semaphore::new(
+            max_bytes.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        )))
+    }
+
+    /// Room for `bytes` until the guard is dropped, or `None` when there is none now.
+    fn take(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let bytes = u32::try_from(bytes.max(1)).unwrap_or(u32::MAX);
+        self.0.clone().try_acquire_many_owned(bytes).ok()
+    }
 }
 
 /// Builds the router. `max_body_bytes` bounds every request body (413 beyond).
@@ -55,24 +78,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves. Accepted sockets get TCP_NODELAY:
-/// without it, a response written in two segments waits for the client's delayed ACK, which
-/// measured as a flat ~100 ms on a tenth of the acks (the gateway benchmark).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            warn!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
+pub use listener::{Limits, serve};
 
 /// A refusal, as the sender sees it.
 #[derive(Debug)]
@@ -112,10 +118,23 @@ fn now_unix() -> i64 {
 
 use trace::event_traceparent as traceparent;
 
-/// Appends and waits for the commit, within the state's deadline.
-async fn store(state: &AppState, request: AppendRequest) -> Result<(), ApiError> {
+/// Appends and waits for the commit, within the state's deadline. `body_bytes`: the size of
+/// the request it came from, held against [`QueuedBytes`] until the append is answered.
+async fn store(
+    state: &AppState,
+    request: AppendRequest,
+    body_bytes: usize,
+) -> Result<(), ApiError> {
     let unavailable = ApiError::Unavailable {
         retry_after_secs: state.retry_after_secs,
+    };
+    let Some(_room) = state.queued_bytes.take(body_bytes) else {
+        metrics::counter!("warren_gateway_shed_bytes_total").increment(1);
+        warn!(
+            body_bytes,
+            "the append queue holds its most bytes; answering 503"
+        );
+        return Err(unavailable);
     };
     match tokio::time::timeout(state.append_timeout, state.appender.append(request)).await {
         Ok(Ok(appended)) => {
@@ -194,7 +213,7 @@ async fn slack_command(
             stream,
             event,
         } => {
-            store(&state, AppendRequest::new(stream, vec![*event])).await?;
+            store(&state, AppendRequest::new(stream, vec![*event]), body.len()).await?;
             Ok(ephemeral(format!(
                 "Asked @{agent}. The answer will be posted in this channel."
             )))
@@ -224,7 +243,7 @@ async fn slack_events(
         }
         Inbound::Store { stream, events } => {
             info!(%stream, retry = retry.as_deref(), "Slack event");
-            store(&state, AppendRequest::new(stream, events)).await?;
+            store(&state, AppendRequest::new(stream, events), body.len()).await?;
             Ok(StatusCode::OK.into_response())
         }
     }
@@ -262,7 +281,7 @@ async fn webhook(
         }
         Refusal::Malformed(m) => ApiError::BadRequest(m),
     })?;
-    store(&state, request).await?;
+    store(&state, request, body.len()).await?;
     Ok(StatusCode::OK.into_response())
 }
 

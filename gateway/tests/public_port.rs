@@ -1,0 +1,182 @@
+//! The public port against hostile clients, on the real `warren-gateway` binary: slowloris
+//! connections trickling their headers, a body trickled byte by byte, and more connections
+//! than the limit. The gateway sheds what it cannot hold (503 + Retry-After at once), closes
+//! what is too slow, and serves again as soon as they are gone.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use warren_schema::testing::TestDatabase;
+
+/// The gateway binary on a free port, with small limits so that the test is quick.
+struct Gateway {
+    _child: tokio::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Gateway {
+    async fn start(db: &TestDatabase) -> Self {
+        let free = |_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+        };
+        let (addr, metrics) = (free(0), free(1));
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_warren-gateway"))
+            .env_clear()
+            .env("DATABASE_URL", db.url())
+            .env("SLACK_SIGNING_SECRET", "public-port-test")
+            .args(["--listen", &addr.to_string()])
+            .args(["--metrics-listen", &metrics.to_string()])
+            .args(["--max-connections", "4"])
+            .args(["--header-read-timeout-ms", "1000"])
+            .args(["--request-timeout-ms", "1500"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the gateway");
+        let gateway = Self {
+            _child: child,
+            addr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while gateway
+            .get("/healthz")
+            .await
+            .map(|r| r.starts_with("HTTP/1.1 200"))
+            != Some(true)
+        {
+            assert!(Instant::now() < deadline, "the gateway did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        gateway
+    }
+
+    /// One request on a new connection; the whole answer, or `None` if it could not connect.
+    async fn get(&self, path: &str) -> Option<String> {
+        let mut tcp = TcpStream::connect(self.addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.ok()?;
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut answer))
+            .await
+            .ok()?
+            .ok()?;
+        Some(answer)
+    }
+}
+
+/// A connection sending a request head one header every 200 ms, never finishing it.
+async fn slowloris(addr: std::net::SocketAddr) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(b"POST /slack/events HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .expect("write");
+    tcp
+}
+
+/// Keeps trickling headers into `tcp` until the server closes it; returns how long that took.
+async fn trickle_until_closed(mut tcp: TcpStream) -> Duration {
+    let started = Instant::now();
+    let mut buffer = [0u8; 1024];
+    loop {
+        if tcp.write_all(b"x-slow: 1\r\n").await.is_err() {
+            return started.elapsed();
+        }
+        let read = tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut buffer)).await;
+        if let Ok(Ok(0) | Err(_)) = read {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never closed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_shed_and_closed_and_the_port_serves_again() {
+    let db = TestDatabase::new().await;
+    let gateway = Gateway::start(&db).await;
+
+    // Four slowloris connections take every slot...
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        slow.push(slowloris(gateway.addr).await);
+    }
+    // (each is being served once its first bytes are read: wait until a fifth is shed)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let shed = loop {
+        let answer = gateway.get("/healthz").await.expect("an answer");
+        if answer.starts_with("HTTP/1.1 503") {
+            break answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a fifth connection was served: {answer}"
+        );
+    };
+    // ...so a fifth is told at once to come back later, instead of hanging.
+    let head = shed.to_lowercase();
+    assert!(head.contains("retry-after: 1"), "{shed}");
+    assert!(head.contains("connection: close"), "{shed}");
+
+    // The slow ones are closed once their headers are late, however they trickle.
+    let mut closed = tokio::task::JoinSet::new();
+    for tcp in slow {
+        closed.spawn(trickle_until_closed(tcp));
+    }
+    while let Some(took) = closed.join_next().await {
+        let took = took.expect("join");
+        assert!(
+            took < Duration::from_secs(4),
+            "a slowloris was held for {took:?}"
+        );
+    }
+    // And the port serves again.
+    let answer = gateway.get("/healthz").await.expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_trickled_byte_by_byte_gets_408_and_the_connection_closes() {
+    let db = TestDatabase::new().await;
+    let gateway = Gateway::start(&db).await;
+    let mut tcp = TcpStream::connect(gateway.addr).await.expect("connect");
+    tcp.write_all(
+        b"POST /slack/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+          content-length: 1000\r\n\r\n{",
+    )
+    .await
+    .expect("head");
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    loop {
+        let _ = tcp.write_all(b" ").await;
+        match tokio::time::timeout(Duration::from_millis(100), tcp.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buffer[..n]),
+            Err(_) => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still reading after {:?}",
+            started.elapsed()
+        );
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // Nothing was stored.
+    let log = db.log();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(log.pool())
+        .await
+        .expect("count");
+    assert_eq!(stored, 0);
+}
