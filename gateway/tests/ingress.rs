@@ -280,6 +280,11 @@ async fn webhooks_verify_per_scheme_and_absorb_redeliveries() {
     let (status, _, _) = send(&app, github_request("d-1", body, GITHUB_SECRET)).await;
     assert_eq!(status, StatusCode::OK, "a redelivery is acked");
     assert_eq!(stored(&db).await.len(), 2, "and stored once");
+    // The same signed body replayed under a new delivery id (GitHub signs the body only,
+    // so anyone who saw it could): absorbed, the agent does not run again.
+    let (status, _, _) = send(&app, github_request("d-replayed", body, GITHUB_SECRET)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stored(&db).await.len(), 2, "a replay stores nothing");
     let (status, _, _) = send(&app, github_request("d-2", body, "wrong")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 

@@ -154,8 +154,24 @@ pub enum Refusal {
     Malformed(String),
 }
 
+/// What makes a delivery the same delivery, so that storing it again adds nothing: what its
+/// signature covers. Standard Webhooks signs the delivery id with the body and a timestamp,
+/// so the id is the key. GitHub and plain HMAC sign the body alone: anyone who saw one
+/// delivery could send it again under a new delivery id, so the key is the body's SHA-256.
+/// (A sender of such a scheme that sends the same bytes twice on purpose must put something
+/// unique in them: a delivery id or a timestamp in the body.)
+pub fn replay_key(scheme: Scheme, delivery_id: &str, body: &[u8]) -> String {
+    match scheme {
+        Scheme::StandardWebhooks => delivery_id.to_owned(),
+        Scheme::Github | Scheme::HmacSha256 => {
+            format!("sha256:{}", hex::encode(Sha256::digest(body)))
+        }
+    }
+}
+
 /// Verifies a delivery and builds what to store: the delivery as received and a message for
-/// the endpoint's agent, both keyed by the delivery id so a redelivery stores nothing new.
+/// the endpoint's agent, both keyed by [`replay_key`] so a redelivery, or a replay of the
+/// same signed body under another delivery id, stores nothing new.
 pub fn accept(
     endpoint: &Endpoint,
     h: &impl Headers,
@@ -193,6 +209,7 @@ pub fn accept(
             "delivery id must be 1 to 256 bytes".into(),
         ));
     }
+    let key = replay_key(endpoint.scheme, &delivery_id, body);
 
     let is_json = content_type.is_some_and(|c| c.contains("json"));
     let body_value = if is_json {
@@ -206,7 +223,7 @@ pub fn accept(
         other => other.to_string(),
     };
 
-    let raw_id = EventId::derive(&["webhook", &endpoint.name, &delivery_id]);
+    let raw_id = EventId::derive(&["webhook", &endpoint.name, &key]);
     let mut raw_meta = Metadata::new("gateway/webhook");
     raw_meta.traceparent = traceparent.clone();
     raw_meta.actor = Some(format!("webhook:{}", endpoint.name));
@@ -228,7 +245,7 @@ pub fn accept(
     meta.causation_id = Some(raw_id);
     meta.correlation_id = Some(raw_id);
     let message = NewEvent::from_domain(
-        EventId::derive(&["webhook-message", &endpoint.name, &delivery_id]),
+        EventId::derive(&["webhook-message", &endpoint.name, &key]),
         &MessageReceived {
             origin: Origin::Webhook {
                 endpoint: endpoint.name.clone(),
