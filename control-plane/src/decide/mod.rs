@@ -147,10 +147,13 @@ pub fn decide(
                         workspace: dead.workspace,
                         agent: "warren".into(),
                         reply_to,
+                        // What went wrong (a path, a model URL, a provider's body) is for
+                        // the operator, in the log: the conversation gets the id to ask by.
                         text: format!(
-                            "@{} could not handle this message after {} attempts ({}). \
-                             It was set aside; send it again to retry.",
-                            dead.agent, dead.deliveries, dead.error
+                            "@{} could not handle this message after {} attempts. It was set \
+                             aside; send it again to retry. (For an operator: `warren-control-plane \
+                             explain {cause}`.)",
+                            dead.agent, dead.deliveries
                         ),
                     },
                 );
@@ -258,7 +261,8 @@ impl Decisions {
     }
 
     /// Adds a decision whose id is derived from `key` (which names the cause).
-    fn push<E: DomainEvent>(&mut self, key: &[&str], event: &E) {
+    /// Adds a decision; returns its id.
+    fn push<E: DomainEvent>(&mut self, key: &[&str], event: &E) -> EventId {
         let mut parts = vec!["decision", E::TYPE];
         parts.extend_from_slice(key);
         let metadata = Metadata {
@@ -269,10 +273,12 @@ impl Decisions {
             actor: None,
             received_at: self.now,
         };
+        let id = EventId::derive(&parts);
         // Serialising a derived, plain-data struct cannot fail.
-        if let Ok(e) = NewEvent::from_domain(EventId::derive(&parts), event, metadata) {
+        if let Ok(e) = NewEvent::from_domain(id, event, metadata) {
             self.events.push(e);
         }
+        id
     }
 
     fn has_start_for(&self, workspace: &str) -> bool {
@@ -358,7 +364,7 @@ fn wake(
                 channel: channel.map(str::to_owned),
             },
         ),
-    }
+    };
 }
 
 impl Decisions {
@@ -534,7 +540,7 @@ fn give_up_if_exhausted(
         return; // `tick` restarts it after the backoff.
     }
     let cause = out.cause.id.to_string();
-    out.push(
+    let failed = out.push(
         &["failed", &cause],
         &WorkspaceFailed {
             workspace: w.name.clone(),
@@ -556,15 +562,12 @@ fn give_up_if_exhausted(
                 workspace: w.name.clone(),
                 agent: "warren".into(),
                 reply_to: origin.clone(),
+                // The last error stays in the log (`workspace.failed`), not in the channel.
                 text: format!(
-                    "Workspace {} failed {failures} times in a row and was stopped{}. \
-                     Send a new message to try again.",
+                    "Workspace {} failed {failures} times in a row and was stopped. Send a new \
+                     message to try again. (For an operator: `warren-control-plane explain \
+                     {failed}`.)",
                     w.name,
-                    observed
-                        .detail
-                        .as_deref()
-                        .map(|d| format!(" (last error: {d})"))
-                        .unwrap_or_default()
                 ),
             },
         );

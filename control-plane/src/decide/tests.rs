@@ -374,7 +374,23 @@ fn a_failed_workspace_restarts_with_capped_exponential_backoff_then_gives_up_and
     let notice = &of_type::<AgentReplied>(&d)[0];
     assert_eq!(notice.reply_to, slack_message("CGEN", "", &[]).origin);
     assert!(notice.text.contains("failed 4 times"), "{}", notice.text);
-    assert!(notice.text.contains("exit status 1"), "{}", notice.text);
+    // The error is for the operator: the channel gets the id `explain` takes, not the text.
+    assert!(!notice.text.contains("exit status 1"), "{}", notice.text);
+    let failed_id = d
+        .iter()
+        .find(|e| e.event_type == "workspace.failed")
+        .expect("failed")
+        .id;
+    assert!(
+        notice.text.contains(&format!("explain {failed_id}")),
+        "{}",
+        notice.text
+    );
+    assert_eq!(
+        of_type::<WorkspaceFailed>(&d)[0].detail.as_deref(),
+        Some("exit status 1"),
+        "kept in the log"
+    );
     c.advance(600);
     assert!(c.tick().is_empty(), "no restart after giving up");
     let d = c.when(slack_message("CGEN", "@alice try again", &["alice"]));
@@ -630,14 +646,30 @@ fn a_dead_lettered_message_is_reported_to_its_conversation() {
         workspace: "research".into(),
         agent: "alice".into(),
         deliveries: 5,
-        error: "model API: 503".into(),
+        error: "POST https://llm.internal:8443/v1: 503 {\"detail\": \"/srv/keys\"}".into(),
         reply_to: Some(slack_message("CGEN", "", &[]).origin),
     });
+    let dead_letter = c
+        .log
+        .iter()
+        .rev()
+        .find(|e| e.event_type == "message.dead_lettered")
+        .expect("recorded")
+        .id;
     let notice = &of_type::<AgentReplied>(&d)[0];
     assert_eq!(notice.agent, "warren");
     assert_eq!(notice.reply_to, slack_message("CGEN", "", &[]).origin);
     assert!(
         notice.text.contains("@alice") && notice.text.contains("5 attempts"),
+        "{}",
+        notice.text
+    );
+    // No internal detail in the channel; the id an operator gives `explain` instead.
+    for internal in ["llm.internal", "/srv/keys", "503"] {
+        assert!(!notice.text.contains(internal), "{}", notice.text);
+    }
+    assert!(
+        notice.text.contains(&format!("explain {dead_letter}")),
         "{}",
         notice.text
     );
