@@ -46,7 +46,7 @@ use tracing::{Instrument, info, info_span, warn};
 use warren_schema::events::WorkspacePhase;
 use warren_schema::launch::{self, LaunchContract, NatsLaunch, TelemetryLaunch};
 
-use super::{Backend, BackendError, Observation, WorkspaceSpec};
+use super::{Backend, BackendError, Observation, WorkspaceSpec, log_file};
 use crate::nats_auth::{self, Issuer};
 
 /// The first uid given to a workspace (and, as a gid, the group all workspaces share):
@@ -413,11 +413,6 @@ impl Backend for LocalBackend {
         let credentials_dir = self.credentials_dir(&spec.name);
         let _ = std::fs::remove_dir_all(&credentials_dir);
         make_dir(&credentials_dir, 0o700, owner).map_err(error)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(runtime_dir.join("runtime.log"))
-            .map_err(error)?;
         let (program, args) = self
             .config
             .command
@@ -436,7 +431,8 @@ impl Backend for LocalBackend {
             .envs(contract.environment(&self.config.path))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
+            // Copied into runtime.log by the control plane, which bounds its size.
+            .stderr(Stdio::piped())
             // A control plane that goes away (or a test that fails) takes its runtimes along.
             .kill_on_drop(true);
         if let Some((uid, gid)) = owner {
@@ -446,6 +442,15 @@ impl Backend for LocalBackend {
             let _ = std::fs::remove_dir_all(&credentials_dir);
             error(e)
         })?;
+        if let Some(stderr) = child.stderr.take() {
+            let path = runtime_dir.join("runtime.log");
+            tokio::spawn(async move {
+                if let Err(e) = log_file::copy_bounded(stderr, &path, log_file::MAX_LOG_BYTES).await
+                {
+                    warn!(log = %path.display(), error = %e, "the runtime's log could not be written");
+                }
+            });
+        }
         let pid = child.id().unwrap_or_default();
         std::fs::write(runtime_dir.join("runtime.pid"), pid.to_string()).map_err(error)?;
         if let Ok(mut inner) = self.inner.lock() {

@@ -2,6 +2,7 @@
 //! the default on one machine) today, `kubernetes` (a pod per workspace) next.
 
 pub mod local;
+pub mod log_file;
 
 use std::future::Future;
 

@@ -21,6 +21,10 @@ fn api_error(message: String) -> DriverError {
 
 /// Messages of history kept per conversation.
 pub const MAX_HISTORY: usize = 40;
+/// Bytes of history (as JSON) kept per conversation: a few huge tool results do not pile up.
+pub const MAX_HISTORY_BYTES: usize = 256 << 10;
+/// Conversations remembered per agent; past it, the one used longest ago is forgotten.
+pub const MAX_CONVERSATIONS: usize = 256;
 /// Most model calls in one turn (tool steps included).
 pub const MAX_STEPS: usize = 8;
 
@@ -32,7 +36,42 @@ pub struct ModelApi {
     pub model: String,
     pub max_tokens: u64,
     pub api_key: Option<Secret>,
-    history: Arc<Mutex<HashMap<String, Vec<Value>>>>,
+    history: Arc<Mutex<History>>,
+}
+
+/// Conversations' recent messages, bounded in conversations, messages and bytes.
+#[derive(Debug, Default)]
+struct History {
+    conversations: HashMap<String, (u64, Vec<Value>)>,
+    /// Increases with every use; the smallest stamp is the least recently used.
+    clock: u64,
+}
+
+impl History {
+    fn get(&self, conversation: &str) -> Vec<Value> {
+        self.conversations
+            .get(conversation)
+            .map(|(_, m)| m.clone())
+            .unwrap_or_default()
+    }
+
+    fn put(&mut self, conversation: String, messages: Vec<Value>) {
+        self.clock += 1;
+        let messages = trim_history(messages, MAX_HISTORY, MAX_HISTORY_BYTES);
+        self.conversations
+            .insert(conversation, (self.clock, messages));
+        while self.conversations.len() > MAX_CONVERSATIONS {
+            let Some(oldest) = self
+                .conversations
+                .iter()
+                .min_by_key(|(_, (stamp, _))| *stamp)
+                .map(|(c, _)| c.clone())
+            else {
+                break;
+            };
+            self.conversations.remove(&oldest);
+        }
+    }
 }
 
 impl PartialEq for ModelApi {
@@ -87,7 +126,7 @@ impl ModelApi {
         let mut messages = self
             .history
             .lock()
-            .map(|h| h.get(&conversation).cloned().unwrap_or_default())
+            .map(|h| h.get(&conversation))
             .unwrap_or_default();
         messages.push(user_message);
         (conversation, messages)
@@ -96,16 +135,27 @@ impl ModelApi {
     /// Keeps the conversation's last messages for its next turn.
     pub fn remember(&self, conversation: String, messages: Vec<Value>) {
         if let Ok(mut h) = self.history.lock() {
-            h.insert(conversation, trim_history(messages, MAX_HISTORY));
+            h.put(conversation, messages);
         }
     }
 }
 
-/// The last `max` messages, starting at a user's own message. A cut that left a tool result
-/// without the call it answers (or an assistant turn first) would be refused by the API.
-pub fn trim_history(mut messages: Vec<Value>, max: usize) -> Vec<Value> {
+/// The last messages, at most `max` of them and `max_bytes` of JSON, starting at a user's
+/// own message. A cut that left a tool result without the call it answers (or an assistant
+/// turn first) would be refused by the API.
+pub fn trim_history(mut messages: Vec<Value>, max: usize, max_bytes: usize) -> Vec<Value> {
+    let sizes: Vec<usize> = messages.iter().map(|m| m.to_string().len()).collect();
     let mut start = messages.len().saturating_sub(max);
-    while start < messages.len() && !is_user_text(&messages[start]) {
+    let mut bytes: usize = sizes[start..].iter().sum();
+    loop {
+        while start < messages.len() && !is_user_text(&messages[start]) {
+            bytes -= sizes[start];
+            start += 1;
+        }
+        if bytes <= max_bytes || start >= messages.len() {
+            break;
+        }
+        bytes -= sizes[start];
         start += 1;
     }
     messages.split_off(start)
@@ -192,13 +242,45 @@ mod tests {
             ]
         };
         let history: Vec<Value> = (0..10).flat_map(turn).collect();
-        let trimmed = trim_history(history.clone(), 12);
+        let trimmed = trim_history(history.clone(), 12, usize::MAX);
         assert!(trimmed.len() <= 12);
         assert_eq!(trimmed[0], json!({"role": "user", "content": "question 8"}));
         assert_eq!(
-            trim_history(history.clone(), 100).len(),
+            trim_history(history.clone(), 100, usize::MAX).len(),
             50,
             "nothing cut when short"
+        );
+    }
+
+    #[test]
+    fn history_is_bounded_in_bytes_and_in_conversations() {
+        let big = "x".repeat(100_000);
+        let turn = |n: u32| {
+            vec![
+                json!({"role": "user", "content": format!("question {n}")}),
+                json!({"role": "assistant", "content": big.clone()}),
+            ]
+        };
+        let history: Vec<Value> = (0..5).flat_map(turn).collect();
+        let trimmed = trim_history(history, 40, 256 << 10);
+        let bytes: usize = trimmed.iter().map(|m| m.to_string().len()).sum();
+        assert!(bytes <= 256 << 10, "{bytes}");
+        assert_eq!(trimmed[0], json!({"role": "user", "content": "question 3"}));
+        // One message past the limit by itself: nothing is kept, rather than everything.
+        let huge = vec![json!({"role": "user", "content": "y".repeat(300_000)})];
+        assert!(trim_history(huge, 40, 256 << 10).is_empty());
+
+        let mut h = History::default();
+        for n in 0..(MAX_CONVERSATIONS + 10) {
+            h.put(format!("c{n}"), turn(0));
+            // c0 is used all along: it stays.
+            h.put("c0".into(), turn(0));
+        }
+        assert_eq!(h.conversations.len(), MAX_CONVERSATIONS);
+        assert!(!h.get("c0").is_empty(), "the conversation in use is kept");
+        assert!(
+            h.get("c1").is_empty(),
+            "the least recently used is forgotten"
         );
     }
 }
