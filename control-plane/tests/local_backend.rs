@@ -334,3 +334,65 @@ async fn a_start_refused_for_a_missing_key_names_it_and_leaves_nothing() {
     assert!(!root.join("local/credentials/research").exists());
     assert!(backend.running().await.is_empty());
 }
+
+#[tokio::test]
+async fn an_agents_processes_do_not_outlive_its_sigkilled_runtime_even_after_setsid() {
+    let root_user = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+    };
+    if !root_user {
+        eprintln!("skipped: needs root (a Unix user per workspace tells its processes apart)");
+        return;
+    }
+    let root = temp_root("orphans");
+    // The "runtime" starts a program that leaves its session (as an agent's program could),
+    // says ready and waits.
+    let backend = LocalBackend::new(LocalConfig::new(
+        root.join("local"),
+        sh("setsid sleep 1000 & echo $! > escaped.pid; echo ready; exec sleep 600"),
+    ))
+    .expect("backend");
+    let spec = warren_control_plane::backend::WorkspaceSpec {
+        name: "research".into(),
+        agents: vec![warren_schema::launch::AgentLaunch::new(
+            "alice",
+            "echo",
+            serde_json::json!({}),
+        )],
+        directory: vec![],
+        tuning: Default::default(),
+    };
+    backend.start(&spec).await.expect("start");
+    let escaped_file = root.join("local/workspaces/research/escaped.pid");
+    let mut escaped = None;
+    wait_for("the escaped program", async || {
+        escaped = std::fs::read_to_string(&escaped_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        escaped.is_some_and(alive)
+    })
+    .await;
+    let escaped = escaped.expect("its pid");
+    let runtime: u32 = std::fs::read_to_string(root.join("local/runtimes/research/runtime.pid"))
+        .expect("runtime pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+
+    // The runtime is SIGKILLed: it cannot clean up after its agents.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(runtime as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    wait_for("the runtime's exit", async || {
+        backend.running().await.is_empty()
+    })
+    .await;
+    wait_for("the escaped program to be killed too", async || {
+        !alive(escaped)
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&root);
+}

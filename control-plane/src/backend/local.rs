@@ -16,7 +16,8 @@
 //! ```
 //!
 //! - Users: when the control plane runs as root ([`Users::Auto`]), each workspace runs as a
-//!   Unix user of its own (uids from [`FIRST_UID`] up, never reused for another workspace),
+//!   Unix user of its own (uids from its root's own range, [`uid_range`], never reused for
+//!   another workspace),
 //!   so it cannot read another workspace's directory, credentials or `/proc/*/environ`, nor
 //!   the control plane's. Not as root, every workspace runs as the control plane's user and
 //!   only the environment is isolated: see docs/security.md.
@@ -46,12 +47,8 @@ use tracing::{Instrument, info, info_span, warn};
 use warren_schema::events::WorkspacePhase;
 use warren_schema::launch::{self, LaunchContract, NatsLaunch, TelemetryLaunch};
 
-use super::{Backend, BackendError, Observation, WorkspaceSpec, log_file};
+use super::{Backend, BackendError, Observation, WorkspaceSpec, log_file, uid_range};
 use crate::nats_auth::{self, Issuer};
-
-/// The first uid given to a workspace (and, as a gid, the group all workspaces share):
-/// far above the ids a distribution gives its users.
-pub const FIRST_UID: u32 = 420_000;
 
 /// Which Unix user a workspace runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +118,9 @@ pub struct LocalBackend {
     config: Arc<LocalConfig>,
     /// Whether each workspace gets a user of its own.
     own_users: bool,
+    /// The first uid of this root's range (the workspaces' common group); its workspaces
+    /// get the uids after it.
+    uid_base: u32,
     inner: Arc<Mutex<Inner>>,
     notify: Arc<Notify>,
 }
@@ -151,9 +151,14 @@ impl LocalBackend {
     /// Creates the directories and stops what a previous control plane left running.
     pub fn new(config: LocalConfig) -> std::io::Result<Self> {
         let own_users = config.users == Users::Auto && running_as_root();
-        let group = own_users.then_some((0, FIRST_UID));
         // Workspaces may pass through the root and the parent directories, not list them.
         make_dir(&config.root, 0o711, None)?;
+        let uid_base = if own_users {
+            uid_range::base_for(&config.root)?
+        } else {
+            0
+        };
+        let group = own_users.then_some((0, uid_base));
         for dir in ["workspaces", "credentials"] {
             make_dir(&config.root.join(dir), 0o711, None)?;
         }
@@ -171,6 +176,7 @@ impl LocalBackend {
         let backend = Self {
             config: Arc::new(config),
             own_users,
+            uid_base,
             inner: Arc::new(Mutex::new(Inner {
                 uids,
                 ..Inner::default()
@@ -211,16 +217,26 @@ impl LocalBackend {
             .lock()
             .map_err(|_| std::io::Error::other("backend state poisoned"))?;
         if let Some(uid) = inner.uids.get(workspace) {
-            return Ok(Some((*uid, FIRST_UID)));
+            return Ok(Some((*uid, self.uid_base)));
         }
-        let uid = inner.uids.values().max().map_or(FIRST_UID + 1, |u| u + 1);
+        let uid = inner
+            .uids
+            .values()
+            .max()
+            .map_or(self.uid_base + 1, |u| u + 1);
+        if uid >= self.uid_base + uid_range::RANGE {
+            return Err(std::io::Error::other(format!(
+                "this root has given out all {} uids of its range",
+                uid_range::RANGE - 1
+            )));
+        }
         inner.uids.insert(workspace.to_owned(), uid);
         let json = serde_json::to_vec_pretty(&inner.uids).map_err(std::io::Error::other)?;
         let path = self.config.root.join("users.json");
         let staged = path.with_extension("json.new");
         std::fs::write(&staged, json)?;
         std::fs::rename(&staged, &path)?;
-        Ok(Some((uid, FIRST_UID)))
+        Ok(Some((uid, self.uid_base)))
     }
 
     fn observe(&self, o: Observation) {
@@ -255,6 +271,7 @@ impl LocalBackend {
             };
             let _ = std::fs::remove_file(&pidfile);
             let _ = std::fs::remove_dir_all(self.credentials_dir(&name));
+            self.kill_leftover_processes(&name);
             self.observe(Observation {
                 workspace: name,
                 phase: WorkspacePhase::Gone,
@@ -361,6 +378,47 @@ impl LocalBackend {
 fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// SIGKILLs every live process whose real uid is `uid`, pass after pass until a pass finds
+/// none (a process may fork while the pass runs); returns how many were killed.
+fn kill_processes_of(uid: u32) -> usize {
+    let mut killed = 0;
+    for _ in 0..100 {
+        let pids = processes_of(uid);
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            if kill(pid_of(pid), Signal::SIGKILL).is_ok() {
+                killed += 1;
+            }
+        }
+    }
+    killed
+}
+
+/// Live (not zombie) processes whose real uid is `uid`, from `/proc`.
+fn processes_of(uid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(str::trim)
+                    .map(str::to_owned)
+            };
+            let real_uid = field("Uid:").and_then(|u| u.split_whitespace().next()?.parse().ok());
+            let zombie = field("State:").is_some_and(|s| s.starts_with('Z'));
+            real_uid == Some(uid) && !zombie
+        })
+        .collect()
 }
 
 fn pid_of(pid: u32) -> Pid {
@@ -478,7 +536,9 @@ impl Backend for LocalBackend {
             .map(|lifetime| lifetime / 2);
         tokio::spawn(
             async move {
-                let running = async {
+                // The runtime's exit is what counts, not its stdout's end: a program it
+                // started may hold the pipe open long after (it is killed then, below).
+                let ready = async {
                     if let Some(stdout) = stdout {
                         let mut lines = BufReader::new(stdout).lines();
                         while let Ok(Some(line)) = lines.next_line().await {
@@ -492,7 +552,13 @@ impl Backend for LocalBackend {
                             }
                         }
                     }
-                    child.wait().await
+                    std::future::pending().await
+                };
+                let running = async {
+                    tokio::select! {
+                        status = child.wait() => status,
+                        status = ready => status,
+                    }
                 };
                 tokio::pin!(running);
                 let status = loop {
@@ -602,7 +668,27 @@ impl LocalBackend {
         Ok(Some(path))
     }
 
+    /// Kills whatever processes `workspace`'s user still has: what its agents started that
+    /// outlived the runtime (a program that called `setsid`, children reparented when the
+    /// runtime was SIGKILLed). Only with a user per workspace, where every process of that
+    /// uid is the workspace's; with one shared user there is no telling them apart.
+    fn kill_leftover_processes(&self, workspace: &str) {
+        let uid = match self.inner.lock() {
+            Ok(inner) if self.own_users => inner.uids.get(workspace).copied(),
+            _ => None,
+        };
+        let Some(uid) = uid else { return };
+        let killed = kill_processes_of(uid);
+        if killed > 0 {
+            warn!(
+                workspace,
+                uid, killed, "killed processes left behind by the runtime's agents"
+            );
+        }
+    }
+
     fn exited(&self, name: &str, pid: u32, status: std::io::Result<std::process::ExitStatus>) {
+        self.kill_leftover_processes(name);
         let asked = match self.inner.lock() {
             Ok(mut inner) => {
                 if inner.running.get(name) == Some(&pid) {

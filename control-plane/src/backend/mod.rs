@@ -3,6 +3,7 @@
 
 pub mod local;
 pub mod log_file;
+pub mod uid_range;
 
 use std::future::Future;
 
