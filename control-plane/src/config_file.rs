@@ -119,6 +119,12 @@ pub fn validate(file: &ConfigFile) -> std::result::Result<(), String> {
                 a.name
             ));
         }
+        if let Err(e) = crate::decide::access::Access::of(&a.settings) {
+            return Err(format!(
+                "agent {}: {e} (channels, users and endpoints are lists of ids)",
+                a.name
+            ));
+        }
         if !DRIVERS.contains(&a.driver.as_str()) {
             return Err(format!(
                 "agent {}: driver {:?} is not one of {DRIVERS:?}",
@@ -254,9 +260,20 @@ mod tests {
         let e = validate(&traversal).expect_err("not a key name");
         assert!(e.contains("allowed key"), "{e}");
 
+        let access = file(
+            serde_json::json!({"agents": [{"name": "a", "workspace": "w",
+            "settings": {"access": {"channels": "C1"}}}]}),
+        );
+        let e = validate(&access).expect_err("not a list");
+        assert!(
+            e.contains("agent a") && e.contains("settings.access"),
+            "{e}"
+        );
+
         let fine = file(
             serde_json::json!({"agents": [{"name": "a", "workspace": "w",
-            "settings": {"allowed_keys": ["OPENAI_API_KEY"]}}]}),
+            "settings": {"allowed_keys": ["OPENAI_API_KEY"],
+                         "access": {"channels": ["C1"], "users": ["U1"]}}}]}),
         );
         assert_eq!(validate(&fine), Ok(()));
     }

@@ -51,6 +51,7 @@ domain_events! {
     MessageDeadLettered => "message.dead_lettered" v 1,
     AgentBusy => "agent.busy" v 1,
     OutputRefused => "output.refused" v 1,
+    MessageRefused => "message.refused" v 1,
 }
 
 /// A Slack Events API `event_callback`, stored as received (after signature verification).
@@ -278,6 +279,18 @@ pub struct MentionRefused {
     /// `unknown_agent`.
     pub reason: String,
     pub chain: Vec<String>,
+}
+
+/// Decision: a message was not routed to an agent, because the agent's allow-lists
+/// (`settings.access`) do not let its sender or channel address it. Nothing is said in the
+/// conversation; `explain` shows why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRefused {
+    /// The `message.received` event refused.
+    pub message_id: crate::EventId,
+    pub agent: String,
+    /// Which list refused it, for the operator.
+    pub reason: String,
 }
 
 /// Something a workspace sent was not recorded, because what it says about itself does not

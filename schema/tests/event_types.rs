@@ -187,6 +187,11 @@ fn samples() -> Vec<Sample> {
             in_reply_to: Some(id("routing")),
             reason: "the message was routed to research/alice, not research/carol".into(),
         }),
+        entry(MessageRefused {
+            message_id: id("message"),
+            agent: "deployer".into(),
+            reason: "a direct message from U0EVE, who is not in its users".into(),
+        }),
     ]
 }
 

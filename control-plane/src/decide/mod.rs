@@ -14,6 +14,7 @@
 //! `correlation_id` and `traceparent`, so `explain` can walk from any decision back to the
 //! Slack message or webhook that started it.
 
+pub mod access;
 pub mod state;
 #[cfg(test)]
 mod tests;
@@ -120,6 +121,19 @@ pub fn decide(
             if let Ok(message) = event.decode::<MessageReceived>() {
                 let (team, channel) = scope(&message.origin);
                 for (agent, reason) in route_targets(state, &message) {
+                    let allowed = access::Access::of(&state.agents[&agent].settings)
+                        .and_then(|a| a.check(&message.origin));
+                    if let Err(why) = allowed {
+                        out.push(
+                            &["message_refused", &event.id.to_string(), &agent],
+                            &MessageRefused {
+                                message_id: event.id,
+                                agent: agent.clone(),
+                                reason: why,
+                            },
+                        );
+                        continue;
+                    }
                     route(state, &mut out, event.id, &agent, reason);
                     let workspace = &state.agents[&agent].workspace;
                     wake(state, &mut out, workspace, team, channel, policy);
@@ -474,6 +488,12 @@ fn judge_mention(
     });
     let refusal = if !state.agents.contains_key(&mention.to_agent) {
         Some("unknown_agent")
+    } else if access::Access::of(&state.agents[&mention.to_agent].settings)
+        .and_then(|a| a.check(&mention.reply_to))
+        .is_err()
+    {
+        // It would answer in a conversation it may not be addressed from.
+        Some("not_allowed")
     } else if mention.chain.len() >= policy.mention_max_depth {
         Some("depth")
     } else if recent >= policy.mention_max_per_window {
@@ -504,6 +524,7 @@ fn judge_mention(
                     match reason {
                         "depth" => "the chain of agents asking agents is too long",
                         "rate" => "too many agent mentions in this conversation",
+                        "not_allowed" => "it is not allowed in this conversation",
                         _ => "no agent has that name",
                     }
                 ),

@@ -98,6 +98,16 @@ impl Controller {
         });
     }
 
+    fn given_agent_with(&mut self, name: &str, workspace: &str, settings: serde_json::Value) {
+        self.when(AgentConfigured {
+            name: name.into(),
+            workspace: workspace.into(),
+            driver: "echo".into(),
+            settings,
+            idle_timeout_secs: 600,
+        });
+    }
+
     fn given_route(&mut self, route: &str, agent: &str) {
         self.when(RouteConfigured {
             route: route.into(),
@@ -429,6 +439,63 @@ fn an_agent_mention_is_routed_to_the_other_agent_and_wakes_its_workspace() {
         (routed.agent.as_str(), routed.reason.as_str()),
         ("bob", "agent_mention")
     );
+}
+
+fn from_user(channel: &str, user: &str, addressed: &[&str]) -> MessageReceived {
+    let mut message = slack_message(channel, "@deployer ship it", addressed);
+    if let Origin::Slack { user: u, .. } = &mut message.origin {
+        *u = user.into();
+    }
+    message
+}
+
+#[test]
+fn an_agent_is_addressed_only_from_its_allowed_channels_and_users_and_no_strangers_dm() {
+    let mut c = two_agents();
+    c.given_agent_with(
+        "deployer",
+        "ops",
+        json!({"access": {"channels": ["COPS"], "users": ["U0ALICE"]}}),
+    );
+    // Allowed: its channel, its user.
+    let d = c.when(from_user("COPS", "U0ALICE", &["deployer"]));
+    assert_eq!(of_type::<MessageRouted>(&d).len(), 1);
+    // Refused, recorded, nothing said and nothing woken: another channel, another user.
+    for (channel, user, why) in [
+        ("CGEN", "U0ALICE", "channel CGEN"),
+        ("COPS", "U0EVE", "user U0EVE"),
+    ] {
+        let d = c.when(from_user(channel, user, &["deployer"]));
+        assert_eq!(types(&d), ["message.refused"], "{channel}/{user}");
+        let refused = &of_type::<MessageRefused>(&d)[0];
+        assert_eq!(refused.agent, "deployer");
+        assert!(refused.reason.contains(why), "{}", refused.reason);
+    }
+    // Direct messages: its listed user may; a stranger may not.
+    assert_eq!(
+        of_type::<MessageRouted>(&c.when(from_user("D0A", "U0ALICE", &["deployer"]))).len(),
+        1
+    );
+    let d = c.when(from_user("D0E", "U0EVE", &["deployer"]));
+    assert_eq!(types(&d), ["message.refused"]);
+    // An agent without lists: channels yes, a DM from anyone no (deny by default).
+    let d = c.when(from_user("D0E", "U0EVE", &["alice"]));
+    assert_eq!(types(&d), ["message.refused"]);
+    assert!(
+        of_type::<MessageRefused>(&d)[0]
+            .reason
+            .contains("direct message")
+    );
+    assert_eq!(
+        of_type::<MessageRouted>(&c.when(from_user("CANY", "U0EVE", &["alice"]))).len(),
+        1
+    );
+    // Mentioned by another agent into a channel it may not answer in: refused, and said.
+    let mut into_general = mention(&["alice"], "deployer");
+    into_general.reply_to = from_user("CGEN", "U0ALICE", &[]).origin;
+    let d = c.when(into_general);
+    assert_eq!(types(&d), ["mention.refused", "agent.replied"]);
+    assert_eq!(of_type::<MentionRefused>(&d)[0].reason, "not_allowed");
 }
 
 fn mention(chain: &[&str], to: &str) -> AgentMentioned {
