@@ -56,7 +56,9 @@ ensure_postgres() {
     fi
     local system_url="postgres://postgres@127.0.0.1:5432/postgres"
     if pg_works "$system_url"; then
-        say "PostgreSQL: using the server on 127.0.0.1:5432"
+        say "PostgreSQL: using the server on 127.0.0.1:5432 (it lets postgres in without a" \
+            "password: so could a workspace of the local backend; set DATABASE_URL to a user" \
+            "with a password for untrusted agents)"
         export DATABASE_URL="$system_url"
         return
     fi
@@ -73,14 +75,67 @@ ensure_postgres() {
             return
         fi
     fi
-    local private_url="postgres://postgres@127.0.0.1:$WARREN_PG_PORT/postgres"
-    if pg_works "$private_url"; then
+    # A private server made before it had a password (it trusted every local connection,
+    # a workspace's included): give it one.
+    if pg_works "postgres://postgres@127.0.0.1:$WARREN_PG_PORT/postgres"; then
+        secure_private_postgres
+    elif [ -s "$(pg_password_file)" ] && pg_works "$(private_pg_url)"; then
         say "PostgreSQL: using Warren's private server on 127.0.0.1:$WARREN_PG_PORT"
-        export DATABASE_URL="$private_url"
-        return
+    else
+        start_private_postgres
     fi
-    start_private_postgres
-    export DATABASE_URL="$private_url"
+    DATABASE_URL="$(private_pg_url)"
+    export DATABASE_URL
+}
+
+# The private server's password: made once, readable by this user only. Workspaces (other
+# Unix users under the local backend) can reach the port but not the password.
+pg_password_file() { echo "$WARREN_STATE_DIR/pg/password"; }
+
+new_pg_password() {
+    local file
+    file=$(pg_password_file)
+    mkdir -p "$(dirname "$file")"
+    if [ ! -s "$file" ]; then
+        (umask 077; od -An -tx1 -N24 /dev/urandom | tr -d ' \n' >"$file")
+    fi
+}
+
+private_pg_url() {
+    echo "postgres://postgres:$(cat "$(pg_password_file)")@127.0.0.1:$WARREN_PG_PORT/postgres"
+}
+
+# A URL fit to print: its password replaced by ***.
+redact_url() { sed 's#\(//[^:/@]*\):[^@]*@#\1:***@#' <<<"$1"; }
+
+# Runs as the private cluster's owner (postgres when this runs as root).
+as_pg_owner() {
+    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# Password authentication (scram) for every connection, local socket and TCP alike.
+write_pg_hba() {
+    as_pg_owner tee "$1/pg_hba.conf" >/dev/null <<'HBA'
+# Warren's private server: every connection proves the password (scripts/lib/services.sh).
+local   all   all                 scram-sha-256
+host    all   all   127.0.0.1/32  scram-sha-256
+host    all   all   ::1/128       scram-sha-256
+HBA
+}
+
+secure_private_postgres() {
+    local data="$WARREN_STATE_DIR/pg/data"
+    say "PostgreSQL: the private server trusted local connections; giving it a password"
+    new_pg_password
+    psql "postgres://postgres@127.0.0.1:$WARREN_PG_PORT/postgres" -Xqc \
+        "ALTER USER postgres PASSWORD '$(cat "$(pg_password_file)")'" >/dev/null \
+        || die "could not set the private server's password"
+    write_pg_hba "$data"
+    psql "$(private_pg_url)" -XtAc "SELECT pg_reload_conf()" >/dev/null \
+        || die "could not reload the private server's configuration"
+    pg_works "postgres://postgres@127.0.0.1:$WARREN_PG_PORT/postgres" \
+        && die "the private server still lets a connection in without the password"
+    return 0
 }
 
 start_private_postgres() {
@@ -96,14 +151,26 @@ start_private_postgres() {
     fi
     mkdir -p "$WARREN_STATE_DIR/pg"
     [ "$(id -u)" = 0 ] && chown postgres "$WARREN_STATE_DIR/pg"
+    new_pg_password
     if [ ! -f "$data/PG_VERSION" ]; then
-        say "PostgreSQL: creating a private cluster in $data"
-        "${run[@]}" "$bindir/initdb" -D "$data" -U postgres -A trust -E UTF8 >/dev/null
+        say "PostgreSQL: creating a private cluster in $data (password authentication)"
+        local pwfile="$WARREN_STATE_DIR/pg/initdb.pw"
+        (umask 077; cp "$(pg_password_file)" "$pwfile")
+        [ "$(id -u)" = 0 ] && chown postgres "$pwfile"
+        "${run[@]}" "$bindir/initdb" -D "$data" -U postgres -A scram-sha-256 \
+            --pwfile="$pwfile" -E UTF8 >/dev/null
+        rm -f "$pwfile"
+    elif ! grep -q '^host.*scram-sha-256' "$data/pg_hba.conf" 2>/dev/null; then
+        # Made before passwords: secured once it runs (below).
+        local insecure=1
     fi
     say "PostgreSQL: starting the private server on 127.0.0.1:$WARREN_PG_PORT"
     "${run[@]}" "$bindir/pg_ctl" -D "$data" -l "$log" -w -t 60 \
         -o "-p $WARREN_PG_PORT -c listen_addresses=127.0.0.1 -k /tmp -c max_connections=200" \
         start >/dev/null || die "PostgreSQL did not start; see $log"
+    if [ -n "${insecure:-}" ]; then
+        secure_private_postgres
+    fi
 }
 
 # Prints the version of the NATS server answering on host:port (from its INFO line).

@@ -744,10 +744,13 @@ echo "== other workspace"; ls -la {root}/workspaces/other 2>&1; cat {root}/crede
 echo "== seed"; cat {dir}/account.seed 2>&1; cat {dir}/control-plane.creds 2>&1
 echo "== keys"; cat {keys}/OPENAI_API_KEY {keys}/ANTHROPIC_API_KEY {root}/credentials/other/keys/OPENAI_API_KEY 2>&1
 echo "== proc"; for f in /proc/[0-9]*/environ; do tr '\0' '\n' < "$f" 2>/dev/null; done | grep -v '^WARREN_LAUNCH=' | sort -u
+echo "== database"; PGCONNECT_TIMEOUT=5 psql -w -h {db_host} -p {db_port} -U postgres -d postgres -XtAc "select 'db-' || 'reached'" 2>&1
 echo "== done""#,
         root = root.display(),
         dir = dir.display(),
         keys = keys.display(),
+        db_host = database_host_port().0,
+        db_port = database_host_port().1,
     );
     let agents = dir.join("agents.json");
     std::fs::write(
@@ -884,9 +887,16 @@ echo "== done""#,
         ),
         ("a key it was not allowed", "sk-test-openai-6c1f"),
         ("a key it was not allowed", "sk-test-anthropic-93ab"),
+        ("the event log's database", "db-reached"),
     ] {
         assert!(!found.contains(secret), "the agent read {what}: {found}");
     }
+    // It did try: the server asked for the password it does not have.
+    let database = found.rsplit("== database").next().unwrap_or_default();
+    assert!(
+        database.contains("password"),
+        "the database attempt: {database}"
+    );
     if std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
         .unwrap_or(false)
@@ -915,6 +925,15 @@ echo "== done""#,
     controller.await.expect("join").expect("controller");
     server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Host and port of the tests' PostgreSQL server (from `DATABASE_URL`).
+fn database_host_port() -> (String, String) {
+    let url = warren_schema::testing::server_url();
+    let after_at = url.rsplit_once('@').map_or(url.as_str(), |(_, rest)| rest);
+    let host_port = after_at.split('/').next().unwrap_or(after_at);
+    let (host, port) = host_port.rsplit_once(':').unwrap_or((host_port, "5432"));
+    (host.to_owned(), port.to_owned())
 }
 
 /// A webhook delivery addressed to `agent`, as the gateway records it.
