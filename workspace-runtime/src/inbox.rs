@@ -366,6 +366,7 @@ impl Worker {
                 memory: self.memory.as_ref().map(|(m, _)| with_conversation(m)),
                 shared_memory: self.memory.as_ref().map(|(_, s)| with_conversation(s)),
                 directory: self.directory.clone(),
+                outbox: Some(self.outbox.clone()),
             })
             .await?;
         info!(routing = %inbox.routing_id, mentions = ?said.mentions, "turn");

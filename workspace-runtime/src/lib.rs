@@ -110,28 +110,10 @@ pub async fn serve_metrics(listen: std::net::SocketAddr, metrics: axum::Router) 
     Ok(())
 }
 
-/// Serves MCP on stdin/stdout for the turn described by the environment.
-pub async fn run_mcp(config: Config) -> Result<()> {
-    let mut turn = mcp::McpTurn::from_env(&config.workspace)?;
-    turn.ctx.directory = config.directory.clone();
-    let ns = Namespace::new(&config.nats.prefix);
-    let js = connect(&config, &ns).await?;
-    let buckets = memory::Buckets::open(
-        &js,
-        &ns,
-        &config.workspace,
-        config.nats.credentials.is_none(),
-    )
-    .await?;
-    mcp::serve(
-        turn,
-        js,
-        ns,
-        &buckets,
-        tokio::io::BufReader::new(tokio::io::stdin()),
-        tokio::io::stdout(),
-    )
-    .await
+/// `--mcp`: a command agent's MCP server, served by its runtime for the turn
+/// ([`mcp::bridge`]: this process only carries the bytes).
+pub async fn run_mcp() -> Result<()> {
+    mcp::bridge().await
 }
 
 /// Runs the workspace's agents until `shutdown`; each finishes its current turn first.

@@ -3,12 +3,12 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = warren_workspace_runtime::Args::parse();
+    if args.mcp {
+        // A bridge to the turn's socket: stdout is the protocol, nothing else is written.
+        return Ok(warren_workspace_runtime::run_mcp().await?);
+    }
     // Everything the runtime knows comes from its launch contract.
     let config = warren_workspace_runtime::Config::from_env()?;
-    if args.mcp {
-        // stdout is the protocol: logs go to stderr only, and no telemetry set-up output.
-        return Ok(warren_workspace_runtime::run_mcp(config).await?);
-    }
     let telemetry = warren_telemetry::Telemetry::init(
         "warren-workspace-runtime",
         &warren_workspace_runtime::telemetry_options(&config),

@@ -1,32 +1,42 @@
-//! Warren's agent tools as an MCP server over stdio, for `command` agents (Claude Code,
-//! Codex and other MCP clients call them natively).
+//! Warren's agent tools as an MCP server, for `command` agents (Claude Code, Codex and other
+//! MCP clients call them natively).
 //!
-//! The agent's MCP client starts `warren-workspace-runtime --mcp` during a turn; the turn's
-//! context comes from the environment the `command` driver set (`WARREN_AGENT`,
-//! `WARREN_ROUTING_ID`, `WARREN_CONVERSATION`, `WARREN_CHAIN`, `WARREN_REPLY_TO`) and
-//! the runtime's launch contract (`WARREN_LAUNCH`: NATS, prefix, workspace, credentials).
+//! The runtime serves it, not the agent's program: for each turn of a `command` agent it
+//! listens on a Unix socket of that turn ([`TurnSocket`], named in the program's
+//! `WARREN_MCP_SOCKET`), and what a session there does is done as that turn, with the
+//! context the runtime holds (its agent, the message it answers, the conversation). The
+//! agent's MCP client starts `warren-workspace-runtime --mcp`, which only carries bytes
+//! between its stdio and that socket ([`bridge`]). So a program cannot speak as another
+//! agent by setting `WARREN_AGENT` or `WARREN_ROUTING_ID`: nothing reads them.
 //!
-//! Transport: newline-delimited JSON-RPC 2.0 on stdin/stdout (MCP's stdio transport).
+//! Transport: newline-delimited JSON-RPC 2.0 (MCP's stdio transport, over the socket).
 //! Methods: `initialize`, `notifications/initialized`, `ping`, `tools/list`, `tools/call`.
-//! A mention made through the `mention` tool is published to the outbox at once, as part of
-//! the turn that started this server.
+//! A mention or reply made through the tools is published to the outbox at once, as part of
+//! the turn.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
-use tracing::warn;
+use tracing::{Instrument, warn};
 use warren_schema::EventId;
 use warren_schema::events::Origin;
-use warren_schema::nats::{Namespace, OutboxMessage};
+use warren_schema::nats::OutboxMessage;
 
 use crate::agent::TurnContext;
 use crate::error::{Error, Result};
 use crate::outbox::{Outbox, TurnRef};
 use crate::tools::{ToolEffects, execute};
 
+/// The variable naming a turn's socket in a `command` agent's environment.
+pub const SOCKET_ENV: &str = "WARREN_MCP_SOCKET";
+
 /// Protocol versions this server speaks (the client's is echoed when it is one of them).
 const VERSIONS: &[&str] = &["2025-06-18", "2025-03-26", "2024-11-05"];
 
-/// The turn this server serves, from the environment.
+/// The turn a session serves: the runtime's own record of it.
 #[derive(Debug, Clone)]
 pub struct McpTurn {
     pub ctx: TurnContext,
@@ -36,49 +46,118 @@ pub struct McpTurn {
 }
 
 impl McpTurn {
-    /// Reads the turn's context from `WARREN_*` variables.
-    pub fn from_env(workspace: &str) -> Result<Self> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let agent = var("WARREN_AGENT").ok_or_else(|| {
-            Error::Config("WARREN_AGENT is not set: start me from an agent's turn".into())
-        })?;
-        let parse_id = |name: &str| var(name).and_then(|v| v.parse().ok()).map(EventId);
-        Ok(Self {
-            ctx: TurnContext {
-                workspace: workspace.to_owned(),
-                agent,
-                message_id: var("WARREN_MESSAGE_ID").unwrap_or_default(),
-                routing_id: var("WARREN_ROUTING_ID").unwrap_or_default(),
-                conversation: var("WARREN_CONVERSATION"),
-                chain: var("WARREN_CHAIN")
-                    .map(|c| c.split(',').map(str::to_owned).collect())
-                    .unwrap_or_default(),
-                traceparent: var("TRACEPARENT"),
-                ..TurnContext::default()
-            },
-            routing_id: parse_id("WARREN_ROUTING_ID"),
-            reply_to: var("WARREN_REPLY_TO").and_then(|v| serde_json::from_str(&v).ok()),
-            correlation_id: parse_id("WARREN_CONVERSATION"),
-        })
+    /// The turn `ctx` describes (as the inbox worker built it from the routed message).
+    pub fn of(ctx: &TurnContext) -> Self {
+        let id = |v: &str| v.parse().ok().map(EventId);
+        Self {
+            routing_id: id(&ctx.routing_id),
+            reply_to: ctx
+                .reply_to
+                .as_deref()
+                .and_then(|r| serde_json::from_str(r).ok()),
+            correlation_id: ctx.conversation.as_deref().and_then(id),
+            ctx: ctx.clone(),
+        }
     }
 }
 
+/// A turn's MCP socket: listening while it lives, removed when dropped.
+#[derive(Debug)]
+pub struct TurnSocket {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TurnSocket {
+    /// Listens in `dir` (created, mode 0700) on a socket of its own, and serves every session
+    /// there as `turn`, publishing what it says on `outbox`.
+    pub fn open(dir: &Path, turn: McpTurn, outbox: Outbox) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        // Short: a socket's path must fit in 108 bytes.
+        let path = dir.join(format!("{}.sock", &EventId::random().to_string()[..13]));
+        let listener = tokio::net::UnixListener::bind(&path)?;
+        // Outputs of every session of the turn are numbered together, so each id is unique.
+        let sent = Arc::new(AtomicUsize::new(0));
+        let span =
+            tracing::info_span!("mcp", agent = %turn.ctx.agent, routing = %turn.ctx.routing_id);
+        let task = tokio::spawn(
+            async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let (turn, outbox, sent) = (turn.clone(), outbox.clone(), sent.clone());
+                    tokio::spawn(
+                        async move {
+                            let (read, write) = stream.into_split();
+                            let input = tokio::io::BufReader::new(read);
+                            if let Err(e) = serve(turn, outbox, sent, input, write).await {
+                                warn!(error = %e, "an MCP session ended with an error");
+                            }
+                        }
+                        .in_current_span(),
+                    );
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Self { path, task })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TurnSocket {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// `--mcp`: carries the MCP client's stdin to the turn's socket (`WARREN_MCP_SOCKET`) and
+/// the answers back to stdout, until either side closes.
+pub async fn bridge() -> Result<()> {
+    let path = std::env::var_os(SOCKET_ENV).ok_or_else(|| {
+        Error::Config(format!(
+            "{SOCKET_ENV} is not set: the MCP server is started by a command agent's turn"
+        ))
+    })?;
+    let io = |what| move |source| Error::Io { what, source };
+    let stream = tokio::net::UnixStream::connect(&path)
+        .await
+        .map_err(io("connecting to the turn's MCP socket"))?;
+    let (mut from_runtime, mut to_runtime) = stream.into_split();
+    let requests = async {
+        tokio::io::copy(&mut tokio::io::stdin(), &mut to_runtime)
+            .await
+            .map_err(io("passing on the MCP client's requests"))?;
+        to_runtime
+            .shutdown()
+            .await
+            .map_err(io("closing the requests"))
+    };
+    let answers = async {
+        let mut stdout = tokio::io::stdout();
+        tokio::io::copy(&mut from_runtime, &mut stdout)
+            .await
+            .map_err(io("passing on the answers"))?;
+        stdout.flush().await.map_err(io("passing on the answers"))
+    };
+    // The session is over when the answers end (the runtime closes after the client did).
+    let (_, answered) = tokio::join!(requests, answers);
+    answered
+}
+
 /// Serves one MCP session until the client closes its end.
-pub async fn serve(
-    mut turn: McpTurn,
-    js: async_nats::jetstream::Context,
-    ns: Namespace,
-    buckets: &crate::memory::Buckets,
+async fn serve(
+    turn: McpTurn,
+    outbox: Outbox,
+    sent: Arc<AtomicUsize>,
     input: impl AsyncBufRead + Unpin,
     mut output: impl AsyncWrite + Unpin,
 ) -> Result<()> {
-    let (own, shared) = buckets.for_agent(&turn.ctx.agent);
-    turn.ctx.memory = Some(own);
-    turn.ctx.shared_memory = Some(shared);
-    let outbox = Outbox::new(js.clone(), &ns, &turn.ctx.workspace);
     let mut lines = input.lines();
-    // Outputs sent in this session: numbers their ids, so each is recorded once.
-    let mut sent = 0;
     while let Some(line) = lines.next_line().await.map_err(|source| Error::Io {
         what: "reading the MCP client's requests",
         source,
@@ -120,14 +199,14 @@ pub async fn serve(
                 let mut effects = ToolEffects::default();
                 let result = execute(name, &args, &turn.ctx, &mut effects).await;
                 for (to, text) in effects.mentions {
-                    let what = format!("mcp-mention:{sent}:{to}");
+                    let n = sent.fetch_add(1, Ordering::Relaxed);
+                    let what = format!("mcp-mention:{n}:{to}");
                     publish(&outbox, &turn, |t| t.mention(&what, &to, &text)).await?;
-                    sent += 1;
                 }
                 for text in effects.replies {
-                    let what = format!("mcp-said:{sent}");
+                    let n = sent.fetch_add(1, Ordering::Relaxed);
+                    let what = format!("mcp-said:{n}");
                     publish(&outbox, &turn, |t| t.reply(&what, &text)).await?;
-                    sent += 1;
                 }
                 let is_error = result.get("error").is_some();
                 Ok(
@@ -176,9 +255,9 @@ async fn publish(
     message: impl FnOnce(&TurnRef) -> OutboxMessage,
 ) -> Result<()> {
     let (Some(routing_id), Some(reply_to)) = (turn.routing_id, turn.reply_to.clone()) else {
-        warn!("a tool call outside a turn (no WARREN_ROUTING_ID / WARREN_REPLY_TO): not sent");
+        warn!("a tool call in a turn without a routed message: not sent");
         return Err(Error::Config(
-            "mention and reply need a turn's context (WARREN_ROUTING_ID, WARREN_REPLY_TO)".into(),
+            "mention and reply need a turn answering a routed message".into(),
         ));
     };
     let turn_ref = TurnRef {

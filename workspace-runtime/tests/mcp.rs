@@ -1,7 +1,8 @@
-//! The MCP server (`warren-workspace-runtime --mcp`), the real binary spoken to over its
-//! stdio as an MCP client does (newline-delimited JSON-RPC 2.0): the handshake, the tool
-//! list, memory tools on real NATS key-value, a mention and a reply published to the outbox,
-//! the agent directory, errors.
+//! The MCP server a runtime serves for a `command` agent's turn, reached through the real
+//! binary (`warren-workspace-runtime --mcp`) over its stdio as an MCP client does
+//! (newline-delimited JSON-RPC 2.0): the handshake, the tool list, memory tools on real
+//! NATS key-value, a mention and a reply published to the outbox as that turn (whatever
+//! the program's environment claims), the agent directory, errors.
 
 mod support;
 
@@ -76,18 +77,28 @@ async fn an_mcp_client_lists_and_calls_warrens_tools() {
         ts: "1.0".into(),
         user: "U1".into(),
     };
+    // alice's turn, as her runtime holds it; her program starts the MCP server, and claims
+    // in its environment to be bob, answering another message, in another conversation:
+    // nothing reads those.
+    let turn = support::mcp_turn(&js, &ns, routing, &reply_to).await;
+    let elsewhere = Origin::Slack {
+        team_id: "T1".into(),
+        channel: "CSECRET".into(),
+        thread_ts: "9.0".into(),
+        ts: "9.0".into(),
+        user: "U9".into(),
+    };
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_warren-workspace-runtime"))
         .arg("--mcp")
-        .env(
-            warren_schema::launch::ENV,
-            support::mcp_launch(&url, &prefix),
-        )
-        .env("WARREN_AGENT", "alice")
-        .env("WARREN_ROUTING_ID", routing.to_string())
-        .env("WARREN_CHAIN", "")
+        .env_clear()
+        .env("WARREN_MCP_SOCKET", turn.path())
+        .env("WARREN_AGENT", "bob")
+        .env("WARREN_WORKSPACE", "ops")
+        .env("WARREN_ROUTING_ID", EventId::random().to_string())
+        .env("WARREN_CHAIN", "carol,dave")
         .env(
             "WARREN_REPLY_TO",
-            serde_json::to_string(&reply_to).expect("json"),
+            serde_json::to_string(&elsewhere).expect("json"),
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -191,18 +202,26 @@ async fn an_mcp_client_lists_and_calls_warrens_tools() {
         .expect("fetch");
     while let Some(Ok(m)) = messages.next().await {
         if let Ok(OutboxMessage::Mention {
+            from_agent,
             to_agent,
             text,
             in_reply_to,
             chain,
+            reply_to: to,
             ..
         }) = serde_json::from_slice::<OutboxMessage>(&m.payload)
         {
+            assert_eq!((from_agent.as_str(), &to), ("alice", &reply_to));
             found = Some((to_agent, text, in_reply_to, chain));
         } else if let Ok(OutboxMessage::Reply {
-            text, in_reply_to, ..
+            agent,
+            text,
+            in_reply_to,
+            reply_to: to,
+            ..
         }) = serde_json::from_slice::<OutboxMessage>(&m.payload)
         {
+            assert_eq!((agent.as_str(), &to), ("alice", &reply_to));
             said.push((text, in_reply_to));
         }
     }
@@ -216,6 +235,7 @@ async fn an_mcp_client_lists_and_calls_warrens_tools() {
         (to.as_str(), text.as_str()),
         ("bob", "bob, the plan is in memory")
     );
+    // As alice's turn: her routed message and her chain, not what the environment said.
     assert_eq!(in_reply_to, routing);
     assert_eq!(chain, ["alice"]);
 
@@ -225,7 +245,88 @@ async fn an_mcp_client_lists_and_calls_warrens_tools() {
         status.success(),
         "the server exits cleanly when the client closes stdin"
     );
+    // Without a turn's socket there is no MCP server to speak as anyone.
+    let alone = tokio::process::Command::new(env!("CARGO_BIN_EXE_warren-workspace-runtime"))
+        .arg("--mcp")
+        .env_clear()
+        .env("WARREN_AGENT", "bob")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run");
+    assert!(!alone.status.success());
+    assert!(
+        String::from_utf8_lossy(&alone.stderr).contains("WARREN_MCP_SOCKET"),
+        "{}",
+        String::from_utf8_lossy(&alone.stderr)
+    );
+    drop(turn);
     let _ = js.delete_key_value(ns.workspace_bucket("research")).await;
     let _ = js.delete_key_value(ns.shared_bucket()).await;
     let _ = js.delete_stream(ns.outbox_stream()).await;
+}
+
+/// The whole path: a runtime runs a `command` agent whose program starts
+/// `warren-workspace-runtime --mcp` (as Claude Code would) and, claiming to be bob, says
+/// something through the `reply` tool. It is said as alice, in alice's conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_agents_program_speaks_through_its_runtimes_mcp_server_as_its_own_turn() {
+    let url = support::nats_url();
+    let prefix = format!("mcprt{}", std::process::id());
+    let ns = Namespace::new(&prefix);
+    let js = jetstream::new(async_nats::connect(&url).await.expect("nats"));
+    let (_, outbox) = support::streams(&js, &ns).await;
+    let request = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"reply","arguments":{"text":"said through MCP"}}}"#;
+    let script = format!(
+        "printf '%s\\n' '{request}' | WARREN_AGENT=bob WARREN_ROUTING_ID=00000000-0000-0000-0000-000000000000 {bin} --mcp >/dev/null; echo done",
+        bin = env!("CARGO_BIN_EXE_warren-workspace-runtime"),
+    );
+    let dir = std::env::temp_dir().join(format!("warren-mcp-runtime-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = support::launch(
+        &url,
+        &prefix,
+        "research",
+        "alice",
+        json!({"driver": "command", "settings": {"command": ["/bin/sh", "-c", script]}}),
+        &dir,
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let runtime = tokio::spawn(warren_workspace_runtime::run(config, shutdown.clone()));
+    let mut outputs = Box::pin(support::follow_outbox(&outbox, &ns, "research").await);
+    let message = support::message("research", "alice", "use your tools");
+    support::send(&js, &ns, &message).await;
+    let mut replies = Vec::new();
+    while replies.len() < 2 {
+        match support::next_output(&mut outputs).await {
+            OutboxMessage::Reply {
+                agent,
+                text,
+                in_reply_to,
+                ..
+            } => replies.push((agent, text, in_reply_to)),
+            OutboxMessage::Heartbeat { .. } => {}
+            other => panic!("unexpected output {other:?}"),
+        }
+    }
+    assert_eq!(
+        replies,
+        [
+            (
+                "alice".into(),
+                "said through MCP".into(),
+                message.routing_id
+            ),
+            ("alice".into(), "done".into(), message.routing_id),
+        ]
+    );
+    // The turn's socket is gone with the turn.
+    let sockets = std::fs::read_dir(dir.join(".warren-mcp"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(sockets, 0, "a socket outlived its turn");
+    shutdown.cancel();
+    runtime.await.expect("join").expect("runtime");
+    support::remove(&js, &ns, &["research"]).await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

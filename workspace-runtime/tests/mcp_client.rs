@@ -33,23 +33,12 @@ async fn the_official_mcp_sdk_negotiates_lists_and_calls_warrens_tools() {
         endpoint: "ci".into(),
         delivery_id: "7".into(),
     };
+    let turn = support::mcp_turn(&js, &ns, routing, &reply_to).await;
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_warren-workspace-runtime"));
     command
         .arg("--mcp")
-        .env(
-            warren_schema::launch::ENV,
-            support::mcp_launch(&url, &prefix),
-        )
-        .env("WARREN_AGENT", "alice")
-        .env("WARREN_ROUTING_ID", routing.to_string())
-        .env(
-            "WARREN_REPLY_TO",
-            serde_json::to_string(&reply_to).expect("json"),
-        )
-        .env(
-            "WARREN_AGENT_DIRECTORY",
-            r#"[{"name": "alice", "workspace": "research"}, {"name": "bob", "workspace": "ops"}]"#,
-        );
+        .env_clear()
+        .env("WARREN_MCP_SOCKET", turn.path());
     let client =
         ().serve(TokioChildProcess::new(command).expect("spawn"))
             .await

@@ -140,6 +140,19 @@ impl Command {
                 ),
             });
         }
+        // The turn's MCP server, in the runtime: what the program says through it is said
+        // as this turn, whatever the program's environment claims. Closed with the turn.
+        let mcp = match &ctx.outbox {
+            Some(outbox) => Some(
+                crate::mcp::TurnSocket::open(
+                    &ctx.workspace_dir.join(".warren-mcp"),
+                    crate::mcp::McpTurn::of(ctx),
+                    outbox.clone(),
+                )
+                .map_err(io)?,
+            ),
+            None => None,
+        };
         let mut command = tokio::process::Command::new(&program);
         command
             .args(&self.argv[1..])
@@ -171,6 +184,10 @@ impl Command {
             .stderr(Stdio::inherit())
             .process_group(0)
             .kill_on_drop(true);
+        // (After `env_clear` above, which would take it away again.)
+        if let Some(socket) = &mcp {
+            command.env(crate::mcp::SOCKET_ENV, socket.path());
+        }
         if self.input == Input::Argument {
             command.arg("--").arg(&ctx.text);
         }

@@ -47,6 +47,9 @@ pub struct TurnContext {
     pub shared_memory: Option<crate::memory::Memory>,
     /// Every agent of the installation (`list_agents`).
     pub directory: Vec<warren_schema::nats::AgentInfo>,
+    /// Where what a `command` agent says through MCP is published (the runtime serves its
+    /// MCP sessions on a socket of the turn; see `mcp::TurnSocket`). `None`: no MCP.
+    pub outbox: Option<crate::outbox::Outbox>,
 }
 
 /// Why a driver could not be built, or produced no reply (the message is redelivered, then

@@ -298,22 +298,45 @@ pub fn launch(
     contract
 }
 
-/// The launch contract an MCP server (`--mcp`) of alice in `research` reads: bob is in
-/// `ops`.
-pub fn mcp_launch(url: &str, prefix: &str) -> String {
-    let mut contract = launch(
-        url,
-        prefix,
-        "research",
-        "alice",
-        serde_json::json!({"driver": "command", "settings": {"command": ["true"]}}),
-        &std::env::temp_dir(),
-    );
-    contract.directory = [("alice", "research"), ("bob", "ops")]
-        .map(|(name, workspace)| warren_schema::nats::AgentInfo {
-            name: name.into(),
-            workspace: workspace.into(),
-        })
-        .to_vec();
-    contract.to_json()
+/// A turn of alice (workspace research, answering `routing`) as the runtime holds it, with
+/// its MCP socket open: what a `command` agent's program finds in `WARREN_MCP_SOCKET`.
+/// The directory lists alice and bob (ops).
+pub async fn mcp_turn(
+    js: &jetstream::Context,
+    ns: &Namespace,
+    routing: EventId,
+    reply_to: &Origin,
+) -> warren_workspace_runtime::mcp::TurnSocket {
+    use warren_workspace_runtime::agent::TurnContext;
+    use warren_workspace_runtime::mcp::{McpTurn, TurnSocket};
+    let buckets = warren_workspace_runtime::memory::Buckets::open(js, ns, "research", true)
+        .await
+        .expect("buckets");
+    let (own, shared) = buckets.for_agent("alice");
+    let ctx = TurnContext {
+        workspace: "research".into(),
+        agent: "alice".into(),
+        routing_id: routing.to_string(),
+        reply_to: Some(serde_json::to_string(reply_to).expect("json")),
+        memory: Some(own),
+        shared_memory: Some(shared),
+        directory: [("alice", "research"), ("bob", "ops")]
+            .map(|(name, workspace)| warren_schema::nats::AgentInfo {
+                name: name.into(),
+                workspace: workspace.into(),
+            })
+            .to_vec(),
+        ..TurnContext::default()
+    };
+    let dir = std::env::temp_dir().join(format!(
+        "warren-mcp-{}-{}",
+        std::process::id(),
+        ns.outbox_stream()
+    ));
+    TurnSocket::open(
+        &dir,
+        McpTurn::of(&ctx),
+        warren_workspace_runtime::outbox::Outbox::new(js.clone(), ns, "research"),
+    )
+    .expect("the turn's MCP socket")
 }
