@@ -627,6 +627,71 @@ async fn a_workspace_cannot_choose_where_or_in_which_conversation_it_answers() {
             .collect::<Vec<_>>(),
         ["message.received", "message.routed", "output.refused"]
     );
+
+    // alice floods her conversation: 60 more replies to her one message, each with a new id
+    // (every recorded reply is posted to Slack). At most 50 outputs answer a message: the
+    // reply and the mention above, and 48 of these.
+    for n in 0..60 {
+        let out = reply(&format!("flood-{n}"), "alice", to_alice.id);
+        js.publish(
+            ns.outbox_subject("research"),
+            serde_json::to_vec(&out).expect("json").into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    }
+    // Then bob answers his own message; the outbox is read in order, so once his answer is
+    // recorded, every flood message before it has been judged.
+    let bobs = OutboxMessage::Reply {
+        id: "bobs-answer".into(),
+        in_reply_to: to_bob.id,
+        workspace: "ops".into(),
+        agent: "bob".into(),
+        reply_to: origin("C2"),
+        text: "bob's answer".into(),
+        correlation_id: None,
+    };
+    js.publish(
+        ns.outbox_subject("ops"),
+        serde_json::to_vec(&bobs).expect("json").into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+    eventually("bob's answer", async || {
+        log.read_type("agent.replied", 0, 200)
+            .await
+            .expect("r")
+            .iter()
+            .any(|e| e.decode::<AgentReplied>().is_ok_and(|r| r.agent == "bob"))
+    })
+    .await;
+    let alices = log
+        .read_type("agent.replied", 0, 200)
+        .await
+        .expect("r")
+        .iter()
+        .filter(|e| e.decode::<AgentReplied>().is_ok_and(|r| r.agent == "alice"))
+        .count();
+    assert_eq!(
+        alices, 49,
+        "50 outputs answer a message, the mention included"
+    );
+    let over: Vec<OutputRefused> = log
+        .read_type("output.refused", 0, 200)
+        .await
+        .expect("r")
+        .iter()
+        .filter_map(|e| e.decode::<OutputRefused>().ok())
+        .filter(|r| r.reason.contains("outputs answer this message"))
+        .collect();
+    assert!(
+        !over.is_empty(),
+        "the refusals are recorded (within their own budget)"
+    );
     shutdown.cancel();
     task.await.expect("join").expect("controller");
     remove_streams(&js, &ns).await;

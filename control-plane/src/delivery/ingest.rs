@@ -26,6 +26,53 @@ pub const HEARTBEAT_RECORD_SECS: i64 = 30;
 /// workspace cannot fill the log with refused output either.
 pub const REFUSALS_PER_MINUTE: u32 = 10;
 
+/// Outputs (replies, mentions, dead letters) recorded in answer to one routed message; past
+/// it they are refused. A turn says a few things along the way and answers once: a workspace
+/// flooding a conversation (every reply is posted to Slack) is not a turn.
+pub const MAX_OUTPUTS_PER_MESSAGE: u32 = 50;
+
+/// Outputs recorded per routed message, for the most recent messages (the oldest counts
+/// are forgotten past `MAX_TRACKED`: a message that old has long been answered).
+#[derive(Debug, Default)]
+struct AnswerCounts {
+    counts: std::collections::HashMap<EventId, u32>,
+    order: std::collections::VecDeque<EventId>,
+}
+
+impl AnswerCounts {
+    const MAX_TRACKED: usize = 100_000;
+
+    fn spent(&self, routing: EventId) -> bool {
+        self.counts
+            .get(&routing)
+            .is_some_and(|n| *n >= MAX_OUTPUTS_PER_MESSAGE)
+    }
+
+    fn add(&mut self, routing: EventId) {
+        let count = self.counts.entry(routing).or_insert_with(|| {
+            self.order.push_back(routing);
+            0
+        });
+        *count += 1;
+        while self.order.len() > Self::MAX_TRACKED {
+            if let Some(oldest) = self.order.pop_front() {
+                self.counts.remove(&oldest);
+            }
+        }
+    }
+}
+
+/// Whether `out` counts toward its message's [`MAX_OUTPUTS_PER_MESSAGE`] (heartbeats are
+/// bounded otherwise, memory writes answer no message).
+fn counts_as_output(out: &OutboxMessage) -> bool {
+    matches!(
+        out,
+        OutboxMessage::Reply { .. }
+            | OutboxMessage::Mention { .. }
+            | OutboxMessage::DeadLettered { .. }
+    )
+}
+
 /// The event an outbox message becomes, and the stream it is appended to. What it says of
 /// its origin, conversation and chain is ignored: `trusted` holds the control plane's own
 /// record ([`routed::authorize`]). `now` buckets heartbeats. Pure.
@@ -267,6 +314,7 @@ pub async fn run(
         .map_err(|e| nats("reading the outbox")(&e))?;
     let mut senders = SenderCheck::default();
     let mut budget = RefusalBudget::default();
+    let mut answers = AnswerCounts::default();
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -307,10 +355,32 @@ pub async fn run(
                 Ok(()) => routed::authorize(&out, routed.as_ref()),
                 Err(e) => Err(e),
             };
+            let counted = routed
+                .as_ref()
+                .map(|r| r.routing_id)
+                .filter(|_| counts_as_output(&out));
+            let verdict = match (verdict, counted) {
+                (Ok(trusted), Some(routing)) if answers.spent(routing) => {
+                    // Over the budget, unless it is a redelivery of one already recorded.
+                    let (_, event) = to_event(&out, &trusted, traceparent.clone(), now)?;
+                    match log.get(event.id).await? {
+                        Some(_) => Ok(trusted),
+                        None => Err(format!(
+                            "more than {MAX_OUTPUTS_PER_MESSAGE} outputs answer this message"
+                        )),
+                    }
+                }
+                (verdict, _) => verdict,
+            };
             match verdict {
                 Ok(trusted) => {
                     let (stream, event) = to_event(&out, &trusted, traceparent, now)?;
-                    log.append(&AppendRequest::new(stream, vec![event])).await?;
+                    let appended = log.append(&AppendRequest::new(stream, vec![event])).await?;
+                    if let Some(routing) = counted
+                        && appended.iter().any(|a| !a.duplicate)
+                    {
+                        answers.add(routing);
+                    }
                 }
                 Err(reason) => {
                     warn!(workspace = out.workspace(), agent = out.agent(), %reason, "output refused");
@@ -329,5 +399,33 @@ pub async fn run(
         }
         .instrument(span)
         .await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_has_a_budget_of_outputs_and_old_counts_are_forgotten() {
+        let mut answers = AnswerCounts::default();
+        let routing = EventId::random();
+        for _ in 0..MAX_OUTPUTS_PER_MESSAGE {
+            assert!(!answers.spent(routing));
+            answers.add(routing);
+        }
+        assert!(answers.spent(routing));
+        assert!(
+            !answers.spent(EventId::random()),
+            "another message has its own"
+        );
+        for _ in 0..AnswerCounts::MAX_TRACKED {
+            answers.add(EventId::random());
+        }
+        assert!(
+            !answers.spent(routing),
+            "forgotten after enough newer messages"
+        );
+        assert_eq!(answers.counts.len(), AnswerCounts::MAX_TRACKED);
     }
 }
