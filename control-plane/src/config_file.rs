@@ -119,6 +119,16 @@ pub fn validate(file: &ConfigFile) -> std::result::Result<(), String> {
                 a.name
             ));
         }
+        if a
+            .settings
+            .get("allow_broadcasts")
+            .is_some_and(|v| !v.is_boolean())
+        {
+            return Err(format!(
+                "agent {}: settings.allow_broadcasts is true or false",
+                a.name
+            ));
+        }
         if let Err(e) = crate::decide::access::Access::of(&a.settings) {
             return Err(format!(
                 "agent {}: {e} (channels, users and endpoints are lists of ids)",

@@ -208,3 +208,68 @@ async fn a_restart_neither_loses_nor_repeats_a_delivery() {
         "the refused reply is not recorded as delivered"
     );
 }
+
+#[tokio::test]
+async fn broadcasts_are_escaped_unless_the_agent_is_configured_to_send_them() {
+    let db = TestDatabase::new().await;
+    let log = db.log();
+    let (url, fake) = fake_slack(0).await;
+    // herald may notify the channel; alice may not (no setting: the default).
+    let configured = NewEvent::from_domain(
+        EventId::random(),
+        &warren_schema::events::AgentConfigured {
+            name: "herald".into(),
+            workspace: "w".into(),
+            driver: "echo".into(),
+            settings: json!({"allow_broadcasts": true}),
+            idle_timeout_secs: 60,
+        },
+        Metadata::new("test"),
+    )
+    .expect("event");
+    log.append(&AppendRequest::new("config", vec![configured]))
+        .await
+        .expect("append");
+    for agent in ["herald", "alice"] {
+        let event = NewEvent::from_domain(
+            EventId::random(),
+            &AgentReplied {
+                workspace: "w".into(),
+                agent: agent.into(),
+                reply_to: Origin::Slack {
+                    team_id: "T1".into(),
+                    channel: "C1".into(),
+                    thread_ts: "1.0".into(),
+                    ts: "1.0".into(),
+                    user: "U1".into(),
+                },
+                text: format!("<!here> from {agent}"),
+            },
+            Metadata::new("test"),
+        )
+        .expect("event");
+        log.append(&AppendRequest::new("conv", vec![event]))
+            .await
+            .expect("append");
+    }
+    let shutdown = CancellationToken::new();
+    let slack = SlackApi::new(&url, Secret::new(TOKEN)).expect("client");
+    let runner = tokio::spawn(replies::run(log.clone(), slack, shutdown.clone()));
+    wait_until("both deliveries", async || delivered(&db).await.len() == 2).await;
+    shutdown.cancel();
+    runner.await.expect("task").expect("clean stop");
+    let texts: Vec<Value> = fake
+        .lock()
+        .expect("lock")
+        .calls
+        .iter()
+        .map(|(_, body)| body["text"].clone())
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            json!("<!here> from herald"),
+            json!("&lt;!here&gt; from alice")
+        ]
+    );
+}

@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use warren_schema::event_log::projection::{self, Projection};
 use warren_schema::event_log::{SubscriptionOptions, append_in_tx};
-use warren_schema::events::{AgentReplied, DomainEvent, Origin, ReplyDelivered};
+use warren_schema::events::{
+    AgentConfigured, AgentRemoved, AgentReplied, DomainEvent, Origin, ReplyDelivered,
+};
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent, RecordedEvent, Result};
 
 use slack_api::{SlackApi, SlackApiError};
@@ -44,6 +46,67 @@ fn destination(reply: &AgentReplied) -> Option<(&str, Option<&str>)> {
         } => Some((channel, Some(thread_ts))),
         Origin::SlackCommand { channel, .. } => Some((channel, None)),
         Origin::Webhook { .. } | Origin::Agent { .. } => None,
+    }
+}
+
+/// The agents whose replies may notify a whole channel: broadcast mentions (`<!here>`, ...)
+/// are escaped in every other reply ([`escape_broadcasts`]). An agent opts in with
+/// `"settings": {"allow_broadcasts": true}`; folded from the configuration events, in log
+/// order. `warren`'s own notices never broadcast.
+#[derive(Debug, Default)]
+struct Broadcasters(std::collections::HashSet<String>);
+
+impl Broadcasters {
+    /// The configuration recorded up to `until` (the follower's checkpoint).
+    async fn load(log: &EventLog, until: i64) -> Result<Self> {
+        let mut events = Vec::new();
+        for event_type in [AgentConfigured::TYPE, AgentRemoved::TYPE] {
+            let mut after = 0;
+            loop {
+                let page = log.read_type(event_type, after, 1000).await?;
+                let Some(last) = page.last() else { break };
+                after = last.position;
+                events.extend(page.into_iter().filter(|e| e.position <= until));
+                if after >= until {
+                    break;
+                }
+            }
+        }
+        events.sort_by_key(|e| e.position);
+        let mut broadcasters = Self::default();
+        for event in &events {
+            broadcasters.apply(event);
+        }
+        Ok(broadcasters)
+    }
+
+    fn apply(&mut self, event: &RecordedEvent) {
+        match event.event_type.as_str() {
+            AgentConfigured::TYPE => {
+                if let Ok(agent) = event.decode::<AgentConfigured>() {
+                    if agent.settings["allow_broadcasts"] == true {
+                        self.0.insert(agent.name);
+                    } else {
+                        self.0.remove(&agent.name);
+                    }
+                }
+            }
+            AgentRemoved::TYPE => {
+                if let Ok(agent) = event.decode::<AgentRemoved>() {
+                    self.0.remove(&agent.name);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// `reply`'s text as it is posted.
+    fn text(&self, reply: &AgentReplied) -> String {
+        if reply.agent != "warren" && self.0.contains(&reply.agent) {
+            reply.text.clone()
+        } else {
+            escape_broadcasts(&reply.text)
+        }
     }
 }
 
@@ -84,6 +147,7 @@ pub async fn run(log: EventLog, slack: SlackApi, shutdown: CancellationToken) ->
         name: CHECKPOINT.into(),
         ..SubscriptionOptions::default()
     };
+    let mut broadcasters = Broadcasters::load(&log, from).await?;
     let mut subscription = log.subscribe(from, options).await?;
     let mut last_post: HashMap<String, Instant> = HashMap::new();
     loop {
@@ -95,6 +159,7 @@ pub async fn run(log: EventLog, slack: SlackApi, shutdown: CancellationToken) ->
             delivered: HashMap::new(),
         };
         for event in &batch {
+            broadcasters.apply(event);
             if event.event_type != AgentReplied::TYPE {
                 continue;
             }
@@ -116,7 +181,7 @@ pub async fn run(log: EventLog, slack: SlackApi, shutdown: CancellationToken) ->
                     () = tokio::time::sleep(wait) => {}
                 }
             }
-            let text = escape_broadcasts(&reply.text);
+            let text = broadcasters.text(&reply);
             match post(&slack, channel, thread_ts, &text, &shutdown).await {
                 Some(Ok(ts)) => {
                     info!(position = event.position, %channel, %ts, "reply delivered");
