@@ -119,8 +119,7 @@ pub fn validate(file: &ConfigFile) -> std::result::Result<(), String> {
                 a.name
             ));
         }
-        if a
-            .settings
+        if a.settings
             .get("allow_broadcasts")
             .is_some_and(|v| !v.is_boolean())
         {

@@ -43,7 +43,7 @@ pub enum AuthError {
 
 /// The largest message a workspace may publish (bytes): an agent's reply or memory value
 /// fits many times over; a flood of big ones does not.
-pub const WORKSPACE_MAX_PAYLOAD: i64 = 1 << 20;
+pub const WORKSPACE_MAX_PAYLOAD: i64 = 512 << 10;
 
 /// Subscriptions one workspace connection may hold (a runtime holds one per agent and a
 /// few more).

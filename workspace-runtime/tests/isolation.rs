@@ -404,6 +404,104 @@ async fn a_workspace_can_create_no_consumer_or_stream_that_reaches_another() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What one workspace may take of NATS, enforced by the server: a message of at most
+/// 512 KiB, 256 subscriptions per connection, a value of at most 128 KiB in its bucket, and
+/// its bucket's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workspace_is_held_to_its_limits_by_the_server() {
+    use warren_control_plane::nats_auth::{WORKSPACE_MAX_PAYLOAD, WORKSPACE_MAX_SUBSCRIPTIONS};
+    let ns = Namespace::default();
+    let (dir, server) = operator_mode("limits", &ns).await;
+    let url = server.url.clone();
+    let issuer = Issuer::from_seed_file(&dir.join("account.seed"), ns.clone()).expect("issuer");
+    let (admin, _) = connect(&url, &dir.join("control-plane.creds"), None).await;
+    support::streams(&admin, &ns).await;
+    prepare(&admin, &ns, "a", &["alice"]).await;
+    let a_creds = creds_file(&dir, &issuer, "a", &["alice".into()]);
+    let (as_a, errors) = connect(&url, &a_creds, Some(&ns.workspace_inbox_prefix("a"))).await;
+
+    // A message past its payload limit is refused; one within it goes.
+    let big = vec![b'x'; WORKSPACE_MAX_PAYLOAD as usize + 1];
+    let sent = as_a
+        .client()
+        .publish(ns.outbox_subject("a"), big.into())
+        .await;
+    let flushed = as_a.client().flush().await;
+    assert!(
+        sent.is_err() || flushed.is_err() || {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if errors
+                    .lock()
+                    .expect("lock")
+                    .iter()
+                    .any(|e| e.to_lowercase().contains("payload"))
+                {
+                    break true;
+                }
+                if Instant::now() > deadline {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+        "a message past the payload limit went through"
+    );
+
+    // Subscriptions past the limit are refused.
+    let (as_a, errors) = connect(&url, &a_creds, Some(&ns.workspace_inbox_prefix("a"))).await;
+    let mut held = Vec::new();
+    for n in 0..WORKSPACE_MAX_SUBSCRIPTIONS + 10 {
+        match as_a
+            .client()
+            .subscribe(format!("{}.s{n}", ns.workspace_inbox_prefix("a")))
+            .await
+        {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+    }
+    as_a.client().flush().await.ok();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !errors
+        .lock()
+        .expect("lock")
+        .iter()
+        .any(|e| e.to_lowercase().contains("subscriptions"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{} subscriptions were accepted; the server said {:?}",
+            held.len(),
+            errors.lock()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A value past the bucket's value limit is refused by the stream; a small one is kept.
+    let (as_a, _) = connect(&url, &a_creds, Some(&ns.workspace_inbox_prefix("a"))).await;
+    let own = Memory::open(
+        as_a.clone(),
+        ns.clone(),
+        &ns.workspace_bucket("a"),
+        "a",
+        "alice",
+    )
+    .await
+    .expect("own bucket");
+    let huge =
+        serde_json::Value::String("y".repeat(BucketLimits::WORKSPACE.max_value_bytes as usize));
+    own.put("huge", huge)
+        .await
+        .expect_err("a value past the limit");
+    own.put("small", serde_json::json!(1))
+        .await
+        .expect("a small value");
+    assert_eq!(own.list().await.expect("list"), ["small"]);
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
     use warren_control_plane::backend::local::LocalConfig;
