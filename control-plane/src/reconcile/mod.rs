@@ -133,28 +133,21 @@ impl<B: Backend> Reconciler<B> {
                     ) {
                         acted.insert(spec.name.clone(), decision);
                     }
+                    // Its NATS resources first, then its process.
                     let prepared = match &self.nats {
-                        Some(resources) => resources.prepare(&spec).await,
+                        Some(resources) => {
+                            resources.prepare(&spec).await.map_err(|e| e.to_string())
+                        }
                         None => Ok(()),
                     };
-                    if let Err(e) = prepared {
-                        warn!(workspace = %spec.name, error = %e, "preparing NATS failed");
-                        self.record(
-                            &spec.name,
-                            WorkspacePhase::Failed,
-                            None,
-                            Some(e.to_string()),
-                        )
-                        .await?;
-                    } else if let Err(e) = self.backend.start(&spec).await {
-                        warn!(workspace = %spec.name, error = %e, "start failed");
-                        self.record(
-                            &spec.name,
-                            WorkspacePhase::Failed,
-                            None,
-                            Some(e.to_string()),
-                        )
-                        .await?;
+                    let started = match prepared {
+                        Ok(()) => self.backend.start(&spec).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(detail) = started {
+                        warn!(workspace = %spec.name, error = %detail, "start failed");
+                        self.record(&spec.name, WorkspacePhase::Failed, None, Some(detail))
+                            .await?;
                     }
                 }
                 Action::Stop(name) => {
