@@ -193,6 +193,19 @@ impl Prepared {
     }
 }
 
+/// Workspace a's own bucket as alice sees it (the control plane made it).
+async fn alice_memory(js: &jetstream::Context, ns: &Namespace) -> Memory {
+    Memory::open(
+        js.clone(),
+        ns.clone(),
+        &ns.workspace_bucket("a"),
+        "a",
+        "alice",
+    )
+    .await
+    .expect("a's own bucket")
+}
+
 /// A fresh directory with a new trust chain (`nats-auth init`) and a server trusting it.
 async fn operator_mode(test: &str, ns: &Namespace) -> (PathBuf, support::NatsServer) {
     let dir = std::env::temp_dir().join(format!("warren-{test}-{}", std::process::id()));
@@ -271,15 +284,7 @@ async fn a_workspace_reaches_its_own_subjects_and_nothing_of_another() {
 
     // A client holding a's credentials: its own memory works, and the shared bucket reads...
     let (as_a, errors) = connect(&url, &a_creds, Some(&ns.workspace_inbox_prefix("a"))).await;
-    let own = Memory::open(
-        as_a.clone(),
-        ns.clone(),
-        &ns.workspace_bucket("a"),
-        "a",
-        "alice",
-    )
-    .await
-    .expect("a's own bucket (the control plane made it)");
+    let own = alice_memory(&as_a, &ns).await;
     own.put("notes", serde_json::json!({}))
         .await
         .expect("write own memory");
@@ -518,15 +523,7 @@ async fn a_workspace_is_held_to_its_limits_by_the_server() {
 
     // A value past the bucket's value limit is refused by the stream; a small one is kept.
     let (as_a, _) = p.as_a().await;
-    let own = Memory::open(
-        as_a.clone(),
-        ns.clone(),
-        &ns.workspace_bucket("a"),
-        "a",
-        "alice",
-    )
-    .await
-    .expect("own bucket");
+    let own = alice_memory(&as_a, ns).await;
     let huge =
         serde_json::Value::String("y".repeat(BucketLimits::WORKSPACE.max_value_bytes as usize));
     own.put("huge", huge)
