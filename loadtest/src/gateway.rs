@@ -38,6 +38,10 @@ pub struct Args {
     /// Event log writer transactions in the gateway's appender.
     #[arg(long, default_value_t = AppenderConfig::default().writers)]
     pub writers: usize,
+    /// Serve with plain `axum::serve` (no connection limit, no timeouts) instead of the
+    /// gateway's hardened listener: the comparison for what the listener costs.
+    #[arg(long)]
+    pub plain_listener: bool,
 }
 
 struct Gateway {
@@ -45,7 +49,7 @@ struct Gateway {
     db: TestDatabase,
 }
 
-async fn start_gateway(writers: usize) -> anyhow::Result<Gateway> {
+async fn start_gateway(writers: usize, plain_listener: bool) -> anyhow::Result<Gateway> {
     let db = TestDatabase::with_pool_size(writers as u32 + 4).await;
     let config = AppenderConfig {
         writers,
@@ -66,12 +70,20 @@ async fn start_gateway(writers: usize) -> anyhow::Result<Gateway> {
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/slack/events", listener.local_addr()?);
-    tokio::spawn(warren_gateway::http::serve(
-        listener,
-        app,
-        warren_gateway::http::Limits::default(),
-        std::future::pending(),
-    ));
+    if plain_listener {
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    } else {
+        tokio::spawn(warren_gateway::http::serve(
+            listener,
+            app,
+            warren_gateway::http::Limits::default(),
+            std::future::pending(),
+        ));
+    }
     Ok(Gateway { url, db })
 }
 
@@ -108,7 +120,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .build()?;
 
     report::heading("gateway: open-loop ack latency");
-    let gw = start_gateway(args.writers).await?;
+    let gw = start_gateway(args.writers, args.plain_listener).await?;
     let (hist, ok, failed, elapsed) = open_loop(&client, &gw.url, &args).await?;
     report::figure("offered rate", args.rate as f64, "req/s");
     report::figure("acked rate", ok as f64 / elapsed.as_secs_f64(), "req/s");
@@ -142,7 +154,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
     drop(baseline_db);
-    let gw = start_gateway(args.writers).await?;
+    let gw = start_gateway(args.writers, args.plain_listener).await?;
     let (acked, elapsed) = saturate(&client, &gw.url, &args).await?;
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&gw.db.pool)
