@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use sqlx::postgres::PgPoolOptions;
 use warren_schema::{EventId, EventLog, Secret};
 
+use crate::backend::BackendConfig;
 use crate::backend::local::{LocalConfig, Users};
 use crate::controller::{self, ControllerConfig};
 use crate::decide::Policy;
@@ -236,38 +237,40 @@ impl RunArgs {
                 ..Policy::default()
             },
             config_file: self.config.clone(),
-            backend: (self.backend == BackendKind::Local).then(|| LocalConfig {
-                nats_url: self.nats_url.clone(),
-                nats_prefix: self.nats_prefix.clone(),
-                credentials: issuer,
-                model_keys: self.model_keys_dir.clone(),
-                telemetry: TelemetryLaunch {
-                    log_format: Some(
-                        match telemetry.log_format {
-                            warren_telemetry::LogFormat::Json => "json",
-                            warren_telemetry::LogFormat::Text => "text",
-                        }
-                        .into(),
-                    ),
-                    log_filter: telemetry.log_filter.clone(),
-                    otlp_endpoint: telemetry.otlp_endpoint.clone(),
-                    metrics_listen: None,
-                },
-                // Where programs are: not a secret, and the agents' CLIs need it.
-                path: std::env::var("PATH")
-                    .unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
-                users: if self.same_user {
-                    Users::Same
-                } else {
-                    Users::Auto
-                },
-                ..LocalConfig::new(
-                    self.local_root.clone(),
-                    self.runtime_command
-                        .split_whitespace()
-                        .map(str::to_owned)
-                        .collect(),
-                )
+            backend: (self.backend == BackendKind::Local).then(|| {
+                BackendConfig::Local(LocalConfig {
+                    nats_url: self.nats_url.clone(),
+                    nats_prefix: self.nats_prefix.clone(),
+                    credentials: issuer,
+                    model_keys: self.model_keys_dir.clone(),
+                    telemetry: TelemetryLaunch {
+                        log_format: Some(
+                            match telemetry.log_format {
+                                warren_telemetry::LogFormat::Json => "json",
+                                warren_telemetry::LogFormat::Text => "text",
+                            }
+                            .into(),
+                        ),
+                        log_filter: telemetry.log_filter.clone(),
+                        otlp_endpoint: telemetry.otlp_endpoint.clone(),
+                        metrics_listen: None,
+                    },
+                    // Where programs are: not a secret, and the agents' CLIs need it.
+                    path: std::env::var("PATH")
+                        .unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+                    users: if self.same_user {
+                        Users::Same
+                    } else {
+                        Users::Auto
+                    },
+                    ..LocalConfig::new(
+                        self.local_root.clone(),
+                        self.runtime_command
+                            .split_whitespace()
+                            .map(str::to_owned)
+                            .collect(),
+                    )
+                })
             }),
             nats: self.nats_url.clone().map(|url| controller::NatsConfig {
                 url,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use warren_control_plane::backend::Backend;
+use warren_control_plane::backend::BackendConfig;
 use warren_control_plane::backend::local::{LocalBackend, LocalConfig};
 use warren_control_plane::controller::{self, ControllerConfig};
 use warren_control_plane::decide::Policy;
@@ -86,10 +87,10 @@ async fn a_message_starts_a_process_in_its_directory_and_idleness_stops_it() {
         tick: Duration::from_millis(50),
         policy: Policy::default(),
         config_file: Some(file),
-        backend: Some(LocalConfig {
+        backend: Some(BackendConfig::Local(LocalConfig {
             stop_grace: Duration::from_secs(5),
             ..LocalConfig::new(root.clone(), sh("echo ready; exec sleep 600"))
-        }),
+        })),
         nats: None,
     };
     let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
@@ -199,10 +200,10 @@ async fn a_crashing_runtime_is_restarted_then_given_up_on() {
             ..Policy::default()
         },
         config_file: Some(file),
-        backend: Some(LocalConfig {
+        backend: Some(BackendConfig::Local(LocalConfig {
             stop_grace: Duration::from_secs(5),
             ..LocalConfig::new(root.clone(), sh("echo boom >&2; exit 3"))
-        }),
+        })),
         nats: None,
     };
     let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));

@@ -18,6 +18,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
+use warren_control_plane::backend::BackendConfig;
 use warren_control_plane::backend::local::LocalConfig;
 use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
 use warren_control_plane::decide::Policy;
@@ -130,7 +131,7 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
             tick: Duration::from_millis(100),
             policy: Policy::default(),
             config_file: Some(agents),
-            backend: Some(LocalConfig {
+            backend: Some(BackendConfig::Local(LocalConfig {
                 nats_url: Some(nats_url.clone()),
                 nats_prefix: prefix.clone(),
                 telemetry: support::text_logs(),
@@ -139,7 +140,7 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
                     root.clone(),
                     vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
                 )
-            }),
+            })),
             nats: Some(NatsConfig {
                 url: nats_url.clone(),
                 namespace: Namespace::new(&prefix),

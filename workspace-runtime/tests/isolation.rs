@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
+use warren_control_plane::backend::BackendConfig;
 use warren_control_plane::nats_auth::{Bootstrap, Issuer, write_file};
 use warren_schema::EventId;
 use warren_schema::events::Origin;
@@ -567,7 +568,7 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
             tick: Duration::from_millis(100),
             policy: Default::default(),
             config_file: Some(agents),
-            backend: Some(LocalConfig {
+            backend: Some(BackendConfig::Local(LocalConfig {
                 nats_url: Some(server.url.clone()),
                 credentials: Some(Arc::new(issuer)),
                 telemetry: support::text_logs(),
@@ -576,7 +577,7 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
                     dir.join("local"),
                     vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
                 )
-            }),
+            })),
             nats: Some(NatsConfig {
                 url: server.url.clone(),
                 namespace: ns.clone(),
@@ -907,7 +908,7 @@ echo "== done""#,
             tick: Duration::from_millis(100),
             policy: Default::default(),
             config_file: Some(agents),
-            backend: Some(LocalConfig {
+            backend: Some(BackendConfig::Local(LocalConfig {
                 nats_url: Some(server.url.clone()),
                 credentials: Some(Arc::new(issuer)),
                 model_keys: Some(keys.clone()),
@@ -917,7 +918,7 @@ echo "== done""#,
                     root.clone(),
                     vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
                 )
-            }),
+            })),
             nats: Some(NatsConfig {
                 url: server.url.clone(),
                 namespace: ns.clone(),

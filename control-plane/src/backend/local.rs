@@ -622,18 +622,19 @@ impl Backend for LocalBackend {
     fn observed(&self) -> &Notify {
         &self.notify
     }
-}
 
-impl LocalBackend {
-    /// Stops every workspace (control-plane shutdown: the next start would not adopt them).
-    pub async fn stop_all(&self) {
+    /// Stops every workspace: its processes are this control plane's children, and the next
+    /// one would not adopt them.
+    async fn hand_over(&self) {
         for name in self.running().await {
             if let Err(e) = self.stop(&name).await {
                 warn!(workspace = %name, error = %e, "could not stop a workspace");
             }
         }
     }
+}
 
+impl LocalBackend {
     /// Issues `workspace`'s NATS credentials (a new user, its subjects only) and writes them
     /// to its credentials file, replacing it in one rename so that a runtime reconnecting
     /// meanwhile reads either the old file or the new one. `None` without an issuer.

@@ -1,5 +1,7 @@
-//! Runtime backends: where a workspace's process runs. One trait; `local` (child processes,
-//! the default on one machine) today, `kubernetes` (a pod per workspace) next.
+//! Runtime backends: where a workspace's process runs. One trait, [`Backend`]; `local`
+//! (child processes, the default on one machine) today, `kubernetes` (a pod per workspace)
+//! next. [`BackendConfig`] is the one place that lists them: adding a backend is its own
+//! module and a variant there.
 
 pub mod local;
 pub mod log_file;
@@ -54,6 +56,11 @@ pub enum BackendError {
     },
     #[error("stopping workspace {workspace}: {message}")]
     Stop { workspace: String, message: String },
+    #[error("setting up the {backend} backend: {source}")]
+    Setup {
+        backend: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// A place to run workspaces. Starting a running workspace and stopping a stopped one are
@@ -69,4 +76,85 @@ pub trait Backend: Send + Sync {
     fn drain_observations(&self) -> Vec<Observation>;
     /// Notified whenever an observation is added.
     fn observed(&self) -> &tokio::sync::Notify;
+    /// This replica stops leading (shut down): what the backend does with the workspaces it
+    /// runs. `local` stops its child processes (a new control plane would not adopt them);
+    /// a backend whose workspaces outlive the control plane leaves them running.
+    fn hand_over(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// Which backend runs workspaces, as configured (`--backend`).
+#[derive(Debug, Clone)]
+pub enum BackendConfig {
+    Local(local::LocalConfig),
+}
+
+impl From<local::LocalConfig> for BackendConfig {
+    fn from(config: local::LocalConfig) -> Self {
+        Self::Local(config)
+    }
+}
+
+impl BackendConfig {
+    /// Makes the backend. Call it only once this replica leads: a backend may act on what
+    /// it finds (the local one stops runtimes a previous control plane left).
+    pub fn build(&self) -> Result<AnyBackend, BackendError> {
+        match self {
+            Self::Local(config) => local::LocalBackend::new(config.clone())
+                .map(AnyBackend::Local)
+                .map_err(|source| BackendError::Setup {
+                    backend: "local",
+                    source,
+                }),
+        }
+    }
+}
+
+/// The configured backend.
+#[derive(Debug, Clone)]
+pub enum AnyBackend {
+    Local(local::LocalBackend),
+}
+
+impl Backend for AnyBackend {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Local(b) => b.name(),
+        }
+    }
+
+    async fn running(&self) -> Vec<String> {
+        match self {
+            Self::Local(b) => b.running().await,
+        }
+    }
+
+    async fn start(&self, spec: &WorkspaceSpec) -> Result<(), BackendError> {
+        match self {
+            Self::Local(b) => b.start(spec).await,
+        }
+    }
+
+    async fn stop(&self, workspace: &str) -> Result<(), BackendError> {
+        match self {
+            Self::Local(b) => b.stop(workspace).await,
+        }
+    }
+
+    fn drain_observations(&self) -> Vec<Observation> {
+        match self {
+            Self::Local(b) => b.drain_observations(),
+        }
+    }
+
+    fn observed(&self) -> &tokio::sync::Notify {
+        match self {
+            Self::Local(b) => b.observed(),
+        }
+    }
+
+    async fn hand_over(&self) {
+        match self {
+            Self::Local(b) => b.hand_over().await,
+        }
+    }
 }

@@ -13,15 +13,14 @@ use tracing::{Instrument, info, info_span, warn};
 use warren_schema::EventLog;
 use warren_schema::event_log::{Subscription, SubscriptionOptions};
 
-use crate::backend::Backend;
-use crate::backend::local::{LocalBackend, LocalConfig};
+use crate::backend::{AnyBackend, Backend, BackendConfig};
 use crate::config_file;
 use crate::decide::Policy;
 use crate::delivery;
 use crate::error::{Error, Result};
 use crate::projection::Projections;
-use crate::reconcile::Reconciler;
 use crate::reconcile::nats::NatsResources;
+use crate::reconcile::{self, Reconciler};
 pub use decider::Decider;
 pub use lease::Lease;
 use warren_schema::nats::Namespace;
@@ -43,7 +42,7 @@ pub struct ControllerConfig {
     pub config_file: Option<PathBuf>,
     /// Where workspaces run; `None` records decisions without running anything (a
     /// decisions-only replica, or tests of the decisions alone).
-    pub backend: Option<LocalConfig>,
+    pub backend: Option<BackendConfig>,
     /// NATS for delivery to agents' inboxes and their replies back; `None` records
     /// decisions without delivering them.
     pub nats: Option<NatsConfig>,
@@ -70,9 +69,10 @@ pub async fn run(
         .as_deref()
         .map(config_file::load)
         .transpose()?;
-    // The backend is made once this replica leads, never before: making it stops the
-    // runtimes it finds, and a standby's would be the leader's.
-    let mut backend: Option<LocalBackend> = None;
+    // The backend is made once this replica leads, never before: making it may act on
+    // what it finds (the local one stops the runtimes it finds; a standby's would be the
+    // leader's).
+    let mut backend: Option<AnyBackend> = None;
     let nats = match &config.nats {
         Some(n) => Some((
             // A NATS server that is down at start is retried in the background; the
@@ -102,10 +102,10 @@ pub async fn run(
         };
         info!(holder = %lease.holder, fence = lease.fence, "leading");
         if backend.is_none()
-            && let Some(local) = &config.backend
+            && let Some(chosen) = &config.backend
         {
-            backend = Some(LocalBackend::new(local.clone()).map_err(|e| Error::Config {
-                path: "local backend root".into(),
+            backend = Some(chosen.build().map_err(|e| Error::Config {
+                path: "backend".into(),
                 message: e.to_string(),
             })?);
         }
@@ -121,7 +121,7 @@ pub async fn run(
         {
             Ok(()) => {
                 if let Some(b) = &backend {
-                    b.stop_all().await;
+                    b.hand_over().await;
                 }
                 // Shutdown: hand over at once instead of after the TTL.
                 if let Err(e) = lease.release(log.pool()).await {
@@ -145,7 +145,7 @@ pub async fn run(
 /// What a leader works with besides the log.
 struct Parts<'a> {
     file: Option<&'a config_file::ConfigFile>,
-    backend: Option<&'a LocalBackend>,
+    backend: Option<&'a AnyBackend>,
     nats: Option<&'a (async_nats::Client, Namespace)>,
 }
 
@@ -209,45 +209,61 @@ async fn lead(
         }
     };
     tokio::pin!(delivering);
-    let reconciler = backend.map(|b| {
-        let reconciler = Reconciler::new(b.clone(), log.clone());
-        match nats {
-            Some((client, ns)) => {
-                reconciler.with_nats(NatsResources::new(client.clone(), ns.clone()))
-            }
-            None => reconciler,
+    // The reconciler is a task of its own: it follows the desired state the decisions
+    // hand it, and a slow backend call never holds up the decisions or the lease renewal.
+    let (desired, desired_state) = tokio::sync::watch::channel(decider.state().clone());
+    let stop_reconciling = shutdown.child_token();
+    let mut reconciling = match backend {
+        Some(b) => {
+            let reconciler = Reconciler::new(b.clone(), log.clone());
+            let reconciler = match nats {
+                Some((client, ns)) => {
+                    reconciler.with_nats(NatsResources::new(client.clone(), ns.clone()))
+                }
+                None => reconciler,
+            };
+            let stop = stop_reconciling.clone();
+            tokio::spawn(
+                reconcile::run(reconciler, desired_state, stop)
+                    .instrument(info_span!("reconciler")),
+            )
         }
-    });
-    let idle = tokio::sync::Notify::new();
-    let observed = || backend.map_or(&idle, |b| b.observed());
-    if let Some(r) = &reconciler {
-        r.record_observations().await?;
-        r.reconcile(decider.state()).await?;
-    }
+        None => tokio::spawn(std::future::pending()),
+    };
     let mut renew = tokio::time::interval(config.lease_ttl / 3);
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            result = &mut read_models => return result,
-            result = &mut delivering => return result,
-            _ = renew.tick() => decider.lease().renew(pool).await??,
-            _ = tick.tick() => {
-                decider.handle(pool, &[], Utc::now()).await?;
-            }
-            batch = subscription.next_batch() => {
-                decider.handle(pool, &batch?, Utc::now()).await?;
-            }
-            () = observed().notified() => {
-                if let Some(r) = &reconciler {
-                    r.record_observations().await?;
+    let deciding = async {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                result = &mut read_models => return result,
+                result = &mut delivering => return result,
+                _ = renew.tick() => decider.lease().renew(pool).await??,
+                _ = tick.tick() => {
+                    decider.handle(pool, &[], Utc::now()).await?;
                 }
-                continue;
+                batch = subscription.next_batch() => {
+                    decider.handle(pool, &batch?, Utc::now()).await?;
+                }
+                ended = &mut reconciling => {
+                    return ended.map_err(|e| Error::Config {
+                        path: "reconciler".into(),
+                        message: format!("the reconciler task failed: {e}"),
+                    })?;
+                }
             }
+            desired.send_replace(decider.state().clone());
         }
-        if let Some(r) = &reconciler {
-            r.reconcile(decider.state()).await?;
-        }
+    };
+    let result = deciding.await;
+    // However leading ends, the reconciler stops with it, before anything is handed over.
+    stop_reconciling.cancel();
+    // (Without a backend the task is a `pending` stand-in: abort it, nothing to wait for.)
+    if backend.is_none() {
+        reconciling.abort();
+    } else if !reconciling.is_finished() {
+        let _ = reconciling.await;
     }
+    result
 }

@@ -82,6 +82,33 @@ pub fn plan(
     actions
 }
 
+/// Reconciles until `stop`: against the latest desired state whenever it changes, and
+/// whenever the backend observes something (recorded first). Runs as a task of its own
+/// beside the decisions, which hand it their state over `desired`; a database error ends it
+/// (and with it the leadership).
+pub async fn run<B: Backend>(
+    reconciler: Reconciler<B>,
+    mut desired: tokio::sync::watch::Receiver<State>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    reconciler.record_observations().await?;
+    loop {
+        let state = desired.borrow_and_update().clone();
+        reconciler.reconcile(&state).await?;
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            changed = desired.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+            () = reconciler.backend().observed().notified() => {
+                reconciler.record_observations().await?;
+            }
+        }
+    }
+}
+
 /// Performs plans and records observations.
 #[derive(Debug)]
 pub struct Reconciler<B> {
