@@ -419,6 +419,18 @@ async fn with_nats_down_decisions_go_on_and_nothing_stops() {
     task.await.expect("join").expect("a clean stop");
 }
 
+/// Publishes `out` on its workspace's outbox subject, as that workspace's runtime would.
+async fn publish_output(js: &jetstream::Context, ns: &Namespace, out: &OutboxMessage) {
+    js.publish(
+        ns.outbox_subject(out.workspace()),
+        serde_json::to_vec(out).expect("json").into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+}
+
 /// A workspace does not say where its answers go, in which conversation, after which chain
 /// of mentions, or whose message it answers: the control plane takes all of that from its
 /// own record of the routed message. An answer to a message routed to another agent (of
@@ -528,14 +540,7 @@ async fn a_workspace_cannot_choose_where_or_in_which_conversation_it_answers() {
         reply("no-such-message", "alice", EventId::random()),
     ];
     for out in &outputs {
-        js.publish(
-            ns.outbox_subject("research"),
-            serde_json::to_vec(out).expect("json").into(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
+        publish_output(&js, &ns, out).await;
     }
     eventually("three refusals", async || {
         log.read_type("output.refused", 0, 10)
@@ -632,15 +637,12 @@ async fn a_workspace_cannot_choose_where_or_in_which_conversation_it_answers() {
     // (every recorded reply is posted to Slack). At most 50 outputs answer a message: the
     // reply and the mention above, and 48 of these.
     for n in 0..60 {
-        let out = reply(&format!("flood-{n}"), "alice", to_alice.id);
-        js.publish(
-            ns.outbox_subject("research"),
-            serde_json::to_vec(&out).expect("json").into(),
+        publish_output(
+            &js,
+            &ns,
+            &reply(&format!("flood-{n}"), "alice", to_alice.id),
         )
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
+        .await;
     }
     // Then bob answers his own message; the outbox is read in order, so once his answer is
     // recorded, every flood message before it has been judged.
@@ -653,14 +655,7 @@ async fn a_workspace_cannot_choose_where_or_in_which_conversation_it_answers() {
         text: "bob's answer".into(),
         correlation_id: None,
     };
-    js.publish(
-        ns.outbox_subject("ops"),
-        serde_json::to_vec(&bobs).expect("json").into(),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("ack");
+    publish_output(&js, &ns, &bobs).await;
     eventually("bob's answer", async || {
         log.read_type("agent.replied", 0, 200)
             .await
