@@ -397,3 +397,79 @@ async fn an_agents_processes_do_not_outlive_its_sigkilled_runtime_even_after_set
     .await;
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// The reconciler runs beside the decisions, not in their loop: while it waits on a slow
+/// call (here: making a workspace's NATS resources on a server that never answers, which
+/// takes the client's whole request timeout), the decisions go on. A second message is
+/// routed before the first workspace's start is even given up on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_backend_call_does_not_hold_up_the_decisions() {
+    let db = TestDatabase::new().await;
+    let log = EventLog::new(db.pool.clone());
+    let root = temp_root("slow");
+    let file = root.join("agents.json");
+    std::fs::write(
+        &file,
+        r#"{"agents": [{"name": "bob", "workspace": "ops"}, {"name": "carl", "workspace": "sales"}]}"#,
+    )
+    .expect("config");
+    // A port where nothing listens: the client keeps trying to connect, and every request
+    // waits for its timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let silent_url = format!("nats://{}", silent.local_addr().expect("addr"));
+    drop(silent);
+    let shutdown = CancellationToken::new();
+    let config = ControllerConfig {
+        holder: "slow".into(),
+        lease_ttl: Duration::from_secs(5),
+        tick: Duration::from_millis(50),
+        policy: Policy::default(),
+        config_file: Some(file),
+        backend: Some(BackendConfig::Local(LocalConfig::new(
+            root.clone(),
+            sh("echo ready; exec sleep 600"),
+        ))),
+        nats: Some(controller::NatsConfig {
+            url: silent_url,
+            namespace: warren_schema::nats::Namespace::new("slow"),
+            credentials: None,
+        }),
+    };
+    let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
+    wait_for("configuration", async || {
+        log.read_type("agent.configured", 0, 10)
+            .await
+            .expect("r")
+            .len()
+            == 2
+    })
+    .await;
+    message(&log, "bob").await;
+    wait_for("bob's start decision", async || {
+        !log.read_type("workspace.start_requested", 0, 10)
+            .await
+            .expect("r")
+            .is_empty()
+    })
+    .await;
+    // The reconciler is now waiting on NATS for ops. carl's message is decided meanwhile.
+    message(&log, "carl").await;
+    wait_for("carl's routing", async || {
+        log.read_type("message.routed", 0, 10)
+            .await
+            .expect("r")
+            .len()
+            == 2
+    })
+    .await;
+    assert!(
+        observed(&log, "ops")
+            .await
+            .iter()
+            .all(|o| o.phase != WorkspacePhase::Failed),
+        "carl's message waited for ops's start to fail"
+    );
+    shutdown.cancel();
+    task.await.expect("join").expect("controller");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -94,7 +94,12 @@ pub async fn run<B: Backend>(
     reconciler.record_observations().await?;
     loop {
         let state = desired.borrow_and_update().clone();
-        reconciler.reconcile(&state).await?;
+        // Stopping does not wait for a slow call to end (what a stopped leader left half
+        // done, the next one plans again).
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            done = reconciler.reconcile(&state) => done?,
+        }
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
             changed = desired.changed() => {
