@@ -211,7 +211,10 @@ async fn lead(
     tokio::pin!(delivering);
     // The reconciler is a task of its own: it follows the desired state the decisions
     // hand it, and a slow backend call never holds up the decisions or the lease renewal.
-    let (desired, desired_state) = tokio::sync::watch::channel(decider.state().clone());
+    // The state goes over as an `Arc`, and only when deciding changed it: a timer tick with
+    // nothing due copies nothing.
+    let (desired, desired_state) =
+        tokio::sync::watch::channel(std::sync::Arc::new(decider.state().clone()));
     let stop_reconciling = shutdown.child_token();
     let mut reconciling = match backend {
         Some(b) => {
@@ -223,47 +226,54 @@ async fn lead(
                 None => reconciler,
             };
             let stop = stop_reconciling.clone();
-            tokio::spawn(
+            Some(tokio::spawn(
                 reconcile::run(reconciler, desired_state, stop)
                     .instrument(info_span!("reconciler")),
-            )
+            ))
         }
-        None => tokio::spawn(std::future::pending()),
+        None => None,
     };
     let mut renew = tokio::time::interval(config.lease_ttl / 3);
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deciding = async {
         loop {
-            tokio::select! {
+            let position = decider.state().position;
+            let decided = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 result = &mut read_models => return result,
                 result = &mut delivering => return result,
-                _ = renew.tick() => decider.lease().renew(pool).await??,
-                _ = tick.tick() => {
-                    decider.handle(pool, &[], Utc::now()).await?;
+                _ = renew.tick() => {
+                    decider.lease().renew(pool).await??;
+                    continue;
                 }
+                _ = tick.tick() => decider.handle(pool, &[], Utc::now()).await?,
                 batch = subscription.next_batch() => {
-                    decider.handle(pool, &batch?, Utc::now()).await?;
+                    decider.handle(pool, &batch?, Utc::now()).await?
                 }
-                ended = &mut reconciling => {
+                ended = async {
+                    match reconciling.as_mut() {
+                        Some(task) => task.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    reconciling = None;
                     return ended.map_err(|e| Error::Config {
                         path: "reconciler".into(),
                         message: format!("the reconciler task failed: {e}"),
                     })?;
                 }
+            };
+            if !decided.is_empty() || decider.state().position != position {
+                desired.send_replace(std::sync::Arc::new(decider.state().clone()));
             }
-            desired.send_replace(decider.state().clone());
         }
     };
     let result = deciding.await;
     // However leading ends, the reconciler stops with it, before anything is handed over.
     stop_reconciling.cancel();
-    // (Without a backend the task is a `pending` stand-in: abort it, nothing to wait for.)
-    if backend.is_none() {
-        reconciling.abort();
-    } else if !reconciling.is_finished() {
-        let _ = reconciling.await;
+    if let Some(task) = reconciling {
+        let _ = task.await;
     }
     result
 }

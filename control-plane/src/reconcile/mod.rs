@@ -88,12 +88,12 @@ pub fn plan(
 /// (and with it the leadership).
 pub async fn run<B: Backend>(
     reconciler: Reconciler<B>,
-    mut desired: tokio::sync::watch::Receiver<State>,
+    mut desired: tokio::sync::watch::Receiver<std::sync::Arc<State>>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
     reconciler.record_observations().await?;
     loop {
-        let state = desired.borrow_and_update().clone();
+        let state = std::sync::Arc::clone(&desired.borrow_and_update());
         // Stopping does not wait for a slow call to end (what a stopped leader left half
         // done, the next one plans again).
         tokio::select! {
