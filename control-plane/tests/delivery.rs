@@ -50,6 +50,18 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// Waits until the controller has recorded at least `agents` agents of its configuration.
+async fn configured(log: &EventLog, agents: usize) {
+    eventually("configuration", async || {
+        log.read_type("agent.configured", 0, 100)
+            .await
+            .expect("r")
+            .len()
+            >= agents
+    })
+    .await;
+}
+
 async fn inbox_count(js: &jetstream::Context, ns: &Namespace) -> u64 {
     match js.get_stream(ns.inbox_stream()).await {
         Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
@@ -93,13 +105,7 @@ async fn a_routed_message_reaches_the_inbox_once_and_the_reply_comes_back_once()
     let shutdown = CancellationToken::new();
     let config = delivery_config("d", file, &ns);
     let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
-    eventually("configuration", async || {
-        !log.read_type("agent.configured", 0, 1)
-            .await
-            .expect("r")
-            .is_empty()
-    })
-    .await;
+    configured(&log, 1).await;
 
     let message_id = EventId::random();
     let mut meta = Metadata::new("test");
@@ -456,14 +462,7 @@ async fn a_workspace_cannot_choose_where_or_in_which_conversation_it_answers() {
     let shutdown = CancellationToken::new();
     let config = delivery_config("forged", file, &ns);
     let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
-    eventually("configuration", async || {
-        log.read_type("agent.configured", 0, 10)
-            .await
-            .expect("r")
-            .len()
-            == 3
-    })
-    .await;
+    configured(&log, 3).await;
     let origin = |channel: &str| Origin::Slack {
         team_id: "T1".into(),
         channel: channel.into(),

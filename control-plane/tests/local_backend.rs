@@ -64,6 +64,18 @@ async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// Waits until the controller has recorded at least `agents` agents of its configuration.
+async fn configured(log: &EventLog, agents: usize) {
+    wait_for("configuration", async || {
+        log.read_type("agent.configured", 0, 100)
+            .await
+            .expect("r")
+            .len()
+            >= agents
+    })
+    .await;
+}
+
 fn alive(pid: u32) -> bool {
     // A zombie (exited, not yet reaped) is not alive.
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.contains(") Z "))
@@ -94,13 +106,7 @@ async fn a_message_starts_a_process_in_its_directory_and_idleness_stops_it() {
         nats: None,
     };
     let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
-    wait_for("configuration", async || {
-        !log.read_type("agent.configured", 0, 1)
-            .await
-            .expect("r")
-            .is_empty()
-    })
-    .await;
+    configured(&log, 1).await;
 
     message(&log, "alice").await;
     wait_for("ready", async || {
@@ -207,13 +213,7 @@ async fn a_crashing_runtime_is_restarted_then_given_up_on() {
         nats: None,
     };
     let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
-    wait_for("configuration", async || {
-        !log.read_type("agent.configured", 0, 1)
-            .await
-            .expect("r")
-            .is_empty()
-    })
-    .await;
+    configured(&log, 1).await;
     message(&log, "bob").await;
     wait_for("giving up", async || {
         !log.read_type("workspace.failed", 0, 1)
@@ -436,14 +436,7 @@ async fn a_slow_backend_call_does_not_hold_up_the_decisions() {
         }),
     };
     let task = tokio::spawn(controller::run(log.clone(), config, shutdown.clone()));
-    wait_for("configuration", async || {
-        log.read_type("agent.configured", 0, 10)
-            .await
-            .expect("r")
-            .len()
-            == 2
-    })
-    .await;
+    configured(&log, 2).await;
     message(&log, "bob").await;
     wait_for("bob's start decision", async || {
         !log.read_type("workspace.start_requested", 0, 10)
