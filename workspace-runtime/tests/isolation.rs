@@ -207,6 +207,40 @@ async fn alice_memory(js: &jetstream::Context, ns: &Namespace) -> Memory {
     .expect("a's own bucket")
 }
 
+/// A controller with the local backend against the operator-mode server at `url`: its own
+/// credentials from `dir` (what `nats-auth init` wrote), `local` completed with that server,
+/// text logs and a short stop grace.
+fn operator_mode_controller(
+    holder: &str,
+    agents: PathBuf,
+    local: warren_control_plane::backend::local::LocalConfig,
+    url: &str,
+    dir: &Path,
+    ns: &Namespace,
+) -> warren_control_plane::controller::ControllerConfig {
+    use warren_control_plane::controller::{ControllerConfig, NatsConfig};
+    ControllerConfig {
+        holder: holder.into(),
+        lease_ttl: Duration::from_secs(5),
+        tick: Duration::from_millis(100),
+        policy: Default::default(),
+        config_file: Some(agents),
+        backend: Some(BackendConfig::Local(
+            warren_control_plane::backend::local::LocalConfig {
+                nats_url: Some(url.to_owned()),
+                telemetry: support::text_logs(),
+                stop_grace: Duration::from_secs(5),
+                ..local
+            },
+        )),
+        nats: Some(NatsConfig {
+            url: url.to_owned(),
+            namespace: ns.clone(),
+            credentials: Some(dir.join("control-plane.creds")),
+        }),
+    }
+}
+
 /// A fresh directory with a new trust chain (`nats-auth init`) and a server trusting it.
 async fn operator_mode(test: &str, ns: &Namespace) -> (PathBuf, support::NatsServer) {
     let dir = std::env::temp_dir().join(format!("warren-{test}-{}", std::process::id()));
@@ -540,7 +574,7 @@ async fn a_workspace_is_held_to_its_limits_by_the_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
     use warren_control_plane::backend::local::LocalConfig;
-    use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
+    use warren_control_plane::controller;
     use warren_schema::events::AgentReplied;
 
     let ns = Namespace::default();
@@ -562,28 +596,20 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
     let shutdown = CancellationToken::new();
     let controller = tokio::spawn(controller::run(
         log.clone(),
-        ControllerConfig {
-            holder: "isolated".into(),
-            lease_ttl: Duration::from_secs(5),
-            tick: Duration::from_millis(100),
-            policy: Default::default(),
-            config_file: Some(agents),
-            backend: Some(BackendConfig::Local(LocalConfig {
-                nats_url: Some(server.url.clone()),
+        operator_mode_controller(
+            "isolated",
+            agents,
+            LocalConfig {
                 credentials: Some(Arc::new(issuer)),
-                telemetry: support::text_logs(),
-                stop_grace: Duration::from_secs(5),
                 ..LocalConfig::new(
                     dir.join("local"),
                     vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
                 )
-            })),
-            nats: Some(NatsConfig {
-                url: server.url.clone(),
-                namespace: ns.clone(),
-                credentials: Some(dir.join("control-plane.creds")),
-            }),
-        },
+            },
+            &server.url,
+            &dir,
+            &ns,
+        ),
         shutdown.clone(),
     ));
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -851,7 +877,7 @@ async fn expiring_credentials_are_renewed_in_time_and_refused_once_expired() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_agent_finds_no_secret_and_nothing_of_another_workspace() {
     use warren_control_plane::backend::local::LocalConfig;
-    use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
+    use warren_control_plane::controller;
     use warren_schema::events::AgentReplied;
 
     let ns = Namespace::default();
@@ -902,29 +928,21 @@ echo "== done""#,
     let shutdown = CancellationToken::new();
     let controller = tokio::spawn(controller::run(
         log.clone(),
-        ControllerConfig {
-            holder: "snoop".into(),
-            lease_ttl: Duration::from_secs(5),
-            tick: Duration::from_millis(100),
-            policy: Default::default(),
-            config_file: Some(agents),
-            backend: Some(BackendConfig::Local(LocalConfig {
-                nats_url: Some(server.url.clone()),
+        operator_mode_controller(
+            "snoop",
+            agents,
+            LocalConfig {
                 credentials: Some(Arc::new(issuer)),
                 model_keys: Some(keys.clone()),
-                telemetry: support::text_logs(),
-                stop_grace: Duration::from_secs(5),
                 ..LocalConfig::new(
                     root.clone(),
                     vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
                 )
-            })),
-            nats: Some(NatsConfig {
-                url: server.url.clone(),
-                namespace: ns.clone(),
-                credentials: Some(dir.join("control-plane.creds")),
-            }),
-        },
+            },
+            &server.url,
+            &dir,
+            &ns,
+        ),
         shutdown.clone(),
     ));
     let reply_of = async |agent: &str, delivery: &str, text: &str| -> String {
