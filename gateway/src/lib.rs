@@ -36,6 +36,14 @@ pub async fn run(
     admin: axum::Router,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // A budget smaller than one body would answer 503 to every request of that size.
+    anyhow::ensure!(
+        config.append_queue_bytes >= config.max_body_bytes,
+        "WARREN_APPEND_QUEUE_BYTES ({}) is smaller than WARREN_MAX_BODY_BYTES ({}): a body of \
+         the largest size could never be stored",
+        config.append_queue_bytes,
+        config.max_body_bytes
+    );
     let pool = PgPoolOptions::new()
         .max_connections(config.db_max_connections)
         // Fail fast so a database outage becomes a 503 inside Slack's 3 s, not a hang.

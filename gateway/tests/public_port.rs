@@ -180,3 +180,18 @@ async fn a_body_trickled_byte_by_byte_gets_408_and_the_connection_closes() {
         .expect("count");
     assert_eq!(stored, 0);
 }
+
+#[tokio::test]
+async fn a_queue_budget_smaller_than_a_body_stops_the_gateway_at_start() {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_warren-gateway"))
+        .env_clear()
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--max-body-bytes", "1000", "--append-queue-bytes", "999"])
+        .output()
+        .await
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("WARREN_APPEND_QUEUE_BYTES"), "{stderr}");
+}
