@@ -9,6 +9,7 @@ use sqlx::postgres::PgPoolOptions;
 use warren_schema::{EventId, EventLog, Secret};
 
 use crate::backend::BackendConfig;
+use crate::backend::kubernetes::KubernetesConfig;
 use crate::backend::local::{LocalConfig, Users};
 use crate::controller::{self, ControllerConfig};
 use crate::decide::Policy;
@@ -138,9 +139,12 @@ pub struct RunArgs {
     /// Longest agent-to-agent mention chain delivered.
     #[arg(long, env = "WARREN_MENTION_MAX_DEPTH", default_value_t = 5)]
     pub mention_max_depth: usize,
-    /// Where workspaces run: `local` (child processes) or `none` (record decisions only).
+    /// Where workspaces run: `local` (child processes), `kubernetes` (a pod per
+    /// workspace) or `none` (record decisions only).
     #[arg(long, env = "WARREN_BACKEND", default_value = "local")]
     pub backend: BackendKind,
+    #[command(flatten)]
+    pub kubernetes: KubernetesArgs,
     /// Local backend: directory holding each workspace's directory and the shared one.
     #[arg(long, env = "WARREN_LOCAL_ROOT", default_value = ".warren/local")]
     pub local_root: std::path::PathBuf,
@@ -191,7 +195,65 @@ pub struct RunArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
     Local,
+    Kubernetes,
     None,
+}
+
+/// The kubernetes backend's settings (see docs/kubernetes.md).
+#[derive(Debug, Clone, clap::Args)]
+pub struct KubernetesArgs {
+    /// Kubernetes: a kubeconfig file (unset: in-cluster service account, or KUBECONFIG).
+    #[arg(long = "kubeconfig", env = "WARREN_KUBECONFIG")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// Kubernetes: the namespace workspace pods run in.
+    #[arg(
+        long = "kube-namespace",
+        env = "WARREN_KUBE_NAMESPACE",
+        default_value = "workspaces"
+    )]
+    pub namespace: String,
+    /// Kubernetes: the installation's name (prefixes object names; one per namespace).
+    #[arg(
+        long = "kube-instance",
+        env = "WARREN_KUBE_INSTANCE",
+        default_value = "warren"
+    )]
+    pub instance: String,
+    /// Kubernetes: the workspace runtime image (agents may name another in settings.pod).
+    #[arg(long = "kube-image", env = "WARREN_KUBE_IMAGE")]
+    pub image: Option<String>,
+    /// Kubernetes: the ReadWriteMany claim holding workspaces/ and shared/.
+    #[arg(
+        long = "kube-claim",
+        env = "WARREN_KUBE_CLAIM",
+        default_value = "warren-files"
+    )]
+    pub claim: String,
+    /// Kubernetes: NATS as workspace pods reach it (unset: --nats-url).
+    #[arg(long = "kube-nats-url", env = "WARREN_KUBE_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Kubernetes: where workspace pods may connect besides DNS, as CIDR:PORT (NATS,
+    /// model APIs); comma-separated.
+    #[arg(
+        long = "kube-egress",
+        env = "WARREN_KUBE_EGRESS",
+        value_delimiter = ','
+    )]
+    pub egress: Vec<crate::backend::kubernetes::objects::Egress>,
+    /// Kubernetes: API writes per second, on average.
+    #[arg(
+        long = "kube-writes-per-second",
+        env = "WARREN_KUBE_WRITES_PER_SECOND",
+        default_value_t = 50.0
+    )]
+    pub writes_per_second: f64,
+    /// Kubernetes: API calls in flight at once.
+    #[arg(
+        long = "kube-concurrency",
+        env = "WARREN_KUBE_CONCURRENCY",
+        default_value_t = 16
+    )]
+    pub concurrency: usize,
 }
 
 impl RunArgs {
@@ -212,7 +274,7 @@ impl RunArgs {
                 })
             })
             .transpose()?;
-        if issuer.is_none() && self.nats_url.is_some() && self.backend == BackendKind::Local {
+        if issuer.is_none() && self.nats_url.is_some() && self.backend != BackendKind::None {
             tracing::warn!(
                 "no --nats-account-seed: workspaces connect to NATS without credentials of \
                  their own and can reach each other's inboxes and memory (see deploy/nats)"
@@ -237,46 +299,92 @@ impl RunArgs {
                 ..Policy::default()
             },
             config_file: self.config.clone(),
-            backend: (self.backend == BackendKind::Local).then(|| {
-                BackendConfig::Local(LocalConfig {
-                    nats_url: self.nats_url.clone(),
-                    nats_prefix: self.nats_prefix.clone(),
-                    credentials: issuer,
-                    model_keys: self.model_keys_dir.clone(),
-                    telemetry: TelemetryLaunch {
-                        log_format: Some(
-                            match telemetry.log_format {
-                                warren_telemetry::LogFormat::Json => "json",
-                                warren_telemetry::LogFormat::Text => "text",
-                            }
-                            .into(),
-                        ),
-                        log_filter: telemetry.log_filter.clone(),
-                        otlp_endpoint: telemetry.otlp_endpoint.clone(),
-                        metrics_listen: None,
-                    },
-                    // Where programs are: not a secret, and the agents' CLIs need it.
-                    path: std::env::var("PATH")
-                        .unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
-                    users: if self.same_user {
-                        Users::Same
-                    } else {
-                        Users::Auto
-                    },
-                    ..LocalConfig::new(
-                        self.local_root.clone(),
-                        self.runtime_command
-                            .split_whitespace()
-                            .map(str::to_owned)
-                            .collect(),
-                    )
-                })
-            }),
+            backend: self.backend_config(issuer, telemetry)?,
             nats: self.nats_url.clone().map(|url| controller::NatsConfig {
                 url,
                 namespace,
                 credentials: self.nats_creds.clone(),
             }),
+        })
+    }
+}
+
+impl RunArgs {
+    fn backend_config(
+        &self,
+        issuer: Option<Arc<Issuer>>,
+        telemetry: &warren_telemetry::TelemetryOptions,
+    ) -> anyhow::Result<Option<BackendConfig>> {
+        let telemetry = TelemetryLaunch {
+            log_format: Some(
+                match telemetry.log_format {
+                    warren_telemetry::LogFormat::Json => "json",
+                    warren_telemetry::LogFormat::Text => "text",
+                }
+                .into(),
+            ),
+            log_filter: telemetry.log_filter.clone(),
+            otlp_endpoint: telemetry.otlp_endpoint.clone(),
+            metrics_listen: None,
+        };
+        Ok(match self.backend {
+            BackendKind::None => None,
+            BackendKind::Local => Some(BackendConfig::Local(LocalConfig {
+                nats_url: self.nats_url.clone(),
+                nats_prefix: self.nats_prefix.clone(),
+                credentials: issuer,
+                model_keys: self.model_keys_dir.clone(),
+                telemetry,
+                // Where programs are: not a secret, and the agents' CLIs need it.
+                path: std::env::var("PATH")
+                    .unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+                users: if self.same_user {
+                    Users::Same
+                } else {
+                    Users::Auto
+                },
+                ..LocalConfig::new(
+                    self.local_root.clone(),
+                    self.runtime_command
+                        .split_whitespace()
+                        .map(str::to_owned)
+                        .collect(),
+                )
+            })),
+            BackendKind::Kubernetes => {
+                let k = &self.kubernetes;
+                let nats_url = k
+                    .nats_url
+                    .clone()
+                    .or_else(|| self.nats_url.clone())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("--backend kubernetes needs --kube-nats-url or --nats-url")
+                    })?;
+                if !crate::backend::kubernetes::settings::is_dns_subdomain(&k.namespace) {
+                    anyhow::bail!("--kube-namespace {:?} is not a namespace name", k.namespace);
+                }
+                if !crate::config_file::is_name(&k.instance) || k.instance.len() > 40 {
+                    anyhow::bail!(
+                        "--kube-instance {:?}: use at most 40 lowercase letters, digits and '-'",
+                        k.instance
+                    );
+                }
+                let mut config = KubernetesConfig::new(&k.namespace, nats_url);
+                config.kubeconfig = k.kubeconfig.clone();
+                config.template.instance = k.instance.clone();
+                if let Some(image) = &k.image {
+                    config.template.image = image.clone();
+                }
+                config.template.claim = k.claim.clone();
+                config.nats_prefix = self.nats_prefix.clone();
+                config.credentials = issuer;
+                config.model_keys = self.model_keys_dir.clone();
+                config.telemetry = telemetry;
+                config.egress = k.egress.clone();
+                config.writes_per_second = k.writes_per_second;
+                config.concurrency = k.concurrency;
+                Some(BackendConfig::Kubernetes(config))
+            }
         })
     }
 }

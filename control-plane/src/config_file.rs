@@ -78,7 +78,7 @@ pub fn load(path: &Path) -> Result<ConfigFile> {
     Ok(file)
 }
 
-fn is_name(s: &str) -> bool {
+pub fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -112,7 +112,7 @@ pub fn validate(file: &ConfigFile) -> std::result::Result<(), String> {
         }
         if let Some(key) = warren_schema::launch::AgentLaunch::allowed_keys(&a.settings)
             .into_iter()
-            .find(|k| !crate::backend::local::is_key_name(k))
+            .find(|k| !crate::backend::model_keys::is_key_name(k))
         {
             return Err(format!(
                 "agent {}: allowed key {key:?}: use a key name such as OPENAI_API_KEY (A-Z, 0-9, _)",
@@ -143,6 +143,18 @@ pub fn validate(file: &ConfigFile) -> std::result::Result<(), String> {
         if !names.insert(a.name.as_str()) {
             return Err(format!("agent {} is defined twice", a.name));
         }
+    }
+    // Pod settings (kubernetes backend): each checked, and the agents of one workspace
+    // (one pod) may not contradict each other.
+    let mut workspaces: std::collections::BTreeMap<&str, Vec<&AgentEntry>> = Default::default();
+    for a in &file.agents {
+        workspaces.entry(a.workspace.as_str()).or_default().push(a);
+    }
+    for (workspace, agents) in workspaces {
+        crate::backend::kubernetes::settings::for_workspace(
+            agents.iter().map(|a| (a.name.as_str(), &a.settings)),
+        )
+        .map_err(|e| format!("workspace {workspace}: {e}"))?;
     }
     let mut routes = BTreeSet::new();
     for r in &file.routes {
@@ -251,9 +263,29 @@ pub async fn sync(log: &EventLog, state: &State, file: &ConfigFile) -> Result<us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn file(json: Value) -> ConfigFile {
         serde_json::from_value(json).expect("a config file")
+    }
+
+    #[test]
+    fn bad_pod_settings_are_refused_naming_the_agent_and_the_field() {
+        let e = validate(&file(json!({"agents": [{"name": "a", "workspace": "w",
+            "settings": {"pod": {"resources": {"limits": {"memory": "lots"}}}}}]})))
+        .expect_err("refused");
+        assert!(
+            e.contains("agent a") && e.contains("settings.pod.resources.limits.memory"),
+            "{e}"
+        );
+        let e = validate(&file(json!({"agents": [
+            {"name": "a", "workspace": "w", "settings": {"pod": {"runtime_class": "gvisor"}}},
+            {"name": "b", "workspace": "w", "settings": {"pod": {"runtime_class": "kata"}}}]})))
+        .expect_err("refused");
+        assert!(
+            e.contains("workspace w") && e.contains("runtime_class"),
+            "{e}"
+        );
     }
 
     #[test]

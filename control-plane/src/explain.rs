@@ -1,7 +1,7 @@
 //! "Why is this running?": the causal chain of a workspace, a message or a reply, back to
 //! the inbound event(s) that started it, with times.
 
-use warren_schema::events::{DomainEvent, WorkspaceStartRequested};
+use warren_schema::events::{DomainEvent, WorkspaceObserved, WorkspaceStartRequested};
 use warren_schema::{EventId, EventLog, RecordedEvent};
 
 use crate::error::Result;
@@ -13,13 +13,24 @@ pub async fn event(log: &EventLog, id: EventId) -> Result<Vec<RecordedEvent>> {
 }
 
 /// The chain behind a workspace's current run: its latest start decision, back to the
-/// message (or failure, or admission) that caused it. Empty if it was never started.
+/// message (or failure, or admission) that caused it, then what the backend observed of
+/// the process or pod that decision made (`workspace.observed`, naming the pod). Empty if
+/// it was never started.
 pub async fn workspace(log: &EventLog, name: &str) -> Result<Vec<RecordedEvent>> {
     match log
         .latest_for_workspace(WorkspaceStartRequested::TYPE, name)
         .await?
     {
-        Some(start) => Ok(log.causation_chain(start.id).await?),
+        Some(start) => {
+            let mut chain = log.causation_chain(start.id).await?;
+            chain.extend(
+                log.consequences(start.id)
+                    .await?
+                    .into_iter()
+                    .filter(|e| e.event_type == WorkspaceObserved::TYPE),
+            );
+            Ok(chain)
+        }
         None => Ok(Vec::new()),
     }
 }

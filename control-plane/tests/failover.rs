@@ -1,27 +1,41 @@
 //! High availability: two replicas; the leader is killed (its task aborted mid-work, lease
 //! not released) again and again during a burst of messages. The standby takes over within
-//! the lease TTL; every message is routed exactly once; the workspace is started once.
+//! the lease TTL; every message is routed exactly once; the workspace is started once, by
+//! the kubernetes backend against the real API server `scripts/test` starts (a simulating
+//! test kubelet makes its pods Ready): one pod, never a twin, adopted by each new leader.
 
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+use warren_control_plane::backend::BackendConfig;
+use warren_control_plane::backend::kubernetes::KubernetesConfig;
 use warren_control_plane::controller::{self, ControllerConfig, LEASE};
 use warren_control_plane::decide::Policy;
 use warren_schema::events::*;
 use warren_schema::testing::TestDatabase;
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
+use warren_test_kubelet::testenv;
+use warren_test_kubelet::{Kubelet, KubeletConfig, Mode};
 
 const MESSAGES: usize = 300;
 const KILLS: usize = 4;
 
-fn replica(log: &EventLog, name: &str, file: &std::path::Path) -> tokio::task::JoinHandle<()> {
+fn replica(
+    log: &EventLog,
+    name: &str,
+    file: &std::path::Path,
+    instance: &str,
+) -> tokio::task::JoinHandle<()> {
+    let mut kubernetes = KubernetesConfig::new(testenv::NAMESPACE, "nats://127.0.0.1:1");
+    kubernetes.kubeconfig = Some(testenv::control_plane_kubeconfig());
+    kubernetes.template.instance = instance.to_owned();
     let config = ControllerConfig {
         holder: name.into(),
         lease_ttl: Duration::from_secs(2),
         tick: Duration::from_millis(50),
         policy: Policy::default(),
         config_file: Some(file.to_owned()),
-        backend: None,
+        backend: Some(BackendConfig::Kubernetes(kubernetes)),
         nats: None,
     };
     let log = log.clone();
@@ -55,10 +69,14 @@ async fn killing_the_leader_repeatedly_loses_and_doubles_nothing() {
         r#"{"agents": [{"name": "alice", "workspace": "research"}]}"#,
     )
     .expect("config");
+    let instance = testenv::instance("failover");
+    let mut kubelet_config = KubeletConfig::new(testenv::NAMESPACE, &dir, Mode::Simulate);
+    kubelet_config.selector = Some(testenv::selector(&instance));
+    let kubelet = Kubelet::start(testenv::admin().await, kubelet_config);
 
     let mut replicas = vec![
-        ("r0".to_owned(), replica(&log, "r0", &file)),
-        ("r1".to_owned(), replica(&log, "r1", &file)),
+        ("r0".to_owned(), replica(&log, "r0", &file, &instance)),
+        ("r1".to_owned(), replica(&log, "r1", &file, &instance)),
     ];
     let deadline = Instant::now() + Duration::from_secs(15);
     while log
@@ -119,7 +137,7 @@ async fn killing_the_leader_repeatedly_loses_and_doubles_nothing() {
         task.abort();
         let killed = Instant::now();
         let name = format!("r{}", kill + 2);
-        replicas.push((name.clone(), replica(&log, &name, &file)));
+        replicas.push((name.clone(), replica(&log, &name, &file, &instance)));
         // The standby takes over: a new fence holds the lease.
         loop {
             if let Some((_, f)) = holder(&log).await
@@ -164,8 +182,32 @@ async fn killing_the_leader_repeatedly_loses_and_doubles_nothing() {
         .await
         .expect("r");
     assert_eq!(starts.len(), 1, "the workspace was started once");
+    // Its pod: made once and Ready, whichever leader made it; each later leader adopted it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = log
+            .read_type("workspace.observed", 0, 1000)
+            .await
+            .expect("r")
+            .iter()
+            .filter_map(|e| e.decode::<WorkspaceObserved>().ok())
+            .any(|o| o.phase == WorkspacePhase::Ready);
+        if ready {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the workspace's pod never became Ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pods = testenv::pods(&instance).await;
+    assert_eq!(pods.len(), 1, "one pod: {pods:?}");
+    assert_eq!(kubelet.pods_taken_on(), 1, "no pod was ever made twice");
     for (_, task) in replicas {
         task.abort();
     }
+    drop(kubelet);
+    testenv::clean_up(&instance).await;
     eprintln!("takeovers after a kill: {takeovers:?}");
 }

@@ -329,6 +329,8 @@ async fn a_start_refused_for_a_missing_key_names_it_and_leaves_nothing() {
         )],
         directory: vec![],
         tuning: Default::default(),
+        decision: None,
+        traceparent: None,
     };
     let e = backend.start(&spec).await.expect_err("no such key");
     assert!(e.to_string().contains("OPENAI_API_KEY"), "{e}");
@@ -363,6 +365,8 @@ async fn an_agents_processes_do_not_outlive_its_sigkilled_runtime_even_after_set
         )],
         directory: vec![],
         tuning: Default::default(),
+        decision: None,
+        traceparent: None,
     };
     backend.start(&spec).await.expect("start");
     let escaped_file = root.join("local/workspaces/research/escaped.pid");

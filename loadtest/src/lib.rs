@@ -8,6 +8,7 @@
 pub mod control_plane;
 pub mod event_log;
 pub mod gateway;
+pub mod kubernetes;
 mod pgbench;
 mod report;
 pub mod runtime;
@@ -31,6 +32,9 @@ pub enum Command {
     ControlPlane(control_plane::Args),
     /// Workspace runtime: mention round trip vs raw NATS request-reply (NATS at NATS_URL).
     Runtime(runtime::Args),
+    /// Kubernetes backend: webhook -> pod create, cold start, 10,000 workspaces (the API
+    /// server of scripts/lib/kube.sh: KUBECONFIG, WARREN_KUBECONFIG_CONTROL_PLANE).
+    Kubernetes(kubernetes::Args),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -45,5 +49,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gateway(args) => gateway::run(args).await,
         Command::ControlPlane(args) => control_plane::run(args).await,
         Command::Runtime(args) => runtime::run(args).await,
+        Command::Kubernetes(args) => kubernetes::run(args).await,
     }
 }

@@ -8,71 +8,19 @@
 
 mod support;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::routing::post;
-use axum::{Json, Router};
-use hmac::{Hmac, KeyInit, Mac};
-use serde_json::{Value, json};
-use sha2::Sha256;
+use serde_json::json;
+use support::eventually;
+use support::slack::Gateway;
 use tokio_util::sync::CancellationToken;
 use warren_control_plane::backend::BackendConfig;
 use warren_control_plane::backend::local::LocalConfig;
 use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
 use warren_control_plane::decide::Policy;
-use warren_gateway::http::{AppState, router, serve};
-use warren_gateway::replies::{self, slack_api::SlackApi};
-use warren_schema::Secret;
-use warren_schema::event_log::{Appender, AppenderConfig};
 use warren_schema::events::*;
 use warren_schema::nats::Namespace;
 use warren_schema::testing::TestDatabase;
-
-const SIGNING_SECRET: &str = "e2e-signing-secret";
-const BOT_TOKEN: &str = "xoxb-e2e";
-
-async fn fake_slack() -> (String, Arc<Mutex<Vec<Value>>>) {
-    let posts: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let seen = posts.clone();
-    let app = Router::new().route(
-        "/api/chat.postMessage",
-        post(move |Json(body): Json<Value>| {
-            let seen = seen.clone();
-            async move {
-                let mut posts = seen.lock().expect("lock");
-                posts.push(body.clone());
-                Json(json!({"ok": true, "channel": body["channel"],
-                            "ts": format!("1700000200.{:06}", posts.len())}))
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/api"), posts)
-}
-
-fn signed(body: &str) -> (String, String) {
-    let ts = chrono::Utc::now().timestamp().to_string();
-    let mut mac = Hmac::<Sha256>::new_from_slice(SIGNING_SECRET.as_bytes()).expect("key");
-    mac.update(format!("v0:{ts}:{body}").as_bytes());
-    (
-        ts,
-        format!("v0={}", hex::encode(mac.finalize().into_bytes())),
-    )
-}
-
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
@@ -89,30 +37,7 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
     let shutdown = CancellationToken::new();
 
     // Slack's side, and the gateway (ingress + replies out).
-    let (slack_url, posts) = fake_slack().await;
-    let (appender, _writers) = Appender::start(db.pool.clone(), AppenderConfig::default());
-    let app = router(
-        AppState {
-            appender,
-            pool: db.pool.clone(),
-            slack_signing_secret: Some(Secret::new(SIGNING_SECRET)),
-            webhooks: Arc::new(HashMap::new()),
-            append_timeout: Duration::from_secs(2),
-            retry_after_secs: 1,
-            queued_bytes: warren_gateway::http::QueuedBytes::new(64 << 20),
-        },
-        1024 * 1024,
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let gateway = format!("http://{}", listener.local_addr().expect("addr"));
-    let stop = shutdown.clone();
-    tokio::spawn(serve(listener, app, Default::default(), async move {
-        stop.cancelled().await
-    }));
-    let slack = SlackApi::new(&slack_url, Secret::new(BOT_TOKEN)).expect("client");
-    let delivery = tokio::spawn(replies::run(log.clone(), slack, shutdown.clone()));
+    let gateway = Gateway::start(&db, &shutdown).await;
 
     // The control plane, with the local backend running the real runtime binary.
     let agents = root.join("agents.json");
@@ -164,27 +89,15 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
         "authorizations": [{"user_id": "UAPP"}],
         "event": {"type": "app_mention", "user": "U1", "channel": "C1",
                   "text": "<@UAPP> @alice what's the status?", "ts": "1700000000.000100"},
-    })
-    .to_string();
-    let (ts, sig) = signed(&body);
-    let client = reqwest::Client::new();
-    let answer = client
-        .post(format!("{gateway}/slack/events"))
-        .header("content-type", "application/json")
-        .header("x-slack-request-timestamp", ts)
-        .header("x-slack-signature", sig)
-        .body(body)
-        .send()
-        .await
-        .expect("gateway answers");
-    assert_eq!(answer.status(), 200);
+    });
+    assert_eq!(gateway.slack_event(&body).await, 200);
 
     // alice answers and cc's bob; bob answers; both posted in the thread.
     eventually("two replies posted to Slack", async || {
-        posts.lock().expect("lock").len() >= 2
+        gateway.posted().len() >= 2
     })
     .await;
-    let posted = posts.lock().expect("lock").clone();
+    let posted = gateway.posted();
     let texts: Vec<&str> = posted.iter().filter_map(|p| p["text"].as_str()).collect();
     assert!(
         texts
@@ -242,7 +155,7 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
 
     shutdown.cancel();
     controller.await.expect("join").expect("controller");
-    delivery.await.expect("join").expect("replies");
+    gateway.delivery.await.expect("join").expect("replies");
     // The runtimes were stopped with the control plane.
     eventually("the runtimes stopped", async || {
         !std::fs::read_dir(root.join("workspaces"))

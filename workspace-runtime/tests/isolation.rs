@@ -107,6 +107,8 @@ async fn prepare(admin: &jetstream::Context, ns: &Namespace, workspace: &str, ag
             max_deliver: 3,
             ..Tuning::default()
         },
+        decision: None,
+        traceparent: None,
     };
     NatsResources::new(admin.client(), ns.clone())
         .prepare(&spec)

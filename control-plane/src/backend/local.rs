@@ -47,7 +47,7 @@ use tracing::{Instrument, info, info_span, warn};
 use warren_schema::events::WorkspacePhase;
 use warren_schema::launch::{self, LaunchContract, NatsLaunch, TelemetryLaunch};
 
-use super::{Backend, BackendError, Observation, WorkspaceSpec, log_file, uid_range};
+use super::{Backend, BackendError, Observation, WorkspaceSpec, log_file, model_keys, uid_range};
 use crate::nats_auth::{self, Issuer};
 
 /// Which Unix user a workspace runs as.
@@ -137,14 +137,6 @@ fn own(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> std::io::Result<()>
 fn make_dir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> std::io::Result<()> {
     std::fs::create_dir_all(path)?;
     own(path, mode, owner)
-}
-
-/// Key names are environment variable names: `A-Z`, `0-9`, `_` (never a path).
-pub fn is_key_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }
 
 impl LocalBackend {
@@ -277,6 +269,7 @@ impl LocalBackend {
                 phase: WorkspacePhase::Gone,
                 instance: Some(pid.to_string()),
                 detail: Some(detail),
+                decision: None,
             });
         }
         Ok(())
@@ -324,39 +317,14 @@ impl LocalBackend {
         let mut agents = spec.agents.clone();
         for agent in &mut agents {
             agent.keys.clear();
-            for name in launch::AgentLaunch::allowed_keys(&agent.settings) {
-                if !is_key_name(&name) {
-                    return Err(std::io::Error::other(format!(
-                        "agent {}: allowed key {name:?} is not a key name (A-Z, 0-9, _)",
-                        agent.name
-                    )));
-                }
-                let Some(keys) = &self.config.model_keys else {
-                    return Err(std::io::Error::other(format!(
-                        "agent {} is allowed {name}, but no model key directory is configured \
-                         (--model-keys-dir)",
-                        agent.name
-                    )));
-                };
-                let source = keys.join(&name);
-                let meta = std::fs::metadata(&source).map_err(|e| {
-                    std::io::Error::other(format!(
-                        "agent {}: key {name} ({}): {e}",
-                        agent.name,
-                        source.display()
-                    ))
-                })?;
-                if meta.permissions().mode() & 0o077 != 0 {
-                    return Err(std::io::Error::other(format!(
-                        "key file {} may be read by others (mode {:o}); chmod 600 it",
-                        source.display(),
-                        meta.permissions().mode() & 0o777
-                    )));
-                }
+            let keys = model_keys::allowed(
+                self.config.model_keys.as_deref(),
+                &agent.name,
+                &agent.settings,
+            )?;
+            for (name, value) in keys {
                 let target = self.credentials_dir(&spec.name).join("keys").join(&name);
-                let value = std::fs::read_to_string(&source)?;
-                nats_auth::write_file(&target, value.trim(), 0o600)
-                    .map_err(std::io::Error::other)?;
+                nats_auth::write_file(&target, &value, 0o600).map_err(std::io::Error::other)?;
                 own(&target, 0o400, owner)?;
                 agent.keys.insert(name, target);
             }
@@ -521,7 +489,9 @@ impl Backend for LocalBackend {
             phase: WorkspacePhase::Starting,
             instance: Some(pid.to_string()),
             detail: None,
+            decision: spec.decision,
         });
+        let decision = spec.decision;
 
         let backend = self.clone();
         let name = spec.name.clone();
@@ -548,6 +518,7 @@ impl Backend for LocalBackend {
                                     phase: WorkspacePhase::Ready,
                                     instance: Some(pid.to_string()),
                                     detail: None,
+                                    decision,
                                 });
                             }
                         }
@@ -574,7 +545,7 @@ impl Backend for LocalBackend {
                         }
                     }
                 };
-                backend.exited(&name, pid, status);
+                backend.exited(&name, pid, status, decision);
             }
             .instrument(info_span!("local_runtime", workspace = %spec.name, pid)),
         );
@@ -688,7 +659,13 @@ impl LocalBackend {
         }
     }
 
-    fn exited(&self, name: &str, pid: u32, status: std::io::Result<std::process::ExitStatus>) {
+    fn exited(
+        &self,
+        name: &str,
+        pid: u32,
+        status: std::io::Result<std::process::ExitStatus>,
+        decision: Option<warren_schema::EventId>,
+    ) {
         self.kill_leftover_processes(name);
         let asked = match self.inner.lock() {
             Ok(mut inner) => {
@@ -712,6 +689,7 @@ impl LocalBackend {
             phase,
             instance: Some(pid.to_string()),
             detail,
+            decision,
         });
     }
 }

@@ -1,10 +1,12 @@
 //! Runtime backends: where a workspace's process runs. One trait, [`Backend`]; `local`
-//! (child processes, the default on one machine) today, `kubernetes` (a pod per workspace)
-//! next. [`BackendConfig`] is the one place that lists them: adding a backend is its own
-//! module and a variant there.
+//! (child processes, the default on one machine) and `kubernetes` (a pod per workspace).
+//! [`BackendConfig`] and [`AnyBackend`] are the one place that lists them: adding a backend
+//! is its own module and a variant there.
 
+pub mod kubernetes;
 pub mod local;
 pub mod log_file;
+pub mod model_keys;
 pub mod uid_range;
 
 use std::future::Future;
@@ -12,7 +14,7 @@ use std::future::Future;
 use warren_schema::events::WorkspacePhase;
 
 /// What a backend needs to start a workspace.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkspaceSpec {
     pub name: String,
     /// The agents that live in it, with their drivers and settings (the backend gives each
@@ -23,6 +25,10 @@ pub struct WorkspaceSpec {
     /// How its inbox consumers redeliver (the control plane makes them with it, and the
     /// runtime dead-letters by it).
     pub tuning: warren_schema::launch::Tuning,
+    /// The `workspace.start_decided` event this start acts on (a pod is annotated with it).
+    pub decision: Option<warren_schema::EventId>,
+    /// The decision's trace (`traceparent`): starting it is a span in that trace.
+    pub traceparent: Option<String>,
 }
 
 impl WorkspaceSpec {
@@ -40,6 +46,9 @@ pub struct Observation {
     /// Process id or pod name.
     pub instance: Option<String>,
     pub detail: Option<String>,
+    /// The start decision the instance was made for: the observation's cause, so that
+    /// `explain` leads from the decision to the process or pod.
+    pub decision: Option<warren_schema::EventId>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +65,12 @@ pub enum BackendError {
     },
     #[error("stopping workspace {workspace}: {message}")]
     Stop { workspace: String, message: String },
+    #[error("workspace {workspace}: {action}: {source}")]
+    Kubernetes {
+        workspace: String,
+        action: &'static str,
+        source: Box<kube::Error>,
+    },
     #[error("setting up the {backend} backend: {source}")]
     Setup {
         backend: &'static str,
@@ -86,6 +101,7 @@ pub trait Backend: Send + Sync {
 #[derive(Debug, Clone)]
 pub enum BackendConfig {
     Local(local::LocalConfig),
+    Kubernetes(kubernetes::KubernetesConfig),
 }
 
 impl From<local::LocalConfig> for BackendConfig {
@@ -97,7 +113,7 @@ impl From<local::LocalConfig> for BackendConfig {
 impl BackendConfig {
     /// Makes the backend. Call it only once this replica leads: a backend may act on what
     /// it finds (the local one stops runtimes a previous control plane left).
-    pub fn build(&self) -> Result<AnyBackend, BackendError> {
+    pub async fn build(&self) -> Result<AnyBackend, BackendError> {
         match self {
             Self::Local(config) => local::LocalBackend::new(config.clone())
                 .map(AnyBackend::Local)
@@ -105,6 +121,9 @@ impl BackendConfig {
                     backend: "local",
                     source,
                 }),
+            Self::Kubernetes(config) => kubernetes::KubernetesBackend::new(config.clone())
+                .await
+                .map(AnyBackend::Kubernetes),
         }
     }
 }
@@ -113,48 +132,56 @@ impl BackendConfig {
 #[derive(Debug, Clone)]
 pub enum AnyBackend {
     Local(local::LocalBackend),
+    Kubernetes(kubernetes::KubernetesBackend),
 }
 
 impl Backend for AnyBackend {
     fn name(&self) -> &'static str {
         match self {
             Self::Local(b) => b.name(),
+            Self::Kubernetes(b) => b.name(),
         }
     }
 
     async fn running(&self) -> Vec<String> {
         match self {
             Self::Local(b) => b.running().await,
+            Self::Kubernetes(b) => b.running().await,
         }
     }
 
     async fn start(&self, spec: &WorkspaceSpec) -> Result<(), BackendError> {
         match self {
             Self::Local(b) => b.start(spec).await,
+            Self::Kubernetes(b) => b.start(spec).await,
         }
     }
 
     async fn stop(&self, workspace: &str) -> Result<(), BackendError> {
         match self {
             Self::Local(b) => b.stop(workspace).await,
+            Self::Kubernetes(b) => b.stop(workspace).await,
         }
     }
 
     fn drain_observations(&self) -> Vec<Observation> {
         match self {
             Self::Local(b) => b.drain_observations(),
+            Self::Kubernetes(b) => b.drain_observations(),
         }
     }
 
     fn observed(&self) -> &tokio::sync::Notify {
         match self {
             Self::Local(b) => b.observed(),
+            Self::Kubernetes(b) => b.observed(),
         }
     }
 
     async fn hand_over(&self) {
         match self {
             Self::Local(b) => b.hand_over().await,
+            Self::Kubernetes(b) => b.hand_over().await,
         }
     }
 }

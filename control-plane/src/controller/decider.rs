@@ -10,7 +10,7 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
-use tracing::{debug, info, instrument};
+use tracing::{debug, info, info_span, instrument};
 use warren_schema::event_log::append_in_tx;
 use warren_schema::event_log::projection::{lock_checkpoint, store_checkpoint};
 use warren_schema::{
@@ -86,13 +86,20 @@ impl Decider {
         let mut decisions = Vec::new();
         let from = next.position;
         for event in events.iter().filter(|e| e.position > from) {
-            let made = decide::decide(&next, event, now, &self.policy);
-            debug!(
+            // A span in the trace of the event (a message's: from the gateway's request).
+            let span = info_span!(
+                "decide",
                 position = event.position,
                 event_type = %event.event_type,
-                decisions = made.len(),
-                "decided"
+                decisions = tracing::field::Empty,
             );
+            if let Some(parent) = &event.metadata.traceparent {
+                warren_telemetry::set_parent_from_traceparent(&span, parent);
+            }
+            let _entered = span.enter();
+            let made = decide::decide(&next, event, now, &self.policy);
+            span.record("decisions", made.len());
+            debug!(decisions = made.len(), "decided");
             next.apply(event);
             for d in &made {
                 next.apply_own(d, now);

@@ -104,7 +104,7 @@ pub async fn run(
         if backend.is_none()
             && let Some(chosen) = &config.backend
         {
-            backend = Some(chosen.build().map_err(|e| Error::Config {
+            backend = Some(chosen.build().await.map_err(|e| Error::Config {
                 path: "backend".into(),
                 message: e.to_string(),
             })?);
@@ -226,10 +226,12 @@ async fn lead(
                 None => reconciler,
             };
             let stop = stop_reconciling.clone();
-            Some(tokio::spawn(
+            // Aborted with this future: a leader that dies (or is dropped) leaves no
+            // reconciler acting on its behalf.
+            Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
                 reconcile::run(reconciler, desired_state, stop)
                     .instrument(info_span!("reconciler")),
-            ))
+            )))
         }
         None => None,
     };

@@ -71,6 +71,9 @@ pub struct Workspace {
     /// reconciler acts on each once, so a process that exits before its exit is in the log
     /// is not started again behind the decisions' back.
     pub start_decision: Option<EventId>,
+    /// The trace of the start decision (its `traceparent`: the message's trace), which the
+    /// reconcile and the backend's calls for it join.
+    pub start_trace: Option<String>,
     /// Failed starts since it was last ready.
     pub failures: u32,
     /// When the last failure was observed (phase `BackingOff`; the restart is due a
@@ -211,6 +214,7 @@ impl State {
                     let w = self.workspace_mut(&s.workspace, at, event.id);
                     w.phase = Phase::Starting;
                     w.start_decision = Some(event.id);
+                    w.start_trace = event.metadata.traceparent.clone();
                     w.failed_at = None;
                     if s.attempt == 0 {
                         w.failures = 0;
@@ -345,6 +349,7 @@ impl State {
                 last_activity: at,
                 last_activity_event: by,
                 start_decision: None,
+                start_trace: None,
                 failures: 0,
                 failed_at: None,
                 failure_event: None,

@@ -9,7 +9,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tracing::{info, instrument, warn};
+use futures_util::StreamExt;
+use tracing::{Instrument, info, info_span, instrument, warn};
 use warren_schema::events::{WorkspaceObserved, WorkspacePhase};
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
 
@@ -17,6 +18,9 @@ use warren_schema::launch::AgentLaunch;
 use warren_schema::nats::AgentInfo;
 
 pub mod nats;
+
+/// Start and stop actions carried out at once, at most.
+pub const MAX_ACTIONS_IN_FLIGHT: usize = 32;
 
 use crate::backend::{Backend, WorkspaceSpec};
 use crate::decide::{Phase, State};
@@ -67,6 +71,8 @@ pub fn plan(
                     })
                     .collect(),
                 tuning: warren_schema::launch::Tuning::default(),
+                decision: w.start_decision,
+                traceparent: w.start_trace.clone(),
             }));
         }
     }
@@ -95,10 +101,22 @@ pub async fn run<B: Backend>(
     loop {
         let state = std::sync::Arc::clone(&desired.borrow_and_update());
         // Stopping does not wait for a slow call to end (what a stopped leader left half
-        // done, the next one plans again).
-        tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            done = reconciler.reconcile(&state) => done?,
+        // done, the next one plans again). What the backend observes meanwhile is recorded
+        // as it comes: a long pass (a backlog of thousands of starts, paced by the API
+        // budget) does not hold the observations back until it ends.
+        let reconciling = reconciler.reconcile(&state);
+        tokio::pin!(reconciling);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                done = &mut reconciling => {
+                    done?;
+                    break;
+                }
+                () = reconciler.backend().observed().notified() => {
+                    reconciler.record_observations().await?;
+                }
+            }
         }
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
@@ -152,43 +170,93 @@ impl<B: Backend> Reconciler<B> {
         let acted = self.acted.lock().map(|a| a.clone()).unwrap_or_default();
         let actions = plan(state, &running, &acted);
         tracing::Span::current().record("actions", actions.len());
-        for action in actions {
-            match action {
-                Action::Start(spec) => {
-                    info!(workspace = %spec.name, agents = ?spec.agents, "starting workspace");
-                    if let (Ok(mut acted), Some(decision)) = (
-                        self.acted.lock(),
-                        state
-                            .workspaces
-                            .get(&spec.name)
-                            .and_then(|w| w.start_decision),
-                    ) {
-                        acted.insert(spec.name.clone(), decision);
-                    }
-                    // Its NATS resources first, then its process.
-                    let prepared = match &self.nats {
-                        Some(resources) => {
-                            resources.prepare(&spec).await.map_err(|e| e.to_string())
-                        }
-                        None => Ok(()),
-                    };
-                    let started = match prepared {
-                        Ok(()) => self.backend.start(&spec).await.map_err(|e| e.to_string()),
-                        Err(e) => Err(e),
-                    };
-                    if let Err(detail) = started {
-                        warn!(workspace = %spec.name, error = %detail, "start failed");
-                        self.record(&spec.name, WorkspacePhase::Failed, None, Some(detail))
-                            .await?;
-                    }
+        // Actions on different workspaces run side by side; the backend keeps its own
+        // budget (the kubernetes one limits its calls in flight and its write rate).
+        let mut acting = futures_util::stream::iter(actions)
+            .map(|action| self.act(state, action))
+            .buffer_unordered(MAX_ACTIONS_IN_FLIGHT);
+        while let Some(done) = acting.next().await {
+            done?;
+        }
+        Ok(())
+    }
+
+    async fn act(&self, state: &State, action: Action) -> Result<()> {
+        match action {
+            Action::Start(spec) => {
+                // In the trace of the message that caused the start decision.
+                let span = info_span!(
+                    "reconcile.start",
+                    workspace = %spec.name,
+                    decision = ?spec.decision,
+                    backend = self.backend.name(),
+                );
+                if let Some(parent) = &spec.traceparent {
+                    warren_telemetry::set_parent_from_traceparent(&span, parent);
                 }
-                Action::Stop(name) => {
-                    info!(workspace = %name, "stopping workspace");
-                    if let Err(e) = self.backend.stop(&name).await {
-                        warn!(workspace = %name, error = %e, "stop failed");
-                    }
-                }
+                self.start(spec).instrument(span).await
             }
+            Action::Stop(name) => {
+                self.stop(state, &name)
+                    .instrument(info_span!("reconcile.stop", workspace = %name))
+                    .await
+            }
+        }
+    }
+
+    async fn start(&self, spec: WorkspaceSpec) -> Result<()> {
+        info!(workspace = %spec.name, agents = ?spec.agents, "starting workspace");
+        if let (Ok(mut acted), Some(decision)) = (self.acted.lock(), spec.decision) {
+            acted.insert(spec.name.clone(), decision);
+        }
+        // Its NATS resources first, then its process.
+        let prepared = match &self.nats {
+            Some(resources) => resources.prepare(&spec).await.map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        let started = match prepared {
+            Ok(()) => self.backend.start(&spec).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        if let Err(detail) = started {
+            warn!(workspace = %spec.name, error = %detail, "start failed");
+            // One failure per start decision (a retry of the same one is absorbed).
+            let decision = spec.decision.map(|d| d.to_string());
+            let mut meta = Metadata::new("control-plane.reconcile");
+            meta.causation_id = spec.decision;
+            self.record_with(
+                &spec.name,
+                WorkspacePhase::Failed,
+                None,
+                Some(detail),
+                decision.as_deref(),
+                meta,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn stop(&self, state: &State, name: &str) -> Result<()> {
+        // A workspace no decision wants running (unknown to the log, or stopped): its
+        // instance is an orphan, left by a crash or by hand. It is deleted, and that is
+        // recorded so that `explain` shows why it went.
+        let explained = state
+            .workspaces
+            .get(name)
+            .is_some_and(|w| w.phase != Phase::Stopped);
+        info!(workspace = %name, explained, "stopping workspace");
+        if let Err(e) = self.backend.stop(name).await {
+            warn!(workspace = %name, error = %e, "stop failed");
+        } else if !explained {
+            self.record(
+                name,
+                WorkspacePhase::Gone,
+                None,
+                Some("orphan: no decision wants it running; deleted".into()),
+                None,
+            )
+            .await?;
         }
         Ok(())
     }
@@ -198,7 +266,9 @@ impl<B: Backend> Reconciler<B> {
         let observations = self.backend.drain_observations();
         let n = observations.len();
         for o in observations {
-            self.record(&o.workspace, o.phase, o.instance, o.detail)
+            let mut meta = Metadata::new("control-plane.reconcile");
+            meta.causation_id = o.decision;
+            self.record_with(&o.workspace, o.phase, o.instance, o.detail, None, meta)
                 .await?;
         }
         Ok(n)
@@ -210,19 +280,36 @@ impl<B: Backend> Reconciler<B> {
         phase: WorkspacePhase,
         instance: Option<String>,
         detail: Option<String>,
+        decision: Option<&str>,
+    ) -> Result<()> {
+        let meta = Metadata::new("control-plane.reconcile");
+        self.record_with(workspace, phase, instance, detail, decision, meta)
+            .await
+    }
+
+    async fn record_with(
+        &self,
+        workspace: &str,
+        phase: WorkspacePhase,
+        instance: Option<String>,
+        detail: Option<String>,
+        decision: Option<&str>,
+        mut meta: Metadata,
     ) -> Result<()> {
         let phase_name = serde_json::to_value(phase)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
         // One observation per (instance, phase): a re-report is absorbed.
-        let id = EventId::derive(&[
+        let mut key = vec![
             "observed",
             workspace,
             instance.as_deref().unwrap_or("-"),
             &phase_name,
             detail.as_deref().unwrap_or(""),
-        ]);
+        ];
+        key.extend(decision);
+        let id = EventId::derive(&key);
         let event = WorkspaceObserved {
             workspace: workspace.to_owned(),
             phase,
@@ -230,7 +317,6 @@ impl<B: Backend> Reconciler<B> {
             instance,
             detail,
         };
-        let mut meta = Metadata::new("control-plane.reconcile");
         meta.actor = Some(self.backend.name().to_owned());
         let event = NewEvent::from_domain(id, &event, meta)
             .map_err(|e| warren_schema::Error::InvalidEvent(e.to_string()))?;
@@ -261,6 +347,7 @@ mod tests {
                     last_activity: Utc::now(),
                     last_activity_event: EventId::random(),
                     start_decision: Some(EventId::derive(&["start", name])),
+                    start_trace: None,
                     failures: 0,
                     failed_at: None,
                     failure_event: None,
@@ -313,6 +400,8 @@ mod tests {
                         })
                         .collect(),
                     tuning: Default::default(),
+                    decision: Some(EventId::derive(&["start", "a"])),
+                    traceparent: None,
                 }),
                 Action::Stop("c".into()),
                 Action::Stop("d".into()),

@@ -2,6 +2,9 @@
 //! got, waiting for the inbox to be acknowledged, and cleaning up. Each test file uses part.
 #![allow(dead_code)]
 
+pub mod kube;
+pub mod slack;
+
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -339,4 +342,13 @@ pub async fn mcp_turn(
         warren_workspace_runtime::outbox::Outbox::new(js.clone(), ns, "research"),
     )
     .expect("the turn's MCP socket")
+}
+
+/// Waits until `check` holds, at most 30 s.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

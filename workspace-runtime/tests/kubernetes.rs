@@ -1,0 +1,899 @@
+//! The kubernetes backend end to end, against the real API server `scripts/test` starts
+//! (RBAC: the control plane runs as its own identity under the Role deploy/ ships; Pod
+//! Security `restricted` enforced), the test kubelet running each pod's container with
+//! this build's runtime, and real PostgreSQL and NATS.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use support::eventually;
+use support::kube as k;
+use support::slack::Gateway;
+use tokio_util::sync::CancellationToken;
+use warren_control_plane::backend::BackendConfig;
+use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
+use warren_control_plane::decide::Policy;
+use warren_schema::EventLog;
+use warren_schema::events::*;
+use warren_schema::nats::Namespace;
+use warren_schema::testing::TestDatabase;
+use warren_test_kubelet::testenv;
+
+/// A controller running the kubernetes backend for `instance`.
+fn controller(
+    log: &EventLog,
+    holder: &str,
+    instance: &str,
+    prefix: &str,
+    agents: &Path,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<warren_control_plane::error::Result<()>> {
+    let nats_url = support::nats_url();
+    tokio::spawn(controller::run(
+        log.clone(),
+        ControllerConfig {
+            holder: holder.into(),
+            lease_ttl: Duration::from_secs(5),
+            tick: Duration::from_millis(100),
+            policy: Policy::default(),
+            config_file: Some(agents.to_owned()),
+            backend: Some(BackendConfig::Kubernetes(k::backend_config(
+                instance, &nats_url, prefix,
+            ))),
+            nats: Some(NatsConfig {
+                url: nats_url,
+                namespace: Namespace::new(prefix),
+                credentials: None,
+            }),
+        },
+        shutdown.clone(),
+    ))
+}
+
+fn mention(event_id: &str, ts: &str, text: &str) -> serde_json::Value {
+    json!({
+        "type": "event_callback", "team_id": "T1", "event_id": event_id, "event_time": 1,
+        "authorizations": [{"user_id": "UAPP"}],
+        "event": {"type": "app_mention", "user": "U1", "channel": "C1",
+                  "text": format!("<@UAPP> {text}"), "ts": ts},
+    })
+}
+
+struct Setup {
+    db: TestDatabase,
+    instance: String,
+    prefix: String,
+    root: std::path::PathBuf,
+}
+
+impl Setup {
+    async fn new(test: &str) -> Self {
+        let instance = testenv::instance(test);
+        let prefix = instance.replace('-', "x");
+        let root = std::env::temp_dir().join(format!("warren-{instance}"));
+        std::fs::create_dir_all(&root).expect("root");
+        Self {
+            db: TestDatabase::new().await,
+            instance,
+            prefix,
+            root,
+        }
+    }
+
+    fn agents(&self, json: &str) -> std::path::PathBuf {
+        let path = self.root.join("agents.json");
+        std::fs::write(&path, json).expect("agents");
+        path
+    }
+
+    async fn clean_up(&self, workspaces: &[&str]) {
+        testenv::clean_up(&self.instance).await;
+        let js = async_nats::jetstream::new(
+            async_nats::connect(support::nats_url())
+                .await
+                .expect("nats"),
+        );
+        support::remove(&js, &Namespace::new(&self.prefix), workspaces).await;
+    }
+}
+
+/// A local OTLP/HTTP receiver: the spans of every export request, as (trace id, name).
+async fn otlp_receiver() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    let spans: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+    let sink = spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let request = ExportTraceServiceRequest::decode(body).expect("an OTLP body");
+                let mut sink = sink.lock().expect("lock");
+                for span in request
+                    .resource_spans
+                    .iter()
+                    .flat_map(|r| &r.scope_spans)
+                    .flat_map(|s| &s.spans)
+                {
+                    sink.push((hex::encode(&span.trace_id), span.name.clone()));
+                }
+                ""
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, spans)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_message_is_answered_by_an_agent_in_a_pod() {
+    // Spans go to a local OTLP receiver (the only test here that installs telemetry).
+    let (otlp, spans) = otlp_receiver().await;
+    let telemetry = warren_telemetry::Telemetry::init(
+        "warren-kubernetes-test",
+        &warren_telemetry::TelemetryOptions {
+            log_format: warren_telemetry::LogFormat::Text,
+            log_filter: Some("warn,warren_control_plane=info".into()),
+            otlp_endpoint: Some(otlp),
+        },
+    )
+    .expect("telemetry");
+    let s = Setup::new("e2e").await;
+    let log = s.db.log();
+    let shutdown = CancellationToken::new();
+    let gateway = Gateway::start(&s.db, &shutdown).await;
+    let kubelet = k::kubelet(&s.instance, &s.root).await;
+    let agents = s.agents(r#"{"agents": [{"name": "alice", "workspace": "research"}]}"#);
+    let control_plane = controller(&log, "cp-a", &s.instance, &s.prefix, &agents, &shutdown);
+
+    assert_eq!(
+        gateway
+            .slack_event(&mention("EvK1", "1700000000.000100", "@alice status?"))
+            .await,
+        200
+    );
+    eventually("alice's reply in the thread", async || {
+        gateway.posted().iter().any(|p| {
+            p["text"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("alice got: "))
+        })
+    })
+    .await;
+    let posted = gateway.posted();
+    assert_eq!(posted[0]["channel"], "C1");
+    assert_eq!(posted[0]["thread_ts"], "1700000000.000100");
+
+    // The pod carries the decision that made it, as kubectl shows it.
+    let decision = log
+        .read_type("workspace.start_requested", 0, 10)
+        .await
+        .expect("read")
+        .first()
+        .expect("a start decision")
+        .id;
+    let pod_name = format!("{}-research", s.instance);
+    let yaml = tokio::process::Command::new("kubectl")
+        .args([
+            "get",
+            "pod",
+            &pod_name,
+            "-n",
+            testenv::NAMESPACE,
+            "-o",
+            "yaml",
+        ])
+        .output()
+        .await
+        .expect("kubectl");
+    let yaml = String::from_utf8_lossy(&yaml.stdout);
+    assert!(
+        yaml.contains(&format!("warren.dev/decision: {decision}")),
+        "{yaml}"
+    );
+    // explain leads from the decision to the pod.
+    let why = warren_control_plane::explain::workspace(&log, "research")
+        .await
+        .expect("explain");
+    let types: Vec<&str> = why.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(
+        &types[..2],
+        ["message.received", "workspace.start_requested"]
+    );
+    let ready = why
+        .iter()
+        .filter_map(|e| e.decode::<WorkspaceObserved>().ok())
+        .find(|o| o.phase == WorkspacePhase::Ready)
+        .expect("the pod's readiness in explain");
+    assert!(
+        ready
+            .instance
+            .as_deref()
+            .is_some_and(|i| i.starts_with(&format!("{pod_name}/"))),
+        "{ready:?}"
+    );
+    assert_eq!(ready.backend, "kubernetes");
+
+    shutdown.cancel();
+    control_plane.await.expect("join").expect("controller");
+    drop(kubelet);
+    s.clean_up(&["research"]).await;
+
+    // One trace from the Slack request to the pod: the message carries the gateway
+    // request's trace, and deciding on it, starting the workspace and each API call of
+    // that start are spans in it.
+    let message = log
+        .read_type("message.received", 0, 1)
+        .await
+        .expect("read")
+        .pop()
+        .expect("the message");
+    let trace = message
+        .metadata
+        .traceparent
+        .as_deref()
+        .and_then(|t| t.split('-').nth(1))
+        .expect("the message's trace")
+        .to_owned();
+    tokio::task::spawn_blocking(move || telemetry.shutdown())
+        .await
+        .expect("flush");
+    let in_trace: Vec<String> = spans
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(t, _)| *t == trace)
+        .map(|(_, name)| name.clone())
+        .collect();
+    for name in ["decide", "reconcile.start", "kubernetes.api"] {
+        assert!(
+            in_trace.iter().any(|n| n == name),
+            "no {name} span in the message's trace: {in_trace:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_control_plane_adopts_its_pods_and_deletes_orphans() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+    use kube::api::{Api, Patch, PatchParams};
+    use warren_control_plane::backend::kubernetes::objects::{self, PodTemplate};
+    use warren_schema::launch::{LaunchContract, NatsLaunch};
+    let s = Setup::new("adopt").await;
+    let log = s.db.log();
+    let shutdown = CancellationToken::new();
+    let gateway = Gateway::start(&s.db, &shutdown).await;
+    let kubelet = k::kubelet(&s.instance, &s.root).await;
+    let agents = s.agents(r#"{"agents": [{"name": "alice", "workspace": "research"}]}"#);
+    let first = CancellationToken::new();
+    let leader = controller(&log, "cp-a", &s.instance, &s.prefix, &agents, &first);
+    gateway
+        .slack_event(&mention("EvA1", "1700000000.000100", "@alice one"))
+        .await;
+    eventually("the first reply", async || gateway.posted().len() == 1).await;
+    let pod = testenv::pods(&s.instance).await.pop().expect("alice's pod");
+    let uid = pod.metadata.uid.clone().expect("uid");
+    let pid = kubelet.pid(&uid).expect("the kubelet runs it");
+
+    // The leader goes away: its pods stay.
+    first.cancel();
+    leader.await.expect("join").expect("controller");
+    assert_eq!(
+        testenv::pods(&s.instance).await.len(),
+        1,
+        "the pod outlives the leader"
+    );
+
+    // Meanwhile someone leaves a running pod no decision explains (a workspace of its own,
+    // with its Secret, as a crashed control plane of another log might have).
+    let admin = testenv::admin().await;
+    let anchor = Api::<ConfigMap>::namespaced(admin.clone(), testenv::NAMESPACE)
+        .get(&format!("{}-workspaces", s.instance))
+        .await
+        .expect("the installation's anchor");
+    let owner = objects::owner_reference(&anchor);
+    let template = k::backend_config(&s.instance, "nats://unused", &s.prefix).template;
+    let launch = LaunchContract::new(
+        "stray",
+        PodTemplate::workspace_dir(),
+        NatsLaunch::new(support::nats_url(), &s.prefix),
+    );
+    let secret = template.secret(
+        "stray",
+        [(objects::LAUNCH_KEY.to_owned(), launch.to_json())].into(),
+        &owner,
+    );
+    Api::<Secret>::namespaced(admin.clone(), testenv::NAMESPACE)
+        .patch(
+            &format!("{}-stray", s.instance),
+            &PatchParams::apply("someone"),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .expect("the stray pod's Secret");
+    let stray = template.pod("stray", None, &[], &Default::default(), &owner);
+    Api::<Pod>::namespaced(admin, testenv::NAMESPACE)
+        .patch(
+            &format!("{}-stray", s.instance),
+            &PatchParams::apply("someone"),
+            &Patch::Apply(&stray),
+        )
+        .await
+        .expect("a stray pod");
+
+    // A new leader adopts the pod (same instance, same process) and deletes the stray.
+    let leader = controller(&log, "cp-b", &s.instance, &s.prefix, &agents, &shutdown);
+    eventually("the stray pod deleted, and recorded", async || {
+        let recorded = log
+            .read_type("workspace.observed", 0, 100)
+            .await
+            .expect("read")
+            .iter()
+            .filter_map(|e| e.decode::<WorkspaceObserved>().ok())
+            .any(|o| {
+                o.workspace == "stray" && o.detail.as_deref().is_some_and(|d| d.contains("orphan"))
+            });
+        recorded && testenv::pods(&s.instance).await.len() == 1
+    })
+    .await;
+    gateway
+        .slack_event(&mention("EvA2", "1700000000.000200", "@alice two"))
+        .await;
+    eventually("the second reply", async || gateway.posted().len() == 2).await;
+    let pods = testenv::pods(&s.instance).await;
+    assert_eq!(pods.len(), 1);
+    assert_eq!(
+        pods[0].metadata.uid.as_deref(),
+        Some(uid.as_str()),
+        "adopted, not replaced"
+    );
+    assert_eq!(
+        kubelet.pid(&uid),
+        Some(pid),
+        "the same runtime process answered"
+    );
+    assert_eq!(
+        log.read_type("workspace.start_requested", 0, 10)
+            .await
+            .expect("read")
+            .len(),
+        1,
+        "started once"
+    );
+
+    shutdown.cancel();
+    leader.await.expect("join").expect("controller");
+    drop(kubelet);
+    s.clean_up(&["research"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pod_is_deleted_and_the_next_message_finds_its_files() {
+    let s = Setup::new("idle").await;
+    let log = s.db.log();
+    let shutdown = CancellationToken::new();
+    let gateway = Gateway::start(&s.db, &shutdown).await;
+    let kubelet = k::kubelet(&s.instance, &s.root).await;
+    // The agent reads what the previous turn left in its working directory (the
+    // workspace's subPath of the claim), then adds to it.
+    let agents = s.agents(
+        r#"{"agents": [{"name": "alice", "workspace": "research", "driver": "command",
+            "idle_timeout_secs": 2,
+            "settings": {"command": ["/bin/sh", "-c",
+                "cat notes.txt 2>/dev/null || echo no notes; echo seen by $(id -u) >> notes.txt"]}}]}"#,
+    );
+    let leader = controller(&log, "cp-a", &s.instance, &s.prefix, &agents, &shutdown);
+    gateway
+        .slack_event(&mention("EvI1", "1700000000.000100", "@alice first"))
+        .await;
+    eventually("the first reply", async || gateway.posted().len() == 1).await;
+    assert_eq!(
+        gateway.posted()[0]["text"].as_str().map(str::trim),
+        Some("no notes")
+    );
+    let first_uid = testenv::pods(&s.instance).await[0].metadata.uid.clone();
+
+    eventually("the idle pod deleted", async || {
+        testenv::pods(&s.instance).await.is_empty()
+    })
+    .await;
+    let notes = s
+        .root
+        .join("claims/warren-files/workspaces/research/notes.txt");
+    assert!(notes.exists(), "the files stay on the claim");
+
+    gateway
+        .slack_event(&mention("EvI2", "1700000000.000200", "@alice again"))
+        .await;
+    eventually("the second reply", async || gateway.posted().len() == 2).await;
+    assert_eq!(
+        gateway.posted()[1]["text"].as_str().map(str::trim),
+        Some("seen by 10001"),
+        "the new pod found the first one's file (written as the pod's non-root user)"
+    );
+    let pods = testenv::pods(&s.instance).await;
+    assert_ne!(pods[0].metadata.uid, first_uid, "a new pod");
+
+    shutdown.cancel();
+    leader.await.expect("join").expect("controller");
+    drop(kubelet);
+    s.clean_up(&["research"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_pod_failure_is_recorded_with_its_reason_and_given_up_on() {
+    use warren_test_kubelet::Failure;
+    let s = Setup::new("fail").await;
+    let log = s.db.log();
+    let shutdown = CancellationToken::new();
+    let gateway = Gateway::start(&s.db, &shutdown).await;
+    let kubelet = k::kubelet(&s.instance, &s.root).await;
+    let cases = [
+        ("pull", Failure::ImagePullBackOff, "ImagePullBackOff"),
+        ("oom", Failure::OomKilled, "OOMKilled"),
+        ("nofit", Failure::Unschedulable, "Unschedulable"),
+        ("crash", Failure::CrashLoop, "CrashLoopBackOff"),
+    ];
+    for (workspace, failure, _) in &cases {
+        kubelet.fail(&format!("{}-{workspace}", s.instance), *failure);
+    }
+    let agents = s.agents(
+        &json!({"agents": cases.iter().map(|(w, _, _)| json!({"name": format!("a-{w}"), "workspace": w}))
+            .collect::<Vec<_>>()})
+        .to_string(),
+    );
+    let policy = Policy {
+        max_restarts: 1,
+        restart_backoff: chrono::TimeDelta::milliseconds(200),
+        ..Policy::default()
+    };
+    let nats_url = support::nats_url();
+    let leader = tokio::spawn(controller::run(
+        log.clone(),
+        ControllerConfig {
+            holder: "cp".into(),
+            lease_ttl: Duration::from_secs(5),
+            tick: Duration::from_millis(100),
+            policy,
+            config_file: Some(agents),
+            backend: Some(BackendConfig::Kubernetes(k::backend_config(
+                &s.instance,
+                &nats_url,
+                &s.prefix,
+            ))),
+            nats: Some(NatsConfig {
+                url: nats_url,
+                namespace: Namespace::new(&s.prefix),
+                credentials: None,
+            }),
+        },
+        shutdown.clone(),
+    ));
+    for (i, (workspace, _, _)) in cases.iter().enumerate() {
+        gateway
+            .slack_event(&mention(
+                &format!("EvF{i}"),
+                &format!("1700000000.00010{i}"),
+                &format!("@a-{workspace} hello"),
+            ))
+            .await;
+    }
+    eventually("every workspace given up on", async || {
+        log.read_type("workspace.failed", 0, 100)
+            .await
+            .expect("read")
+            .len()
+            == cases.len()
+    })
+    .await;
+    let observed: Vec<WorkspaceObserved> = log
+        .read_type("workspace.observed", 0, 1000)
+        .await
+        .expect("read")
+        .iter()
+        .filter_map(|e| e.decode().ok())
+        .collect();
+    for (workspace, _, reason) in &cases {
+        let failures = observed
+            .iter()
+            .filter(|o| {
+                o.workspace == *workspace
+                    && o.phase == WorkspacePhase::Failed
+                    && o.detail.as_deref().is_some_and(|d| d.starts_with(reason))
+            })
+            .count();
+        assert_eq!(
+            failures, 2,
+            "{workspace}: the first run and one restart, each with its reason: {observed:#?}"
+        );
+    }
+
+    shutdown.cancel();
+    leader.await.expect("join").expect("controller");
+    drop(kubelet);
+    s.clean_up(&["pull", "oom", "nofit", "crash"]).await;
+}
+
+/// What the control plane does with its Role: connect (anchor, NetworkPolicy), follow pods,
+/// start a workspace (Secret, pod), see it, stop it (pod, Secret), see it go. `Err` says
+/// which step failed.
+async fn start_and_stop(kubeconfig: &Path, instance: &str) -> Result<(), String> {
+    use warren_control_plane::backend::kubernetes::KubernetesBackend;
+    use warren_control_plane::backend::{Backend, WorkspaceSpec};
+    let mut config = k::backend_config(instance, "nats://127.0.0.1:1", "rbac");
+    config.kubeconfig = Some(kubeconfig.to_owned());
+    let steps = async {
+        let backend = KubernetesBackend::new(config)
+            .await
+            .map_err(|e| format!("connecting: {e}"))?;
+        let spec = WorkspaceSpec {
+            name: "w".into(),
+            agents: vec![warren_schema::launch::AgentLaunch::new(
+                "a",
+                "echo",
+                json!({}),
+            )],
+            ..WorkspaceSpec::default()
+        };
+        backend
+            .start(&spec)
+            .await
+            .map_err(|e| format!("starting: {e}"))?;
+        let seen = |phase: WorkspacePhase| {
+            let backend = backend.clone();
+            async move {
+                loop {
+                    let notified = backend.observed().notified();
+                    if backend
+                        .drain_observations()
+                        .iter()
+                        .any(|o| o.phase == phase)
+                    {
+                        return;
+                    }
+                    notified.await;
+                }
+            }
+        };
+        seen(WorkspacePhase::Starting).await;
+        backend
+            .stop("w")
+            .await
+            .map_err(|e| format!("stopping: {e}"))?;
+        seen(WorkspacePhase::Exited).await;
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(20), steps)
+        .await
+        .map_err(|_| "timed out (the watch never synced, or a step hung)".to_owned())?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_role_is_exactly_what_it_needs() {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+
+    let base = testenv::instance("rbac");
+    let root = std::env::temp_dir().join(format!("warren-{base}"));
+    std::fs::create_dir_all(&root).expect("root");
+    // As the control plane's own identity, bound to the Role deploy/ ships: it works.
+    let own = testenv::control_plane_kubeconfig();
+    start_and_stop(&own, &format!("{base}-full"))
+        .await
+        .expect("the Role is enough");
+
+    // That Role with any one verb removed is not.
+    let role: Role = serde_yaml_role();
+    let admin = testenv::admin().await;
+    let admin_file =
+        std::fs::read_to_string(testenv::admin_kubeconfig()).expect("admin kubeconfig");
+    let admin_token = admin_file
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .expect("the admin's token")
+        .to_owned();
+    let mut cases = Vec::new();
+    for (r, rule) in role.rules.iter().flatten().enumerate() {
+        for verb in &rule.verbs {
+            let mut reduced = role.clone();
+            let rules = reduced.rules.as_mut().expect("rules");
+            rules[r].verbs.retain(|v| v != verb);
+            let what = format!(
+                "{} {verb}",
+                rule.resources.clone().unwrap_or_default().join(",")
+            );
+            cases.push((what, reduced));
+        }
+    }
+    let apply = PatchParams::apply("warren-test");
+    let mut runs = Vec::new();
+    for (i, (what, mut reduced)) in cases.into_iter().enumerate() {
+        let name = format!("{base}-{i}");
+        reduced.metadata.name = Some(name.clone());
+        reduced.metadata.namespace = Some(testenv::NAMESPACE.into());
+        Api::<Role>::namespaced(admin.clone(), testenv::NAMESPACE)
+            .patch(&name, &apply, &Patch::Apply(&reduced))
+            .await
+            .expect("role");
+        let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), testenv::NAMESPACE);
+        accounts
+            .patch(
+                &name,
+                &apply,
+                &Patch::Apply(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                                     "metadata": {"name": name}})),
+            )
+            .await
+            .expect("service account");
+        Api::<RoleBinding>::namespaced(admin.clone(), testenv::NAMESPACE)
+            .patch(
+                &name,
+                &apply,
+                &Patch::Apply(json!({
+                    "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                    "metadata": {"name": name},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                    "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": testenv::NAMESPACE}],
+                })),
+            )
+            .await
+            .expect("binding");
+        let token = accounts
+            .create_token_request(
+                &name,
+                &PostParams::default(),
+                &TokenRequest {
+                    spec: serde_json::from_value(
+                        json!({"audiences": [], "expirationSeconds": 3600}),
+                    )
+                    .expect("spec"),
+                    ..TokenRequest::default()
+                },
+            )
+            .await
+            .expect("a token")
+            .status
+            .expect("status")
+            .token;
+        let kubeconfig = root.join(format!("{name}.kubeconfig"));
+        std::fs::write(&kubeconfig, admin_file.replace(&admin_token, &token)).expect("write");
+        runs.push(async move { (what, start_and_stop(&kubeconfig, &name).await) });
+    }
+    let results = futures_util::future::join_all(runs).await;
+    let enough: Vec<&String> = results
+        .iter()
+        .filter(|(_, result)| result.is_ok())
+        .map(|(what, _)| what)
+        .collect();
+    for (i, _) in results.iter().enumerate() {
+        testenv::clean_up(&format!("{base}-{i}")).await;
+    }
+    testenv::clean_up(&format!("{base}-full")).await;
+    assert!(
+        enough.is_empty(),
+        "the backend worked without these verbs, so the Role grants more than it needs: {enough:?}"
+    );
+    for (what, result) in &results {
+        eprintln!(
+            "without {what}: {}",
+            result.as_ref().err().map_or("?", String::as_str)
+        );
+    }
+}
+
+/// The Role deploy/ ships.
+fn serde_yaml_role() -> k8s_openapi::api::rbac::v1::Role {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/control-plane-role.yaml"
+    );
+    let out = std::process::Command::new("kubectl")
+        .args(["create", "--dry-run=client", "-o", "json", "-f", path])
+        .output()
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("a Role")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_errors_and_cut_watches_lose_nothing_and_keep_to_the_budget() {
+    use warren_control_plane::backend::kubernetes::KubernetesBackend;
+    use warren_control_plane::backend::{Backend, WorkspaceSpec};
+    use warren_test_kubelet::fault_proxy::WriteFault;
+
+    let instance = testenv::instance("faults");
+    let root = std::env::temp_dir().join(format!("warren-{instance}"));
+    std::fs::create_dir_all(&root).expect("root");
+    // The control plane's identity, through the proxy.
+    let through_proxy = root.join("proxied.kubeconfig");
+    let proxy = testenv::through_proxy(&testenv::control_plane_kubeconfig(), &through_proxy)
+        .await
+        .expect("proxy");
+    let mut config = k::backend_config(&instance, "nats://127.0.0.1:1", "faults");
+    config.kubeconfig = Some(through_proxy);
+    let rate = 5.0;
+    config.writes_per_second = rate;
+    let backend = KubernetesBackend::new(config).await.expect("backend");
+
+    // 12 workspaces start while writes are throttled and 500s are thrown, and every watch
+    // is cut or expired now and then.
+    let names: Vec<String> = (0..12).map(|i| format!("w{i}")).collect();
+    proxy.fail_writes(
+        4,
+        WriteFault::TooManyRequests {
+            retry_after_secs: 1,
+        },
+    );
+    let chaos = {
+        let proxy = &proxy;
+        async move {
+            for round in 0..6 {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                if round % 2 == 0 {
+                    proxy.cut_watches();
+                } else {
+                    proxy.expire_watches(1);
+                    proxy.cut_watches();
+                }
+                if round == 2 {
+                    proxy.fail_writes(3, WriteFault::ServerError);
+                }
+            }
+        }
+    };
+    let starts = futures_util::future::join_all(names.iter().map(|name| {
+        let backend = backend.clone();
+        async move {
+            let spec = WorkspaceSpec {
+                name: name.clone(),
+                agents: vec![warren_schema::launch::AgentLaunch::new(
+                    "a",
+                    "echo",
+                    json!({}),
+                )],
+                ..WorkspaceSpec::default()
+            };
+            backend.start(&spec).await
+        }
+    }));
+    let (started, ()) = tokio::join!(starts, chaos);
+    for result in started {
+        result.expect("every start gets through, retried");
+    }
+    assert!(proxy.faults_sent() >= 7, "the faults were injected");
+    assert!(proxy.watches_cut() >= 1, "watches were cut");
+
+    // Every pod was seen, and every deletion is seen too, though watches keep being cut.
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < names.len() {
+        let notified = backend.observed().notified();
+        for o in backend.drain_observations() {
+            seen.insert(o.workspace);
+        }
+        if seen.len() < names.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pods never seen: {seen:?}"
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+        }
+    }
+    let mut running = backend.running().await;
+    running.sort();
+    let mut expected = names.clone();
+    expected.sort();
+    assert_eq!(running, expected);
+    for name in &names {
+        backend.stop(name).await.expect("stop");
+    }
+    proxy.cut_watches();
+    let mut gone = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while gone.len() < names.len() {
+        let notified = backend.observed().notified();
+        for o in backend.drain_observations() {
+            if o.phase == WorkspacePhase::Exited {
+                gone.insert(o.workspace);
+            }
+        }
+        if gone.len() < names.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "deletions missed: {gone:?}"
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+        }
+    }
+
+    // The budget held: after a burst of one second's worth, at most `rate` writes in any
+    // second.
+    let writes = proxy.writes();
+    let most_in_a_second = writes
+        .iter()
+        .map(|t| {
+            writes
+                .iter()
+                .filter(|u| **u >= *t && **u < *t + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or_default();
+    assert!(
+        most_in_a_second as f64 <= 2.0 * rate,
+        "{most_in_a_second} writes within one second at {rate}/s"
+    );
+    testenv::clean_up(&instance).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applying_the_same_pod_and_secret_twice_changes_nothing() {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::Api;
+    use warren_control_plane::backend::kubernetes::KubernetesBackend;
+    use warren_control_plane::backend::{Backend, WorkspaceSpec};
+
+    let instance = testenv::instance("ssa");
+    let backend = KubernetesBackend::new(k::backend_config(&instance, "nats://127.0.0.1:1", "ssa"))
+        .await
+        .expect("backend");
+    let spec = WorkspaceSpec {
+        name: "w".into(),
+        agents: vec![warren_schema::launch::AgentLaunch::new(
+            "a",
+            "echo",
+            json!({}),
+        )],
+        decision: Some(warren_schema::EventId::random()),
+        ..WorkspaceSpec::default()
+    };
+    let first = backend.apply_pod(&spec).await.expect("first apply");
+    let second = backend.apply_pod(&spec).await.expect("second apply");
+    assert_eq!(
+        first.metadata.uid, second.metadata.uid,
+        "the same pod, not a twin"
+    );
+    assert_eq!(
+        first.metadata.resource_version, second.metadata.resource_version,
+        "the second apply changed nothing"
+    );
+
+    // A start of a workspace whose pod is live (a retry, or a second leader) keeps the pod
+    // and its Secret as they are.
+    let secrets = Api::<Secret>::namespaced(testenv::admin().await, testenv::NAMESPACE);
+    let name = format!("{instance}-w");
+    backend.start(&spec).await.expect("start");
+    let before = secrets.get(&name).await.expect("the Secret");
+    // What the watch has seen of the pod is what start() looks at: wait for it.
+    eventually("the pod seen by the backend", async || {
+        backend.running().await == ["w".to_owned()]
+    })
+    .await;
+    backend.start(&spec).await.expect("start again");
+    let after = secrets.get(&name).await.expect("the Secret");
+    assert_eq!(
+        before.metadata.resource_version,
+        after.metadata.resource_version
+    );
+    let pods = testenv::pods(&instance).await;
+    assert_eq!(pods.len(), 1);
+    assert_eq!(pods[0].metadata.uid, first.metadata.uid);
+    testenv::clean_up(&instance).await;
+}

@@ -1,0 +1,121 @@
+//! Slack's side of an end-to-end test: a local server speaking Slack's Web API
+//! (`chat.postMessage`), the gateway in front of the log (real socket, real signatures),
+//! and the reply delivery posting to that server.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::routing::post;
+use axum::{Json, Router};
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tokio_util::sync::CancellationToken;
+use warren_gateway::http::{AppState, router, serve};
+use warren_gateway::replies::{self, slack_api::SlackApi};
+use warren_schema::Secret;
+use warren_schema::event_log::{Appender, AppenderConfig};
+use warren_schema::testing::TestDatabase;
+
+pub const SIGNING_SECRET: &str = "e2e-signing-secret";
+pub const BOT_TOKEN: &str = "xoxb-e2e";
+
+/// What the local Slack server was asked to post.
+pub type Posts = Arc<Mutex<Vec<Value>>>;
+
+async fn fake_slack() -> (String, Posts) {
+    let posts: Posts = Arc::default();
+    let seen = posts.clone();
+    let app = Router::new().route(
+        "/api/chat.postMessage",
+        post(move |Json(body): Json<Value>| {
+            let seen = seen.clone();
+            async move {
+                let mut posts = seen.lock().expect("lock");
+                posts.push(body.clone());
+                Json(json!({"ok": true, "channel": body["channel"],
+                            "ts": format!("1700000200.{:06}", posts.len())}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/api"), posts)
+}
+
+/// Slack's signature headers for `body`, now.
+pub fn signed(body: &str) -> (String, String) {
+    let ts = chrono::Utc::now().timestamp().to_string();
+    let mut mac = Hmac::<Sha256>::new_from_slice(SIGNING_SECRET.as_bytes()).expect("key");
+    mac.update(format!("v0:{ts}:{body}").as_bytes());
+    (
+        ts,
+        format!("v0={}", hex::encode(mac.finalize().into_bytes())),
+    )
+}
+
+/// The gateway (Slack events in, replies out) and the Slack server it posts to.
+pub struct Gateway {
+    pub url: String,
+    pub posts: Posts,
+    pub delivery: tokio::task::JoinHandle<warren_schema::Result<()>>,
+}
+
+impl Gateway {
+    pub async fn start(db: &TestDatabase, shutdown: &CancellationToken) -> Self {
+        let (slack_url, posts) = fake_slack().await;
+        let (appender, _writers) = Appender::start(db.pool.clone(), AppenderConfig::default());
+        let app = router(
+            AppState {
+                appender,
+                pool: db.pool.clone(),
+                slack_signing_secret: Some(Secret::new(SIGNING_SECRET)),
+                webhooks: Arc::new(HashMap::new()),
+                append_timeout: Duration::from_secs(2),
+                retry_after_secs: 1,
+                queued_bytes: warren_gateway::http::QueuedBytes::new(64 << 20),
+            },
+            1024 * 1024,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let stop = shutdown.clone();
+        tokio::spawn(serve(listener, app, Default::default(), async move {
+            stop.cancelled().await
+        }));
+        let slack = SlackApi::new(&slack_url, Secret::new(BOT_TOKEN)).expect("client");
+        let delivery = tokio::spawn(replies::run(db.log(), slack, shutdown.clone()));
+        Self {
+            url,
+            posts,
+            delivery,
+        }
+    }
+
+    /// Posts a signed Slack event; the gateway's status.
+    pub async fn slack_event(&self, body: &Value) -> reqwest::StatusCode {
+        let body = body.to_string();
+        let (ts, sig) = signed(&body);
+        reqwest::Client::new()
+            .post(format!("{}/slack/events", self.url))
+            .header("content-type", "application/json")
+            .header("x-slack-request-timestamp", ts)
+            .header("x-slack-signature", sig)
+            .body(body)
+            .send()
+            .await
+            .expect("gateway answers")
+            .status()
+    }
+
+    /// What was posted to Slack so far.
+    pub fn posted(&self) -> Vec<Value> {
+        self.posts.lock().expect("lock").clone()
+    }
+}
