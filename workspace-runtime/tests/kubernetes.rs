@@ -53,6 +53,19 @@ fn controller(
     ))
 }
 
+/// Waits until `n` agents are configured (a message to an agent not yet configured is
+/// recorded and routed nowhere).
+async fn configured(log: &EventLog, n: usize) {
+    eventually("the agents configured", async || {
+        log.read_type("agent.configured", 0, 1000)
+            .await
+            .expect("read")
+            .len()
+            >= n
+    })
+    .await;
+}
+
 fn mention(event_id: &str, ts: &str, text: &str) -> serde_json::Value {
     json!({
         "type": "event_callback", "team_id": "T1", "event_id": event_id, "event_time": 1,
@@ -156,6 +169,7 @@ async fn a_slack_message_is_answered_by_an_agent_in_a_pod() {
     let kubelet = k::kubelet(&s.instance, &s.root).await;
     let agents = s.agents(r#"{"agents": [{"name": "alice", "workspace": "research"}]}"#);
     let control_plane = controller(&log, "cp-a", &s.instance, &s.prefix, &agents, &shutdown);
+    configured(&log, 1).await;
 
     assert_eq!(
         gateway
@@ -207,9 +221,11 @@ async fn a_slack_message_is_answered_by_an_agent_in_a_pod() {
         .await
         .expect("explain");
     let types: Vec<&str> = why.iter().map(|e| e.event_type.as_str()).collect();
-    assert_eq!(
-        &types[..2],
-        ["message.received", "workspace.start_requested"]
+    let at = |t: &str| types.iter().position(|x| *x == t);
+    assert!(
+        at("message.received").is_some()
+            && at("message.received") < at("workspace.start_requested"),
+        "the message, then the decision: {types:?}"
     );
     let ready = why
         .iter()
@@ -278,6 +294,7 @@ async fn a_restarted_control_plane_adopts_its_pods_and_deletes_orphans() {
     let agents = s.agents(r#"{"agents": [{"name": "alice", "workspace": "research"}]}"#);
     let first = CancellationToken::new();
     let leader = controller(&log, "cp-a", &s.instance, &s.prefix, &agents, &first);
+    configured(&log, 1).await;
     gateway
         .slack_event(&mention("EvA1", "1700000000.000100", "@alice one"))
         .await;
@@ -394,6 +411,7 @@ async fn an_idle_pod_is_deleted_and_the_next_message_finds_its_files() {
                 "cat notes.txt 2>/dev/null || echo no notes; echo seen by $(id -u) >> notes.txt"]}}]}"#,
     );
     let leader = controller(&log, "cp-a", &s.instance, &s.prefix, &agents, &shutdown);
+    configured(&log, 1).await;
     gateway
         .slack_event(&mention("EvI1", "1700000000.000100", "@alice first"))
         .await;
@@ -480,6 +498,7 @@ async fn each_pod_failure_is_recorded_with_its_reason_and_given_up_on() {
         },
         shutdown.clone(),
     ));
+    configured(&log, cases.len()).await;
     for (i, (workspace, _, _)) in cases.iter().enumerate() {
         gateway
             .slack_event(&mention(
@@ -845,7 +864,7 @@ async fn throttling_errors_and_cut_watches_lose_nothing_and_keep_to_the_budget()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applying_the_same_pod_and_secret_twice_changes_nothing() {
-    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::core::v1::{Pod, Secret};
     use kube::api::Api;
     use warren_control_plane::backend::kubernetes::KubernetesBackend;
     use warren_control_plane::backend::{Backend, WorkspaceSpec};
@@ -864,24 +883,29 @@ async fn applying_the_same_pod_and_secret_twice_changes_nothing() {
         decision: Some(warren_schema::EventId::random()),
         ..WorkspaceSpec::default()
     };
-    let first = backend.apply_pod(&spec).await.expect("first apply");
-    let second = backend.apply_pod(&spec).await.expect("second apply");
-    assert_eq!(
-        first.metadata.uid, second.metadata.uid,
-        "the same pod, not a twin"
-    );
-    assert_eq!(
-        first.metadata.resource_version, second.metadata.resource_version,
-        "the second apply changed nothing"
-    );
-
-    // A start of a workspace whose pod is live (a retry, or a second leader) keeps the pod
-    // and its Secret as they are.
     let secrets = Api::<Secret>::namespaced(testenv::admin().await, testenv::NAMESPACE);
+    let pods = Api::<Pod>::namespaced(testenv::admin().await, testenv::NAMESPACE);
     let name = format!("{instance}-w");
     backend.start(&spec).await.expect("start");
-    let before = secrets.get(&name).await.expect("the Secret");
-    // What the watch has seen of the pod is what start() looks at: wait for it.
+    let created = pods.get(&name).await.expect("the pod");
+    let secret = secrets.get(&name).await.expect("the Secret");
+
+    // The same pod applied again, twice: the server finds nothing to change.
+    let first = backend.apply_pod(&spec).await.expect("first apply");
+    let second = backend.apply_pod(&spec).await.expect("second apply");
+    for applied in [&first, &second] {
+        assert_eq!(
+            applied.metadata.uid, created.metadata.uid,
+            "the same pod, not a twin"
+        );
+        assert_eq!(
+            applied.metadata.resource_version, created.metadata.resource_version,
+            "applying it again changed nothing"
+        );
+    }
+
+    // A start of a workspace whose pod is live (a retry, or a second leader) keeps the pod
+    // and its Secret as they are. (What the watch has seen is what start() looks at.)
     eventually("the pod seen by the backend", async || {
         backend.running().await == ["w".to_owned()]
     })
@@ -889,11 +913,14 @@ async fn applying_the_same_pod_and_secret_twice_changes_nothing() {
     backend.start(&spec).await.expect("start again");
     let after = secrets.get(&name).await.expect("the Secret");
     assert_eq!(
-        before.metadata.resource_version,
+        secret.metadata.resource_version,
         after.metadata.resource_version
     );
-    let pods = testenv::pods(&instance).await;
-    assert_eq!(pods.len(), 1);
-    assert_eq!(pods[0].metadata.uid, first.metadata.uid);
+    let all = testenv::pods(&instance).await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(
+        all[0].metadata.resource_version,
+        created.metadata.resource_version
+    );
     testenv::clean_up(&instance).await;
 }

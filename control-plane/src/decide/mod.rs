@@ -146,7 +146,9 @@ pub fn decide(
             }
         }
         WorkspaceObserved::TYPE => {
-            if let Ok(observed) = event.decode::<WorkspaceObserved>() {
+            if let Ok(observed) = event.decode::<WorkspaceObserved>()
+                && !state.is_stale_observation(&observed.workspace, event)
+            {
                 give_up_if_exhausted(state, &mut out, &observed, policy);
             }
         }

@@ -290,7 +290,21 @@ impl State {
         }
     }
 
+    /// Whether `event` (an observation of `workspace`) is about an instance an earlier start
+    /// decision made: its cause is a start decision that is no longer in force. The end of
+    /// a pod that a restart replaced says nothing about the new one.
+    pub fn is_stale_observation(&self, workspace: &str, event: &RecordedEvent) -> bool {
+        let current = self
+            .workspaces
+            .get(workspace)
+            .and_then(|w| w.start_decision);
+        matches!((event.metadata.causation_id, current), (Some(cause), Some(current)) if cause != current)
+    }
+
     fn observe(&mut self, o: &WorkspaceObserved, event: &RecordedEvent, at: DateTime<Utc>) {
+        if self.is_stale_observation(&o.workspace, event) {
+            return;
+        }
         let w = self.workspace_mut(&o.workspace, at, event.id);
         match (o.phase, w.phase) {
             (WorkspacePhase::Starting, _) => {}

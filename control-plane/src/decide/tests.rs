@@ -125,6 +125,33 @@ impl Controller {
         })
     }
 
+    /// An observation of the instance `decision` started (what the backends record).
+    fn observe_instance_of(
+        &mut self,
+        decision: EventId,
+        workspace: &str,
+        phase: WorkspacePhase,
+    ) -> Vec<NewEvent> {
+        let observed = WorkspaceObserved {
+            workspace: workspace.into(),
+            phase,
+            backend: "kubernetes".into(),
+            instance: Some(format!("warren-{workspace}/{decision}")),
+            detail: None,
+        };
+        let mut meta = Metadata::new("test");
+        meta.causation_id = Some(decision);
+        let new = NewEvent::from_domain(EventId::random(), &observed, meta).expect("encode");
+        let recorded = self.record(new);
+        self.process(&recorded)
+    }
+
+    fn start_decision(&self, workspace: &str) -> EventId {
+        self.state.workspaces[workspace]
+            .start_decision
+            .expect("a start decision")
+    }
+
     fn phase(&self, workspace: &str) -> Phase {
         self.state.workspaces[workspace].phase
     }
@@ -765,4 +792,41 @@ fn mention_history_is_forgotten_after_an_hour_of_quiet() {
         "the quiet conversation was dropped"
     );
     assert_eq!(c.state.mentions.values().next().map(|t| t.len()), Some(1));
+}
+
+#[test]
+fn the_end_of_an_instance_that_a_restart_replaced_changes_nothing() {
+    let mut c = Controller::new(Policy {
+        max_restarts: 1,
+        restart_backoff: TimeDelta::seconds(2),
+        ..Policy::default()
+    });
+    c.given_agent("alice", "research", 600);
+    c.when(slack_message("CGEN", "@alice hi", &["alice"]));
+    let first = c.start_decision("research");
+    assert!(
+        c.observe_instance_of(first, "research", WorkspacePhase::Failed)
+            .is_empty()
+    );
+    c.advance(2);
+    assert_eq!(of_type::<WorkspaceStartRequested>(&c.tick()).len(), 1);
+    let second = c.start_decision("research");
+    assert_ne!(first, second);
+
+    // The failed pod is deleted to make room for the new one; its end arrives now. It is
+    // the first instance's: no failure of the second, no give-up (one restart allowed).
+    assert!(
+        c.observe_instance_of(first, "research", WorkspacePhase::Exited)
+            .is_empty()
+    );
+    assert_eq!(c.phase("research"), Phase::Starting);
+    c.observe_instance_of(second, "research", WorkspacePhase::Ready);
+    assert_eq!(c.phase("research"), Phase::Ready);
+    // The second instance's own failure still counts, and uses up the restarts.
+    let d = c.observe_instance_of(second, "research", WorkspacePhase::Failed);
+    assert_eq!(
+        of_type::<WorkspaceFailed>(&d).len(),
+        0,
+        "ready reset the count"
+    );
 }

@@ -504,8 +504,9 @@ async fn run_pod(inner: &Arc<Inner>, pod: Pod) -> Result<(), KubeletError> {
     if let Ok(mut s) = inner.state.lock() {
         s.pids.remove(&uid);
     }
-    let _ = std::fs::remove_dir_all(inner.config.root.join("pods").join(&uid));
+    let pod_dir = inner.config.root.join("pods").join(&uid);
     if deleted.is_cancelled() {
+        let _ = std::fs::remove_dir_all(&pod_dir);
         inner.remove(&name, &uid).await;
         return Ok(());
     }
@@ -519,15 +520,26 @@ async fn run_pod(inner: &Arc<Inner>, pod: Pod) -> Result<(), KubeletError> {
         },
         Err(e) => (1, format!("Error: {e}")),
     };
-    info!(code, reason, "container exited");
+    // `terminationMessagePolicy: FallbackToLogsOnError`: a failed container's message is
+    // the end of its log (2048 bytes at most), as a kubelet reports it.
+    let log = pod_dir.join("container.log");
+    let message = (code != 0
+        && container.termination_message_policy.as_deref() == Some("FallbackToLogsOnError"))
+    .then(|| log_tail(&log, 2048))
+    .flatten();
+    let _ = std::fs::remove_dir_all(&pod_dir);
+    info!(code, reason, message, "container exited");
+    let mut terminated = json!({"exitCode": code, "reason": reason, "finishedAt": now()});
+    if let Some(message) = message {
+        terminated["message"] = json!(message);
+    }
     inner
         .status(
             &name,
             json!({"phase": if code == 0 {"Succeeded"} else {"Failed"},
                    "conditions": [scheduled, {"type": "Ready", "status": "False"}],
                    "containerStatuses": [container_status(&image,
-                       json!({"terminated": {"exitCode": code, "reason": reason,
-                                             "finishedAt": now()}}), false)]}),
+                       json!({"terminated": terminated}), false)]}),
         )
         .await?;
     deleted.cancelled().await;
@@ -687,7 +699,20 @@ async fn prepare(
         };
         mounts.push(mount);
     }
-    mounts.sort_by_key(|m| m.container.matches('/').count());
+    // Bind mounts first (shallow before deep), tmpfs last: a tmpfs over /tmp must not hide
+    // the host paths the binds come from (the kubelet's root may well be under /tmp).
+    mounts.sort_by_key(|m| (m.tmpfs, m.container.matches('/').count()));
+    if let Some((bind, tmpfs)) = mounts.iter().find_map(|b| {
+        mounts
+            .iter()
+            .filter(|t| t.tmpfs && !b.tmpfs)
+            .find(|t| Path::new(&b.container).starts_with(&t.container))
+            .map(|t| (b.container.clone(), t.container.clone()))
+    }) {
+        return Err(bad(format!(
+            "{bind} lies under the emptyDir {tmpfs}: the test kubelet cannot mount that"
+        )));
+    }
 
     // The program, from the image's directory.
     let command = container.command.clone().unwrap_or_default();
@@ -769,6 +794,19 @@ async fn prepare(
     .process_group(0)
     .kill_on_drop(true);
     cmd.spawn().map_err(io(Path::new("/usr/bin/unshare")))
+}
+
+/// The last `max` bytes of the file at `path` (from a line start when it is longer).
+fn log_tail(path: &Path, max: usize) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    let mut tail = &bytes[bytes.len().saturating_sub(max)..];
+    if tail.len() < bytes.len()
+        && let Some(newline) = tail.iter().position(|b| *b == b'\n')
+    {
+        tail = &tail[newline + 1..];
+    }
+    let text = String::from_utf8_lossy(tail).trim().to_owned();
+    (!text.is_empty()).then_some(text)
 }
 
 fn quote(s: &str) -> String {

@@ -233,6 +233,9 @@ impl PodTemplate {
                 "image": settings.image.as_deref().unwrap_or(&self.image),
                 "command": self.command,
                 "workingDir": WORKSPACE_DIR,
+                // A failed runtime's last log lines become its termination message, and so
+                // the detail of the failure Warren records.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
                 "env": [
                     {"name": warren_schema::launch::ENV, "valueFrom": {"secretKeyRef": {
                         "name": name, "key": LAUNCH_KEY}}},

@@ -86,10 +86,23 @@ pub fn phase_of(pod: &Pod) -> Option<(WorkspacePhase, Option<String>)> {
     ))
 }
 
+/// How long a termination message's line may be in a recorded reason.
+const MESSAGE_CHARS: usize = 300;
+
 fn terminated_reason(c: &ContainerStatus) -> Option<String> {
     let t = c.state.as_ref()?.terminated.as_ref()?;
     let reason = t.reason.clone().unwrap_or_else(|| "Terminated".into());
-    Some(format!("{reason} (exit code {})", t.exit_code))
+    // The last line of the termination message (with `FallbackToLogsOnError`, the end of
+    // the container's log): usually the error the runtime stopped on.
+    let last_line = t
+        .message
+        .as_deref()
+        .and_then(|m| m.lines().rev().map(str::trim).find(|l| !l.is_empty()))
+        .map(|l| l.chars().take(MESSAGE_CHARS).collect::<String>());
+    Some(match last_line {
+        Some(line) => format!("{reason} (exit code {}): {line}", t.exit_code),
+        None => format!("{reason} (exit code {})", t.exit_code),
+    })
 }
 
 fn with_message(reason: &str, message: Option<&str>) -> String {
@@ -154,6 +167,14 @@ mod tests {
                     "imageID": "", "ready": false, "restartCount": 0,
                     "state": {"terminated": {"reason": "Error", "exitCode": 3}}}]}),
                 "Error (exit code 3)",
+            ),
+            (
+                // With `FallbackToLogsOnError`, the end of its log: the last line says why.
+                json!({"phase": "Failed", "containerStatuses": [{"name": "runtime", "image": "i",
+                    "imageID": "", "ready": false, "restartCount": 0,
+                    "state": {"terminated": {"reason": "Error", "exitCode": 1,
+                        "message": "starting\nerror: cannot reach NATS at nats://n:4222\n\n"}}}]}),
+                "Error (exit code 1): error: cannot reach NATS at nats://n:4222",
             ),
         ];
         for (status, reason) in cases {
