@@ -383,7 +383,7 @@ impl RunArgs {
                 config.egress = k.egress.clone();
                 config.writes_per_second = k.writes_per_second;
                 config.concurrency = k.concurrency;
-                Some(BackendConfig::Kubernetes(config))
+                Some(BackendConfig::from(config))
             }
         })
     }

@@ -35,7 +35,7 @@ fn replica(
         tick: Duration::from_millis(50),
         policy: Policy::default(),
         config_file: Some(file.to_owned()),
-        backend: Some(BackendConfig::Kubernetes(kubernetes)),
+        backend: Some(BackendConfig::from(kubernetes)),
         nats: None,
     };
     let log = log.clone();

@@ -252,7 +252,7 @@ async fn create(args: &Args) -> anyhow::Result<()> {
             tick: Duration::from_millis(200),
             policy: Policy::default(),
             config_file: Some(agents),
-            backend: Some(BackendConfig::Kubernetes(kubernetes)),
+            backend: Some(BackendConfig::from(kubernetes)),
             nats: None,
         },
         shutdown.clone(),
@@ -491,7 +491,7 @@ async fn cold_starts(
             tick: Duration::from_millis(200),
             policy: Policy::default(),
             config_file: Some(agents),
-            backend: Some(BackendConfig::Kubernetes(backend(
+            backend: Some(BackendConfig::from(backend(
                 &instance, &proxied, nats_url, &prefix,
             ))),
             nats: Some(NatsConfig {

@@ -40,7 +40,7 @@ fn controller(
             tick: Duration::from_millis(100),
             policy: Policy::default(),
             config_file: Some(agents.to_owned()),
-            backend: Some(BackendConfig::Kubernetes(k::backend_config(
+            backend: Some(BackendConfig::from(k::backend_config(
                 instance, &nats_url, prefix,
             ))),
             nats: Some(NatsConfig {
@@ -485,7 +485,7 @@ async fn each_pod_failure_is_recorded_with_its_reason_and_given_up_on() {
             tick: Duration::from_millis(100),
             policy,
             config_file: Some(agents),
-            backend: Some(BackendConfig::Kubernetes(k::backend_config(
+            backend: Some(BackendConfig::from(k::backend_config(
                 &s.instance,
                 &nats_url,
                 &s.prefix,

@@ -99,9 +99,17 @@ pub trait Backend: Send + Sync {
 
 /// Which backend runs workspaces, as configured (`--backend`).
 #[derive(Debug, Clone)]
+// Made once per process: the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum BackendConfig {
     Local(local::LocalConfig),
     Kubernetes(kubernetes::KubernetesConfig),
+}
+
+impl From<kubernetes::KubernetesConfig> for BackendConfig {
+    fn from(config: kubernetes::KubernetesConfig) -> Self {
+        Self::Kubernetes(config)
+    }
 }
 
 impl From<local::LocalConfig> for BackendConfig {
