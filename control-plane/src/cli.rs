@@ -231,7 +231,7 @@ pub struct KubernetesArgs {
     pub claim: String,
     /// Kubernetes: NATS as workspace pods reach it (unset: --nats-url).
     #[arg(long = "kube-nats-url", env = "WARREN_KUBE_NATS_URL")]
-    pub nats_url: Option<String>,
+    pub kube_nats_url: Option<String>,
     /// Kubernetes: where workspace pods may connect besides DNS, as CIDR:PORT (NATS,
     /// model APIs); comma-separated.
     #[arg(
@@ -354,7 +354,7 @@ impl RunArgs {
             BackendKind::Kubernetes => {
                 let k = &self.kubernetes;
                 let nats_url = k
-                    .nats_url
+                    .kube_nats_url
                     .clone()
                     .or_else(|| self.nats_url.clone())
                     .ok_or_else(|| {
@@ -524,6 +524,34 @@ fn nats_auth_command(command: &NatsAuthCommand, out: &mut impl Write) -> anyhow:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_subcommand_s_flags_are_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_kubernetes_backend_takes_its_own_nats_url_and_refuses_a_bad_instance() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["warren-control-plane", "run", "--backend", "kubernetes"];
+            args.extend(extra);
+            match Cli::try_parse_from(args).expect("flags").command {
+                Command::Run(run) => run.backend_config(None, &Default::default()),
+                _ => unreachable!("run"),
+            }
+        };
+        let Some(BackendConfig::Kubernetes(config)) =
+            parse(&["--kube-nats-url", "nats://nats.warren:4222", "--nats-url", "nats://127.0.0.1:4222"])
+                .expect("a configuration")
+        else {
+            panic!("the kubernetes backend");
+        };
+        assert_eq!(config.nats_url, "nats://nats.warren:4222", "the pods' address");
+        let e = parse(&["--kube-nats-url", "nats://n:4222", "--kube-instance", "Not_OK"])
+            .expect_err("a bad instance name");
+        assert!(e.to_string().contains("--kube-instance"), "{e}");
+    }
 
     #[test]
     fn the_database_url_is_not_a_flag() {
