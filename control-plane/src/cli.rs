@@ -541,15 +541,26 @@ mod tests {
                 _ => unreachable!("run"),
             }
         };
-        let Some(BackendConfig::Kubernetes(config)) =
-            parse(&["--kube-nats-url", "nats://nats.warren:4222", "--nats-url", "nats://127.0.0.1:4222"])
-                .expect("a configuration")
-        else {
+        let Some(BackendConfig::Kubernetes(config)) = parse(&[
+            "--kube-nats-url",
+            "nats://nats.warren:4222",
+            "--nats-url",
+            "nats://127.0.0.1:4222",
+        ])
+        .expect("a configuration") else {
             panic!("the kubernetes backend");
         };
-        assert_eq!(config.nats_url, "nats://nats.warren:4222", "the pods' address");
-        let e = parse(&["--kube-nats-url", "nats://n:4222", "--kube-instance", "Not_OK"])
-            .expect_err("a bad instance name");
+        assert_eq!(
+            config.nats_url, "nats://nats.warren:4222",
+            "the pods' address"
+        );
+        let e = parse(&[
+            "--kube-nats-url",
+            "nats://n:4222",
+            "--kube-instance",
+            "Not_OK",
+        ])
+        .expect_err("a bad instance name");
         assert!(e.to_string().contains("--kube-instance"), "{e}");
     }
 

@@ -22,37 +22,6 @@ use warren_schema::nats::Namespace;
 use warren_schema::testing::TestDatabase;
 use warren_test_kubelet::testenv;
 
-/// A controller running the kubernetes backend for `instance`.
-fn controller(
-    log: &EventLog,
-    holder: &str,
-    instance: &str,
-    prefix: &str,
-    agents: &Path,
-    shutdown: &CancellationToken,
-) -> tokio::task::JoinHandle<warren_control_plane::error::Result<()>> {
-    let nats_url = support::nats_url();
-    tokio::spawn(controller::run(
-        log.clone(),
-        ControllerConfig {
-            holder: holder.into(),
-            lease_ttl: Duration::from_secs(5),
-            tick: Duration::from_millis(100),
-            policy: Policy::default(),
-            config_file: Some(agents.to_owned()),
-            backend: Some(BackendConfig::from(k::backend_config(
-                instance, &nats_url, prefix,
-            ))),
-            nats: Some(NatsConfig {
-                url: nats_url,
-                namespace: Namespace::new(prefix),
-                credentials: None,
-            }),
-        },
-        shutdown.clone(),
-    ))
-}
-
 /// Waits until `n` agents are configured (a message to an agent not yet configured is
 /// recorded and routed nowhere).
 async fn configured(log: &EventLog, n: usize) {
@@ -75,24 +44,40 @@ fn mention(event_id: &str, ts: &str, text: &str) -> serde_json::Value {
     })
 }
 
+/// One test's installation: its database, its own instance name and NATS prefix, the
+/// gateway with its Slack server, and a test kubelet for its pods.
 struct Setup {
-    db: TestDatabase,
+    /// Held for the test's life (dropping it drops the database).
+    _db: TestDatabase,
+    log: EventLog,
     instance: String,
     prefix: String,
     root: std::path::PathBuf,
+    gateway: Gateway,
+    kubelet: warren_test_kubelet::Kubelet,
+    /// Stops the gateway (and the controllers started with it).
+    shutdown: CancellationToken,
 }
 
 impl Setup {
-    async fn new(test: &str) -> Self {
+    async fn start(test: &str) -> Self {
         let instance = testenv::instance(test);
         let prefix = instance.replace('-', "x");
         let root = std::env::temp_dir().join(format!("warren-{instance}"));
         std::fs::create_dir_all(&root).expect("root");
+        let db = TestDatabase::new().await;
+        let shutdown = CancellationToken::new();
+        let gateway = Gateway::start(&db, &shutdown).await;
+        let kubelet = k::kubelet(&instance, &root).await;
         Self {
-            db: TestDatabase::new().await,
+            log: db.log(),
+            _db: db,
             instance,
             prefix,
             root,
+            gateway,
+            kubelet,
+            shutdown,
         }
     }
 
@@ -102,7 +87,47 @@ impl Setup {
         path
     }
 
-    async fn clean_up(&self, workspaces: &[&str]) {
+    /// A controller running the kubernetes backend for this installation, until `stop`.
+    fn controller(
+        &self,
+        holder: &str,
+        agents: &Path,
+        policy: Policy,
+        stop: &CancellationToken,
+    ) -> tokio::task::JoinHandle<warren_control_plane::error::Result<()>> {
+        let nats_url = support::nats_url();
+        tokio::spawn(controller::run(
+            self.log.clone(),
+            ControllerConfig {
+                holder: holder.into(),
+                lease_ttl: Duration::from_secs(5),
+                tick: Duration::from_millis(100),
+                policy,
+                config_file: Some(agents.to_owned()),
+                backend: Some(BackendConfig::from(k::backend_config(
+                    &self.instance,
+                    &nats_url,
+                    &self.prefix,
+                ))),
+                nats: Some(NatsConfig {
+                    url: nats_url,
+                    namespace: Namespace::new(&self.prefix),
+                    credentials: None,
+                }),
+            },
+            stop.clone(),
+        ))
+    }
+
+    /// Stops the controller `leader` and the gateway, and removes what the test left.
+    async fn finish(
+        self,
+        leader: tokio::task::JoinHandle<warren_control_plane::error::Result<()>>,
+        workspaces: &[&str],
+    ) {
+        self.shutdown.cancel();
+        leader.await.expect("join").expect("controller");
+        drop(self.kubelet);
         testenv::clean_up(&self.instance).await;
         let js = async_nats::jetstream::new(
             async_nats::connect(support::nats_url())
@@ -151,24 +176,23 @@ async fn otlp_receiver() -> (
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slack_message_is_answered_by_an_agent_in_a_pod() {
-    // Spans go to a local OTLP receiver (the only test here that installs telemetry).
+    // Spans go to a local OTLP receiver (the only test here that installs telemetry). The
+    // filter is the exporter's too: the gateway's and the control plane's info spans.
     let (otlp, spans) = otlp_receiver().await;
     let telemetry = warren_telemetry::Telemetry::init(
         "warren-kubernetes-test",
         &warren_telemetry::TelemetryOptions {
             log_format: warren_telemetry::LogFormat::Text,
-            log_filter: Some("warn,warren_control_plane=info".into()),
+            log_filter: Some("warn,warren_gateway=info,warren_control_plane=info".into()),
             otlp_endpoint: Some(otlp),
         },
     )
     .expect("telemetry");
-    let s = Setup::new("e2e").await;
-    let log = s.db.log();
-    let shutdown = CancellationToken::new();
-    let gateway = Gateway::start(&s.db, &shutdown).await;
-    let kubelet = k::kubelet(&s.instance, &s.root).await;
+    let s = Setup::start("e2e").await;
+    let log = s.log.clone();
+    let gateway = &s.gateway;
     let agents = s.agents(r#"{"agents": [{"name": "alice", "workspace": "research"}]}"#);
-    let control_plane = controller(&log, "cp-a", &s.instance, &s.prefix, &agents, &shutdown);
+    let control_plane = s.controller("cp-a", &agents, Policy::default(), &s.shutdown);
     configured(&log, 1).await;
 
     assert_eq!(
@@ -241,11 +265,6 @@ async fn a_slack_message_is_answered_by_an_agent_in_a_pod() {
     );
     assert_eq!(ready.backend, "kubernetes");
 
-    shutdown.cancel();
-    control_plane.await.expect("join").expect("controller");
-    drop(kubelet);
-    s.clean_up(&["research"]).await;
-
     // One trace from the Slack request to the pod: the message carries the gateway
     // request's trace, and deciding on it, starting the workspace and each API call of
     // that start are spans in it.
@@ -262,6 +281,8 @@ async fn a_slack_message_is_answered_by_an_agent_in_a_pod() {
         .and_then(|t| t.split('-').nth(1))
         .expect("the message's trace")
         .to_owned();
+    s.finish(control_plane, &["research"]).await;
+
     tokio::task::spawn_blocking(move || telemetry.shutdown())
         .await
         .expect("flush");
@@ -286,14 +307,12 @@ async fn a_restarted_control_plane_adopts_its_pods_and_deletes_orphans() {
     use kube::api::{Api, Patch, PatchParams};
     use warren_control_plane::backend::kubernetes::objects::{self, PodTemplate};
     use warren_schema::launch::{LaunchContract, NatsLaunch};
-    let s = Setup::new("adopt").await;
-    let log = s.db.log();
-    let shutdown = CancellationToken::new();
-    let gateway = Gateway::start(&s.db, &shutdown).await;
-    let kubelet = k::kubelet(&s.instance, &s.root).await;
+    let s = Setup::start("adopt").await;
+    let log = s.log.clone();
+    let (gateway, kubelet) = (&s.gateway, &s.kubelet);
     let agents = s.agents(r#"{"agents": [{"name": "alice", "workspace": "research"}]}"#);
     let first = CancellationToken::new();
-    let leader = controller(&log, "cp-a", &s.instance, &s.prefix, &agents, &first);
+    let leader = s.controller("cp-a", &agents, Policy::default(), &first);
     configured(&log, 1).await;
     gateway
         .slack_event(&mention("EvA1", "1700000000.000100", "@alice one"))
@@ -350,7 +369,7 @@ async fn a_restarted_control_plane_adopts_its_pods_and_deletes_orphans() {
         .expect("a stray pod");
 
     // A new leader adopts the pod (same instance, same process) and deletes the stray.
-    let leader = controller(&log, "cp-b", &s.instance, &s.prefix, &agents, &shutdown);
+    let leader = s.controller("cp-b", &agents, Policy::default(), &s.shutdown);
     eventually("the stray pod deleted, and recorded", async || {
         let recorded = log
             .read_type("workspace.observed", 0, 100)
@@ -389,19 +408,14 @@ async fn a_restarted_control_plane_adopts_its_pods_and_deletes_orphans() {
         "started once"
     );
 
-    shutdown.cancel();
-    leader.await.expect("join").expect("controller");
-    drop(kubelet);
-    s.clean_up(&["research"]).await;
+    s.finish(leader, &["research"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_pod_is_deleted_and_the_next_message_finds_its_files() {
-    let s = Setup::new("idle").await;
-    let log = s.db.log();
-    let shutdown = CancellationToken::new();
-    let gateway = Gateway::start(&s.db, &shutdown).await;
-    let kubelet = k::kubelet(&s.instance, &s.root).await;
+    let s = Setup::start("idle").await;
+    let log = s.log.clone();
+    let gateway = &s.gateway;
     // The agent reads what the previous turn left in its working directory (the
     // workspace's subPath of the claim), then adds to it.
     let agents = s.agents(
@@ -410,7 +424,7 @@ async fn an_idle_pod_is_deleted_and_the_next_message_finds_its_files() {
             "settings": {"command": ["/bin/sh", "-c",
                 "cat notes.txt 2>/dev/null || echo no notes; echo seen by $(id -u) >> notes.txt"]}}]}"#,
     );
-    let leader = controller(&log, "cp-a", &s.instance, &s.prefix, &agents, &shutdown);
+    let leader = s.controller("cp-a", &agents, Policy::default(), &s.shutdown);
     configured(&log, 1).await;
     gateway
         .slack_event(&mention("EvI1", "1700000000.000100", "@alice first"))
@@ -443,20 +457,15 @@ async fn an_idle_pod_is_deleted_and_the_next_message_finds_its_files() {
     let pods = testenv::pods(&s.instance).await;
     assert_ne!(pods[0].metadata.uid, first_uid, "a new pod");
 
-    shutdown.cancel();
-    leader.await.expect("join").expect("controller");
-    drop(kubelet);
-    s.clean_up(&["research"]).await;
+    s.finish(leader, &["research"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_pod_failure_is_recorded_with_its_reason_and_given_up_on() {
     use warren_test_kubelet::Failure;
-    let s = Setup::new("fail").await;
-    let log = s.db.log();
-    let shutdown = CancellationToken::new();
-    let gateway = Gateway::start(&s.db, &shutdown).await;
-    let kubelet = k::kubelet(&s.instance, &s.root).await;
+    let s = Setup::start("fail").await;
+    let log = s.log.clone();
+    let (gateway, kubelet) = (&s.gateway, &s.kubelet);
     let cases = [
         ("pull", Failure::ImagePullBackOff, "ImagePullBackOff"),
         ("oom", Failure::OomKilled, "OOMKilled"),
@@ -476,28 +485,7 @@ async fn each_pod_failure_is_recorded_with_its_reason_and_given_up_on() {
         restart_backoff: chrono::TimeDelta::milliseconds(200),
         ..Policy::default()
     };
-    let nats_url = support::nats_url();
-    let leader = tokio::spawn(controller::run(
-        log.clone(),
-        ControllerConfig {
-            holder: "cp".into(),
-            lease_ttl: Duration::from_secs(5),
-            tick: Duration::from_millis(100),
-            policy,
-            config_file: Some(agents),
-            backend: Some(BackendConfig::from(k::backend_config(
-                &s.instance,
-                &nats_url,
-                &s.prefix,
-            ))),
-            nats: Some(NatsConfig {
-                url: nats_url,
-                namespace: Namespace::new(&s.prefix),
-                credentials: None,
-            }),
-        },
-        shutdown.clone(),
-    ));
+    let leader = s.controller("cp", &agents, policy, &s.shutdown);
     configured(&log, cases.len()).await;
     for (i, (workspace, _, _)) in cases.iter().enumerate() {
         gateway
@@ -538,10 +526,7 @@ async fn each_pod_failure_is_recorded_with_its_reason_and_given_up_on() {
         );
     }
 
-    shutdown.cancel();
-    leader.await.expect("join").expect("controller");
-    drop(kubelet);
-    s.clean_up(&["pull", "oom", "nofit", "crash"]).await;
+    s.finish(leader, &["pull", "oom", "nofit", "crash"]).await;
 }
 
 /// What the control plane does with its Role: connect (anchor, NetworkPolicy), follow pods,
