@@ -19,10 +19,11 @@ use warren_schema::nats::AgentInfo;
 
 pub mod nats;
 
-/// Start and stop actions carried out at once, at most.
-pub const MAX_ACTIONS_IN_FLIGHT: usize = 32;
+/// Start and stop actions carried out at once, at most. More than a backend's own limit on
+/// calls in flight, so that its budget (not this) paces a backlog.
+pub const MAX_ACTIONS_IN_FLIGHT: usize = 256;
 
-use crate::backend::{Backend, WorkspaceSpec};
+use crate::backend::{Backend, Observation, WorkspaceSpec};
 use crate::decide::{Phase, State};
 use crate::error::Result;
 
@@ -31,6 +32,16 @@ use crate::error::Result;
 pub enum Action {
     Start(WorkspaceSpec),
     Stop(String),
+}
+
+impl Action {
+    /// The workspace it acts on.
+    pub fn workspace(&self) -> &str {
+        match self {
+            Self::Start(spec) => &spec.name,
+            Self::Stop(name) => name,
+        }
+    }
 }
 
 /// Whether the decisions want `phase` to have a running process.
@@ -88,47 +99,79 @@ pub fn plan(
     actions
 }
 
+/// Observations recorded at once (each workspace's in order, one after another).
+pub const MAX_RECORDS_IN_FLIGHT: usize = 16;
+
 /// Reconciles until `stop`: against the latest desired state whenever it changes, and
-/// whenever the backend observes something (recorded first). Runs as a task of its own
-/// beside the decisions, which hand it their state over `desired`; a database error ends it
-/// (and with it the leadership).
+/// after the backend's observations are recorded. Runs as a task of its own beside the
+/// decisions, which hand it their state over `desired`; a database error ends it (and with
+/// it the leadership).
+///
+/// Recording and reconciling run side by side: a long pass (a backlog of thousands of
+/// starts, paced by the API budget) does not hold the observations back, and recording a
+/// burst of observations does not hold the starts back.
 pub async fn run<B: Backend>(
     reconciler: Reconciler<B>,
     mut desired: tokio::sync::watch::Receiver<std::sync::Arc<State>>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
     reconciler.record_observations().await?;
-    loop {
-        let state = std::sync::Arc::clone(&desired.borrow_and_update());
-        // Stopping does not wait for a slow call to end (what a stopped leader left half
-        // done, the next one plans again). What the backend observes meanwhile is recorded
-        // as it comes: a long pass (a backlog of thousands of starts, paced by the API
-        // budget) does not hold the observations back until it ends.
-        let reconciling = reconciler.reconcile(&state);
-        tokio::pin!(reconciling);
+    let recorded = tokio::sync::Notify::new();
+    let recording = async {
         loop {
+            reconciler.backend().observed().notified().await;
+            if reconciler.record_observations().await? > 0 {
+                recorded.notify_one();
+            }
+        }
+    };
+    let reconciling = async {
+        // Actions in flight, by workspace: a pass never waits for the previous one's calls
+        // (a slow API call delays its own workspace only), and never acts twice at once on
+        // one workspace.
+        let mut acting = futures_util::stream::FuturesUnordered::new();
+        let mut busy: BTreeSet<String> = BTreeSet::new();
+        let mut replan = true;
+        loop {
+            if replan {
+                let state = std::sync::Arc::clone(&desired.borrow_and_update());
+                let actions = reconciler.plan_now(&state).await;
+                replan = false;
+                for action in actions {
+                    let name = action.workspace().to_owned();
+                    if busy.contains(&name) || acting.len() >= MAX_ACTIONS_IN_FLIGHT {
+                        // Planned again once something in flight ends.
+                        replan = true;
+                        continue;
+                    }
+                    busy.insert(name.clone());
+                    let state = std::sync::Arc::clone(&state);
+                    let reconciler = &reconciler;
+                    acting.push(async move { (name, reconciler.act(&state, action).await) });
+                }
+            }
             tokio::select! {
-                () = stop.cancelled() => return Ok(()),
-                done = &mut reconciling => {
+                changed = desired.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    replan = true;
+                }
+                () = recorded.notified() => replan = true,
+                Some((name, done)) = acting.next(), if !acting.is_empty() => {
                     done?;
-                    break;
-                }
-                () = reconciler.backend().observed().notified() => {
-                    reconciler.record_observations().await?;
+                    busy.remove(&name);
+                    // `replan` stays as it is: set when a plan held something back.
                 }
             }
         }
-        tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            changed = desired.changed() => {
-                if changed.is_err() {
-                    return Ok(());
-                }
-            }
-            () = reconciler.backend().observed().notified() => {
-                reconciler.record_observations().await?;
-            }
-        }
+    };
+    // Stopping does not wait for a slow call to end (what a stopped leader left half done,
+    // the next one plans again).
+    tokio::select! {
+        () = stop.cancelled() => Ok(()),
+        done = recording => done,
+        done = reconciling => done,
     }
 }
 
@@ -163,22 +206,14 @@ impl<B: Backend> Reconciler<B> {
         &self.backend
     }
 
-    /// One pass: plan against what runs now, act, and record what the backend reported.
-    #[instrument(skip_all, fields(actions), err)]
-    pub async fn reconcile(&self, state: &State) -> Result<()> {
+    /// What to do now: `state` against what the backend runs and what was acted on.
+    #[instrument(skip_all, fields(actions))]
+    pub async fn plan_now(&self, state: &State) -> Vec<Action> {
         let running: BTreeSet<String> = self.backend.running().await.into_iter().collect();
         let acted = self.acted.lock().map(|a| a.clone()).unwrap_or_default();
         let actions = plan(state, &running, &acted);
         tracing::Span::current().record("actions", actions.len());
-        // Actions on different workspaces run side by side; the backend keeps its own
-        // budget (the kubernetes one limits its calls in flight and its write rate).
-        let mut acting = futures_util::stream::iter(actions)
-            .map(|action| self.act(state, action))
-            .buffer_unordered(MAX_ACTIONS_IN_FLIGHT);
-        while let Some(done) = acting.next().await {
-            done?;
-        }
-        Ok(())
+        actions
     }
 
     async fn act(&self, state: &State, action: Action) -> Result<()> {
@@ -265,11 +300,24 @@ impl<B: Backend> Reconciler<B> {
     pub async fn record_observations(&self) -> Result<usize> {
         let observations = self.backend.drain_observations();
         let n = observations.len();
+        // Per workspace in the order seen; workspaces side by side.
+        let mut by_workspace: BTreeMap<String, Vec<Observation>> = BTreeMap::new();
         for o in observations {
-            let mut meta = Metadata::new("control-plane.reconcile");
-            meta.causation_id = o.decision;
-            self.record_with(&o.workspace, o.phase, o.instance, o.detail, None, meta)
-                .await?;
+            by_workspace.entry(o.workspace.clone()).or_default().push(o);
+        }
+        let mut recording = futures_util::stream::iter(by_workspace.into_values())
+            .map(|observations| async move {
+                for o in observations {
+                    let mut meta = Metadata::new("control-plane.reconcile");
+                    meta.causation_id = o.decision;
+                    self.record_with(&o.workspace, o.phase, o.instance, o.detail, None, meta)
+                        .await?;
+                }
+                Ok::<_, crate::error::Error>(())
+            })
+            .buffer_unordered(MAX_RECORDS_IN_FLIGHT);
+        while let Some(done) = recording.next().await {
+            done?;
         }
         Ok(n)
     }
