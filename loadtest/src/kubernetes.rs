@@ -220,6 +220,29 @@ fn github_delivery(client: &reqwest::Client, base: &str, n: u64) -> reqwest::Req
         .body(body)
 }
 
+/// A control plane in this process, leading at once (a fresh database), until `shutdown`.
+fn in_process_control_plane(
+    log: &warren_schema::EventLog,
+    agents: PathBuf,
+    kubernetes: KubernetesConfig,
+    nats: Option<NatsConfig>,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<warren_control_plane::error::Result<()>> {
+    tokio::spawn(controller::run(
+        log.clone(),
+        ControllerConfig {
+            holder: "bench".into(),
+            lease_ttl: Duration::from_secs(10),
+            tick: Duration::from_millis(200),
+            policy: Policy::default(),
+            config_file: Some(agents),
+            backend: Some(BackendConfig::from(kubernetes)),
+            nats,
+        },
+        shutdown.clone(),
+    ))
+}
+
 /// The kubernetes backend's configuration for `instance`, through `kubeconfig`.
 fn backend(instance: &str, kubeconfig: &Path, nats_url: &str, prefix: &str) -> KubernetesConfig {
     let mut config = KubernetesConfig::new(testenv::NAMESPACE, nats_url);
@@ -254,19 +277,7 @@ async fn create(args: &Args) -> anyhow::Result<()> {
     // path, not a limit sized for another server.
     kubernetes.concurrency = 256;
     let shutdown = CancellationToken::new();
-    let control_plane = tokio::spawn(controller::run(
-        log.clone(),
-        ControllerConfig {
-            holder: "bench".into(),
-            lease_ttl: Duration::from_secs(10),
-            tick: Duration::from_millis(200),
-            policy: Policy::default(),
-            config_file: Some(agents),
-            backend: Some(BackendConfig::from(kubernetes)),
-            nats: None,
-        },
-        shutdown.clone(),
-    ));
+    let control_plane = in_process_control_plane(&log, agents, kubernetes, None, &shutdown);
     wait_count(
         &db,
         "SELECT count(*) FROM events WHERE event_type = 'agent.configured'",
@@ -499,25 +510,17 @@ async fn cold_starts(
     let prefix = format!("benchcold{}", std::process::id());
     let _kubelet = kubelet(&instance, &dir, mode).await;
     let shutdown = CancellationToken::new();
-    let control_plane = tokio::spawn(controller::run(
-        log.clone(),
-        ControllerConfig {
-            holder: "bench".into(),
-            lease_ttl: Duration::from_secs(10),
-            tick: Duration::from_millis(200),
-            policy: Policy::default(),
-            config_file: Some(agents),
-            backend: Some(BackendConfig::from(backend(
-                &instance, &proxied, nats_url, &prefix,
-            ))),
-            nats: Some(NatsConfig {
-                url: nats_url.to_owned(),
-                namespace: Namespace::new(&prefix),
-                credentials: None,
-            }),
-        },
-        shutdown.clone(),
-    ));
+    let control_plane = in_process_control_plane(
+        &log,
+        agents,
+        backend(&instance, &proxied, nats_url, &prefix),
+        Some(NatsConfig {
+            url: nats_url.to_owned(),
+            namespace: Namespace::new(&prefix),
+            credentials: None,
+        }),
+        &shutdown,
+    );
     wait_count(
         &db,
         "SELECT count(*) FROM events WHERE event_type = 'agent.configured'",

@@ -529,6 +529,38 @@ async fn each_pod_failure_is_recorded_with_its_reason_and_given_up_on() {
     s.finish(leader, &["pull", "oom", "nofit", "crash"]).await;
 }
 
+/// Waits until `backend` has observed something that `matches` of each of `workspaces`
+/// (at most 30 s).
+async fn observe_each(
+    backend: &warren_control_plane::backend::kubernetes::KubernetesBackend,
+    workspaces: &[String],
+    matches: impl Fn(&warren_control_plane::backend::Observation) -> bool,
+) {
+    use warren_control_plane::backend::Backend;
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !workspaces.iter().all(|w| seen.contains(w)) {
+        let notified = backend.observed().notified();
+        seen.extend(
+            backend
+                .drain_observations()
+                .into_iter()
+                .filter(|o| matches(o))
+                .map(|o| o.workspace),
+        );
+        if !workspaces.iter().all(|w| seen.contains(w)) {
+            assert!(
+                tokio::time::timeout_at(deadline, notified).await.is_ok(),
+                "not observed within 30 s: {:?}",
+                workspaces
+                    .iter()
+                    .filter(|w| !seen.contains(*w))
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
+}
+
 /// What the control plane does with its Role: connect (anchor, NetworkPolicy), follow pods,
 /// start a workspace (Secret, pod), see it, stop it (pod, Secret), see it go. `Err` says
 /// which step failed.
@@ -554,28 +586,18 @@ async fn start_and_stop(kubeconfig: &Path, instance: &str) -> Result<(), String>
             .start(&spec)
             .await
             .map_err(|e| format!("starting: {e}"))?;
-        let seen = |phase: WorkspacePhase| {
-            let backend = backend.clone();
-            async move {
-                loop {
-                    let notified = backend.observed().notified();
-                    if backend
-                        .drain_observations()
-                        .iter()
-                        .any(|o| o.phase == phase)
-                    {
-                        return;
-                    }
-                    notified.await;
-                }
-            }
-        };
-        seen(WorkspacePhase::Starting).await;
+        observe_each(&backend, &["w".to_owned()], |o| {
+            o.phase == WorkspacePhase::Starting
+        })
+        .await;
         backend
             .stop("w")
             .await
             .map_err(|e| format!("stopping: {e}"))?;
-        seen(WorkspacePhase::Exited).await;
+        observe_each(&backend, &["w".to_owned()], |o| {
+            o.phase == WorkspacePhase::Exited
+        })
+        .await;
         Ok(())
     };
     tokio::time::timeout(Duration::from_secs(20), steps)
@@ -785,21 +807,7 @@ async fn throttling_errors_and_cut_watches_lose_nothing_and_keep_to_the_budget()
     assert!(proxy.watches_cut() >= 1, "watches were cut");
 
     // Every pod was seen, and every deletion is seen too, though watches keep being cut.
-    let mut seen = std::collections::BTreeSet::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while seen.len() < names.len() {
-        let notified = backend.observed().notified();
-        for o in backend.drain_observations() {
-            seen.insert(o.workspace);
-        }
-        if seen.len() < names.len() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "pods never seen: {seen:?}"
-            );
-            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
-        }
-    }
+    observe_each(&backend, &names, |_| true).await;
     let mut running = backend.running().await;
     running.sort();
     let mut expected = names.clone();
@@ -809,23 +817,7 @@ async fn throttling_errors_and_cut_watches_lose_nothing_and_keep_to_the_budget()
         backend.stop(name).await.expect("stop");
     }
     proxy.cut_watches();
-    let mut gone = std::collections::BTreeSet::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while gone.len() < names.len() {
-        let notified = backend.observed().notified();
-        for o in backend.drain_observations() {
-            if o.phase == WorkspacePhase::Exited {
-                gone.insert(o.workspace);
-            }
-        }
-        if gone.len() < names.len() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "deletions missed: {gone:?}"
-            );
-            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
-        }
-    }
+    observe_each(&backend, &names, |o| o.phase == WorkspacePhase::Exited).await;
 
     // The budget held: after a burst of one second's worth, at most `rate` writes in any
     // second.
@@ -848,7 +840,7 @@ async fn throttling_errors_and_cut_watches_lose_nothing_and_keep_to_the_budget()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn applying_the_same_pod_and_secret_twice_changes_nothing() {
+async fn applying_twice_changes_nothing_and_an_ended_pod_waits_for_a_new_decision() {
     use k8s_openapi::api::core::v1::{Pod, Secret};
     use kube::api::Api;
     use warren_control_plane::backend::kubernetes::KubernetesBackend;
@@ -907,5 +899,38 @@ async fn applying_the_same_pod_and_secret_twice_changes_nothing() {
         all[0].metadata.resource_version,
         created.metadata.resource_version
     );
+
+    // The pod fails. A start of the same decision (a new leader, which does not know that
+    // its predecessor acted on it) leaves it: its failure is for the decisions to act on.
+    pods.patch_status(
+        &name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"status": {"phase": "Failed", "reason": "Evicted"}})),
+    )
+    .await
+    .expect("fail the pod");
+    eventually("the failure seen by the backend", async || {
+        backend.running().await.is_empty()
+    })
+    .await;
+    backend
+        .start(&spec)
+        .await
+        .expect("start of the same decision");
+    assert_eq!(
+        testenv::pods(&instance).await[0].metadata.uid,
+        created.metadata.uid
+    );
+    // A new decision (a restart) replaces it.
+    let restart = WorkspaceSpec {
+        decision: Some(warren_schema::EventId::random()),
+        ..spec.clone()
+    };
+    // (Never bound to a node, it is deleted at once: no kubelet needs to confirm.)
+    let started = backend.start(&restart).await;
+    started.expect("start of a new decision");
+    let replaced = testenv::pods(&instance).await;
+    assert_eq!(replaced.len(), 1);
+    assert_ne!(replaced[0].metadata.uid, created.metadata.uid, "a new pod");
     testenv::clean_up(&instance).await;
 }

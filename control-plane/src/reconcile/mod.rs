@@ -256,17 +256,13 @@ impl<B: Backend> Reconciler<B> {
         if let Err(detail) = started {
             warn!(workspace = %spec.name, error = %detail, "start failed");
             // One failure per start decision (a retry of the same one is absorbed).
-            let decision = spec.decision.map(|d| d.to_string());
-            let mut meta = Metadata::new("control-plane.reconcile");
-            meta.causation_id = spec.decision;
-            self.record_with(
-                &spec.name,
-                WorkspacePhase::Failed,
-                None,
-                Some(detail),
-                decision.as_deref(),
-                meta,
-            )
+            self.record(Observation {
+                workspace: spec.name.clone(),
+                phase: WorkspacePhase::Failed,
+                instance: None,
+                detail: Some(detail),
+                decision: spec.decision,
+            })
             .await?;
         }
         Ok(())
@@ -284,13 +280,13 @@ impl<B: Backend> Reconciler<B> {
         if let Err(e) = self.backend.stop(name).await {
             warn!(workspace = %name, error = %e, "stop failed");
         } else if !explained {
-            self.record(
-                name,
-                WorkspacePhase::Gone,
-                None,
-                Some("orphan: no decision wants it running; deleted".into()),
-                None,
-            )
+            self.record(Observation {
+                workspace: name.to_owned(),
+                phase: WorkspacePhase::Gone,
+                instance: None,
+                detail: Some("orphan: no decision wants it running; deleted".into()),
+                decision: None,
+            })
             .await?;
         }
         Ok(())
@@ -308,10 +304,7 @@ impl<B: Backend> Reconciler<B> {
         let mut recording = futures_util::stream::iter(by_workspace.into_values())
             .map(|observations| async move {
                 for o in observations {
-                    let mut meta = Metadata::new("control-plane.reconcile");
-                    meta.causation_id = o.decision;
-                    self.record_with(&o.workspace, o.phase, o.instance, o.detail, None, meta)
-                        .await?;
+                    self.record(o).await?;
                 }
                 Ok::<_, crate::error::Error>(())
             })
@@ -322,49 +315,39 @@ impl<B: Backend> Reconciler<B> {
         Ok(n)
     }
 
-    async fn record(
-        &self,
-        workspace: &str,
-        phase: WorkspacePhase,
-        instance: Option<String>,
-        detail: Option<String>,
-        decision: Option<&str>,
-    ) -> Result<()> {
-        let meta = Metadata::new("control-plane.reconcile");
-        self.record_with(workspace, phase, instance, detail, decision, meta)
-            .await
-    }
-
-    async fn record_with(
-        &self,
-        workspace: &str,
-        phase: WorkspacePhase,
-        instance: Option<String>,
-        detail: Option<String>,
-        decision: Option<&str>,
-        mut meta: Metadata,
-    ) -> Result<()> {
+    /// Records `o` as `workspace.observed`, caused by the start decision of its instance.
+    /// One event per (instance, phase, detail, decision): a re-report is absorbed.
+    async fn record(&self, o: Observation) -> Result<()> {
+        let Observation {
+            workspace,
+            phase,
+            instance,
+            detail,
+            decision,
+        } = o;
         let phase_name = serde_json::to_value(phase)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
-        // One observation per (instance, phase): a re-report is absorbed.
+        let cause = decision.map(|d| d.to_string());
         let mut key = vec![
             "observed",
-            workspace,
+            workspace.as_str(),
             instance.as_deref().unwrap_or("-"),
             &phase_name,
             detail.as_deref().unwrap_or(""),
         ];
-        key.extend(decision);
+        key.extend(cause.as_deref());
         let id = EventId::derive(&key);
         let event = WorkspaceObserved {
-            workspace: workspace.to_owned(),
+            workspace: workspace.clone(),
             phase,
             backend: self.backend.name().to_owned(),
             instance,
             detail,
         };
+        let mut meta = Metadata::new("control-plane.reconcile");
+        meta.causation_id = decision;
         meta.actor = Some(self.backend.name().to_owned());
         let event = NewEvent::from_domain(id, &event, meta)
             .map_err(|e| warren_schema::Error::InvalidEvent(e.to_string()))?;

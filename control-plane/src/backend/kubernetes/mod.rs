@@ -430,6 +430,13 @@ impl Backend for KubernetesBackend {
             if observe::is_live(&pod) {
                 return Ok(());
             }
+            // Made for this very decision, and ended: its end is for the decisions to act
+            // on (a restart is a new decision). A new leader, which does not know what its
+            // predecessor acted on, must not start it again behind their back.
+            if spec.decision.is_some() && decision_of(&pod) == spec.decision {
+                info!(pod = %instance_of(&pod), "the pod made for this decision has ended; left to the decisions");
+                return Ok(());
+            }
             let uid = pod.metadata.uid.clone().unwrap_or_default();
             if pod.metadata.deletion_timestamp.is_none() {
                 info!(pod = %instance_of(&pod), "deleting the workspace's finished pod first");
