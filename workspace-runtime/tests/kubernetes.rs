@@ -331,8 +331,10 @@ async fn a_restarted_control_plane_adopts_its_pods_and_deletes_orphans() {
         "the pod outlives the leader"
     );
 
-    // Meanwhile someone leaves a running pod no decision explains (a workspace of its own,
-    // with its Secret, as a crashed control plane of another log might have).
+    // Meanwhile someone leaves pods no decision explains (workspaces of their own, with
+    // their Secrets, as a crashed control plane of another log might have): one that runs,
+    // and one that has ended already (its launch contract is garbage), which stays in the
+    // API until someone deletes it.
     let admin = testenv::admin().await;
     let anchor = Api::<ConfigMap>::namespaced(admin.clone(), testenv::NAMESPACE)
         .get(&format!("{}-workspaces", s.instance))
@@ -340,47 +342,58 @@ async fn a_restarted_control_plane_adopts_its_pods_and_deletes_orphans() {
         .expect("the installation's anchor");
     let owner = objects::owner_reference(&anchor);
     let template = k::backend_config(&s.instance, "nats://unused", &s.prefix).template;
-    let launch = LaunchContract::new(
-        "stray",
-        PodTemplate::workspace_dir(),
-        NatsLaunch::new(support::nats_url(), &s.prefix),
-    );
-    let secret = template.secret(
-        "stray",
-        [(objects::LAUNCH_KEY.to_owned(), launch.to_json())].into(),
-        &owner,
-    );
-    Api::<Secret>::namespaced(admin.clone(), testenv::NAMESPACE)
-        .patch(
-            &format!("{}-stray", s.instance),
-            &PatchParams::apply("someone"),
-            &Patch::Apply(&secret),
-        )
-        .await
-        .expect("the stray pod's Secret");
-    let stray = template.pod("stray", None, &[], &Default::default(), &owner);
-    Api::<Pod>::namespaced(admin, testenv::NAMESPACE)
-        .patch(
-            &format!("{}-stray", s.instance),
-            &PatchParams::apply("someone"),
-            &Patch::Apply(&stray),
-        )
-        .await
-        .expect("a stray pod");
+    let strays = ["stray", "ended"];
+    for workspace in strays {
+        let launch = match workspace {
+            "stray" => LaunchContract::new(
+                workspace,
+                PodTemplate::workspace_dir(),
+                NatsLaunch::new(support::nats_url(), &s.prefix),
+            )
+            .to_json(),
+            _ => "not a launch contract".to_owned(),
+        };
+        let secret = template.secret(
+            workspace,
+            [(objects::LAUNCH_KEY.to_owned(), launch)].into(),
+            &owner,
+        );
+        let name = format!("{}-{workspace}", s.instance);
+        let apply = PatchParams::apply("someone");
+        Api::<Secret>::namespaced(admin.clone(), testenv::NAMESPACE)
+            .patch(&name, &apply, &Patch::Apply(&secret))
+            .await
+            .expect("a stray pod's Secret");
+        let pod = template.pod(workspace, None, &[], &Default::default(), &owner);
+        Api::<Pod>::namespaced(admin.clone(), testenv::NAMESPACE)
+            .patch(&name, &apply, &Patch::Apply(&pod))
+            .await
+            .expect("a stray pod");
+    }
+    let ended = format!("{}-ended", s.instance);
+    eventually("the second stray pod ended", async || {
+        testenv::pods(&s.instance).await.iter().any(|p| {
+            p.metadata.name.as_deref() == Some(ended.as_str())
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
+        })
+    })
+    .await;
 
-    // A new leader adopts the pod (same instance, same process) and deletes the stray.
+    // A new leader adopts the pod (same instance, same process) and deletes the strays,
+    // running or ended.
     let leader = s.controller("cp-b", &agents, Policy::default(), &s.shutdown);
-    eventually("the stray pod deleted, and recorded", async || {
-        let recorded = log
+    eventually("the stray pods deleted, and recorded", async || {
+        let recorded: Vec<String> = log
             .read_type("workspace.observed", 0, 100)
             .await
             .expect("read")
             .iter()
             .filter_map(|e| e.decode::<WorkspaceObserved>().ok())
-            .any(|o| {
-                o.workspace == "stray" && o.detail.as_deref().is_some_and(|d| d.contains("orphan"))
-            });
-        recorded && testenv::pods(&s.instance).await.len() == 1
+            .filter(|o| o.detail.as_deref().is_some_and(|d| d.contains("orphan")))
+            .map(|o| o.workspace)
+            .collect();
+        strays.iter().all(|w| recorded.iter().any(|r| r == w))
+            && testenv::pods(&s.instance).await.len() == 1
     })
     .await;
     gateway

@@ -85,6 +85,11 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Workspaces with a live process.
     fn running(&self) -> impl Future<Output = Vec<String>> + Send;
+    /// Workspaces whose process ended but whose instance is kept for inspection (a failed
+    /// pod, for `kubectl logs`); `stop` removes it. None where nothing outlives its process.
+    fn ended(&self) -> impl Future<Output = Vec<String>> + Send {
+        std::future::ready(Vec::new())
+    }
     fn start(&self, spec: &WorkspaceSpec) -> impl Future<Output = Result<(), BackendError>> + Send;
     fn stop(&self, workspace: &str) -> impl Future<Output = Result<(), BackendError>> + Send;
     /// What happened since the last call, oldest first.
@@ -155,6 +160,13 @@ impl Backend for AnyBackend {
         match self {
             Self::Local(b) => b.running().await,
             Self::Kubernetes(b) => b.running().await,
+        }
+    }
+
+    async fn ended(&self) -> Vec<String> {
+        match self {
+            Self::Local(b) => b.ended().await,
+            Self::Kubernetes(b) => b.ended().await,
         }
     }
 

@@ -53,11 +53,8 @@ pub fn wants_running(phase: Phase) -> bool {
 /// `acted` holds, per workspace, the start decision already acted on: a process that came
 /// and went under that decision is not started again until the decisions say so (they
 /// see its exit and decide a restart, or give up).
-pub fn plan(
-    state: &State,
-    running: &BTreeSet<String>,
-    acted: &BTreeMap<String, EventId>,
-) -> Vec<Action> {
+pub fn plan(state: &State, present: &Present, acted: &BTreeMap<String, EventId>) -> Vec<Action> {
+    let running = &present.running;
     let mut actions = Vec::new();
     for w in state.workspaces.values() {
         let already = w.start_decision.is_some() && acted.get(&w.name) == w.start_decision.as_ref();
@@ -96,7 +93,28 @@ pub fn plan(
             actions.push(Action::Stop(name.clone()));
         }
     }
+    // An ended instance is kept while a decision may still explain it (a failed pod stays
+    // for `kubectl logs` until the restart replaces it); one of a workspace no decision
+    // wants is removed, whatever state it ended in.
+    for name in present.ended.difference(running) {
+        let explained = state
+            .workspaces
+            .get(name)
+            .is_some_and(|w| !matches!(w.phase, Phase::Stopped | Phase::Stopping));
+        if !explained {
+            actions.push(Action::Stop(name.clone()));
+        }
+    }
     actions
+}
+
+/// What the backend has, by workspace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Present {
+    /// With a live process.
+    pub running: BTreeSet<String>,
+    /// Ended, but kept (a failed pod stays for inspection).
+    pub ended: BTreeSet<String>,
 }
 
 /// Observations recorded at once (each workspace's in order, one after another).
@@ -209,9 +227,12 @@ impl<B: Backend> Reconciler<B> {
     /// What to do now: `state` against what the backend runs and what was acted on.
     #[instrument(skip_all, fields(actions))]
     pub async fn plan_now(&self, state: &State) -> Vec<Action> {
-        let running: BTreeSet<String> = self.backend.running().await.into_iter().collect();
+        let present = Present {
+            running: self.backend.running().await.into_iter().collect(),
+            ended: self.backend.ended().await.into_iter().collect(),
+        };
         let acted = self.acted.lock().map(|a| a.clone()).unwrap_or_default();
-        let actions = plan(state, &running, &acted);
+        let actions = plan(state, &present, &acted);
         tracing::Span::current().record("actions", actions.len());
         actions
     }
@@ -402,8 +423,15 @@ mod tests {
         s
     }
 
-    fn running(names: &[&str]) -> BTreeSet<String> {
+    fn names(names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    fn running(running: &[&str]) -> Present {
+        Present {
+            running: names(running),
+            ended: BTreeSet::new(),
+        }
     }
 
     #[test]
@@ -461,6 +489,28 @@ mod tests {
             plan(&s, &running(&[]), &older).len(),
             1,
             "a new start decision"
+        );
+    }
+
+    #[test]
+    fn an_ended_instance_is_kept_only_while_a_decision_explains_it() {
+        let s = state(&[
+            ("failed", Phase::Failed),
+            ("backing-off", Phase::BackingOff),
+            ("stopped", Phase::Stopped),
+            ("stopping", Phase::Stopping),
+        ]);
+        let present = Present {
+            running: BTreeSet::new(),
+            ended: names(&["failed", "backing-off", "stopped", "stopping", "stray"]),
+        };
+        assert_eq!(
+            plan(&s, &present, &BTreeMap::new()),
+            vec![
+                Action::Stop("stopped".into()),
+                Action::Stop("stopping".into()),
+                Action::Stop("stray".into()),
+            ]
         );
     }
 }

@@ -270,6 +270,22 @@ impl KubernetesBackend {
         let _ = synced.wait_for(|s| *s).await;
     }
 
+    /// Workspaces whose pod (as last watched) satisfies `keep`.
+    async fn pods_where(&self, keep: impl Fn(&Pod) -> bool) -> Vec<String> {
+        self.synced().await;
+        self.shared
+            .watched
+            .lock()
+            .map(|w| {
+                w.pods
+                    .iter()
+                    .filter(|(_, pod)| keep(pod))
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn pod_of(&self, workspace: &str) -> Option<Pod> {
         self.shared
             .watched
@@ -407,18 +423,13 @@ impl Backend for KubernetesBackend {
     }
 
     async fn running(&self) -> Vec<String> {
-        self.synced().await;
-        self.shared
-            .watched
-            .lock()
-            .map(|w| {
-                w.pods
-                    .iter()
-                    .filter(|(_, pod)| observe::is_live(pod))
-                    .map(|(name, _)| name.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.pods_where(observe::is_live).await
+    }
+
+    /// Pods that ended and are not being deleted already.
+    async fn ended(&self) -> Vec<String> {
+        self.pods_where(|pod| !observe::is_live(pod) && pod.metadata.deletion_timestamp.is_none())
+            .await
     }
 
     #[instrument(skip_all, fields(workspace = %spec.name, decision = ?spec.decision), err)]
