@@ -102,7 +102,7 @@ async fn prepare(admin: &jetstream::Context, ns: &Namespace, workspace: &str, ag
             .iter()
             .map(|a| AgentLaunch::new(*a, "echo", serde_json::json!({})))
             .collect(),
-        directory: vec![],
+        directory: Default::default(),
         tuning: Tuning {
             max_deliver: 3,
             ..Tuning::default()

@@ -56,6 +56,7 @@ pub fn wants_running(phase: Phase) -> bool {
 pub fn plan(state: &State, present: &Present, acted: &BTreeMap<String, EventId>) -> Vec<Action> {
     let running = &present.running;
     let mut actions = Vec::new();
+    let mut directory: Option<std::sync::Arc<[AgentInfo]>> = None;
     for w in state.workspaces.values() {
         let already = w.start_decision.is_some() && acted.get(&w.name) == w.start_decision.as_ref();
         if wants_running(w.phase) && !running.contains(&w.name) && !already {
@@ -70,14 +71,18 @@ pub fn plan(state: &State, present: &Present, acted: &BTreeMap<String, EventId>)
                     .iter()
                     .map(|a| AgentLaunch::new(&a.name, &a.driver, a.settings.clone()))
                     .collect(),
-                directory: state
-                    .agents
-                    .values()
-                    .map(|a| AgentInfo {
-                        name: a.name.clone(),
-                        workspace: a.workspace.clone(),
+                directory: directory
+                    .get_or_insert_with(|| {
+                        state
+                            .agents
+                            .values()
+                            .map(|a| AgentInfo {
+                                name: a.name.clone(),
+                                workspace: a.workspace.clone(),
+                            })
+                            .collect()
                     })
-                    .collect(),
+                    .clone(),
                 tuning: warren_schema::launch::Tuning::default(),
                 decision: w.start_decision,
                 traceparent: w.start_trace.clone(),
@@ -511,6 +516,24 @@ mod tests {
                 Action::Stop("stopping".into()),
                 Action::Stop("stray".into()),
             ]
+        );
+    }
+
+    #[test]
+    fn the_specs_of_one_plan_share_one_directory() {
+        let s = state(&[("a", Phase::Starting), ("b", Phase::Starting)]);
+        let specs: Vec<WorkspaceSpec> = plan(&s, &running(&[]), &BTreeMap::new())
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Start(spec) => Some(spec),
+                Action::Stop(_) => None,
+            })
+            .collect();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[0].directory.len(), 2, "every agent");
+        assert!(
+            std::sync::Arc::ptr_eq(&specs[0].directory, &specs[1].directory),
+            "one list, not a copy per workspace"
         );
     }
 }
