@@ -6,8 +6,7 @@
 //! `PATH` and `HOME` ([`LaunchContract::environment`]). So what a workspace can learn about
 //! the installation is what this type says, reviewed in one place:
 //!
-//! - its name, its agents (driver, settings, the model keys each may use), the installation's
-//!   agent directory;
+//! - its name, its agents (driver, settings, the model keys each may use);
 //! - its own directory and the shared one;
 //! - its NATS server, subject prefix and the path of its own credentials file;
 //! - telemetry settings and the runtime's tuning.
@@ -22,8 +21,6 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::nats::AgentInfo;
-
 /// The environment variable holding the contract (JSON).
 pub const ENV: &str = "WARREN_LAUNCH";
 
@@ -35,9 +32,6 @@ pub struct LaunchContract {
     pub workspace: String,
     /// The agents it hosts.
     pub agents: Vec<AgentLaunch>,
-    /// Every agent of the installation (what the `list_agents` tool shows).
-    #[serde(default)]
-    pub directory: Vec<AgentInfo>,
     /// The workspace's own directory (`command` agents run there).
     pub workspace_dir: PathBuf,
     /// The directory every workspace shares, when there is one.
@@ -175,7 +169,6 @@ impl LaunchContract {
         Self {
             workspace: workspace.into(),
             agents: Vec::new(),
-            directory: Vec::new(),
             workspace_dir,
             shared_dir: None,
             nats,

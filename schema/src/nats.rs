@@ -100,9 +100,32 @@ impl Namespace {
 
     /// The workspace a shared write came from, read from its subject.
     pub fn shared_write_workspace<'s>(&self, subject: &'s str) -> Option<&'s str> {
+        self.workspace_of(subject, ".memory.")
+    }
+
+    /// Where a workspace asks the control plane for the agent directory
+    /// (`{prefix}.directory.{workspace}`, request and reply with a [`DirectoryQuery`] and a
+    /// [`DirectoryAnswer`]). The directory is served, not handed out at launch: a launch
+    /// contract carrying every agent grows with the installation (10,000 agents made each
+    /// pod's Secret 400 KB), and a copy taken at launch misses agents configured later.
+    pub fn directory_subject(&self, workspace: &str) -> String {
+        format!("{}.directory.{workspace}", self.prefix)
+    }
+
+    /// Every workspace's directory subject (what the control plane serves).
+    pub fn directory_subjects(&self) -> String {
+        format!("{}.directory.*", self.prefix)
+    }
+
+    /// The workspace a directory query came from, read from its subject.
+    pub fn directory_workspace<'s>(&self, subject: &'s str) -> Option<&'s str> {
+        self.workspace_of(subject, ".directory.")
+    }
+
+    fn workspace_of<'s>(&self, subject: &'s str, infix: &str) -> Option<&'s str> {
         subject
             .strip_prefix(self.prefix.as_str())?
-            .strip_prefix(".memory.")
+            .strip_prefix(infix)
             .filter(|w| !w.is_empty() && !w.contains('.'))
     }
 
@@ -168,7 +191,8 @@ impl Namespace {
     /// What a workspace hosting `agents` may publish and subscribe to. It may read its
     /// agents' inbox consumers (fetch, acknowledge, info), publish to its outbox and dead
     /// letters, read and write its own memory bucket, read the shared one, ask the control
-    /// plane to write the shared one ([`Self::shared_write_subject`]), and receive replies
+    /// plane to write the shared one ([`Self::shared_write_subject`]) and for the agent
+    /// directory ([`Self::directory_subject`]), and receive replies
     /// under its own inbox prefix. Everything else is refused by the server.
     ///
     /// It may create nothing: no stream, no consumer. The control plane creates its bucket
@@ -182,6 +206,7 @@ impl Namespace {
             self.outbox_subject(workspace),
             format!("{}.dead.{workspace}.*", self.prefix),
             self.shared_write_subject(workspace),
+            self.directory_subject(workspace),
             format!("$JS.API.STREAM.INFO.{inbox}"),
             format!("$JS.API.STREAM.INFO.{}", self.outbox_stream()),
         ];
@@ -414,12 +439,45 @@ fn parse_credentials(contents: &str) -> Option<(&str, &str)> {
     ))
 }
 
-/// One agent of the installation, as the `list_agents` tool shows it (the control plane
-/// passes the directory to each workspace it starts).
+/// One agent of the installation, as the `list_agents` tool shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentInfo {
     pub name: String,
     pub workspace: String,
+}
+
+/// A workspace's request for a page of the agent directory, on its
+/// [`Namespace::directory_subject`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryQuery {
+    /// Start after this agent name (the previous page's `next`); `None`: from the first.
+    #[serde(default)]
+    pub after: Option<String>,
+    /// At most this many agents; the control plane caps it at [`DirectoryQuery::MAX_PAGE`].
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+impl DirectoryQuery {
+    /// The largest page the control plane answers (about 40 KB of JSON, well under a NATS
+    /// message's 1 MB, and as much as a model's context should take in one tool result).
+    pub const MAX_PAGE: usize = 500;
+}
+
+/// The control plane's answer to a [`DirectoryQuery`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum DirectoryAnswer {
+    /// Agents in name order; `next` is set when more follow (pass it as `after`).
+    Page {
+        agents: Vec<AgentInfo>,
+        next: Option<String>,
+    },
+    /// Not a valid query; nothing to retry.
+    Refused { reason: String },
+    /// The configuration could not be read; try again.
+    Failed { reason: String },
 }
 
 /// A message for an agent (its inbox).
@@ -641,6 +699,26 @@ mod tests {
         ] {
             assert_eq!(ns.shared_write_workspace(subject), None, "{subject}");
         }
+    }
+
+    #[test]
+    fn a_directory_query_names_its_workspace_by_its_subject_only() {
+        let ns = Namespace::default();
+        assert_eq!(
+            ns.directory_workspace(&ns.directory_subject("research")),
+            Some("research")
+        );
+        for subject in [
+            "warren.directory.",
+            "warren.directory.a.b",
+            "other.directory.a",
+            "warren.memory.a",
+        ] {
+            assert_eq!(ns.directory_workspace(subject), None, "{subject}");
+        }
+        let p = ns.workspace_permissions("research", &["alice".into()]);
+        assert!(p.publish.contains(&ns.directory_subject("research")));
+        assert!(!p.publish.iter().any(|s| s == "warren.directory.*"));
     }
 
     #[test]

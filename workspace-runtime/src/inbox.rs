@@ -135,8 +135,8 @@ pub struct Worker {
     /// While a turn runs: tell the server it is in progress (so `ack_wait` does not
     /// redeliver it to this very agent) and the control plane that the agent is busy.
     pub heartbeat: Duration,
-    /// Every agent of the installation (`list_agents`).
-    pub directory: Vec<warren_schema::nats::AgentInfo>,
+    /// The agent directory (`list_agents`), asked of the control plane.
+    pub directory: crate::control_plane::Directory,
 }
 
 impl Worker {
@@ -365,7 +365,7 @@ impl Worker {
                 reply_to: serde_json::to_string(&inbox.reply_to).ok(),
                 memory: self.memory.as_ref().map(|(m, _)| with_conversation(m)),
                 shared_memory: self.memory.as_ref().map(|(_, s)| with_conversation(s)),
-                directory: self.directory.clone(),
+                directory: Some(self.directory.clone()),
                 outbox: Some(self.outbox.clone()),
             })
             .await?;

@@ -17,6 +17,7 @@
 //! - [`error`]: why the runtime could not start or had to stop.
 
 pub mod agent;
+pub mod control_plane;
 pub mod error;
 pub mod inbox;
 pub mod mcp;
@@ -119,7 +120,6 @@ pub async fn run_mcp() -> Result<()> {
 /// Runs the workspace's agents until `shutdown`; each finishes its current turn first.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let drivers = drivers(&config)?;
-    let directory = config.directory.clone();
     let ns = Namespace::new(&config.nats.prefix);
     let js = connect(&config, &ns).await?;
     // The control plane made the buckets and consumers; only a runtime with unrestricted
@@ -137,6 +137,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .await
         .map_err(|e| Error::jetstream(format!("the stream {}", ns.outbox_stream()), e))?;
     let outbox = outbox::Outbox::new(js.clone(), &ns, &config.workspace);
+    let directory = control_plane::Directory::new(js.client(), &ns, &config.workspace);
     let environment = agent::command::Environment {
         // The backend set PATH from the contract's environment; nothing else is passed on.
         path: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),

@@ -12,8 +12,6 @@
 //! bucket is created here: the control plane makes both, with their limits, before the
 //! workspace starts (a runtime with unrestricted credentials creates them if missing).
 
-use std::time::Duration;
-
 use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -82,9 +80,6 @@ enum Writes {
         subject: String,
     },
 }
-
-/// How long a shared write waits for the control plane (across a leader hand-over).
-const SHARED_WRITE_PATIENCE: Duration = Duration::from_secs(15);
 
 /// A workspace's two buckets, opened once and shared by its agents.
 #[derive(Debug, Clone)]
@@ -388,8 +383,8 @@ impl Memory {
     }
 }
 
-/// Sends a shared write to the control plane and reads its answer. While no control plane
-/// listens (one is taking over from another) it is asked again, for a while.
+/// Sends a shared write to the control plane and reads its answer (waiting for one across
+/// a leader hand-over: [`crate::control_plane::ask`]).
 async fn ask_control_plane(
     client: &async_nats::Client,
     subject: &str,
@@ -399,24 +394,9 @@ async fn ask_control_plane(
         key: request.key.clone(),
         source,
     })?;
-    let deadline = tokio::time::Instant::now() + SHARED_WRITE_PATIENCE;
-    let mut pause = Duration::from_millis(50);
-    let answer = loop {
-        match client
-            .request(subject.to_owned(), body.clone().into())
-            .await
-        {
-            Ok(answer) => break answer,
-            Err(e)
-                if e.kind() == async_nats::RequestErrorKind::NoResponders
-                    && tokio::time::Instant::now() + pause < deadline =>
-            {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
-            }
-            Err(e) => return Err(nats("asking the control plane to write shared memory")(&e)),
-        }
-    };
+    let answer = crate::control_plane::ask(client, subject, body)
+        .await
+        .map_err(|e| nats("asking the control plane to write shared memory")(&e))?;
     let answer: SharedWriteResult =
         serde_json::from_slice(&answer.payload).map_err(|source| MemoryError::Format {
             key: request.key.clone(),

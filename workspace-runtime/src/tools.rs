@@ -45,8 +45,9 @@ pub fn chat_completions() -> Value {
         ),
         function(
             "list_agents",
-            "The agents you can mention, with their workspaces.",
-            json!({}),
+            "The agents you can mention, with their workspaces, in name order, a page at a \
+             time: when `next` is set, call again with after = next for more.",
+            json!({"after": {"type": "string", "description": "list the agents after this name"}}),
             &[]
         ),
         function(
@@ -134,11 +135,22 @@ pub async fn execute(
             }
             _ => Err("reply needs a text".to_owned()),
         },
-        ("list_agents", _) => Ok(json!({"agents": ctx.directory.iter().map(|a| json!({
-            "name": a.name,
-            "workspace": a.workspace,
-            "you": a.name == ctx.agent,
-        })).collect::<Vec<_>>()})),
+        ("list_agents", _) => match &ctx.directory {
+            None => Err("the agent directory is not available".to_owned()),
+            Some(directory) => {
+                let after = args["after"].as_str().map(str::to_owned);
+                directory.page(after, None).await.map(|page| {
+                    json!({
+                        "agents": page.agents.iter().map(|a| json!({
+                            "name": a.name,
+                            "workspace": a.workspace,
+                            "you": a.name == ctx.agent,
+                        })).collect::<Vec<_>>(),
+                        "next": page.next,
+                    })
+                })
+            }
+        },
         (_, None) if name.starts_with("memory_") => Err("memory is not available".to_owned()),
         ("memory_get", Some(m)) => m
             .get(key)

@@ -102,7 +102,6 @@ async fn prepare(admin: &jetstream::Context, ns: &Namespace, workspace: &str, ag
             .iter()
             .map(|a| AgentLaunch::new(*a, "echo", serde_json::json!({})))
             .collect(),
-        directory: Default::default(),
         tuning: Tuning {
             max_deliver: 3,
             ..Tuning::default()
@@ -357,6 +356,24 @@ async fn a_workspace_reaches_its_own_subjects_and_nothing_of_another() {
     };
     assert!(rollup.is_err(), "a rollup was accepted: {rollup:?}");
     assert_eq!(own.list().await.expect("list"), ["notes"], "nothing wiped");
+
+    // ...it asks the control plane for the agent directory on its own subject only.
+    let _directory = support::serve_directory(&admin, &ns, &[("alice", "a"), ("bob", "b")]).await;
+    let page = warren_workspace_runtime::control_plane::Directory::new(as_a.client(), &ns, "a")
+        .page(None, None)
+        .await
+        .expect("the directory, asked with a's credentials");
+    assert_eq!(
+        page.agents
+            .iter()
+            .map(|a| (a.name.as_str(), a.workspace.as_str()))
+            .collect::<Vec<_>>(),
+        [("alice", "a"), ("bob", "b")]
+    );
+    as_a.publish(ns.directory_subject("b"), "{}".into())
+        .await
+        .expect("sent");
+    refused(&errors, &ns.directory_subject("b")).await;
 
     // ...and nothing of b's is reachable.
     let inbox = ns.inbox_stream();

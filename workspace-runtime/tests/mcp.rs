@@ -80,7 +80,7 @@ async fn an_mcp_client_lists_and_calls_warrens_tools() {
     // alice's turn, as her runtime holds it; her program starts the MCP server, and claims
     // in its environment to be bob, answering another message, in another conversation:
     // nothing reads those.
-    let turn = support::mcp_turn(&js, &ns, routing, &reply_to).await;
+    let (turn, _directory) = support::mcp_turn(&js, &ns, routing, &reply_to).await;
     let elsewhere = Origin::Slack {
         team_id: "T1".into(),
         channel: "CSECRET".into(),
@@ -171,6 +171,12 @@ async fn an_mcp_client_lists_and_calls_warrens_tools() {
         agents["agents"],
         json!([{"name": "alice", "workspace": "research", "you": true},
                {"name": "bob", "workspace": "ops", "you": false}])
+    );
+    assert_eq!(agents["next"], Value::Null, "one page holds both");
+    let (after, _) = session.tool("list_agents", json!({"after": "alice"})).await;
+    assert_eq!(
+        after["agents"],
+        json!([{"name": "bob", "workspace": "ops", "you": false}])
     );
     let (_, is_error) = session
         .tool("reply", json!({"text": "working on it"}))

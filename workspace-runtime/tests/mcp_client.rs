@@ -33,7 +33,7 @@ async fn the_official_mcp_sdk_negotiates_lists_and_calls_warrens_tools() {
         endpoint: "ci".into(),
         delivery_id: "7".into(),
     };
-    let turn = support::mcp_turn(&js, &ns, routing, &reply_to).await;
+    let (turn, _directory) = support::mcp_turn(&js, &ns, routing, &reply_to).await;
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_warren-workspace-runtime"));
     command
         .arg("--mcp")

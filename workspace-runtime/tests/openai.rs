@@ -5,7 +5,7 @@
 mod support;
 
 use serde_json::{Value, json};
-use warren_schema::nats::{AgentInfo, Namespace};
+use warren_schema::nats::Namespace;
 use warren_workspace_runtime::agent::{Driver, DriverError, TurnContext};
 use warren_workspace_runtime::memory::Memory;
 
@@ -78,18 +78,15 @@ async fn a_tool_use_turn_writes_memory_mentions_an_agent_and_keeps_history() {
         routing_id: "r1".into(),
         conversation: Some("conv-1".into()),
         memory: Some(memory.clone()),
-        directory: vec![
-            AgentInfo {
-                name: "alice".into(),
-                workspace: "research".into(),
-            },
-            AgentInfo {
-                name: "bob".into(),
-                workspace: "ops".into(),
-            },
-        ],
+        directory: Some(warren_workspace_runtime::control_plane::Directory::new(
+            js.client(),
+            &ns,
+            "research",
+        )),
         ..TurnContext::default()
     };
+    let _directory =
+        support::serve_directory(&js, &ns, &[("alice", "research"), ("bob", "ops")]).await;
     let turn = d.turn(&ctx).await.expect("turn");
     assert_eq!(turn.reply, "Noted, and asked @bob.");
     assert_eq!(

@@ -297,7 +297,6 @@ impl LocalBackend {
                 workspace: spec.name.clone(),
                 source,
             })?;
-        contract.directory = spec.directory.to_vec();
         contract.shared_dir = Some(self.config.root.join("shared"));
         contract.telemetry = self.config.telemetry.clone();
         contract.tuning = spec.tuning.clone();

@@ -20,9 +20,6 @@ pub struct WorkspaceSpec {
     /// The agents that live in it, with their drivers and settings (the backend gives each
     /// the model keys its `allowed_keys` names).
     pub agents: Vec<warren_schema::launch::AgentLaunch>,
-    /// Every agent of the installation, for the `list_agents` tool. One list shared by
-    /// every spec of a plan: a copy each would make a plan O(workspaces × agents).
-    pub directory: std::sync::Arc<[warren_schema::nats::AgentInfo]>,
     /// How its inbox consumers redeliver (the control plane makes them with it, and the
     /// runtime dead-letters by it).
     pub tuning: warren_schema::launch::Tuning,

@@ -16,7 +16,9 @@
 //!   `output.refused`.
 //! - [`shared_memory`]: writes to the shared memory bucket, which workspaces ask the control
 //!   plane for, so that a shared value's provenance is what the control plane checked.
+//! - [`directory`]: the agent directory, which workspaces ask for page by page.
 
+pub mod directory;
 pub mod ingest;
 pub mod memory;
 pub mod routed;
@@ -56,7 +58,10 @@ pub async fn run(
     let sharing = retry_nats("shared memory", &shutdown, || {
         shared_memory::run(js.clone(), ns.clone(), log.clone(), shutdown.clone())
     });
-    tokio::try_join!(publishing, ingesting, sharing).map(|_| ())
+    let listing = retry_nats("directory", &shutdown, || {
+        directory::run(js.client(), ns.clone(), log.clone(), shutdown.clone())
+    });
+    tokio::try_join!(publishing, ingesting, sharing, listing).map(|_| ())
 }
 
 async fn retry_nats<F, Fut>(what: &str, shutdown: &CancellationToken, mut start: F) -> Result<()>

@@ -7,10 +7,11 @@
 //! a workspace could post as another workspace's agent, or as a name nobody configured
 //! (`warren`, the control plane's own voice, included).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use warren_schema::events::{AgentConfigured, AgentRemoved, DomainEvent};
-use warren_schema::nats::OutboxMessage;
+use warren_schema::nats::{AgentInfo, OutboxMessage};
 use warren_schema::{EventLog, RecordedEvent};
 
 use crate::config_file::CONFIG_STREAM;
@@ -19,7 +20,8 @@ use crate::error::Result;
 /// Each configured agent's workspace, folded from the configuration events.
 #[derive(Debug, Default, Clone)]
 pub struct Senders {
-    agents: HashMap<String, String>,
+    /// Agent → workspace, in name order (the directory pages by name).
+    agents: BTreeMap<String, String>,
 }
 
 impl Senders {
@@ -58,6 +60,28 @@ impl Senders {
             )),
         }
     }
+
+    /// Up to `limit` agents after `after` (from the first when `None`), in name order, and
+    /// the name to continue after when more follow.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<AgentInfo>, Option<String>) {
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut agents: Vec<AgentInfo> = self
+            .agents
+            .range::<str, _>((start, Bound::Unbounded))
+            .take(limit.saturating_add(1))
+            .map(|(name, workspace)| AgentInfo {
+                name: name.clone(),
+                workspace: workspace.clone(),
+            })
+            .collect();
+        let next = if agents.len() > limit {
+            agents.truncate(limit);
+            agents.last().map(|a| a.name.clone())
+        } else {
+            None
+        };
+        (agents, next)
+    }
 }
 
 /// [`Senders`] kept up with the configuration stream: read once, then read on from where it
@@ -92,6 +116,17 @@ impl SenderCheck {
         }
         self.catch_up(log).await?;
         Ok(self.senders.check_agent(workspace, agent))
+    }
+
+    /// A page of the directory ([`Senders::page`]) by the configuration as recorded now.
+    pub async fn page(
+        &mut self,
+        log: &EventLog,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<AgentInfo>, Option<String>)> {
+        self.catch_up(log).await?;
+        Ok(self.senders.page(after, limit))
     }
 
     async fn catch_up(&mut self, log: &EventLog) -> Result<()> {
@@ -222,5 +257,38 @@ mod tests {
         };
         assert_eq!(s.check(&mention("alice")), Ok(()));
         assert!(s.check(&mention("mallory")).is_err());
+    }
+
+    #[test]
+    fn the_directory_pages_by_name_and_shows_the_last_word_on_each_agent() {
+        let s = senders(&[
+            recorded(1, &configured("carol", "ops")),
+            recorded(2, &configured("alice", "research")),
+            recorded(3, &configured("bob", "ops")),
+            recorded(4, &configured("alice", "lab")),
+            recorded(5, &configured("dave", "ops")),
+            recorded(6, &AgentRemoved { name: "bob".into() }),
+        ]);
+        let names = |page: &[AgentInfo]| page.iter().map(|a| a.name.clone()).collect::<Vec<_>>();
+        let (first, next) = s.page(None, 2);
+        assert_eq!(names(&first), ["alice", "carol"]);
+        assert_eq!(first[0].workspace, "lab", "moved: the last configuration");
+        assert_eq!(next.as_deref(), Some("carol"));
+        let (second, next) = s.page(next.as_deref(), 2);
+        assert_eq!(names(&second), ["dave"]);
+        assert_eq!(next, None, "nothing follows");
+        let (exact, next) = s.page(None, 3);
+        assert_eq!(
+            (exact.len(), next),
+            (3, None),
+            "a full last page has no next"
+        );
+        let (after_gone, _) = s.page(Some("bob"), 10);
+        assert_eq!(
+            names(&after_gone),
+            ["carol", "dave"],
+            "after a removed name"
+        );
+        assert!(s.page(None, 0).0.is_empty());
     }
 }

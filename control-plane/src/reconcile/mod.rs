@@ -15,7 +15,6 @@ use warren_schema::events::{WorkspaceObserved, WorkspacePhase};
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
 
 use warren_schema::launch::AgentLaunch;
-use warren_schema::nats::AgentInfo;
 
 pub mod nats;
 
@@ -56,33 +55,25 @@ pub fn wants_running(phase: Phase) -> bool {
 pub fn plan(state: &State, present: &Present, acted: &BTreeMap<String, EventId>) -> Vec<Action> {
     let running = &present.running;
     let mut actions = Vec::new();
-    let mut directory: Option<std::sync::Arc<[AgentInfo]>> = None;
+    // Agents by workspace, gathered once: a filter per workspace is quadratic, and a plan
+    // of 10,000 starts would scan 10^8 agents.
+    let mut hosted: Option<BTreeMap<&str, Vec<AgentLaunch>>> = None;
     for w in state.workspaces.values() {
         let already = w.start_decision.is_some() && acted.get(&w.name) == w.start_decision.as_ref();
         if wants_running(w.phase) && !running.contains(&w.name) && !already {
-            let hosted: Vec<_> = state
-                .agents
-                .values()
-                .filter(|a| a.workspace == w.name)
-                .collect();
+            let hosted = hosted.get_or_insert_with(|| {
+                let mut by_workspace = BTreeMap::<&str, Vec<AgentLaunch>>::new();
+                for a in state.agents.values() {
+                    by_workspace
+                        .entry(a.workspace.as_str())
+                        .or_default()
+                        .push(AgentLaunch::new(&a.name, &a.driver, a.settings.clone()));
+                }
+                by_workspace
+            });
             actions.push(Action::Start(WorkspaceSpec {
                 name: w.name.clone(),
-                agents: hosted
-                    .iter()
-                    .map(|a| AgentLaunch::new(&a.name, &a.driver, a.settings.clone()))
-                    .collect(),
-                directory: directory
-                    .get_or_insert_with(|| {
-                        state
-                            .agents
-                            .values()
-                            .map(|a| AgentInfo {
-                                name: a.name.clone(),
-                                workspace: a.workspace.clone(),
-                            })
-                            .collect()
-                    })
-                    .clone(),
+                agents: hosted.remove(w.name.as_str()).unwrap_or_default(),
                 tuning: warren_schema::launch::Tuning::default(),
                 decision: w.start_decision,
                 traceparent: w.start_trace.clone(),
@@ -455,14 +446,6 @@ mod tests {
                 Action::Start(WorkspaceSpec {
                     name: "a".into(),
                     agents: vec![AgentLaunch::new("agent-a", "echo", serde_json::json!({}))],
-                    // Every agent, not only the workspace's own: any may be mentioned.
-                    directory: ["a", "b", "c", "d", "e"]
-                        .iter()
-                        .map(|w| AgentInfo {
-                            name: format!("agent-{w}"),
-                            workspace: (*w).to_owned(),
-                        })
-                        .collect(),
                     tuning: Default::default(),
                     decision: Some(EventId::derive(&["start", "a"])),
                     traceparent: None,
@@ -520,20 +503,33 @@ mod tests {
     }
 
     #[test]
-    fn the_specs_of_one_plan_share_one_directory() {
-        let s = state(&[("a", Phase::Starting), ("b", Phase::Starting)]);
-        let specs: Vec<WorkspaceSpec> = plan(&s, &running(&[]), &BTreeMap::new())
+    fn each_start_hosts_its_own_workspaces_agents_and_no_others() {
+        let mut s = state(&[
+            ("a", Phase::Starting),
+            ("b", Phase::Starting),
+            ("c", Phase::Ready),
+        ]);
+        let mut second = s.agents["agent-a"].clone();
+        second.name = "agent-a2".into();
+        s.agents.insert(second.name.clone(), second);
+        let hosted: Vec<(String, Vec<String>)> = plan(&s, &running(&["c"]), &BTreeMap::new())
             .into_iter()
             .filter_map(|a| match a {
-                Action::Start(spec) => Some(spec),
+                Action::Start(spec) => {
+                    Some((spec.name, spec.agents.into_iter().map(|a| a.name).collect()))
+                }
                 Action::Stop(_) => None,
             })
             .collect();
-        assert_eq!(specs.len(), 2);
-        assert_eq!(specs[0].directory.len(), 2, "every agent");
-        assert!(
-            std::sync::Arc::ptr_eq(&specs[0].directory, &specs[1].directory),
-            "one list, not a copy per workspace"
+        assert_eq!(
+            hosted,
+            [
+                (
+                    "a".to_owned(),
+                    vec!["agent-a".to_owned(), "agent-a2".to_owned()]
+                ),
+                ("b".to_owned(), vec!["agent-b".to_owned()]),
+            ]
         );
     }
 }

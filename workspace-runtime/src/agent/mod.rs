@@ -45,8 +45,9 @@ pub struct TurnContext {
     /// The workspace's memory bucket and the shared one, as this agent (for tools).
     pub memory: Option<crate::memory::Memory>,
     pub shared_memory: Option<crate::memory::Memory>,
-    /// Every agent of the installation (`list_agents`).
-    pub directory: Vec<warren_schema::nats::AgentInfo>,
+    /// The agent directory (`list_agents`), asked of the control plane. `None`: not
+    /// available.
+    pub directory: Option<crate::control_plane::Directory>,
     /// Where what a `command` agent says through MCP is published (the runtime serves its
     /// MCP sessions on a socket of the turn; see `mcp::TurnSocket`). `None`: no MCP.
     pub outbox: Option<crate::outbox::Outbox>,

@@ -301,15 +301,57 @@ pub fn launch(
     contract
 }
 
+/// The control plane's agent directory service (the real one, over a database of its own)
+/// answering the workspaces of `ns` with `agents` (name, workspace) configured, until
+/// dropped.
+pub struct ServedDirectory {
+    _db: warren_schema::testing::TestDatabase,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for ServedDirectory {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+pub async fn serve_directory(
+    js: &jetstream::Context,
+    ns: &Namespace,
+    agents: &[(&str, &str)],
+) -> ServedDirectory {
+    use warren_control_plane::config_file::{ConfigFile, sync};
+    let db = warren_schema::testing::TestDatabase::new().await;
+    let file: ConfigFile = serde_json::from_value(serde_json::json!({
+        "agents": agents
+            .iter()
+            .map(|(name, workspace)| serde_json::json!({"name": name, "workspace": workspace}))
+            .collect::<Vec<_>>(),
+    }))
+    .expect("a configuration");
+    sync(&db.log(), &Default::default(), &file)
+        .await
+        .expect("the agents configured");
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(warren_control_plane::delivery::directory::run(
+        js.client(),
+        ns.clone(),
+        db.log(),
+        stop.clone(),
+    ));
+    ServedDirectory { _db: db, stop }
+}
+
 /// A turn of alice (workspace research, answering `routing`) as the runtime holds it, with
 /// its MCP socket open: what a `command` agent's program finds in `WARREN_MCP_SOCKET`.
-/// The directory lists alice and bob (ops).
+/// The directory (served while the socket is: [`ServedDirectory`]) lists alice and bob
+/// (ops).
 pub async fn mcp_turn(
     js: &jetstream::Context,
     ns: &Namespace,
     routing: EventId,
     reply_to: &Origin,
-) -> warren_workspace_runtime::mcp::TurnSocket {
+) -> (warren_workspace_runtime::mcp::TurnSocket, ServedDirectory) {
     use warren_workspace_runtime::agent::TurnContext;
     use warren_workspace_runtime::mcp::{McpTurn, TurnSocket};
     let buckets = warren_workspace_runtime::memory::Buckets::open(js, ns, "research", true)
@@ -323,25 +365,26 @@ pub async fn mcp_turn(
         reply_to: Some(serde_json::to_string(reply_to).expect("json")),
         memory: Some(own),
         shared_memory: Some(shared),
-        directory: [("alice", "research"), ("bob", "ops")]
-            .map(|(name, workspace)| warren_schema::nats::AgentInfo {
-                name: name.into(),
-                workspace: workspace.into(),
-            })
-            .to_vec(),
+        directory: Some(warren_workspace_runtime::control_plane::Directory::new(
+            js.client(),
+            ns,
+            "research",
+        )),
         ..TurnContext::default()
     };
+    let served = serve_directory(js, ns, &[("alice", "research"), ("bob", "ops")]).await;
     let dir = std::env::temp_dir().join(format!(
         "warren-mcp-{}-{}",
         std::process::id(),
         ns.outbox_stream()
     ));
-    TurnSocket::open(
+    let socket = TurnSocket::open(
         &dir,
         McpTurn::of(&ctx),
         warren_workspace_runtime::outbox::Outbox::new(js.clone(), ns, "research"),
     )
-    .expect("the turn's MCP socket")
+    .expect("the turn's MCP socket");
+    (socket, served)
 }
 
 /// Waits until `check` holds, at most 30 s.

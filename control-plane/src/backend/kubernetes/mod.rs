@@ -368,7 +368,6 @@ impl KubernetesBackend {
                 data.insert(key, value);
             }
         }
-        contract.directory = spec.directory.to_vec();
         contract.shared_dir = Some(PodTemplate::shared_dir());
         contract.telemetry = config.telemetry.clone();
         contract.tuning = spec.tuning.clone();
