@@ -240,6 +240,11 @@ pub struct KubernetesArgs {
         value_delimiter = ','
     )]
     pub egress: Vec<crate::backend::kubernetes::objects::Egress>,
+    /// Kubernetes: a JSON file of pod settings for every workspace (the shape of an agent's
+    /// `settings.pod`: image, resources, runtime_class, node_selector, tolerations,
+    /// affinity, priority_class); an agent's own settings override it field by field.
+    #[arg(long = "kube-pod-defaults", env = "WARREN_KUBE_POD_DEFAULTS")]
+    pub pod_defaults: Option<std::path::PathBuf>,
     /// Kubernetes: API writes per second, on average.
     #[arg(
         long = "kube-writes-per-second",
@@ -376,6 +381,11 @@ impl RunArgs {
                     config.template.image = image.clone();
                 }
                 config.template.claim = k.claim.clone();
+                if let Some(path) = &k.pod_defaults {
+                    config.template.defaults =
+                        crate::backend::kubernetes::settings::PodSettings::defaults_from_file(path)
+                            .map_err(|e| anyhow::anyhow!("--kube-pod-defaults: {e}"))?;
+                }
                 config.nats_prefix = self.nats_prefix.clone();
                 config.credentials = issuer;
                 config.model_keys = self.model_keys_dir.clone();

@@ -331,6 +331,36 @@ async fn a_deposed_leader_cannot_record_a_decision() {
     );
 }
 
+/// Under a backlog, deciding can hold every pooled connection for longer than the TTL.
+/// Renewals have a connection of their own, so the lease is kept (before, the renewal
+/// waited for the pool, and the leader was deposed mid-backlog).
+#[tokio::test]
+async fn the_lease_is_kept_while_the_work_holds_every_pooled_connection() {
+    let db = TestDatabase::with_pool_size(2).await;
+    let ttl = Duration::from_millis(600);
+    let a = Lease::try_acquire(&db.pool, "test.leader", "a", ttl)
+        .await
+        .expect("db")
+        .expect("free lease");
+    let work = async {
+        let held = (db.pool.acquire().await, db.pool.acquire().await);
+        tokio::time::sleep(ttl * 4).await;
+        drop(held);
+    };
+    tokio::time::timeout(Duration::from_secs(20), a.hold_while(&db.pool, work))
+        .await
+        .expect("the work ends")
+        .expect("db")
+        .expect("the lease was kept for the whole work");
+    assert!(
+        Lease::try_acquire(&db.pool, "test.leader", "b", ttl)
+            .await
+            .expect("db")
+            .is_none(),
+        "still a's: renewed during the work"
+    );
+}
+
 /// A new leader's start-up (replaying a large log) can take longer than the lease's TTL.
 /// The lease is renewed while it runs, so no rival takes over mid-way; and work under a
 /// lease that is lost anyway (a long pause) stops at the next renewal.

@@ -127,23 +127,26 @@ impl Telemetry {
     }
 }
 
-/// `GET /metrics` serving `handle`'s exposition.
+/// `GET /metrics` serving `handle`'s exposition, and `GET /healthz` (the process answers:
+/// what a liveness probe asks).
 pub fn metrics_router(handle: PrometheusHandle) -> axum::Router {
-    axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let body = handle.render();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    body,
-                )
-            }
-        }),
-    )
+    axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let body = handle.render();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        )
 }
 
 fn install_prometheus() -> Result<PrometheusHandle, TelemetryError> {

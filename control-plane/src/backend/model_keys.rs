@@ -42,7 +42,10 @@ pub fn allowed(
                 source.display()
             ))
         })?;
-        if meta.permissions().mode() & 0o077 != 0 {
+        // Others may not read it, nor its group write it. Group read is allowed: a
+        // Kubernetes Secret volume shows its files as 0440 to the pod's fsGroup whatever
+        // its defaultMode says.
+        if meta.permissions().mode() & 0o027 != 0 {
             return Err(std::io::Error::other(format!(
                 "key file {} may be read by others (mode {:o}); chmod 600 it",
                 source.display(),
@@ -53,4 +56,37 @@ pub fn allowed(
         keys.push((name, value.trim().to_owned()));
     }
     Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_file_others_may_read_or_its_group_write_is_refused() {
+        let dir = std::env::temp_dir().join(format!("warren-model-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("OPENAI_API_KEY");
+        std::fs::write(&file, "sk-test\n").expect("write");
+        let settings = serde_json::json!({"allowed_keys": ["OPENAI_API_KEY"]});
+        for (mode, ok) in [
+            (0o600, true),
+            (0o400, true),
+            (0o440, true),
+            (0o640, true),
+            (0o644, false),
+            (0o660, false),
+            (0o604, false),
+        ] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let got = allowed(Some(&dir), "alice", &settings);
+            assert_eq!(got.is_ok(), ok, "mode {mode:o}: {got:?}");
+            if let Ok(keys) = got {
+                assert_eq!(keys, [("OPENAI_API_KEY".to_owned(), "sk-test".to_owned())]);
+            } else if let Err(e) = got {
+                assert!(!e.to_string().contains("sk-test"), "never the value: {e}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

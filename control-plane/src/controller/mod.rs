@@ -235,9 +235,11 @@ async fn lead(
         }
         None => None,
     };
-    let mut renew = tokio::time::interval(config.lease_ttl / 3);
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Renewed beside deciding (Lease::hold_while), not between batches: one batch of a
+    // large backlog may take longer than the TTL.
+    let decider_lease = decider.lease().clone();
     let deciding = async {
         loop {
             let position = decider.state().position;
@@ -245,10 +247,6 @@ async fn lead(
                 () = shutdown.cancelled() => return Ok(()),
                 result = &mut read_models => return result,
                 result = &mut delivering => return result,
-                _ = renew.tick() => {
-                    decider.lease().renew(pool).await??;
-                    continue;
-                }
                 _ = tick.tick() => decider.handle(pool, &[], Utc::now()).await?,
                 batch = subscription.next_batch() => {
                     decider.handle(pool, &batch?, Utc::now()).await?
@@ -271,7 +269,11 @@ async fn lead(
             }
         }
     };
-    let result = deciding.await;
+    let result = match decider_lease.hold_while(pool, deciding).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(lost)) => Err(lost.into()),
+        Err(e) => Err(e.into()),
+    };
     // However leading ends, the reconciler stops with it, before anything is handed over.
     stop_reconciling.cancel();
     if let Some(task) = reconciling {

@@ -540,9 +540,15 @@ impl Backend for KubernetesBackend {
 impl Shared {
     /// Records what `pod` now says, when it says something new.
     fn saw(&self, mut pod: Pod) {
-        // Kept per workspace: without the field managers (a third of a pod's size, never
-        // read), 10,000 pods stay small.
+        // Kept per workspace, with only what is read: metadata (without the field
+        // managers), status, and of the spec the node and the grace period. The containers,
+        // volumes and field managers are most of a pod's size, and 10,000 pods are kept.
         pod.metadata.managed_fields = None;
+        pod.spec = pod.spec.map(|spec| k8s_openapi::api::core::v1::PodSpec {
+            node_name: spec.node_name,
+            termination_grace_period_seconds: spec.termination_grace_period_seconds,
+            ..Default::default()
+        });
         let Some(workspace) = workspace_of(&pod) else {
             return;
         };

@@ -57,8 +57,12 @@ pub struct PodTemplate {
     pub claim: String,
     /// The non-root user and group the runtime runs as (also the pod's fsGroup).
     pub run_as: i64,
-    /// Requests and limits where an agent's settings name none.
+    /// Requests and limits where neither an agent's settings nor [`Self::defaults`] name
+    /// any.
     pub resources: Resources,
+    /// The operator's pod settings for every workspace (`--kube-pod-defaults`); an agent's
+    /// `settings.pod` overrides them field by field.
+    pub defaults: PodSettings,
     pub stop_grace_secs: i64,
     /// `PATH` inside the container.
     pub path: String,
@@ -84,6 +88,7 @@ impl PodTemplate {
                     memory: Some("2Gi".into()),
                 }),
             },
+            defaults: PodSettings::default(),
             stop_grace_secs: 30,
             path: "/usr/local/bin:/usr/bin:/bin".into(),
         }
@@ -196,6 +201,7 @@ impl PodTemplate {
         owner: &OwnerReference,
     ) -> Pod {
         let name = self.object_name(workspace);
+        let settings = &settings.or(&self.defaults);
         let resources = settings.resources.as_ref().unwrap_or(&self.resources);
         let amounts = |a: &Option<Amounts>| {
             let mut m = serde_json::Map::new();
@@ -468,6 +474,50 @@ mod tests {
             .and_then(|r| r.requests)
             .unwrap_or_default();
         assert_eq!(requests["memory"].0, "256Mi");
+    }
+
+    #[test]
+    fn the_operators_defaults_apply_where_an_agent_sets_nothing() {
+        let mut t = PodTemplate::new("workspaces");
+        t.defaults = PodSettings::of(&json!({"pod": {
+            "runtime_class": "gvisor",
+            "node_selector": {"pool": "agents"},
+            "tolerations": [{"key": "agents", "operator": "Exists", "effect": "NoSchedule"}],
+            "resources": {"limits": {"memory": "1Gi"}},
+        }}))
+        .expect("valid");
+        let plain = t
+            .pod("w", None, &[], &PodSettings::default(), &owner())
+            .spec
+            .expect("spec");
+        assert_eq!(plain.runtime_class_name.as_deref(), Some("gvisor"));
+        assert_eq!(
+            plain
+                .node_selector
+                .unwrap_or_default()
+                .get("pool")
+                .map(String::as_str),
+            Some("agents")
+        );
+        assert_eq!(plain.tolerations.unwrap_or_default().len(), 1);
+        let limits = plain.containers[0]
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.clone())
+            .unwrap_or_default();
+        assert_eq!(limits.get("memory").map(|q| q.0.as_str()), Some("1Gi"));
+
+        let own = PodSettings::of(&json!({"pod": {"runtime_class": "kata"}})).expect("valid");
+        let spec = t.pod("w", None, &[], &own, &owner()).spec.expect("spec");
+        assert_eq!(
+            spec.runtime_class_name.as_deref(),
+            Some("kata"),
+            "the agent's wins"
+        );
+        assert!(
+            spec.node_selector.is_some(),
+            "the rest still from the defaults"
+        );
     }
 
     #[test]

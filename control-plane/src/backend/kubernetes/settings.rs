@@ -84,6 +84,39 @@ impl PodSettings {
         Ok(settings)
     }
 
+    /// The operator's defaults for every workspace pod (`--kube-pod-defaults`): a JSON file
+    /// of the same shape as `settings.pod`, checked the same way.
+    pub fn defaults_from_file(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+        Self::of(&serde_json::json!({ "pod": value })).map_err(|e| {
+            format!(
+                "{}: {}",
+                path.display(),
+                e.to_string().replacen("settings.pod.", "", 1)
+            )
+        })
+    }
+
+    /// Each field `self` leaves unset taken from `defaults`; a field is taken whole (an
+    /// agent's `resources` replaces the default `resources`, requests and limits together).
+    pub fn or(&self, defaults: &Self) -> Self {
+        fn or<T: Clone>(mine: &Option<T>, default: &Option<T>) -> Option<T> {
+            mine.clone().or_else(|| default.clone())
+        }
+        Self {
+            image: or(&self.image, &defaults.image),
+            resources: or(&self.resources, &defaults.resources),
+            runtime_class: or(&self.runtime_class, &defaults.runtime_class),
+            node_selector: or(&self.node_selector, &defaults.node_selector),
+            tolerations: or(&self.tolerations, &defaults.tolerations),
+            affinity: or(&self.affinity, &defaults.affinity),
+            priority_class: or(&self.priority_class, &defaults.priority_class),
+        }
+    }
+
     fn validate(&self) -> Result<(), SettingsError> {
         if let Some(image) = &self.image
             && (image.is_empty() || image.chars().any(char::is_whitespace))
@@ -351,5 +384,29 @@ mod tests {
             e.contains("agents a and c") && e.contains("settings.pod.runtime_class"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_defaults_file_is_checked_like_an_agents_settings() {
+        let dir = std::env::temp_dir().join(format!("warren-pod-defaults-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("defaults.json");
+        std::fs::write(
+            &file,
+            r#"{"runtime_class": "gvisor", "node_selector": {"pool": "agents"}}"#,
+        )
+        .expect("write");
+        let ok = PodSettings::defaults_from_file(&file).expect("valid");
+        assert_eq!(ok.runtime_class.as_deref(), Some("gvisor"));
+        std::fs::write(&file, r#"{"resources": {"limits": {"cpu": "lots"}}}"#).expect("write");
+        let e = PodSettings::defaults_from_file(&file).expect_err("not a quantity");
+        assert!(e.contains("resources.limits.cpu"), "{e}");
+        std::fs::write(&file, r#"{"runtime": "gvisor"}"#).expect("write");
+        let e = PodSettings::defaults_from_file(&file).expect_err("unknown field");
+        assert!(e.contains("runtime"), "{e}");
+        std::fs::write(&file, "runtime_class: gvisor").expect("write");
+        let e = PodSettings::defaults_from_file(&file).expect_err("not JSON");
+        assert!(e.contains("not JSON"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
