@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use hmac::{Hmac, KeyInit, Mac};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret as KubeSecret};
 use kube::api::{Api, Patch, PatchParams};
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
@@ -632,6 +632,57 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
     let proxy = testenv::through_proxy(&testenv::control_plane_kubeconfig(), &proxied).await?;
     let instance = testenv::instance("bench-scale");
     let _kubelet = kubelet(&instance, &dir, Mode::Simulate).await;
+
+    // The baseline: what this API server (and the kubelet answering it) takes, the same two
+    // writes per workspace (Secret, then pod) with the control plane's calls in flight and
+    // no pacing, in this run.
+    let capacity = {
+        const SAMPLE: usize = 500;
+        let base = testenv::instance("bench-capacity");
+        let _base_kubelet = kubelet(&base, &dir, Mode::Simulate).await;
+        let config = backend(&base, &proxied, "nats://127.0.0.1:1", "bench");
+        // The control plane's identity, through the same proxy.
+        let client = warren_control_plane::backend::kubernetes::client(Some(&proxied)).await?;
+        let anchor = Api::<ConfigMap>::namespaced(client.clone(), testenv::NAMESPACE)
+            .patch(
+                &config.template.anchor_name(),
+                &PatchParams::apply(objects::FIELD_MANAGER).force(),
+                &Patch::Apply(config.template.anchor()),
+            )
+            .await?;
+        let owner = objects::owner_reference(&anchor);
+        let pods = Api::<Pod>::namespaced(client.clone(), testenv::NAMESPACE);
+        let secrets = Api::<KubeSecret>::namespaced(client, testenv::NAMESPACE);
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(32));
+        let started = Instant::now();
+        let mut writes = tokio::task::JoinSet::new();
+        for i in 0..SAMPLE {
+            let permit = in_flight.clone().acquire_owned().await?;
+            let workspace = format!("c{i}");
+            let secret = config
+                .template
+                .secret(&workspace, Default::default(), &owner);
+            let pod = config
+                .template
+                .pod(&workspace, None, &[], &Default::default(), &owner);
+            let name = config.template.object_name(&workspace);
+            let (pods, secrets) = (pods.clone(), secrets.clone());
+            let apply = PatchParams::apply(objects::FIELD_MANAGER).force();
+            writes.spawn(async move {
+                secrets.patch(&name, &apply, &Patch::Apply(&secret)).await?;
+                pods.patch(&name, &apply, &Patch::Apply(&pod)).await?;
+                drop(permit);
+                Ok::<_, kube::Error>(())
+            });
+        }
+        while let Some(w) = writes.join_next().await {
+            w??;
+        }
+        let rate = (2 * SAMPLE) as f64 / started.elapsed().as_secs_f64();
+        testenv::clean_up(&base).await;
+        rate
+    };
+
     let mut child = tokio::process::Command::new(&binary)
         .arg("run")
         .args(["--config", &agents.display().to_string()])
@@ -697,15 +748,18 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
     }
     drop(appender);
     writers.join().await;
-    let expected = Duration::from_secs_f64(2.0 * n as f64 / args.writes_per_second);
-    let deadline = Instant::now() + expected * 3 + Duration::from_secs(120);
+    // Waited for as long as the backlog takes at the slower of the configured rate and the
+    // server's capacity, three times over; what is not done by then is reported, not hidden.
+    let expected = Duration::from_secs_f64(2.0 * n as f64 / args.writes_per_second.min(capacity));
+    let limit = expected * 3 + Duration::from_secs(120);
+    let deadline = Instant::now() + limit;
     let mut peak_sampled = 0;
-    loop {
+    let complete = loop {
         if let Some((_, rss)) = memory_of(pid) {
             peak_sampled = peak_sampled.max(rss);
         }
         if pod_writes(&proxy.answered(), &instance).len() >= n {
-            break;
+            break true;
         }
         if let Some(status) = child.try_wait()? {
             anyhow::bail!(
@@ -713,19 +767,20 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
                 dir.join("control-plane.log").display()
             );
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the backlog did not drain by {expected:?} × 3 + 2 min"
-        );
+        if Instant::now() >= deadline {
+            break false;
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    if complete {
+        wait_count(
+            &db,
+            "SELECT count(*) FROM events WHERE event_type = 'workspace.observed' AND payload->>'phase' = 'ready'",
+            n as i64,
+            Duration::from_secs(300),
+        )
+        .await?;
     }
-    wait_count(
-        &db,
-        "SELECT count(*) FROM events WHERE event_type = 'workspace.observed' AND payload->>'phase' = 'ready'",
-        n as i64,
-        Duration::from_secs(300),
-    )
-    .await?;
     let (peak, end) = memory_of(pid).unwrap_or_default();
     let _ = child.start_kill();
     let _ = child.wait().await;
@@ -735,12 +790,14 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
         .filter(|a| a.path.contains(&format!("/{instance}-s")) && a.status < 300)
         .map(|a| a.at)
         .collect();
+    let pods = pod_writes(&proxy.answered(), &instance).len();
     let (first, last) = (writes.iter().min().copied(), writes.iter().max().copied());
     testenv::clean_up(&instance).await;
     let (Some(first), Some(last)) = (first, last) else {
         anyhow::bail!("no writes seen");
     };
     let drained = last.duration_since(first);
+    let achieved = writes.len() as f64 / drained.as_secs_f64().max(1e-9);
     let at_rate = Duration::from_secs_f64(writes.len() as f64 / args.writes_per_second);
     report::figure("workspaces", n as f64, "");
     report::figure(
@@ -748,7 +805,15 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
         idle as f64 / 1e6,
         "MB",
     );
-    report::figure("RSS at the end (every pod Ready)", end as f64 / 1e6, "MB");
+    report::figure(
+        if complete {
+            "RSS at the end (every pod Ready)"
+        } else {
+            "RSS at the time limit"
+        },
+        end as f64 / 1e6,
+        "MB",
+    );
     report::figure(
         "peak RSS (VmHWM)",
         peak.max(peak_sampled) as f64 / 1e6,
@@ -759,15 +824,31 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
         200e6 / peak.max(peak_sampled).max(1) as f64,
         &[1.0],
     );
-    report::figure("workspace writes (Secret + pod)", writes.len() as f64, "");
-    report::figure("baseline: writes / rate", at_rate.as_secs_f64(), "s");
     report::figure(
-        "backlog drained (first to last write)",
-        drained.as_secs_f64(),
-        "s",
+        "baseline: the API server's capacity (Secret + pod, 32 in flight, unpaced)",
+        capacity,
+        "writes/s",
     );
+    report::figure("configured write rate", args.writes_per_second, "writes/s");
+    report::figure("pods written", pods as f64, "");
+    if !complete {
+        report::figure(
+            "NOT DRAINED: time limit (3 x expected + 2 min)",
+            limit.as_secs_f64(),
+            "s",
+        );
+    }
+    report::figure("workspace writes (Secret + pod)", writes.len() as f64, "");
+    report::figure("first to last write", drained.as_secs_f64(), "s");
+    report::figure("achieved write rate", achieved, "writes/s");
     report::ratio(
-        "drain / (writes / rate), goal <= 1.1: 1.1 / that",
+        "achieved / the API server's capacity",
+        achieved / capacity,
+        &[],
+    );
+    report::figure("writes / configured rate", at_rate.as_secs_f64(), "s");
+    report::ratio(
+        "drain / (writes / configured rate), goal <= 1.1: 1.1 / that",
         1.1 / (drained.as_secs_f64() / at_rate.as_secs_f64()).max(1e-9),
         &[1.0],
     );

@@ -18,7 +18,7 @@ use warren_schema::{
 };
 
 use super::lease::Lease;
-use crate::decide::{self, Policy, State};
+use crate::decide::{self, Phase, Policy, State};
 use crate::error::{Error, Result};
 
 /// Every decision is appended to this one stream: its version is the leader's fence.
@@ -148,7 +148,22 @@ impl Decider {
         tx.commit()
             .await
             .map_err(LogError::db("committing decisions"))?;
-        metrics::counter!("warren_control_plane_decisions_total").increment(decisions.len() as u64);
+        for decision in &decisions {
+            metrics::counter!("warren_control_plane_decisions_total",
+                              "kind" => decision.event_type.clone())
+            .increment(1);
+        }
+        if next.position != self.state.position {
+            // Workspaces by phase; `queued` is the admission queue.
+            let mut phases = [0usize; Phase::ALL.len()];
+            for w in next.workspaces.values() {
+                phases[Phase::ALL.iter().position(|p| *p == w.phase).unwrap_or(0)] += 1;
+            }
+            for (phase, count) in Phase::ALL.iter().zip(phases) {
+                metrics::gauge!("warren_control_plane_workspaces", "phase" => phase.name())
+                    .set(count as f64);
+            }
+        }
         self.state = next;
         self.version = version;
         Ok(decisions)

@@ -47,6 +47,29 @@ pub enum Phase {
 }
 
 impl Phase {
+    pub const ALL: [Self; 7] = [
+        Self::Stopped,
+        Self::Queued,
+        Self::Starting,
+        Self::Ready,
+        Self::Stopping,
+        Self::BackingOff,
+        Self::Failed,
+    ];
+
+    /// Its name in metrics and logs (`backing_off`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Stopped => "stopped",
+            Self::Queued => "queued",
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Stopping => "stopping",
+            Self::BackingOff => "backing_off",
+            Self::Failed => "failed",
+        }
+    }
+
     /// Whether the workspace holds (or is about to hold) a runtime slot. A stopping one still
     /// does until the backend reports it gone.
     pub fn occupies_slot(self) -> bool {

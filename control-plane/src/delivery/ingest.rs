@@ -375,7 +375,12 @@ pub async fn run(
             match verdict {
                 Ok(trusted) => {
                     let (stream, event) = to_event(&out, &trusted, traceparent, now)?;
+                    let kind = event.event_type.clone();
                     let appended = log.append(&AppendRequest::new(stream, vec![event])).await?;
+                    if appended.iter().any(|a| !a.duplicate) {
+                        metrics::counter!("warren_control_plane_agent_outputs_total", "kind" => kind)
+                            .increment(1);
+                    }
                     if let Some(routing) = counted
                         && appended.iter().any(|a| !a.duplicate)
                     {

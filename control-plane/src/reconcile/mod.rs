@@ -272,6 +272,8 @@ impl<B: Backend> Reconciler<B> {
         };
         if let Err(detail) = started {
             warn!(workspace = %spec.name, error = %detail, "start failed");
+            metrics::counter!("warren_control_plane_reconcile_errors_total", "action" => "start")
+                .increment(1);
             // One failure per start decision (a retry of the same one is absorbed).
             self.record(Observation {
                 workspace: spec.name.clone(),
@@ -296,6 +298,8 @@ impl<B: Backend> Reconciler<B> {
         info!(workspace = %name, explained, "stopping workspace");
         if let Err(e) = self.backend.stop(name).await {
             warn!(workspace = %name, error = %e, "stop failed");
+            metrics::counter!("warren_control_plane_reconcile_errors_total", "action" => "stop")
+                .increment(1);
         } else if !explained {
             self.record(Observation {
                 workspace: name.to_owned(),

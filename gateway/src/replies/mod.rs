@@ -240,19 +240,30 @@ async fn post(
     shutdown: &CancellationToken,
 ) -> Option<std::result::Result<String, SlackApiError>> {
     let mut failures = 0;
+    let attempt = |result: &'static str| {
+        metrics::counter!("warren_gateway_slack_posts_total", "result" => result).increment(1);
+    };
     loop {
         let wait = match slack.post_message(channel, thread_ts, text).await {
-            Ok(ts) => return Some(Ok(ts)),
+            Ok(ts) => {
+                attempt("ok");
+                return Some(Ok(ts));
+            }
             Err(SlackApiError::RateLimited(d)) => {
+                attempt("rate_limited");
                 warn!(%channel, retry_after = ?d, "Slack rate limit");
                 d
             }
             Err(SlackApiError::Transient(e)) if failures + 1 < ATTEMPTS => {
+                attempt("transient");
                 failures += 1;
                 warn!(%channel, error = %e, attempt = failures, "Slack call failed; retrying");
                 Duration::from_millis(250 * 2u64.pow(failures))
             }
-            Err(e) => return Some(Err(e)),
+            Err(e) => {
+                attempt("failed");
+                return Some(Err(e));
+            }
         };
         tokio::select! {
             () = shutdown.cancelled() => return None,

@@ -148,7 +148,13 @@ impl Budget {
                 if write {
                     self.write_token().await;
                 }
-                call().await
+                // The API server's time only: waiting for a permit or a write token is the
+                // budget's, not the server's.
+                let started = std::time::Instant::now();
+                let result = call().await;
+                metrics::histogram!("warren_kubernetes_api_seconds", "call" => what.to_owned())
+                    .record(started.elapsed().as_secs_f64());
+                result
             };
             let error = match result {
                 Ok(value) => return Ok(value),
