@@ -6,7 +6,7 @@
 #   ensure_kube    builds the binaries when their inputs changed, starts etcd and the API
 #                  server when they are not running, and sets KUBECONFIG (the admin's) and
 #                  WARREN_KUBECONFIG_CONTROL_PLANE (the control plane's identity, bound to
-#                  deploy/kubernetes/control-plane-role.yaml and nothing else).
+#                  deploy/helm/warren/files/control-plane-role.yaml and nothing else).
 
 WARREN_KUBE_DIR="${WARREN_KUBE_DIR:-$WARREN_STATE_DIR/kube}"
 WARREN_KUBE_PORT="${WARREN_KUBE_PORT:-56443}"
@@ -134,7 +134,7 @@ metadata:
 automountServiceAccountToken: false
 YAML
     # The control plane's identity gets exactly the Role deploy/ ships.
-    kubectl apply -n workspaces -f "$WARREN_ROOT/deploy/kubernetes/control-plane-role.yaml" \
+    kubectl apply -n workspaces -f "$WARREN_ROOT/deploy/helm/warren/files/control-plane-role.yaml" \
         >/dev/null || die "could not apply the control plane's Role"
     kubectl apply -f - >/dev/null <<'YAML' || die "could not bind the control plane's Role"
 apiVersion: rbac.authorization.k8s.io/v1

@@ -737,7 +737,7 @@ async fn the_control_plane_role_is_exactly_what_it_needs() {
 fn serde_yaml_role() -> k8s_openapi::api::rbac::v1::Role {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/kubernetes/control-plane-role.yaml"
+        "/../deploy/helm/warren/files/control-plane-role.yaml"
     );
     let out = std::process::Command::new("kubectl")
         .args(["create", "--dry-run=client", "-o", "json", "-f", path])

@@ -1,7 +1,7 @@
 //! The test API server as tests find it: `scripts/test` (through `scripts/lib/kube.sh`)
 //! starts it and exports `KUBECONFIG` (the tests' admin) and
 //! `WARREN_KUBECONFIG_CONTROL_PLANE` (the control plane's identity, bound to the Role
-//! `deploy/kubernetes/control-plane-role.yaml` and nothing else).
+//! `deploy/helm/warren/files/control-plane-role.yaml` and nothing else).
 
 use std::path::PathBuf;
 

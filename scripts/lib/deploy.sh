@@ -1,0 +1,188 @@
+# shellcheck shell=bash
+# The checks of deploy/ (docs/install.md, "How the install is checked"). Sourced after
+# services.sh and kube.sh.
+#
+#   ensure_helm        builds helm and yamlcanon from testenv/tools when their inputs changed,
+#                      and sets HELM and YAMLCANON
+#   deploy_render      renders the chart into deploy/kustomize/base; with --check, fails
+#                      when the committed base differs from a fresh render, or an overlay
+#                      (base + patches) differs from the chart with the overlay's values file
+#   deploy_crds        installs the CloudNativePG, barman-cloud and Prometheus-operator CRDs
+#                      (from their Go modules) into the test API server
+#   deploy_check       everything above, then lint, and a server-side dry run of every
+#                      rendered object against the test API server
+
+WARREN_TOOLS_DIR="${WARREN_TOOLS_DIR:-$WARREN_STATE_DIR/tools}"
+# The namespace the kustomize renders install into (the chart takes any).
+WARREN_DEPLOY_NAMESPACE=warren
+# The modules holding the CRDs: the versions deploy/ is written for.
+CNPG_MODULE=github.com/cloudnative-pg/cloudnative-pg@v1.29.0
+BARMAN_MODULE=github.com/cloudnative-pg/plugin-barman-cloud@v0.15.0
+PROMETHEUS_OPERATOR_MODULE=github.com/prometheus-operator/prometheus-operator@v0.85.0
+
+# Each kustomize directory and the chart's values file it must equal:
+# values file (under the chart; "" for the defaults) : directory under deploy/kustomize.
+DEPLOY_RENDERS=(":base" "values-single-node.yaml:overlays/single-node" "values-ha.yaml:overlays/ha")
+
+ensure_helm() {
+    local src="$WARREN_ROOT/testenv/tools" key stamp
+    key=$( (cat "$src/go.mod" "$src/go.sum" "$src"/*/main.go) | sha256sum | cut -c1-16)
+    stamp="$WARREN_TOOLS_DIR/.tools-$key"
+    HELM="$WARREN_TOOLS_DIR/helm"
+    YAMLCANON="$WARREN_TOOLS_DIR/yamlcanon"
+    if [ -x "$HELM" ] && [ -x "$YAMLCANON" ] && [ -f "$stamp" ]; then
+        return 0
+    fi
+    command -v go >/dev/null || die "Go is needed to build helm"
+    say "deploy: building helm from its Go module (once per change; minutes)"
+    mkdir -p "$WARREN_TOOLS_DIR"
+    (cd "$src" && go build -o "$WARREN_TOOLS_DIR/" helm.sh/helm/v4/cmd/helm ./yamlcanon) \
+        || die "building helm failed"
+    rm -f "$WARREN_TOOLS_DIR"/.tools-*
+    touch "$stamp"
+}
+
+# The chart rendered with one values file ("" for the defaults), as the kustomize
+# directories hold it.
+deploy_template() {
+    local values=$1 args=()
+    [ -n "$values" ] && args=(-f "$WARREN_ROOT/deploy/helm/warren/$values")
+    "$HELM" template warren "$WARREN_ROOT/deploy/helm/warren" \
+        --namespace "$WARREN_DEPLOY_NAMESPACE" "${args[@]}"
+}
+
+# A kustomize directory's objects, canonical (yamlcanon).
+deploy_kustomized() {
+    kubectl kustomize "$1" | "$YAMLCANON"
+}
+
+# The chart's objects with one values file, canonical, as kustomize would install them
+# (into the same namespace).
+deploy_chart_canonical() {
+    local dir
+    dir=$(mktemp -d)
+    deploy_template "$1" >"$dir/warren.yaml" || die "helm template${1:+ -f $1} failed"
+    printf 'namespace: %s\nresources: [warren.yaml]\n' "$WARREN_DEPLOY_NAMESPACE" \
+        >"$dir/kustomization.yaml"
+    deploy_kustomized "$dir"
+    rm -rf "$dir"
+}
+
+deploy_render() {
+    local check=${1:-} base="$WARREN_ROOT/deploy/kustomize/base" out entry values dir drift=0
+    ensure_helm
+    out=$(mktemp)
+    {
+        echo "# Rendered from deploy/helm/warren (default values) by scripts/render-deploy."
+        echo "# Do not edit: change the chart and render again."
+        deploy_template ""
+    } >"$out" || die "helm template failed"
+    if [ "$check" != --check ]; then
+        mv "$out" "$base/warren.yaml"
+        return 0
+    fi
+    if ! diff -q "$out" "$base/warren.yaml" >/dev/null; then
+        diff -u "$base/warren.yaml" "$out" | head -40 >&2 || true
+        rm -f "$out"
+        die "deploy/kustomize/base differs from the chart: run scripts/render-deploy"
+    fi
+    rm -f "$out"
+    for entry in "${DEPLOY_RENDERS[@]}"; do
+        values=${entry%%:*}
+        dir="$WARREN_ROOT/deploy/kustomize/${entry#*:}"
+        if ! diff -u <(deploy_chart_canonical "$values") <(deploy_kustomized "$dir") \
+            >"$WARREN_TOOLS_DIR/drift.diff"; then
+            say "deploy: deploy/kustomize/${entry#*:} differs from the chart${values:+ with $values} (- chart, + kustomize):"
+            head -c 4000 "$WARREN_TOOLS_DIR/drift.diff" >&2
+            drift=1
+        fi
+    done
+    [ "$drift" = 0 ] || die "deploy/kustomize drifted from the chart (above)"
+}
+
+# Where `go mod download` put a module (fetched from the module proxy when missing).
+module_dir() {
+    (cd "$WARREN_ROOT/testenv/tools" && go mod download -json "$1") \
+        | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p'
+}
+
+deploy_crds() {
+    local cnpg barman prom
+    cnpg=$(module_dir "$CNPG_MODULE") || die "could not fetch $CNPG_MODULE"
+    barman=$(module_dir "$BARMAN_MODULE") || die "could not fetch $BARMAN_MODULE"
+    prom=$(module_dir "$PROMETHEUS_OPERATOR_MODULE") || die "could not fetch $PROMETHEUS_OPERATOR_MODULE"
+    [ -d "$cnpg" ] && [ -d "$barman" ] && [ -d "$prom" ] || die "a CRD module is missing"
+    kubectl apply --server-side --force-conflicts >/dev/null \
+        -f "$cnpg/config/crd/bases/postgresql.cnpg.io_clusters.yaml" \
+        -f "$cnpg/config/crd/bases/postgresql.cnpg.io_scheduledbackups.yaml" \
+        -f "$cnpg/config/crd/bases/postgresql.cnpg.io_backups.yaml" \
+        -f "$cnpg/config/crd/bases/postgresql.cnpg.io_poolers.yaml" \
+        -f "$barman/config/crd/bases/barmancloud.cnpg.io_objectstores.yaml" \
+        -f "$prom/example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml" \
+        -f "$prom/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml" \
+        || die "installing the CRDs failed"
+    kubectl wait --for condition=established --timeout=60s \
+        crd/clusters.postgresql.cnpg.io crd/scheduledbackups.postgresql.cnpg.io \
+        crd/objectstores.barmancloud.cnpg.io crd/podmonitors.monitoring.coreos.com >/dev/null \
+        || die "the CRDs were not established"
+}
+
+# A namespace that enforces Pod Security `restricted`, as docs/install.md asks for, with
+# its default ServiceAccount (no controller manager runs here to make it).
+deploy_namespace() {
+    kubectl apply -f - >/dev/null <<YAML || die "could not create namespace $1"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: $1
+  labels:
+    pod-security.kubernetes.io/enforce: restricted
+    pod-security.kubernetes.io/enforce-version: latest
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: default
+  namespace: $1
+automountServiceAccountToken: false
+YAML
+}
+
+# Server-side dry run of a kustomize directory's objects, and of a Pod made from each
+# workload's template: Pod Security only warns about templates and enforces on Pods.
+# A warning fails the check too.
+deploy_dry_run() {
+    local dir=$1 out
+    out=$(kubectl kustomize "$dir" | kubectl apply --server-side --dry-run=server -f - 2>&1) \
+        || die "$dir: the API server refused an object: $out"
+    if grep -i "warning" <<<"$out"; then die "$dir: the API server warned (above)"; fi
+    # The pods' ServiceAccounts, for real: their admission wants them to exist.
+    kubectl kustomize "$dir" | "$YAMLCANON" -kind ServiceAccount \
+        | kubectl apply --server-side -f - >/dev/null || die "$dir: ServiceAccounts refused"
+    out=$(kubectl kustomize "$dir" | "$YAMLCANON" -pods \
+        | kubectl apply --server-side --dry-run=server -f - 2>&1) \
+        || die "$dir: a pod template is refused (Pod Security restricted?): $out"
+    if grep -i "warning" <<<"$out"; then die "$dir: the API server warned about a pod (above)"; fi
+}
+
+deploy_check() {
+    local entry values overlay
+    ensure_helm
+    say "deploy: helm lint, kustomize renders, server-side dry runs (deploy/)"
+    for entry in "${DEPLOY_RENDERS[@]}"; do
+        values=${entry%%:*}
+        "$HELM" lint --strict "$WARREN_ROOT/deploy/helm/warren" \
+            ${values:+-f "$WARREN_ROOT/deploy/helm/warren/$values"} >/dev/null \
+            || die "helm lint${values:+ -f $values} failed"
+    done
+    deploy_render --check
+    deploy_crds
+    deploy_namespace "$WARREN_DEPLOY_NAMESPACE"
+    for entry in "${DEPLOY_RENDERS[@]}"; do
+        deploy_dry_run "$WARREN_ROOT/deploy/kustomize/${entry#*:}"
+    done
+    kubectl apply --server-side --dry-run=server -n "$WARREN_DEPLOY_NAMESPACE" \
+        -k "$WARREN_ROOT/deploy/cnpg" >/dev/null || die "deploy/cnpg: refused (above)"
+    kubectl apply --server-side --dry-run=server -n "$WARREN_DEPLOY_NAMESPACE" \
+        -k "$WARREN_ROOT/deploy/nfs" >/dev/null || die "deploy/nfs: refused (above)"
+}
