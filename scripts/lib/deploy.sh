@@ -132,27 +132,6 @@ deploy_crds() {
         || die "the CRDs were not established"
 }
 
-# A namespace that enforces Pod Security `restricted`, as docs/install.md asks for, with
-# its default ServiceAccount (no controller manager runs here to make it).
-deploy_namespace() {
-    kubectl apply -f - >/dev/null <<YAML || die "could not create namespace $1"
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: $1
-  labels:
-    pod-security.kubernetes.io/enforce: restricted
-    pod-security.kubernetes.io/enforce-version: latest
----
-apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: default
-  namespace: $1
-automountServiceAccountToken: false
-YAML
-}
-
 # Server-side dry run of a kustomize directory's objects, and of a Pod made from each
 # workload's template: Pod Security only warns about templates and enforces on Pods.
 # A warning fails the check too.
@@ -182,7 +161,7 @@ deploy_check() {
     done
     deploy_render --check
     deploy_crds
-    deploy_namespace "$WARREN_DEPLOY_NAMESPACE"
+    kube_restricted_namespace "$WARREN_DEPLOY_NAMESPACE"
     for entry in "${DEPLOY_RENDERS[@]}"; do
         deploy_dry_run "$WARREN_ROOT/deploy/kustomize/${entry#*:}"
     done
@@ -201,7 +180,7 @@ deploy_check() {
 deploy_install_test() {
     local ns=warren-install sa verb resource
     ensure_helm
-    deploy_namespace "$ns"
+    kube_restricted_namespace "$ns"
     say "deploy: installing the chart into namespace $ns (real objects) and checking its RBAC"
     "$HELM" template warren "$WARREN_ROOT/deploy/helm/warren" --namespace "$ns" \
         | kubectl apply --server-side --force-conflicts -n "$ns" -f - >/dev/null \

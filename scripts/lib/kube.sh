@@ -63,6 +63,27 @@ KUBECONFIG
     chmod 600 "$file"
 }
 
+# A namespace that enforces Pod Security `restricted`, with its default ServiceAccount (no
+# controller manager runs here to make it, and the ServiceAccount admission wants it).
+kube_restricted_namespace() {
+    kubectl apply -f - >/dev/null <<YAML || die "could not create namespace $1"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: $1
+  labels:
+    pod-security.kubernetes.io/enforce: restricted
+    pod-security.kubernetes.io/enforce-version: latest
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: default
+  namespace: $1
+automountServiceAccountToken: false
+YAML
+}
+
 ensure_kube() {
     command -v go >/dev/null || die "Go is needed to build the test API server"
     kube_build
@@ -116,23 +137,7 @@ ensure_kube() {
     export KUBECONFIG="$dir/admin.kubeconfig"
     export WARREN_KUBECONFIG_CONTROL_PLANE="$dir/control-plane.kubeconfig"
     # The namespace workspaces run in: the server itself refuses a pod that is not hardened.
-    kubectl apply -f - >/dev/null <<'YAML' || die "could not create the workspaces namespace"
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: workspaces
-  labels:
-    pod-security.kubernetes.io/enforce: restricted
-    pod-security.kubernetes.io/enforce-version: latest
----
-# No controller manager runs here to make it; the ServiceAccount admission wants it.
-apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: default
-  namespace: workspaces
-automountServiceAccountToken: false
-YAML
+    kube_restricted_namespace workspaces
     # The control plane's identity gets exactly the Role deploy/ ships.
     kubectl apply -n workspaces -f "$WARREN_ROOT/deploy/helm/warren/files/control-plane-role.yaml" \
         >/dev/null || die "could not apply the control plane's Role"
