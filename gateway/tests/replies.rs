@@ -139,6 +139,52 @@ async fn a_reply_is_posted_in_its_thread_after_a_429_and_recorded_once() {
     assert_eq!(record["ts"], "1700000100.000001");
 }
 
+/// Every gateway replica runs the reply follower (the chart runs two). One delivers; the
+/// other waits, and takes over when the first stops. Slack sees each reply once.
+#[tokio::test]
+async fn of_two_gateway_replicas_one_delivers_and_the_other_takes_over() {
+    let db = TestDatabase::new().await;
+    let log = db.log();
+    let (url, fake) = fake_slack(0).await;
+    let slack = SlackApi::new(&url, Secret::new(TOKEN)).expect("client");
+    let (first_stop, second_stop) = (CancellationToken::new(), CancellationToken::new());
+    let first = tokio::spawn(replies::run(log.clone(), slack.clone(), first_stop.clone()));
+    reply(&log, 1, "C1").await;
+    wait_until("the first delivery", async || {
+        delivered(&db).await.len() == 1
+    })
+    .await;
+    // The first delivers; now a second replica starts beside it.
+    let second = tokio::spawn(replies::run(log.clone(), slack, second_stop.clone()));
+    for n in 2..=3 {
+        reply(&log, n, "C1").await;
+    }
+    wait_until("three deliveries", async || delivered(&db).await.len() == 3).await;
+    // The first stops; the second takes over and delivers what comes next.
+    first_stop.cancel();
+    first.await.expect("task").expect("stop");
+    reply(&log, 4, "C1").await;
+    wait_until("the fourth delivery", async || {
+        delivered(&db).await.len() == 4
+    })
+    .await;
+    second_stop.cancel();
+    second.await.expect("task").expect("stop");
+
+    let texts: Vec<String> = fake
+        .lock()
+        .expect("lock")
+        .calls
+        .iter()
+        .map(|(_, b)| b["text"].as_str().expect("text").to_owned())
+        .collect();
+    assert_eq!(
+        texts,
+        ["answer 1", "answer 2", "answer 3", "answer 4"],
+        "each reply posted once, by one replica"
+    );
+}
+
 #[tokio::test]
 async fn a_restart_neither_loses_nor_repeats_a_delivery() {
     let db = TestDatabase::new().await;

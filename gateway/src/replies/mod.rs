@@ -12,6 +12,12 @@
 //!
 //! Slack is never called while a database transaction is open: a transaction held across
 //! HTTP calls and rate-limit waits would hold back every reader of the log.
+//!
+//! One replica delivers. Every gateway replica runs this follower, and each would post
+//! every reply; so delivering needs a PostgreSQL session lock ([`DELIVERY_LOCK`]) held on a
+//! connection of its own. The others wait and take over when its session ends (the
+//! replica stopped or died). A holder whose lock connection stops answering stops
+//! delivering, since its lock may be gone.
 
 pub mod slack_api;
 
@@ -140,14 +146,61 @@ impl Projection for Recorder {
     }
 }
 
-/// Delivers replies until `shutdown` is cancelled.
+/// The session advisory lock the delivering replica holds (`pg_advisory_lock`).
+pub const DELIVERY_LOCK: &str = "warren:gateway.replies";
+
+/// How often a waiting replica tries the lock, and the holder checks its lock's connection.
+const LOCK_POLL: Duration = Duration::from_secs(2);
+
+/// Delivers replies until `shutdown` is cancelled, once this replica holds
+/// [`DELIVERY_LOCK`]; until then it waits. An error ends it (the caller restarts it).
 pub async fn run(log: EventLog, slack: SlackApi, shutdown: CancellationToken) -> Result<()> {
+    let mut lock = log
+        .pool()
+        .acquire()
+        .await
+        .map_err(warren_schema::Error::db("connecting for the delivery lock"))?
+        .detach();
+    loop {
+        let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+            .bind(DELIVERY_LOCK)
+            .fetch_one(&mut lock)
+            .await
+            .map_err(warren_schema::Error::db("taking the delivery lock"))?;
+        if held {
+            break;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(LOCK_POLL) => {}
+        }
+    }
+    info!("this replica delivers replies (it holds the delivery lock)");
+    let holding = async {
+        loop {
+            tokio::time::sleep(LOCK_POLL).await;
+            sqlx::query("SELECT 1")
+                .execute(&mut lock)
+                .await
+                .map_err(warren_schema::Error::db("checking the delivery lock"))?;
+        }
+    };
+    let result = tokio::select! {
+        delivered = deliver(&log, &slack, &shutdown) => delivered,
+        lost = holding => lost,
+    };
+    // Closing the session releases the lock for the next replica.
+    let _ = sqlx::Connection::close(lock).await;
+    result
+}
+
+async fn deliver(log: &EventLog, slack: &SlackApi, shutdown: &CancellationToken) -> Result<()> {
     let from = projection::load_checkpoint(log.pool(), CHECKPOINT).await?;
     let options = SubscriptionOptions {
         name: CHECKPOINT.into(),
         ..SubscriptionOptions::default()
     };
-    let mut broadcasters = Broadcasters::load(&log, from).await?;
+    let mut broadcasters = Broadcasters::load(log, from).await?;
     let mut subscription = log.subscribe(from, options).await?;
     let mut last_post: HashMap<String, Instant> = HashMap::new();
     loop {
@@ -182,7 +235,7 @@ pub async fn run(log: EventLog, slack: SlackApi, shutdown: CancellationToken) ->
                 }
             }
             let text = broadcasters.text(&reply);
-            match post(&slack, channel, thread_ts, &text, &shutdown).await {
+            match post(slack, channel, thread_ts, &text, shutdown).await {
                 Some(Ok(ts)) => {
                     info!(position = event.position, %channel, %ts, "reply delivered");
                     recorder
