@@ -16,6 +16,8 @@
 #   deploy_validate    kubernetes-validate --strict for the oldest and newest supported release
 #   deploy_images_check
 #                      hadolint, and the Dockerfile's binaries are the workspace's
+#   deploy_refuses_bad_values
+#                      values.schema.json refuses wrong values, naming them
 
 WARREN_TOOLS_DIR="${WARREN_TOOLS_DIR:-$WARREN_STATE_DIR/tools}"
 # The namespace the kustomize renders install into (the chart takes any).
@@ -159,6 +161,7 @@ deploy_check() {
             ${values:+-f "$WARREN_ROOT/deploy/helm/warren/$values"} >/dev/null \
             || die "helm lint${values:+ -f $values} failed"
     done
+    deploy_refuses_bad_values
     deploy_render --check
     deploy_crds
     kube_restricted_namespace "$WARREN_DEPLOY_NAMESPACE"
@@ -275,5 +278,28 @@ for p in json.load(sys.stdin)["packages"]:
             || die "$dockerfile copies target/release/$name, which no package of the workspace builds as its own binary"
         grep -q -- "-p $name" "$dockerfile" \
             || die "$dockerfile copies $name but does not build its package (-p $name)"
+    done
+}
+
+# Values the chart must refuse (values.schema.json), each with the path that is wrong in
+# its message: "--set or --set-json argument|path in the message".
+DEPLOY_BAD_VALUES=(
+    "gateway.replicas=two|/gateway/replicas"
+    "nats.replicas=2|/nats/replicas"
+    "storage.accessMode=ReadWriteAll|/storage/accessMode"
+    "telemetry.logFormat=xml|/telemetry/logFormat"
+    "gateway.replica=3|gateway"
+    "agents[0].name=Alice|/agents/0"
+)
+deploy_refuses_bad_values() {
+    local entry set path out
+    for entry in "${DEPLOY_BAD_VALUES[@]}"; do
+        set=${entry%%|*}
+        path=${entry#*|}
+        if out=$("$HELM" template warren "$WARREN_ROOT/deploy/helm/warren" --set "$set" 2>&1); then
+            die "the chart took --set $set; it must refuse it"
+        fi
+        grep -q -- "$path" <<<"$out" \
+            || die "the chart refused --set $set without naming $path: $out"
     done
 }
