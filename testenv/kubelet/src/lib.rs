@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, KeyToPath, Pod, Secret, ServiceAccount};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, watcher};
@@ -71,6 +71,9 @@ pub struct KubeletConfig {
     pub mode: Mode,
     /// How often Secret volumes are refreshed from the API.
     pub secret_sync: Duration,
+    /// The API server as pods reach it (`KUBERNETES_SERVICE_HOST`, `_PORT` in every
+    /// container, as a kubelet sets them); unset: not set.
+    pub api_server: Option<(String, u16)>,
 }
 
 impl KubeletConfig {
@@ -82,6 +85,7 @@ impl KubeletConfig {
             root: root.into(),
             mode,
             secret_sync: Duration::from_secs(1),
+            api_server: None,
         }
     }
 
@@ -123,6 +127,7 @@ struct Inner {
     pods: Api<Pod>,
     secrets: Api<Secret>,
     config_maps: Api<ConfigMap>,
+    service_accounts: Api<ServiceAccount>,
     state: Mutex<Pods>,
     next_ip: AtomicU32,
     stop: CancellationToken,
@@ -157,12 +162,13 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> KubeletError + '_ {
 
 impl Kubelet {
     /// Starts following pods with `client` (an identity allowed to bind pods, patch their
-    /// status and read Secrets and ConfigMaps).
+    /// status, read Secrets and ConfigMaps and request ServiceAccount tokens).
     pub fn start(client: kube::Client, config: KubeletConfig) -> Self {
         let inner = Arc::new(Inner {
             pods: Api::namespaced(client.clone(), &config.namespace),
             secrets: Api::namespaced(client.clone(), &config.namespace),
-            config_maps: Api::namespaced(client, &config.namespace),
+            config_maps: Api::namespaced(client.clone(), &config.namespace),
+            service_accounts: Api::namespaced(client, &config.namespace),
             config,
             state: Mutex::new(Pods::default()),
             next_ip: AtomicU32::new(2),
@@ -431,7 +437,36 @@ async fn run_pod(inner: &Arc<Inner>, pod: Pod) -> Result<(), KubeletError> {
         inner.remove(&name, &uid).await;
         return Ok(());
     };
-    let prepared = prepare(inner, &pod, &program_dir).await;
+    // Init containers first, one after another, each to a successful end.
+    for init in spec.init_containers.iter().flatten() {
+        let log = format!("init-{}.log", init.name);
+        let outcome = match prepare(inner, &pod, init, &program_dir, &log).await {
+            Ok(mut child) => match child.wait().await {
+                Ok(s) if s.success() => Ok(()),
+                Ok(s) => Err(format!("exited with {s}")),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(message) = outcome {
+            let tail = log_tail(&inner.config.root.join("pods").join(&uid).join(&log), 2048);
+            warn!(init = %init.name, %message, "init container failed");
+            inner
+                .status(
+                    &name,
+                    json!({"phase": "Failed", "conditions": [scheduled],
+                           "initContainerStatuses": [{"name": init.name, "ready": false,
+                               "restartCount": 0, "image": init.image, "imageID": "",
+                               "state": {"terminated": {"exitCode": 1, "reason": "Error",
+                                   "message": tail.unwrap_or(message)}}}]}),
+                )
+                .await?;
+            deleted.cancelled().await;
+            inner.remove(&name, &uid).await;
+            return Ok(());
+        }
+    }
+    let prepared = prepare(inner, &pod, &container, &program_dir, "container.log").await;
     let mut child = match prepared {
         Ok(command) => command,
         Err(e) => {
@@ -577,11 +612,14 @@ struct Mount {
     tmpfs: bool,
 }
 
-/// Resolves the pod's environment and volumes and starts its container's process.
+/// Resolves `container`'s environment and volumes and starts its process; its stderr goes
+/// to `log` in the pod's directory.
 async fn prepare(
     inner: &Inner,
     pod: &Pod,
+    container: &k8s_openapi::api::core::v1::Container,
     program_dir: &Path,
+    log: &str,
 ) -> Result<tokio::process::Child, KubeletError> {
     let name = pod.metadata.name.clone().unwrap_or_default();
     let uid = pod.metadata.uid.clone().unwrap_or_default();
@@ -590,7 +628,6 @@ async fn prepare(
         message,
     };
     let spec = pod.spec.clone().unwrap_or_default();
-    let container = spec.containers.first().cloned().unwrap_or_default();
     let security = spec.security_context.clone().unwrap_or_default();
     let user = container
         .security_context
@@ -604,6 +641,10 @@ async fn prepare(
 
     // Environment.
     let mut env = Vec::new();
+    if let Some((host, port)) = &inner.config.api_server {
+        env.push(("KUBERNETES_SERVICE_HOST".to_owned(), host.clone()));
+        env.push(("KUBERNETES_SERVICE_PORT".to_owned(), port.to_string()));
+    }
     for var in container.env.iter().flatten() {
         let value = match (&var.value, &var.value_from) {
             (Some(v), _) => v.clone(),
@@ -626,6 +667,13 @@ async fn prepare(
                         .ok_or_else(|| {
                             bad(format!("configmap {} has no key {}", key.name, key.key))
                         })?
+                } else if let Some(field) = &from.field_ref {
+                    field_value(pod, &field.field_path).ok_or_else(|| {
+                        bad(format!(
+                            "env {}: unsupported fieldRef {}",
+                            var.name, field.field_path
+                        ))
+                    })?
                 } else {
                     return Err(bad(format!("env {}: unsupported valueFrom", var.name)));
                 }
@@ -673,11 +721,37 @@ async fn prepare(
             write_secret(
                 inner,
                 &secret_name,
+                secret.items.as_deref(),
                 &host,
                 secret.default_mode.unwrap_or(0o644),
                 fs_group,
             )
             .await?;
+            Mount {
+                host,
+                container: m.mount_path.clone(),
+                read_only: true,
+                tmpfs: false,
+            }
+        } else if let Some(map) = &volume.config_map {
+            let host = pod_dir.join("volumes").join(&m.name);
+            let files = config_map_files(inner, &map.name, map.items.as_deref()).await?;
+            write_files(&host, files, map.default_mode.unwrap_or(0o644), fs_group)?;
+            Mount {
+                host,
+                container: m.mount_path.clone(),
+                read_only: true,
+                tmpfs: false,
+            }
+        } else if let Some(projected) = &volume.projected {
+            let host = pod_dir.join("volumes").join(&m.name);
+            let files = projected_files(inner, pod, projected).await?;
+            write_files(
+                &host,
+                files,
+                projected.default_mode.unwrap_or(0o644),
+                fs_group,
+            )?;
             Mount {
                 host,
                 container: m.mount_path.clone(),
@@ -693,7 +767,7 @@ async fn prepare(
             }
         } else {
             return Err(bad(format!(
-                "volume {}: only claims, secrets and emptyDirs",
+                "volume {}: only claims, secrets, configMaps, projected volumes and emptyDirs",
                 m.name
             )));
         };
@@ -714,10 +788,25 @@ async fn prepare(
         )));
     }
 
-    // The program, from the image's directory.
-    let command = container.command.clone().unwrap_or_default();
+    // The program, from the image's directory: the command, or without one the image's
+    // entrypoint, which for the test kubelet is the program named like the image's
+    // repository (`registry/warren-control-plane:tag` runs `warren-control-plane`, as
+    // deploy/images/Dockerfile sets it). Then the args, as Kubernetes appends them.
+    let image = container.image.clone().unwrap_or_default();
+    let entrypoint = image
+        .rsplit('/')
+        .next()
+        .and_then(|r| r.split([':', '@']).next())
+        .unwrap_or_default()
+        .to_owned();
+    let mut command = container
+        .command
+        .clone()
+        .unwrap_or_else(|| vec![entrypoint]);
+    command.extend(container.args.iter().flatten().cloned());
     let (program, args) = command
         .split_first()
+        .filter(|(p, _)| !p.is_empty())
         .ok_or_else(|| bad("the container has no command".into()))?;
     let program = if program.starts_with('/') {
         PathBuf::from(program)
@@ -788,8 +877,7 @@ async fn prepare(
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::from(
-        std::fs::File::create(pod_dir.join("container.log"))
-            .map_err(io(&pod_dir.join("container.log")))?,
+        std::fs::File::create(pod_dir.join(log)).map_err(io(&pod_dir.join(log)))?,
     ))
     .process_group(0)
     .kill_on_drop(true);
@@ -818,25 +906,162 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), KubeletError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io(path))
 }
 
-/// Writes Secret `name`'s keys as files in `dir` (root-owned, group `fs_group`), replacing
-/// what changed.
+/// Writes Secret `name`'s keys (those `items` names, when given) as files in `dir`.
 async fn write_secret(
     inner: &Inner,
     name: &str,
+    items: Option<&[KeyToPath]>,
     dir: &Path,
     mode: i32,
     fs_group: Option<i64>,
 ) -> Result<(), KubeletError> {
     let secret = inner.secrets.get(name).await?;
+    let data = secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
+    write_files(dir, select(name, data, items)?, mode, fs_group)
+}
+
+/// A volume's files: (path in the volume, contents).
+type Files = Vec<(String, Vec<u8>)>;
+
+/// The keys of `data` as files: every key under its own name, or only `items`, each under
+/// its path (a missing key is an error, as for a kubelet).
+fn select(
+    source: &str,
+    data: BTreeMap<String, Vec<u8>>,
+    items: Option<&[KeyToPath]>,
+) -> Result<Files, KubeletError> {
+    let Some(items) = items else {
+        return Ok(data.into_iter().collect());
+    };
+    items
+        .iter()
+        .map(|item| {
+            data.get(&item.key)
+                .map(|v| (item.path.clone(), v.clone()))
+                .ok_or_else(|| KubeletError::Pod {
+                    pod: String::new(),
+                    message: format!("{source} has no key {}", item.key),
+                })
+        })
+        .collect()
+}
+
+async fn config_map_files(
+    inner: &Inner,
+    name: &str,
+    items: Option<&[KeyToPath]>,
+) -> Result<Files, KubeletError> {
+    let map = inner.config_maps.get(name).await?;
+    let mut data: BTreeMap<String, Vec<u8>> = map
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.into_bytes()))
+        .collect();
+    data.extend(
+        map.binary_data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0)),
+    );
+    select(name, data, items)
+}
+
+/// A projected volume (what the ServiceAccount admission adds for the API token): a token
+/// from the TokenRequest API bound to this pod, ConfigMap and Secret keys, and the pod's
+/// own fields.
+async fn projected_files(
+    inner: &Inner,
+    pod: &Pod,
+    projected: &k8s_openapi::api::core::v1::ProjectedVolumeSource,
+) -> Result<Files, KubeletError> {
+    let mut files = Files::new();
+    for source in projected.sources.iter().flatten() {
+        if let Some(token) = &source.service_account_token {
+            let account = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_else(|| "default".into());
+            let request = json!({
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {
+                    "audiences": token.audience.iter().collect::<Vec<_>>(),
+                    "expirationSeconds": token.expiration_seconds.unwrap_or(3600),
+                    "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
+                        "name": pod.metadata.name, "uid": pod.metadata.uid},
+                },
+            });
+            let answer: serde_json::Value = inner
+                .service_accounts
+                .create_subresource("token", &account, &PostParams::default(), &request)
+                .await?;
+            let value = answer["status"]["token"].as_str().unwrap_or_default();
+            files.push((token.path.clone(), value.as_bytes().to_vec()));
+        }
+        if let Some(map) = &source.config_map {
+            files.extend(config_map_files(inner, &map.name, map.items.as_deref()).await?);
+        }
+        if let Some(secret) = &source.secret {
+            let s = inner.secrets.get(&secret.name).await?;
+            let data = s
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect();
+            files.extend(select(&secret.name, data, secret.items.as_deref())?);
+        }
+        if let Some(downward) = &source.downward_api {
+            for item in downward.items.iter().flatten() {
+                let value = item
+                    .field_ref
+                    .as_ref()
+                    .and_then(|f| field_value(pod, &f.field_path))
+                    .ok_or_else(|| KubeletError::Pod {
+                        pod: pod.metadata.name.clone().unwrap_or_default(),
+                        message: format!("downwardAPI {}: unsupported field", item.path),
+                    })?;
+                files.push((item.path.clone(), value.into_bytes()));
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// A pod field a `fieldRef` may name (those the test kubelet knows).
+fn field_value(pod: &Pod, path: &str) -> Option<String> {
+    match path {
+        "metadata.name" => pod.metadata.name.clone(),
+        "metadata.namespace" => pod.metadata.namespace.clone(),
+        "metadata.uid" => pod.metadata.uid.clone(),
+        "spec.serviceAccountName" => pod.spec.as_ref()?.service_account_name.clone(),
+        "spec.nodeName" => pod.spec.as_ref()?.node_name.clone(),
+        _ => None,
+    }
+}
+
+/// Writes `files` in `dir` (root-owned, group `fs_group`), replacing what changed.
+fn write_files(
+    dir: &Path,
+    files: Files,
+    mode: i32,
+    fs_group: Option<i64>,
+) -> Result<(), KubeletError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     set_mode(dir, 0o755)?;
-    for (key, value) in secret.data.unwrap_or_default() {
+    for (key, value) in files {
         let path = dir.join(&key);
-        if std::fs::read(&path).is_ok_and(|old| old == value.0) {
+        if std::fs::read(&path).is_ok_and(|old| old == value) {
             continue;
         }
         let staged = dir.join(format!(".{key}.new"));
-        std::fs::write(&staged, &value.0).map_err(io(&staged))?;
+        std::fs::write(&staged, &value).map_err(io(&staged))?;
         if let Some(group) = fs_group {
             std::os::unix::fs::chown(&staged, Some(0), Some(group as u32)).map_err(io(&staged))?;
         }
@@ -851,7 +1076,7 @@ async fn sync_secrets(inner: &Inner, pod: &Pod) {
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let spec = pod.spec.clone().unwrap_or_default();
     let fs_group = spec.security_context.as_ref().and_then(|s| s.fs_group);
-    let secrets: Vec<(String, String, i32)> = spec
+    let secrets: Vec<(String, String, Option<Vec<KeyToPath>>, i32)> = spec
         .containers
         .first()
         .and_then(|c| c.volume_mounts.clone())
@@ -863,13 +1088,14 @@ async fn sync_secrets(inner: &Inner, pod: &Pod) {
             Some((
                 m.name.clone(),
                 s.secret_name.clone()?,
+                s.items.clone(),
                 s.default_mode.unwrap_or(0o644),
             ))
         })
         .collect();
     loop {
         tokio::time::sleep(inner.config.secret_sync).await;
-        for (volume, secret, mode) in &secrets {
+        for (volume, secret, items, mode) in &secrets {
             let dir = inner
                 .config
                 .root
@@ -878,7 +1104,8 @@ async fn sync_secrets(inner: &Inner, pod: &Pod) {
                 .join("volumes")
                 .join(volume);
             // A Secret deleted meanwhile leaves the files as they are.
-            if let Err(e) = write_secret(inner, secret, &dir, *mode, fs_group).await
+            if let Err(e) =
+                write_secret(inner, secret, items.as_deref(), &dir, *mode, fs_group).await
                 && !matches!(&e, KubeletError::Api(kube::Error::Api(s)) if s.code == 404)
             {
                 warn!(error = %e, "could not refresh a secret volume");

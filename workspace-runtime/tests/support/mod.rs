@@ -395,3 +395,29 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A webhook message for `agent` recorded in the log, as the gateway records it.
+pub async fn ask_webhook(
+    log: &warren_schema::EventLog,
+    agent: &str,
+    delivery_id: &str,
+    text: &str,
+) {
+    use warren_schema::events::MessageReceived;
+    use warren_schema::{AppendRequest, Metadata, NewEvent};
+    let message = MessageReceived {
+        origin: Origin::Webhook {
+            endpoint: "ci".into(),
+            delivery_id: delivery_id.into(),
+        },
+        text: text.into(),
+        addressed_agents: vec![agent.into()],
+        files: vec![],
+    };
+    log.append(&AppendRequest::new(
+        "webhook:ci",
+        vec![NewEvent::from_domain(EventId::random(), &message, Metadata::new("test")).expect("e")],
+    ))
+    .await
+    .expect("append");
+}
