@@ -163,7 +163,9 @@ async fn the_rendered_control_plane_runs_under_its_role_and_starts_a_workspace_t
             "secrets": {"slack": "", "nats": format!("{release}-nats-auth")},
             "controlPlane": {"replicas": 1},
             "nats": {"enabled": false, "url": nats.url, "prefix": ns_prefix(&ns)},
-            "storage": {"storageClass": ""},
+            // A claim of the operator's (deploy/nfs): no PersistentVolumeClaim in the
+            // render, which could not be deleted here (no controller removes its finalizer).
+            "storage": {"existingClaim": format!("{release}-files")},
             "agents": [{"name": "alice", "workspace": "research", "driver": "echo"}],
         }))
         .expect("json"),
