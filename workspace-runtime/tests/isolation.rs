@@ -22,8 +22,6 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use warren_control_plane::backend::BackendConfig;
 use warren_control_plane::nats_auth::{Bootstrap, Issuer, write_file};
-use warren_schema::EventId;
-use warren_schema::events::Origin;
 use warren_schema::launch::{AgentLaunch, Tuning};
 use warren_schema::nats::{BucketLimits, Namespace, OutboxMessage};
 use warren_workspace_runtime::memory::Memory;
@@ -804,7 +802,7 @@ fn expiry(path: &Path) -> i64 {
 
 /// A webhook delivery for alice, as the gateway records it.
 async fn ask_alice(log: &warren_schema::EventLog, delivery_id: &str, text: &str) {
-    ask(log, "alice", delivery_id, text).await;
+    support::ask_webhook(log, "alice", delivery_id, text).await;
 }
 
 /// Waits until the clock is past `exp` (a Unix time in seconds).
@@ -965,7 +963,7 @@ echo "== done""#,
         shutdown.clone(),
     ));
     let reply_of = async |agent: &str, delivery: &str, text: &str| -> String {
-        ask(&log, agent, delivery, text).await;
+        support::ask_webhook(&log, agent, delivery, text).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let said: Vec<AgentReplied> = log
@@ -1104,25 +1102,4 @@ fn database_host_port() -> (String, String) {
     let host_port = after_at.split('/').next().unwrap_or(after_at);
     let (host, port) = host_port.rsplit_once(':').unwrap_or((host_port, "5432"));
     (host.to_owned(), port.to_owned())
-}
-
-/// A webhook delivery addressed to `agent`, as the gateway records it.
-async fn ask(log: &warren_schema::EventLog, agent: &str, delivery_id: &str, text: &str) {
-    use warren_schema::events::MessageReceived;
-    use warren_schema::{AppendRequest, Metadata, NewEvent};
-    let message = MessageReceived {
-        origin: Origin::Webhook {
-            endpoint: "ci".into(),
-            delivery_id: delivery_id.into(),
-        },
-        text: text.into(),
-        addressed_agents: vec![agent.into()],
-        files: vec![],
-    };
-    log.append(&AppendRequest::new(
-        "webhook:ci",
-        vec![NewEvent::from_domain(EventId::random(), &message, Metadata::new("test")).expect("e")],
-    ))
-    .await
-    .expect("append");
 }
