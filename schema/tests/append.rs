@@ -134,6 +134,63 @@ async fn concurrent_duplicate_appends_store_one_row() {
     assert_eq!(count(&db, "SELECT count(*) FROM events").await, 2);
 }
 
+/// Several requests in one transaction: each gets its own outcome; one that conflicts
+/// fails alone and the others are committed; a repeat is absorbed.
+#[tokio::test]
+async fn append_all_commits_several_streams_at_once_each_with_its_own_outcome() {
+    let db = TestDatabase::new().await;
+    let log = db.log();
+    log.append(&one("taken", EventId::random()))
+        .await
+        .expect("existing stream");
+    let repeat = EventId::random();
+    log.append(&one("again", repeat))
+        .await
+        .expect("first write");
+    let (a, b) = (EventId::random(), EventId::random());
+    let requests = [
+        AppendRequest::new(
+            "w-1",
+            vec![event(a, "test.happened"), event(b, "test.happened")],
+        ),
+        one("taken", EventId::random()).expecting(ExpectedVersion::NoStream),
+        one("again", repeat),
+        one("w-2", EventId::random()),
+    ];
+    let refs: Vec<&AppendRequest> = requests.iter().collect();
+    let outcomes = log.append_all(&refs).await.expect("one transaction");
+    assert_eq!(outcomes.len(), 4);
+    let first = outcomes[0].as_ref().expect("w-1 appended");
+    assert_eq!(
+        first.iter().map(|x| x.stream_version).collect::<Vec<_>>(),
+        [1, 2],
+        "in order"
+    );
+    assert!(
+        matches!(
+            outcomes[1],
+            Err(Error::WrongExpectedVersion { actual: 1, .. })
+        ),
+        "{:?}",
+        outcomes[1]
+    );
+    assert!(outcomes[2].as_ref().expect("absorbed")[0].duplicate);
+    assert!(outcomes[3].is_ok());
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM events").await,
+        2 + 2 + 1,
+        "the conflicting request added nothing, the repeat nothing"
+    );
+    let positions: HashSet<i64> =
+        sqlx::query_scalar("SELECT position FROM events WHERE stream IN ('w-1', 'w-2')")
+            .fetch_all(&db.pool)
+            .await
+            .expect("positions")
+            .into_iter()
+            .collect();
+    assert_eq!(positions.len(), 3);
+}
+
 #[tokio::test]
 async fn wrong_expected_version_is_a_typed_conflict() {
     let db = TestDatabase::new().await;

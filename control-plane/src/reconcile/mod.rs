@@ -113,8 +113,8 @@ pub struct Present {
     pub ended: BTreeSet<String>,
 }
 
-/// Observations recorded at once (each workspace's in order, one after another).
-pub const MAX_RECORDS_IN_FLIGHT: usize = 16;
+/// Observations recorded in one transaction, at most.
+pub const OBSERVATIONS_PER_COMMIT: usize = 500;
 
 /// Reconciles until `stop`: against the latest desired state whenever it changes, and
 /// after the backend's observations are recorded. Runs as a task of its own beside the
@@ -313,72 +313,75 @@ impl<B: Backend> Reconciler<B> {
         Ok(())
     }
 
-    /// Records what the backend reported since the last call.
+    /// Records what the backend reported since the last call: in one transaction per
+    /// [`OBSERVATIONS_PER_COMMIT`], each workspace's in the order seen. Under a backlog
+    /// thousands arrive at once; a transaction each would be as many commits, and as many
+    /// writers in flight that the decisions' subscription must wait to settle.
     pub async fn record_observations(&self) -> Result<usize> {
         let observations = self.backend.drain_observations();
         let n = observations.len();
-        // Per workspace in the order seen; workspaces side by side.
-        let mut by_workspace: BTreeMap<String, Vec<Observation>> = BTreeMap::new();
-        for o in observations {
-            by_workspace.entry(o.workspace.clone()).or_default().push(o);
-        }
-        let mut recording = futures_util::stream::iter(by_workspace.into_values())
-            .map(|observations| async move {
-                for o in observations {
-                    self.record(o).await?;
-                }
-                Ok::<_, crate::error::Error>(())
-            })
-            .buffer_unordered(MAX_RECORDS_IN_FLIGHT);
-        while let Some(done) = recording.next().await {
-            done?;
+        for chunk in observations.chunks(OBSERVATIONS_PER_COMMIT) {
+            let mut by_workspace: BTreeMap<&str, Vec<NewEvent>> = BTreeMap::new();
+            for o in chunk {
+                by_workspace
+                    .entry(o.workspace.as_str())
+                    .or_default()
+                    .push(self.observed(o)?);
+            }
+            let requests: Vec<AppendRequest> = by_workspace
+                .into_iter()
+                .map(|(workspace, events)| {
+                    AppendRequest::new(format!("workspace:{workspace}"), events)
+                })
+                .collect();
+            let refs: Vec<&AppendRequest> = requests.iter().collect();
+            for outcome in self.log.append_all(&refs).await? {
+                outcome?;
+            }
         }
         Ok(n)
     }
 
-    /// Records `o` as `workspace.observed`, caused by the start decision of its instance.
-    /// One event per (instance, phase, detail, decision): a re-report is absorbed.
+    /// Records `o` at once (an orphan deleted, a start that failed).
     async fn record(&self, o: Observation) -> Result<()> {
-        let Observation {
-            workspace,
-            phase,
-            instance,
-            detail,
-            decision,
-        } = o;
-        let phase_name = serde_json::to_value(phase)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        let cause = decision.map(|d| d.to_string());
-        let mut key = vec![
-            "observed",
-            workspace.as_str(),
-            instance.as_deref().unwrap_or("-"),
-            &phase_name,
-            detail.as_deref().unwrap_or(""),
-        ];
-        key.extend(cause.as_deref());
-        let id = EventId::derive(&key);
-        let event = WorkspaceObserved {
-            workspace: workspace.clone(),
-            phase,
-            backend: self.backend.name().to_owned(),
-            instance,
-            detail,
-        };
-        let mut meta = Metadata::new("control-plane.reconcile");
-        meta.causation_id = decision;
-        meta.actor = Some(self.backend.name().to_owned());
-        let event = NewEvent::from_domain(id, &event, meta)
-            .map_err(|e| warren_schema::Error::InvalidEvent(e.to_string()))?;
+        let event = self.observed(&o)?;
         self.log
             .append(&AppendRequest::new(
-                format!("workspace:{workspace}"),
+                format!("workspace:{}", o.workspace),
                 vec![event],
             ))
             .await?;
         Ok(())
+    }
+
+    /// `o` as `workspace.observed`, caused by the start decision of its instance. One
+    /// event per (instance, phase, detail, decision): a re-report is absorbed.
+    fn observed(&self, o: &Observation) -> Result<NewEvent> {
+        let phase_name = serde_json::to_value(o.phase)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let cause = o.decision.map(|d| d.to_string());
+        let mut key = vec![
+            "observed",
+            o.workspace.as_str(),
+            o.instance.as_deref().unwrap_or("-"),
+            &phase_name,
+            o.detail.as_deref().unwrap_or(""),
+        ];
+        key.extend(cause.as_deref());
+        let event = WorkspaceObserved {
+            workspace: o.workspace.clone(),
+            phase: o.phase,
+            backend: self.backend.name().to_owned(),
+            instance: o.instance.clone(),
+            detail: o.detail.clone(),
+        };
+        let mut meta = Metadata::new("control-plane.reconcile");
+        meta.causation_id = o.decision;
+        meta.actor = Some(self.backend.name().to_owned());
+        Ok(NewEvent::from_domain(EventId::derive(&key), &event, meta)
+            .map_err(|e| warren_schema::Error::InvalidEvent(e.to_string()))?)
     }
 }
 
