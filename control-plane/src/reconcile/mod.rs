@@ -43,6 +43,15 @@ impl Action {
     }
 }
 
+/// Whether a decision explains `workspace`'s instance: the log knows the workspace and has
+/// not stopped it (a stop of one it does not explain deletes an orphan). Pure.
+pub fn decision_explains(state: &State, workspace: &str) -> bool {
+    state
+        .workspaces
+        .get(workspace)
+        .is_some_and(|w| w.phase != Phase::Stopped)
+}
+
 /// Whether the decisions want `phase` to have a running process.
 pub fn wants_running(phase: Phase) -> bool {
     matches!(phase, Phase::Starting | Phase::Ready)
@@ -145,24 +154,43 @@ pub async fn run<B: Backend>(
         // one workspace.
         let mut acting = futures_util::stream::FuturesUnordered::new();
         let mut busy: BTreeSet<String> = BTreeSet::new();
+        // The rest of the last plan, waiting for room in flight, with what each action
+        // needs of the state taken at plan time (whether a decision explains a stop's
+        // instance): an action holding the whole state would keep a copy alive per plan it
+        // came from, 5 MB each at 10,000 workspaces.
+        let mut queued: std::collections::VecDeque<(Action, bool)> = Default::default();
         let mut replan = true;
+        // A planned action found its workspace busy: plan again once that ends.
+        let mut held_back = false;
         loop {
             if replan {
                 let state = std::sync::Arc::clone(&desired.borrow_and_update());
-                let actions = reconciler.plan_now(&state).await;
+                queued = reconciler
+                    .plan_now(&state)
+                    .await
+                    .into_iter()
+                    .map(|action| {
+                        let explained = decision_explains(&state, action.workspace());
+                        (action, explained)
+                    })
+                    .collect();
                 replan = false;
-                for action in actions {
-                    let name = action.workspace().to_owned();
-                    if busy.contains(&name) || acting.len() >= MAX_ACTIONS_IN_FLIGHT {
-                        // Planned again once something in flight ends.
-                        replan = true;
-                        continue;
-                    }
-                    busy.insert(name.clone());
-                    let state = std::sync::Arc::clone(&state);
-                    let reconciler = &reconciler;
-                    acting.push(async move { (name, reconciler.act(&state, action).await) });
+                held_back = false;
+            }
+            // Fill the room in flight from the plan. Not a new plan per action that ends:
+            // with a backlog of 10,000 starts that was a plan over every workspace for each
+            // pod made.
+            while acting.len() < MAX_ACTIONS_IN_FLIGHT {
+                let Some((action, explained)) = queued.pop_front() else {
+                    break;
+                };
+                let name = action.workspace().to_owned();
+                if !busy.insert(name.clone()) {
+                    held_back = true;
+                    continue;
                 }
+                let reconciler = &reconciler;
+                acting.push(async move { (name, reconciler.act(action, explained).await) });
             }
             tokio::select! {
                 changed = desired.changed() => {
@@ -175,7 +203,9 @@ pub async fn run<B: Backend>(
                 Some((name, done)) = acting.next(), if !acting.is_empty() => {
                     done?;
                     busy.remove(&name);
-                    // `replan` stays as it is: set when a plan held something back.
+                    if held_back && queued.is_empty() {
+                        replan = true;
+                    }
                 }
             }
         }
@@ -233,7 +263,9 @@ impl<B: Backend> Reconciler<B> {
         actions
     }
 
-    async fn act(&self, state: &State, action: Action) -> Result<()> {
+    /// Carries out `action`; `explained`: whether a decision explains the workspace's
+    /// instance ([`decision_explains`]), for a stop.
+    async fn act(&self, action: Action, explained: bool) -> Result<()> {
         match action {
             Action::Start(spec) => {
                 // In the trace of the message that caused the start decision.
@@ -249,7 +281,7 @@ impl<B: Backend> Reconciler<B> {
                 self.start(spec).instrument(span).await
             }
             Action::Stop(name) => {
-                self.stop(state, &name)
+                self.stop(&name, explained)
                     .instrument(info_span!("reconcile.stop", workspace = %name))
                     .await
             }
@@ -287,14 +319,9 @@ impl<B: Backend> Reconciler<B> {
         Ok(())
     }
 
-    async fn stop(&self, state: &State, name: &str) -> Result<()> {
-        // A workspace no decision wants running (unknown to the log, or stopped): its
-        // instance is an orphan, left by a crash or by hand. It is deleted, and that is
-        // recorded so that `explain` shows why it went.
-        let explained = state
-            .workspaces
-            .get(name)
-            .is_some_and(|w| w.phase != Phase::Stopped);
+    /// Stops `name`'s instance. One no decision explains is an orphan, left by a crash or
+    /// by hand: it is deleted, and that is recorded so that `explain` shows why it went.
+    async fn stop(&self, name: &str, explained: bool) -> Result<()> {
         info!(workspace = %name, explained, "stopping workspace");
         if let Err(e) = self.backend.stop(name).await {
             warn!(workspace = %name, error = %e, "stop failed");
@@ -537,6 +564,24 @@ mod tests {
                 ),
                 ("b".to_owned(), vec!["agent-b".to_owned()]),
             ]
+        );
+    }
+
+    #[test]
+    fn only_a_workspace_the_log_has_not_stopped_explains_its_instance() {
+        let s = state(&[
+            ("ready", Phase::Ready),
+            ("stopping", Phase::Stopping),
+            ("failed", Phase::Failed),
+            ("stopped", Phase::Stopped),
+        ]);
+        assert!(decision_explains(&s, "ready"));
+        assert!(decision_explains(&s, "stopping"));
+        assert!(decision_explains(&s, "failed"));
+        assert!(!decision_explains(&s, "stopped"));
+        assert!(
+            !decision_explains(&s, "stray"),
+            "unknown to the log: an orphan"
         );
     }
 }
