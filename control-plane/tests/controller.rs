@@ -361,6 +361,31 @@ async fn the_lease_is_kept_while_the_work_holds_every_pooled_connection() {
     );
 }
 
+/// Deciding a large batch keeps its task computing for a while. The renewals run in a task
+/// of their own, so the lease outlives a work that blocks its thread for three TTLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_is_kept_while_the_work_keeps_its_thread_busy() {
+    let db = TestDatabase::new().await;
+    let ttl = Duration::from_millis(600);
+    let a = Lease::try_acquire(&db.pool, "test.leader", "a", ttl)
+        .await
+        .expect("db")
+        .expect("free lease");
+    // A stand-in for CPU-bound deciding: the thread is held, nothing in this task runs.
+    let work = async { std::thread::sleep(ttl * 3) };
+    a.hold_while(&db.pool, work)
+        .await
+        .expect("db")
+        .expect("the lease was kept for the whole work");
+    assert!(
+        Lease::try_acquire(&db.pool, "test.leader", "b", ttl)
+            .await
+            .expect("db")
+            .is_none(),
+        "still a's: renewed while the work held its thread"
+    );
+}
+
 /// A new leader's start-up (replaying a large log) can take longer than the lease's TTL.
 /// The lease is renewed while it runs, so no rival takes over mid-way; and work under a
 /// lease that is lost anyway (a long pause) stops at the next renewal.

@@ -124,10 +124,12 @@ impl Lease {
     /// deposed before it decides anything. Returns `Err(LeaseLost)` inside `Ok` as soon as
     /// a renewal finds the lease gone; `work` is dropped then.
     ///
-    /// Renewals run beside `work`, not between its steps, and on a connection of their own:
-    /// under a backlog the work can hold every pooled connection, or take longer than the
-    /// TTL for one step, and neither may cost the lease. (Both did: a control plane fed
-    /// 10,000 messages at once was deposed five times in seven minutes.)
+    /// Renewals run in a task of their own, on a connection of their own: under a backlog
+    /// the work can hold every pooled connection, take longer than the TTL for one step, or
+    /// keep its task busy computing for seconds, and none of it may cost the lease. (All
+    /// did: a control plane fed 10,000 messages at once was deposed five times in seven
+    /// minutes while renewing between steps from the pool, and once more while renewing
+    /// beside the work in the same task.)
     pub async fn hold_while<F: Future>(
         &self,
         pool: &PgPool,
@@ -138,20 +140,28 @@ impl Lease {
             .await
             .map_err(LogError::db("connecting to renew the leader lease"))?
             .detach();
-        let mut work = std::pin::pin!(work);
-        let mut renew = tokio::time::interval(self.ttl / 3);
-        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first tick is immediate: the lease was just taken or renewed.
-        renew.tick().await;
-        loop {
-            tokio::select! {
-                out = &mut work => return Ok(Ok(out)),
-                _ = renew.tick() => {
-                    if let Err(lost) = self.renew(&mut connection).await? {
-                        return Ok(Err(lost));
-                    }
+        let lease = self.clone();
+        let renewing = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut renew = tokio::time::interval(lease.ttl / 3);
+            renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick is immediate: the lease was just taken or renewed.
+            renew.tick().await;
+            loop {
+                renew.tick().await;
+                if let Err(lost) = lease.renew(&mut connection).await? {
+                    return Ok::<_, LogError>(lost);
                 }
             }
+        }));
+        tokio::select! {
+            out = work => Ok(Ok(out)),
+            renewed = renewing => match renewed {
+                Ok(Ok(lost)) => Ok(Err(lost)),
+                Ok(Err(e)) => Err(e),
+                // The task panicked: nothing renews the lease any more, so it is as good
+                // as lost; the work stops.
+                Err(_) => Ok(Err(self.lost())),
+            },
         }
     }
 
