@@ -117,13 +117,7 @@ impl EventLog {
     /// [`Appender`], which shares transactions between them.
     #[instrument(skip_all, fields(stream = %request.stream, events = request.events.len()), err)]
     pub async fn append(&self, request: &AppendRequest) -> Result<Vec<Appended>> {
-        validate(request)?;
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(Error::db("acquiring a connection to append"))?;
-        commit_requests(&mut conn, &[request]).await?.remove(0)
+        self.append_all(&[request]).await?.remove(0)
     }
 
     /// Appends several requests in one transaction (each request's outcome on its own: a
