@@ -285,12 +285,10 @@ impl RunArgs {
                  their own and can reach each other's inboxes and memory (see deploy/nats)"
             );
         }
-        let holder = self.replica.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "localhost".into());
-            format!("{host}:{}", std::process::id())
-        });
+        let holder = self
+            .replica
+            .clone()
+            .unwrap_or_else(warren_schema::lease::default_holder);
         Ok(ControllerConfig {
             holder,
             lease_ttl: Duration::from_secs(self.lease_ttl_secs.max(1)),

@@ -10,6 +10,7 @@ mod error;
 pub mod event_log;
 pub mod events;
 pub mod launch;
+pub mod lease;
 pub mod nats;
 pub mod secret;
 #[cfg(feature = "testing")]

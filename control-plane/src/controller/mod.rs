@@ -2,7 +2,7 @@
 //! until shutdown or until deposed (then wait again).
 
 pub mod decider;
-pub mod lease;
+pub use warren_schema::lease;
 
 use std::path::PathBuf;
 use std::time::Duration;

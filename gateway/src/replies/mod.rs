@@ -14,10 +14,10 @@
 //! HTTP calls and rate-limit waits would hold back every reader of the log.
 //!
 //! One replica delivers. Every gateway replica runs this follower, and each would post
-//! every reply; so delivering needs a PostgreSQL session lock ([`DELIVERY_LOCK`]) held on a
-//! connection of its own. The others wait and take over when its session ends (the
-//! replica stopped or died). A holder whose lock connection stops answering stops
-//! delivering, since its lock may be gone.
+//! every reply; so delivering needs the lease [`DELIVERY_LEASE`] (the same lease as the
+//! control plane's leadership, `warren_schema::lease`). The others wait and take over
+//! when it is released (a replica stopping) or expires (one that died, after
+//! [`LEASE_TTL`]). A holder whose renewal finds the lease gone stops delivering.
 
 pub mod slack_api;
 
@@ -32,6 +32,7 @@ use warren_schema::event_log::{SubscriptionOptions, append_in_tx};
 use warren_schema::events::{
     AgentConfigured, AgentRemoved, AgentReplied, DomainEvent, Origin, ReplyDelivered,
 };
+use warren_schema::lease::Lease;
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent, RecordedEvent, Result};
 
 use slack_api::{SlackApi, SlackApiError};
@@ -146,52 +147,53 @@ impl Projection for Recorder {
     }
 }
 
-/// The session advisory lock the delivering replica holds (`pg_advisory_lock`).
-pub const DELIVERY_LOCK: &str = "warren:gateway.replies";
+/// The lease the delivering replica holds.
+pub const DELIVERY_LEASE: &str = "gateway.replies";
 
-/// How often a waiting replica tries the lock, and the holder checks its lock's connection.
-const LOCK_POLL: Duration = Duration::from_secs(2);
+/// How long a replica that died keeps delivery from the others.
+pub const LEASE_TTL: Duration = Duration::from_secs(10);
 
-/// Delivers replies until `shutdown` is cancelled, once this replica holds
-/// [`DELIVERY_LOCK`]; until then it waits. An error ends it (the caller restarts it).
+/// How often a waiting replica tries the lease.
+const LEASE_POLL: Duration = Duration::from_secs(2);
+
+/// Delivers replies until `shutdown` is cancelled, while this replica holds
+/// [`DELIVERY_LEASE`]; until then, and after losing it, it waits. An error ends it (the
+/// caller restarts it).
 pub async fn run(log: EventLog, slack: SlackApi, shutdown: CancellationToken) -> Result<()> {
-    let mut lock = log
-        .pool()
-        .acquire()
-        .await
-        .map_err(warren_schema::Error::db("connecting for the delivery lock"))?
-        .detach();
+    // This run's own name: a second follower in the same process (a test's two replicas)
+    // must not count as the holder renewing.
+    let holder = format!(
+        "{}/{}",
+        warren_schema::lease::default_holder(),
+        EventId::random()
+    );
     loop {
-        let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-            .bind(DELIVERY_LOCK)
-            .fetch_one(&mut lock)
-            .await
-            .map_err(warren_schema::Error::db("taking the delivery lock"))?;
-        if held {
-            break;
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(LOCK_POLL) => {}
+        let lease = loop {
+            if let Some(lease) =
+                Lease::try_acquire(log.pool(), DELIVERY_LEASE, &holder, LEASE_TTL).await?
+            {
+                break lease;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(LEASE_POLL) => {}
+            }
+        };
+        info!("this replica delivers replies (it holds the delivery lease)");
+        match lease
+            .hold_while(log.pool(), deliver(&log, &slack, &shutdown))
+            .await?
+        {
+            Ok(delivered) => {
+                // Stopping: released, so another replica takes over at once.
+                if let Err(e) = lease.release(log.pool()).await {
+                    warn!(error = %e, "could not release the delivery lease");
+                }
+                return delivered;
+            }
+            Err(lost) => warn!(%lost, "another replica delivers replies now"),
         }
     }
-    info!("this replica delivers replies (it holds the delivery lock)");
-    let holding = async {
-        loop {
-            tokio::time::sleep(LOCK_POLL).await;
-            sqlx::query("SELECT 1")
-                .execute(&mut lock)
-                .await
-                .map_err(warren_schema::Error::db("checking the delivery lock"))?;
-        }
-    };
-    let result = tokio::select! {
-        delivered = deliver(&log, &slack, &shutdown) => delivered,
-        lost = holding => lost,
-    };
-    // Closing the session releases the lock for the next replica.
-    let _ = sqlx::Connection::close(lock).await;
-    result
 }
 
 async fn deliver(log: &EventLog, slack: &SlackApi, shutdown: &CancellationToken) -> Result<()> {

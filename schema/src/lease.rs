@@ -1,4 +1,6 @@
-//! The leader lease in PostgreSQL: one replica decides; the others wait.
+//! Leases in PostgreSQL: of several replicas, one does a job and the others wait. The
+//! control plane's decisions (`control-plane.leader`) and the gateway's Slack delivery
+//! (`gateway.replies`) each run under one.
 //!
 //! Taking the lease is one statement (insert, or take over an expired row, or renew our own),
 //! so two replicas can never both succeed. The holder renews every `ttl / 3`; a replica
@@ -9,8 +11,16 @@
 
 use std::time::Duration;
 
+use crate::Error as LogError;
 use sqlx::{PgConnection, PgPool};
-use warren_schema::Error as LogError;
+
+/// This process's name in a lease when none is configured: host name and process id.
+pub fn default_holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}", std::process::id())
+}
 
 /// A lease this replica holds (or held).
 #[derive(Debug, Clone, PartialEq, Eq)]
