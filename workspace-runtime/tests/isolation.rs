@@ -368,6 +368,18 @@ async fn a_workspace_reaches_its_own_subjects_and_nothing_of_another() {
             .collect::<Vec<_>>(),
         [("alice", "a"), ("bob", "b")]
     );
+    // A query that is not one is refused, with the reason.
+    let garbled = as_a
+        .client()
+        .request(ns.directory_subject("a"), "not json".into())
+        .await
+        .expect("an answer");
+    match serde_json::from_slice::<warren_schema::nats::DirectoryAnswer>(&garbled.payload) {
+        Ok(warren_schema::nats::DirectoryAnswer::Refused { reason }) => {
+            assert!(reason.contains("not a directory query"), "{reason}")
+        }
+        other => panic!("a garbled query must be refused: {other:?}"),
+    }
     as_a.publish(ns.directory_subject("b"), "{}".into())
         .await
         .expect("sent");
