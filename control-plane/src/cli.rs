@@ -80,6 +80,36 @@ pub enum Command {
     /// NATS credentials (decentralized JWT auth).
     #[command(subcommand)]
     NatsAuth(NatsAuthCommand),
+    /// Admin API tokens, written to the database directly: the break-glass path when no
+    /// admin token is at hand (the API's `/v1/tokens` is the everyday one).
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+    /// Print the admin API's OpenAPI document (what `docs/openapi.json` holds).
+    Openapi,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCommand {
+    /// Issue a token and print it (once: only its hash is kept).
+    Issue {
+        /// What it is for (`ci`, `alice`).
+        #[arg(long)]
+        name: String,
+        /// `viewer`, `operator` or `admin`.
+        #[arg(long, value_parser = parse_role)]
+        role: crate::admin_api::Role,
+        /// Days until it expires (unset: never).
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    /// List tokens (never their secrets) as JSON lines.
+    List,
+    /// Revoke a token by id.
+    Revoke { id: String },
+}
+
+fn parse_role(s: &str) -> Result<crate::admin_api::Role, String> {
+    crate::admin_api::Role::parse(s).ok_or_else(|| format!("{s:?}: viewer, operator or admin"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -182,13 +212,17 @@ pub struct RunArgs {
     /// stopped workspace's leftover credentials stop working.
     #[arg(long, env = "WARREN_NATS_CREDENTIALS_TTL_SECS", default_value_t = 3600)]
     pub nats_credentials_ttl_secs: u64,
-    /// Admin listener: `GET /metrics` (Prometheus).
+    /// Metrics listener: `GET /metrics` (Prometheus), no authentication.
     #[arg(
         long,
         env = "WARREN_CONTROL_PLANE_METRICS_LISTEN",
         default_value = "127.0.0.1:9465"
     )]
     pub metrics_listen: std::net::SocketAddr,
+    /// The admin API's listener (bearer tokens; see docs/admin-api.md). Every replica
+    /// serves it, leader or not.
+    #[arg(long, env = "WARREN_ADMIN_LISTEN", default_value = "127.0.0.1:9470")]
+    pub admin_listen: std::net::SocketAddr,
 }
 
 /// Where workspaces run.
@@ -409,6 +443,12 @@ async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::R
     if let Command::NatsAuth(command) = &cli.command {
         return nats_auth_command(command, &mut std::io::stdout().lock());
     }
+    if let Command::Openapi = &cli.command {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &crate::admin_api::openapi())?;
+        writeln!(out)?;
+        return Ok(());
+    }
     let database_url = Secret::from_env_or_file("DATABASE_URL", cli.database_url_file.as_deref())?
         .ok_or_else(|| anyhow::anyhow!("set DATABASE_URL (or --database-url-file)"))?;
     let pool = PgPoolOptions::new()
@@ -424,14 +464,26 @@ async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::R
         Command::Run(args) => {
             let listener = tokio::net::TcpListener::bind(args.metrics_listen).await?;
             let shutdown = warren_telemetry::shutdown_on_signal()?;
+            let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
             let metrics = telemetry.metrics_router();
-            let admin_shutdown = shutdown.clone();
+            let metrics_shutdown = shutdown.clone();
+            let metrics_router = metrics.clone();
             tokio::spawn(async move {
-                axum::serve(listener, metrics)
-                    .with_graceful_shutdown(async move { admin_shutdown.cancelled().await })
+                axum::serve(listener, metrics_router)
+                    .with_graceful_shutdown(async move { metrics_shutdown.cancelled().await })
                     .await
             });
-            controller::run(log, args.controller_config(&cli.telemetry)?, shutdown).await?;
+            bootstrap_token(&log).await?;
+            let admin = tokio::spawn(crate::admin_api::serve(
+                admin_listener,
+                log.clone(),
+                metrics,
+                shutdown.clone(),
+            ));
+            let controlled =
+                controller::run(log, args.controller_config(&cli.telemetry)?, shutdown).await;
+            admin.abort();
+            controlled?;
         }
         Command::Rebuild => {
             let started = std::time::Instant::now();
@@ -480,7 +532,84 @@ async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::R
             }
             operator::print_chain(&chain, &mut out)?;
         }
-        Command::NatsAuth(_) => unreachable!("handled before connecting"),
+        Command::Tokens(command) => tokens_command(&log, command, &mut out).await?,
+        Command::NatsAuth(_) | Command::Openapi => unreachable!("handled before connecting"),
+    }
+    Ok(())
+}
+
+/// On a database that never issued a token, issues the first admin token and prints it to
+/// stderr, once: the only time it is shown (only its hash is stored).
+async fn bootstrap_token(log: &EventLog) -> anyhow::Result<()> {
+    if let Some(token) = crate::admin_api::tokens::bootstrap(log).await? {
+        let mut err = std::io::stderr().lock();
+        writeln!(
+            err,
+            "\nThe first admin API token (shown once, never again; keep it secret):\n\n    {}\n\n\
+             Issue more with POST /v1/tokens, or `warren-control-plane tokens issue`.\n",
+            token.expose()
+        )?;
+        tracing::info!("the first admin API token was issued and printed to stderr");
+    }
+    Ok(())
+}
+
+async fn tokens_command(
+    log: &EventLog,
+    command: TokensCommand,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    use crate::admin_api::view::View;
+    match command {
+        TokensCommand::Issue {
+            name,
+            role,
+            expires_in_days,
+        } => {
+            let expires_at = expires_in_days
+                .map(|d| chrono::Utc::now() + chrono::TimeDelta::days(i64::from(d)));
+            let (id, token) = crate::admin_api::tokens::issue_direct(
+                log,
+                &name,
+                role,
+                expires_at,
+                "break-glass",
+            )
+            .await?;
+            tracing::info!(token_id = %id, %role, "token issued");
+            writeln!(out, "{}", token.expose())?;
+        }
+        TokensCommand::List => {
+            let view = View::replay(log, i64::MAX).await?;
+            for t in view.tokens.values() {
+                serde_json::to_writer(
+                    &mut *out,
+                    &serde_json::json!({"id": t.id, "name": t.name, "role": t.role,
+                        "issued_at": t.issued_at, "expires_at": t.expires_at,
+                        "revoked_at": t.revoked_at}),
+                )?;
+                writeln!(out)?;
+            }
+        }
+        TokensCommand::Revoke { id } => {
+            let view = View::replay(log, i64::MAX).await?;
+            if !view.tokens.contains_key(&id) {
+                anyhow::bail!("no token {id:?}");
+            }
+            let mut metadata = warren_schema::Metadata::new(crate::admin_api::SOURCE);
+            metadata.actor = Some("break-glass".into());
+            let event = warren_schema::NewEvent::from_domain(
+                EventId::random(),
+                &warren_schema::events::TokenRevoked { token_id: id.clone() },
+                metadata,
+            )?;
+            log.append(&warren_schema::AppendRequest::new(
+                crate::config_file::CONFIG_STREAM,
+                vec![event],
+            ))
+            .await?;
+            writeln!(out, "revoked {id}")?;
+        }
     }
     Ok(())
 }

@@ -18,6 +18,7 @@
 //!
 //! Still to come: the `kubernetes` backend.
 
+pub mod admin_api;
 pub mod backend;
 pub mod cli;
 pub mod config_file;

@@ -52,6 +52,8 @@ domain_events! {
     AgentBusy => "agent.busy" v 1,
     OutputRefused => "output.refused" v 1,
     MessageRefused => "message.refused" v 1,
+    TokenIssued => "token.issued" v 1,
+    TokenRevoked => "token.revoked" v 1,
 }
 
 /// A Slack Events API `event_callback`, stored as received (after signature verification).
@@ -349,4 +351,26 @@ pub struct AgentBusy {
     pub routing_id: crate::EventId,
     /// Seconds since the turn started.
     pub busy_for_secs: u64,
+}
+
+/// An admin API token was issued. The log keeps the SHA-256 of its secret, never the secret:
+/// the secret is shown once, to whoever asked for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenIssued {
+    /// The token's public id (the part of the token before its secret).
+    pub token_id: String,
+    /// What it is for, for the operator (`ci`, `alice's laptop`).
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    /// Lower-case hex SHA-256 of the secret part.
+    pub secret_sha256: String,
+    /// After this instant the token is refused.
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// An admin API token was revoked: it is refused from now on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRevoked {
+    pub token_id: String,
 }

@@ -192,6 +192,21 @@ fn samples() -> Vec<Sample> {
             agent: "deployer".into(),
             reason: "a direct message from U0EVE, who is not in its users".into(),
         }),
+        entry(TokenIssued {
+            token_id: "tk4f2a9c1d".into(),
+            name: "ci".into(),
+            role: "operator".into(),
+            secret_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+                .into(),
+            expires_at: Some(
+                chrono::DateTime::parse_from_rfc3339("2027-01-01T00:00:00Z")
+                    .expect("a time")
+                    .to_utc(),
+            ),
+        }),
+        entry(TokenRevoked {
+            token_id: "tk4f2a9c1d".into(),
+        }),
     ]
 }
 

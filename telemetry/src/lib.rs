@@ -14,6 +14,8 @@
 //!   [`set_parent_from_traceparent`]), so an event's `traceparent` joins the trace of the
 //!   request that caused it.
 
+pub mod http;
+
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};

@@ -27,7 +27,6 @@ use crate::verify::{self, VerifyError};
 use crate::webhook::{self, Endpoint, Refusal};
 
 mod listener;
-mod trace;
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
@@ -74,7 +73,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .route_layer(axum::middleware::from_fn(trace::request_span))
+        .route_layer(axum::middleware::from_fn_with_state(
+            "warren_gateway",
+            warren_telemetry::http::request_span,
+        ))
         .with_state(state)
 }
 
@@ -116,7 +118,7 @@ fn now_unix() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-use trace::event_traceparent as traceparent;
+use warren_telemetry::http::event_traceparent as traceparent;
 
 /// Appends and waits for the commit, within the state's deadline. `body_bytes`: the size of
 /// the request it came from, held against [`QueuedBytes`] until the append is answered.

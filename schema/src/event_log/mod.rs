@@ -9,6 +9,8 @@ mod group_commit;
 pub mod horizon;
 pub mod projection;
 mod read;
+
+pub use read::{AUDIT_SOURCES, EventFilter};
 mod subscribe;
 
 use serde::{Deserialize, Serialize};

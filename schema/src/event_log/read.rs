@@ -52,6 +52,35 @@ pub(crate) fn decode_row(row: &PgRow) -> Result<RecordedEvent> {
     })
 }
 
+/// Which events a filtered read returns; every field narrows it (unset: no condition).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Only positions above this.
+    pub after: Option<i64>,
+    /// Only positions at or below this.
+    pub up_to: Option<i64>,
+    pub stream: Option<String>,
+    /// Any of these types.
+    pub types: Vec<String>,
+    /// Recorded at or after this instant.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Recorded before this instant.
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// The conversation (its first event and every event that carries it).
+    pub correlation: Option<EventId>,
+    /// The W3C trace id (32 lower-case hex digits) of the event's `traceparent`.
+    pub trace_id: Option<String>,
+    /// Only changes made by people: the admin API's and the declarative file's events (the
+    /// audit trail; see [`AUDIT_SOURCES`]).
+    pub audit: bool,
+}
+
+/// The `source` of every event an operator caused: the admin API's mutations and the agents
+/// file's changes. Migration 0004 indexes exactly these (a partial index: the query must
+/// repeat the literal list for the planner to use it).
+pub const AUDIT_SOURCES: [&str; 2] = ["admin-api", "control-plane.config"];
+const AUDIT_PREDICATE: &str = " AND source IN ('admin-api', 'control-plane.config')";
+
 impl EventLog {
     async fn fetch(
         &self,
@@ -62,6 +91,59 @@ impl EventLog {
             .fetch_all(self.pool())
             .await
             .map_err(Error::db(context))?
+            .iter()
+            .map(decode_row)
+            .collect()
+    }
+
+    /// Events matching `filter`, in position order, at most `limit`: keyset pagination by
+    /// position (pass the last position returned as `filter.after` for the next page).
+    pub async fn query(&self, filter: &EventFilter, limit: i64) -> Result<Vec<RecordedEvent>> {
+        let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE true"
+        ));
+        if let Some(after) = filter.after {
+            q.push(" AND position > ").push_bind(after);
+        }
+        if let Some(up_to) = filter.up_to {
+            q.push(" AND position <= ").push_bind(up_to);
+        }
+        if let Some(stream) = &filter.stream {
+            q.push(" AND stream = ").push_bind(stream.clone());
+        }
+        if !filter.types.is_empty() {
+            q.push(" AND event_type = ANY(")
+                .push_bind(filter.types.clone())
+                .push(")");
+        }
+        if let Some(since) = filter.since {
+            q.push(" AND recorded_at >= ").push_bind(since);
+        }
+        if let Some(until) = filter.until {
+            q.push(" AND recorded_at < ").push_bind(until);
+        }
+        if let Some(c) = filter.correlation {
+            q.push(" AND (correlation_id = ")
+                .push_bind(c.0)
+                .push(" OR event_id = ")
+                .push_bind(c.0)
+                .push(")");
+        }
+        if let Some(trace) = &filter.trace_id {
+            // `00-{trace id}-{span id}-{flags}`: the trace id is the second field.
+            q.push(" AND split_part(traceparent, '-', 2) = ")
+                .push_bind(trace.clone());
+        }
+        if filter.audit {
+            q.push(AUDIT_PREDICATE);
+        }
+        q.push(" ORDER BY position LIMIT ").push_bind(limit);
+        q.build()
+            .fetch_all(self.pool())
+            .await
+            .map_err(Error::db("reading filtered events"))?
             .iter()
             .map(decode_row)
             .collect()
@@ -235,5 +317,19 @@ impl EventLog {
         );
         self.fetch("reading consequences", sqlx::query(sql).bind(id.0))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_audit_predicate_names_exactly_the_audit_sources() {
+        let listed: Vec<String> = AUDIT_SOURCES.iter().map(|s| format!("'{s}'")).collect();
+        assert_eq!(
+            AUDIT_PREDICATE,
+            format!(" AND source IN ({})", listed.join(", "))
+        );
     }
 }

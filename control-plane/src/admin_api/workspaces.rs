@@ -1,0 +1,134 @@
+//! `/v1/workspaces`: what the decisions want for each workspace, what its backend last
+//! reported, and where it waits in the admission queue.
+
+use axum::extract::{Path, State};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::{Authorized, ViewerRole};
+use super::extract::{Query, limit, page_of};
+use super::problem::{ApiError, ApiResult};
+use super::view::View;
+use super::{Api, Page};
+
+/// What the backend last reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ObservedState {
+    /// `starting`, `ready`, `exited`, `failed` or `gone`.
+    pub phase: String,
+    /// `kubernetes` or `local`.
+    pub backend: String,
+    /// The pod's name or the process id.
+    pub instance: Option<String>,
+    pub detail: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// A workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Workspace {
+    pub name: String,
+    /// Where the decisions have it: `stopped`, `queued`, `starting`, `ready`, `stopping`,
+    /// `backing_off` or `failed`.
+    pub phase: String,
+    /// Whether the decisions want it running.
+    pub desired_running: bool,
+    pub observed: Option<ObservedState>,
+    /// What idleness counts from.
+    pub last_activity: Option<DateTime<Utc>>,
+    /// Its place in the admission queue (0: next), when queued.
+    pub queue_position: Option<usize>,
+    /// Failed starts since it was last ready.
+    pub failures: u32,
+    /// Its agents, in name order.
+    pub agents: Vec<String>,
+}
+
+fn workspace_of(view: &View, name: &str) -> Option<Workspace> {
+    let decided = view.state.workspaces.get(name);
+    let agents: Vec<String> = view
+        .state
+        .agents
+        .values()
+        .filter(|a| a.workspace == name)
+        .map(|a| a.name.clone())
+        .collect();
+    if decided.is_none() && agents.is_empty() {
+        return None;
+    }
+    let phase = decided.map_or(crate::decide::Phase::Stopped, |w| w.phase);
+    Some(Workspace {
+        name: name.to_owned(),
+        phase: phase.name().to_owned(),
+        desired_running: phase.occupies_slot() && phase != crate::decide::Phase::Stopping,
+        observed: view.observed.get(name).map(|o| ObservedState {
+            phase: serde_json::to_value(o.phase)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            backend: o.backend.clone(),
+            instance: o.instance.clone(),
+            detail: o.detail.clone(),
+            at: o.at,
+        }),
+        last_activity: decided.map(|w| w.last_activity),
+        queue_position: view.state.queue.iter().position(|q| q.workspace == name),
+        failures: decided.map_or(0, |w| w.failures),
+        agents,
+    })
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Items per page (1-1000, default 100).
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Only workspaces in this phase.
+    pub phase: Option<String>,
+}
+
+/// List workspaces (every workspace an agent lives in or a decision named), in name order.
+#[utoipa::path(get, path = "/v1/workspaces", tag = "workspaces", operation_id = "list_workspaces",
+    security(("token" = ["viewer"])), params(ListParams),
+    responses((status = 200, description = "A page of workspaces", body = Page<Workspace>)))]
+pub async fn list(
+    _: Authorized<ViewerRole>,
+    State(api): State<Api>,
+    Query(params): Query<ListParams>,
+) -> ApiResult<axum::Json<Page<Workspace>>> {
+    let limit = limit(params.limit)?;
+    let view = api.view.read();
+    // Every name: decided ones and those only agents name.
+    let names: std::collections::BTreeMap<String, ()> = view
+        .state
+        .workspaces
+        .keys()
+        .cloned()
+        .chain(view.state.agents.values().map(|a| a.workspace.clone()))
+        .map(|n| (n, ()))
+        .collect();
+    page_of(&names, params.cursor.as_deref(), limit, |name, _| {
+        workspace_of(&view, name)
+            .filter(|w| params.phase.as_ref().is_none_or(|p| &w.phase == p))
+    })
+    .map(axum::Json)
+}
+
+/// One workspace.
+#[utoipa::path(get, path = "/v1/workspaces/{name}", tag = "workspaces", operation_id = "get_workspace",
+    security(("token" = ["viewer"])), params(("name" = String, Path, description = "Workspace name")),
+    responses((status = 200, description = "The workspace", body = Workspace),
+              (status = 404, description = "No such workspace", body = super::problem::Problem)))]
+pub async fn get(
+    _: Authorized<ViewerRole>,
+    State(api): State<Api>,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<Workspace>> {
+    let view = api.view.read();
+    workspace_of(&view, &name)
+        .map(axum::Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no workspace {name:?}")))
+}
