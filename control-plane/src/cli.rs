@@ -566,16 +566,11 @@ async fn tokens_command(
             role,
             expires_in_days,
         } => {
-            let expires_at = expires_in_days
-                .map(|d| chrono::Utc::now() + chrono::TimeDelta::days(i64::from(d)));
-            let (id, token) = crate::admin_api::tokens::issue_direct(
-                log,
-                &name,
-                role,
-                expires_at,
-                "break-glass",
-            )
-            .await?;
+            let expires_at =
+                expires_in_days.map(|d| chrono::Utc::now() + chrono::TimeDelta::days(i64::from(d)));
+            let (id, token) =
+                crate::admin_api::tokens::issue_direct(log, &name, role, expires_at, "break-glass")
+                    .await?;
             tracing::info!(token_id = %id, %role, "token issued");
             writeln!(out, "{}", token.expose())?;
         }
@@ -600,7 +595,9 @@ async fn tokens_command(
             metadata.actor = Some("break-glass".into());
             let event = warren_schema::NewEvent::from_domain(
                 EventId::random(),
-                &warren_schema::events::TokenRevoked { token_id: id.clone() },
+                &warren_schema::events::TokenRevoked {
+                    token_id: id.clone(),
+                },
                 metadata,
             )?;
             log.append(&warren_schema::AppendRequest::new(

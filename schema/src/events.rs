@@ -54,6 +54,7 @@ domain_events! {
     MessageRefused => "message.refused" v 1,
     TokenIssued => "token.issued" v 1,
     TokenRevoked => "token.revoked" v 1,
+    WorkspaceActionRequested => "workspace.action_requested" v 1,
 }
 
 /// A Slack Events API `event_callback`, stored as received (after signature verification).
@@ -373,4 +374,16 @@ pub struct TokenIssued {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRevoked {
     pub token_id: String,
+}
+
+/// An operator asked for a workspace to start or stop (admin API). The decisions act on it
+/// like on any other cause: a start passes the admission caps, and the start or stop
+/// decision names this event as its cause, so `explain` leads to the operator's token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceActionRequested {
+    pub workspace: String,
+    /// `start` or `stop`.
+    pub action: String,
+    /// The operator's note, if any.
+    pub reason: Option<String>,
 }

@@ -207,6 +207,11 @@ fn samples() -> Vec<Sample> {
         entry(TokenRevoked {
             token_id: "tk4f2a9c1d".into(),
         }),
+        entry(WorkspaceActionRequested {
+            workspace: "research".into(),
+            action: "stop".into(),
+            reason: Some("maintenance on the node".into()),
+        }),
     ]
 }
 

@@ -150,13 +150,18 @@ pub async fn list(
 ) -> ApiResult<axum::Json<Page<Agent>>> {
     let limit = limit(params.limit)?;
     let view = api.view.read();
-    page_of(&view.state.agents, params.cursor.as_deref(), limit, |_, a| {
-        params
-            .workspace
-            .as_ref()
-            .is_none_or(|w| &a.workspace == w)
-            .then(|| agent_of(&view, a))
-    })
+    page_of(
+        &view.state.agents,
+        params.cursor.as_deref(),
+        limit,
+        |_, a| {
+            params
+                .workspace
+                .as_ref()
+                .is_none_or(|w| &a.workspace == w)
+                .then(|| agent_of(&view, a))
+        },
+    )
     .map(axum::Json)
 }
 
@@ -236,11 +241,7 @@ fn created(api: &Api, name: &str, version: Option<i64>) -> Response {
         // Created and then removed by someone else before this answer.
         return ApiError::Conflict(format!("agent {name:?} was removed meanwhile")).into_response();
     };
-    let mut response = with_etag(
-        StatusCode::CREATED,
-        version.unwrap_or(agent.version),
-        agent,
-    );
+    let mut response = with_etag(StatusCode::CREATED, version.unwrap_or(agent.version), agent);
     if let Ok(location) = format!("/v1/agents/{name}").parse() {
         response.headers_mut().insert(header::LOCATION, location);
     }

@@ -130,11 +130,17 @@ impl EventParams {
 }
 
 /// One page of `filter`, with the cursor of the next.
-async fn page(api: &Api, filter: &EventFilter, limit: usize) -> ApiResult<(Vec<RecordedEvent>, Option<String>)> {
+async fn page(
+    api: &Api,
+    filter: &EventFilter,
+    limit: usize,
+) -> ApiResult<(Vec<RecordedEvent>, Option<String>)> {
     let mut events = api.log.query(filter, limit as i64 + 1).await?;
     let next = if events.len() > limit {
         events.truncate(limit);
-        events.last().map(|e| encode_cursor(&e.position.to_string()))
+        events
+            .last()
+            .map(|e| encode_cursor(&e.position.to_string()))
     } else {
         None
     };
@@ -207,18 +213,18 @@ pub async fn follow(
     headers: HeaderMap,
     Query(params): Query<FollowParams>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
-    let permit = api
-        .followers
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::Unavailable(format!("{MAX_FOLLOWERS} followers already; retry later")))?;
+    let permit = api.followers.clone().try_acquire_owned().map_err(|_| {
+        ApiError::Unavailable(format!("{MAX_FOLLOWERS} followers already; retry later"))
+    })?;
     let resume = headers
         .get("last-event-id")
         .map(|v| {
             v.to_str()
                 .ok()
                 .and_then(|s| s.trim().parse::<i64>().ok())
-                .ok_or_else(|| ApiError::BadRequest("Last-Event-ID: a position this stream sent".into()))
+                .ok_or_else(|| {
+                    ApiError::BadRequest("Last-Event-ID: a position this stream sent".into())
+                })
         })
         .transpose()?;
     let from = match resume.or(params.after) {
@@ -277,7 +283,11 @@ fn sse_event(event: RecordedEvent) -> SseEvent {
         .id(position.to_string())
         .event(kind)
         .json_data(Event::from(event))
-        .unwrap_or_else(|_| SseEvent::default().id(position.to_string()).comment("unencodable"))
+        .unwrap_or_else(|_| {
+            SseEvent::default()
+                .id(position.to_string())
+                .comment("unencodable")
+        })
 }
 
 /// A change an operator made.
@@ -302,7 +312,10 @@ pub struct AuditEntry {
 impl From<RecordedEvent> for AuditEntry {
     fn from(e: RecordedEvent) -> Self {
         let actor = e.metadata.actor.as_deref().unwrap_or_default();
-        let (via, token_id, role) = match actor.strip_prefix("token:").and_then(|r| r.rsplit_once(':')) {
+        let (via, token_id, role) = match actor
+            .strip_prefix("token:")
+            .and_then(|r| r.rsplit_once(':'))
+        {
             Some((id, role)) => ("token", Some(id.to_owned()), Role::parse(role)),
             None if e.metadata.source == super::SOURCE => (actor, None, None),
             None => ("agents_file", None, None),
@@ -351,7 +364,15 @@ pub async fn audit(
         ..EventParams::default()
     }
     .filter()?;
-    let (events, next_cursor) = page(&api, &EventFilter { audit: true, ..filter }, limit).await?;
+    let (events, next_cursor) = page(
+        &api,
+        &EventFilter {
+            audit: true,
+            ..filter
+        },
+        limit,
+    )
+    .await?;
     Ok(axum::Json(Page {
         items: events.into_iter().map(AuditEntry::from).collect(),
         next_cursor,

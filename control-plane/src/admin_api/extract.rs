@@ -46,9 +46,7 @@ pub const DEFAULT_LIMIT: usize = 100;
 pub fn limit(asked: Option<usize>) -> Result<usize, ApiError> {
     match asked.unwrap_or(DEFAULT_LIMIT) {
         0 => Err(ApiError::BadRequest("limit: at least 1".into())),
-        n if n > MAX_LIMIT => Err(ApiError::BadRequest(format!(
-            "limit: at most {MAX_LIMIT}"
-        ))),
+        n if n > MAX_LIMIT => Err(ApiError::BadRequest(format!("limit: at most {MAX_LIMIT}"))),
         n => Ok(n),
     }
 }
@@ -66,7 +64,9 @@ pub fn decode_cursor(cursor: Option<&str>) -> Result<Option<String>, ApiError> {
                 .decode(c)
                 .ok()
                 .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| ApiError::BadRequest("cursor: use a next_cursor this API returned".into()))
+                .ok_or_else(|| {
+                    ApiError::BadRequest("cursor: use a next_cursor this API returned".into())
+                })
         })
         .transpose()
 }
@@ -80,9 +80,7 @@ pub fn page_of<'a, V: 'a, T>(
 ) -> Result<super::Page<T>, ApiError> {
     use std::ops::Bound;
     let after = decode_cursor(cursor)?;
-    let start = after
-        .as_deref()
-        .map_or(Bound::Unbounded, Bound::Excluded);
+    let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
     let mut items = Vec::with_capacity(limit.min(64));
     let mut last = None;
     let mut more = false;
@@ -112,8 +110,10 @@ mod tests {
         let mut seen = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let page = page_of(&map, cursor.as_deref(), 10, |_, v| (v % 5 != 0).then_some(*v))
-                .expect("a page");
+            let page = page_of(&map, cursor.as_deref(), 10, |_, v| {
+                (v % 5 != 0).then_some(*v)
+            })
+            .expect("a page");
             seen.extend(page.items);
             match page.next_cursor {
                 Some(c) => cursor = Some(c),

@@ -90,6 +90,8 @@ fn api_routes() -> OpenApiRouter<Api> {
         .routes(routes!(tokens::revoke))
         .routes(routes!(workspaces::list))
         .routes(routes!(workspaces::get))
+        .routes(routes!(workspaces::start))
+        .routes(routes!(workspaces::stop))
         .routes(routes!(events::list))
         .routes(routes!(events::follow))
         .routes(routes!(events::get))
@@ -135,15 +137,26 @@ fn finish(mut doc: OpenApi) -> OpenApi {
                     && (status.starts_with('4') || status.starts_with('5'))
                     && let Some(json) = response.content.shift_remove("application/json")
                 {
-                    response.content.insert("application/problem+json".into(), json);
+                    response
+                        .content
+                        .insert("application/problem+json".into(), json);
                 }
             }
             for (status, description) in [
-                ("400", "The request is malformed (a parameter, header or body)"),
-                ("401", "No valid bearer token (missing, unknown, revoked or expired)"),
+                (
+                    "400",
+                    "The request is malformed (a parameter, header or body)",
+                ),
+                (
+                    "401",
+                    "No valid bearer token (missing, unknown, revoked or expired)",
+                ),
                 ("403", "The token's role is below what the operation needs"),
                 ("500", "An internal error (logged; the body has no detail)"),
-                ("503", "The event log is unavailable; retry after Retry-After"),
+                (
+                    "503",
+                    "The event log is unavailable; retry after Retry-After",
+                ),
             ] {
                 responses
                     .entry(status.into())
@@ -153,7 +166,6 @@ fn finish(mut doc: OpenApi) -> OpenApi {
     }
     doc
 }
-
 
 fn base_document() -> OpenApi {
     let mut doc = utoipa::openapi::OpenApiBuilder::new()
@@ -376,7 +388,10 @@ impl ConfigChange {
 
 /// The event id an idempotent create records: from the caller and the key, so the same
 /// caller repeating the key lands on the same id.
-fn idempotent_id(caller: &Caller, headers: &HeaderMap) -> ApiResult<(Option<EventId>, Option<String>)> {
+fn idempotent_id(
+    caller: &Caller,
+    headers: &HeaderMap,
+) -> ApiResult<(Option<EventId>, Option<String>)> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok((None, None));
     };
@@ -388,7 +403,12 @@ fn idempotent_id(caller: &Caller, headers: &HeaderMap) -> ApiResult<(Option<Even
             ApiError::BadRequest("Idempotency-Key: 1-255 visible ASCII characters".into())
         })?;
     Ok((
-        Some(EventId::derive(&["admin-api", "idempotency", &caller.id, key])),
+        Some(EventId::derive(&[
+            "admin-api",
+            "idempotency",
+            &caller.id,
+            key,
+        ])),
         Some(key.to_owned()),
     ))
 }
@@ -417,9 +437,7 @@ fn if_match(headers: &HeaderMap) -> ApiResult<Option<Vec<i64>>> {
                 .trim_matches('"')
                 .parse::<i64>()
                 .map_err(|_| {
-                    ApiError::BadRequest(format!(
-                        "If-Match {tag:?}: use an ETag this API returned"
-                    ))
+                    ApiError::BadRequest(format!("If-Match {tag:?}: use an ETag this API returned"))
                 })
         })
         .collect::<ApiResult<Vec<_>>>()

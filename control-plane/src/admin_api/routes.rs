@@ -74,13 +74,18 @@ pub async fn list(
 ) -> ApiResult<axum::Json<Page<Route>>> {
     let limit = limit(params.limit)?;
     let view = api.view.read();
-    page_of(&view.state.routes, params.cursor.as_deref(), limit, |route, agent| {
-        params
-            .agent
-            .as_ref()
-            .is_none_or(|a| a == agent)
-            .then(|| route_of(&view, route, agent))
-    })
+    page_of(
+        &view.state.routes,
+        params.cursor.as_deref(),
+        limit,
+        |route, agent| {
+            params
+                .agent
+                .as_ref()
+                .is_none_or(|a| a == agent)
+                .then(|| route_of(&view, route, agent))
+        },
+    )
     .map(axum::Json)
 }
 

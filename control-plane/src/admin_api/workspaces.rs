@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::auth::{Authorized, ViewerRole};
+use super::auth::{Authorized, OperatorRole, ViewerRole};
 use super::extract::{Query, limit, page_of};
 use super::problem::{ApiError, ApiResult};
 use super::view::View;
@@ -111,8 +111,7 @@ pub async fn list(
         .map(|n| (n, ()))
         .collect();
     page_of(&names, params.cursor.as_deref(), limit, |name, _| {
-        workspace_of(&view, name)
-            .filter(|w| params.phase.as_ref().is_none_or(|p| &w.phase == p))
+        workspace_of(&view, name).filter(|w| params.phase.as_ref().is_none_or(|p| &w.phase == p))
     })
     .map(axum::Json)
 }
@@ -131,4 +130,135 @@ pub async fn get(
     workspace_of(&view, &name)
         .map(axum::Json)
         .ok_or_else(|| ApiError::NotFound(format!("no workspace {name:?}")))
+}
+
+/// An operator's request, accepted: the leader decides on it as it follows the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ActionAccepted {
+    /// The `workspace.action_requested` event: the cause the start or stop decision names.
+    pub request_id: uuid::Uuid,
+    pub position: i64,
+    pub workspace: String,
+    pub action: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ActionParams {
+    /// A note for the log (why).
+    pub reason: Option<String>,
+}
+
+/// Records an operator's start or stop, once the view says it would change something.
+async fn act(
+    api: &Api,
+    caller: &super::Caller,
+    name: &str,
+    action: &str,
+    reason: Option<String>,
+) -> ApiResult<(axum::http::StatusCode, axum::Json<ActionAccepted>)> {
+    use crate::decide::Phase;
+    use warren_schema::events::WorkspaceActionRequested;
+    if reason.as_ref().is_some_and(|r| r.chars().count() > 500) {
+        return Err(ApiError::BadRequest(
+            "reason: at most 500 characters".into(),
+        ));
+    }
+    {
+        let view = api.view.read();
+        let workspace = workspace_of(&view, name)
+            .ok_or_else(|| ApiError::NotFound(format!("no workspace {name:?}")))?;
+        let phase = view
+            .state
+            .workspaces
+            .get(name)
+            .map_or(Phase::Stopped, |w| w.phase);
+        match action {
+            "start" if workspace.agents.is_empty() => {
+                return Err(ApiError::Conflict(format!(
+                    "workspace {name:?} hosts no agent; nothing would run in it"
+                )));
+            }
+            "start" if !matches!(phase, Phase::Stopped | Phase::Stopping | Phase::Failed) => {
+                return Err(ApiError::Conflict(format!(
+                    "workspace {name:?} is {} already",
+                    phase.name()
+                )));
+            }
+            "stop"
+                if !matches!(
+                    phase,
+                    Phase::Starting | Phase::Ready | Phase::BackingOff | Phase::Queued
+                ) =>
+            {
+                return Err(ApiError::Conflict(format!(
+                    "workspace {name:?} is {}; there is nothing to stop",
+                    phase.name()
+                )));
+            }
+            _ => {}
+        }
+    }
+    let request = WorkspaceActionRequested {
+        workspace: name.to_owned(),
+        action: action.to_owned(),
+        reason,
+    };
+    let mut metadata = warren_schema::Metadata::new(super::SOURCE);
+    metadata.actor = Some(caller.actor());
+    metadata.traceparent = warren_telemetry::current_traceparent();
+    let event =
+        warren_schema::NewEvent::from_domain(warren_schema::EventId::random(), &request, metadata)
+            .map_err(|e| ApiError::Internal(e.into()))?;
+    let id = event.id;
+    let appended = api
+        .log
+        .append(&warren_schema::AppendRequest::new(
+            format!("workspace-actions:{name}"),
+            vec![event],
+        ))
+        .await?;
+    let position = appended.first().map_or(0, |a| a.position);
+    api.view.wait_for(position).await;
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        axum::Json(ActionAccepted {
+            request_id: id.0,
+            position,
+            workspace: name.to_owned(),
+            action: action.to_owned(),
+        }),
+    ))
+}
+
+/// Start a workspace now (it passes the admission caps like any start, and may queue).
+#[utoipa::path(post, path = "/v1/workspaces/{name}/start", tag = "workspaces",
+    operation_id = "start_workspace", security(("token" = ["operator"])),
+    params(("name" = String, Path, description = "Workspace name"), ActionParams),
+    responses((status = 202, description = "Recorded; the leader decides on it", body = ActionAccepted),
+              (status = 404, description = "No such workspace", body = super::problem::Problem),
+              (status = 409, description = "Running already, or hosts no agent", body = super::problem::Problem)))]
+pub async fn start(
+    Authorized(caller, _): Authorized<OperatorRole>,
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Query(params): Query<ActionParams>,
+) -> ApiResult<(axum::http::StatusCode, axum::Json<ActionAccepted>)> {
+    act(&api, &caller, &name, "start", params.reason).await
+}
+
+/// Stop a workspace (its files stay; the next message wakes it again).
+#[utoipa::path(post, path = "/v1/workspaces/{name}/stop", tag = "workspaces",
+    operation_id = "stop_workspace", security(("token" = ["operator"])),
+    params(("name" = String, Path, description = "Workspace name"), ActionParams),
+    responses((status = 202, description = "Recorded; the leader decides on it", body = ActionAccepted),
+              (status = 404, description = "No such workspace", body = super::problem::Problem),
+              (status = 409, description = "Not running", body = super::problem::Problem)))]
+pub async fn stop(
+    Authorized(caller, _): Authorized<OperatorRole>,
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Query(params): Query<ActionParams>,
+) -> ApiResult<(axum::http::StatusCode, axum::Json<ActionAccepted>)> {
+    act(&api, &caller, &name, "stop", params.reason).await
 }

@@ -152,6 +152,11 @@ pub fn decide(
                 give_up_if_exhausted(state, &mut out, &observed, policy);
             }
         }
+        WorkspaceActionRequested::TYPE => {
+            if let Ok(request) = event.decode::<WorkspaceActionRequested>() {
+                operator_action(state, &mut out, &request, policy);
+            }
+        }
         MessageDeadLettered::TYPE => {
             if let Ok(dead) = event.decode::<MessageDeadLettered>()
                 && let Some(reply_to) = dead.reply_to
@@ -336,6 +341,46 @@ fn route(state: &State, out: &mut Decisions, message: EventId, agent: &str, reas
 
 /// A workspace has work: start it if it is not running (or about to be), within the caps;
 /// otherwise queue it. Work never jumps the queue: while anything waits, new starts queue.
+/// An operator's start or stop. A start is a wake like a message's (the admission caps
+/// apply; it may queue); a stop applies to a workspace that runs, starts, backs off or
+/// waits in the queue, and to nothing else.
+fn operator_action(
+    state: &State,
+    out: &mut Decisions,
+    request: &WorkspaceActionRequested,
+    policy: &Policy,
+) {
+    let workspace = request.workspace.as_str();
+    let phase = state
+        .workspaces
+        .get(workspace)
+        .map_or(Phase::Stopped, |w| w.phase);
+    match request.action.as_str() {
+        "start" => {
+            let hosted = state.agents.values().any(|a| a.workspace == workspace);
+            if hosted {
+                wake_for(state, out, workspace, None, None, policy, "operator");
+            }
+        }
+        "stop" => {
+            if matches!(
+                phase,
+                Phase::Starting | Phase::Ready | Phase::BackingOff | Phase::Queued
+            ) {
+                let cause = out.cause.id.to_string();
+                out.push(
+                    &["stop_operator", workspace, &cause],
+                    &WorkspaceStopRequested {
+                        workspace: workspace.to_owned(),
+                        reason: "operator".into(),
+                    },
+                );
+            }
+        }
+        _ => {}
+    }
+}
+
 fn wake(
     state: &State,
     out: &mut Decisions,
@@ -343,6 +388,28 @@ fn wake(
     team: Option<&str>,
     channel: Option<&str>,
     policy: &Policy,
+) {
+    wake_for(
+        state,
+        out,
+        workspace,
+        team,
+        channel,
+        policy,
+        "message_waiting",
+    );
+}
+
+/// Starts `workspace` (or queues it behind a cap) unless it runs or is starting already;
+/// `reason` goes in the start decision.
+fn wake_for(
+    state: &State,
+    out: &mut Decisions,
+    workspace: &str,
+    team: Option<&str>,
+    channel: Option<&str>,
+    policy: &Policy,
+    reason: &str,
 ) {
     let phase = state
         .workspaces
@@ -367,7 +434,7 @@ fn wake(
             &["start", workspace, &cause],
             &WorkspaceStartRequested {
                 workspace: workspace.to_owned(),
-                reason: "message_waiting".into(),
+                reason: reason.into(),
                 attempt: 0,
             },
         ),

@@ -246,9 +246,13 @@ impl State {
             }
             WorkspaceStopRequested::TYPE => {
                 if let Ok(s) = event.decode::<WorkspaceStopRequested>() {
+                    self.queue.retain(|q| q.workspace != s.workspace);
                     let w = self.workspace_mut(&s.workspace, at, event.id);
-                    if w.phase != Phase::Failed {
-                        w.phase = Phase::Stopping;
+                    match w.phase {
+                        Phase::Failed => {}
+                        // Never started: nothing to wait for.
+                        Phase::Queued => w.phase = Phase::Stopped,
+                        _ => w.phase = Phase::Stopping,
                     }
                     w.failed_at = None;
                 }

@@ -832,3 +832,70 @@ fn the_end_of_an_instance_that_a_restart_replaced_changes_nothing() {
         "ready reset the count"
     );
 }
+
+fn operator(workspace: &str, action: &str) -> WorkspaceActionRequested {
+    WorkspaceActionRequested {
+        workspace: workspace.into(),
+        action: action.into(),
+        reason: None,
+    }
+}
+
+#[test]
+fn an_operator_starts_and_stops_a_workspace_and_the_decision_names_the_request() {
+    let mut c = two_agents();
+    let d = c.when(operator("research", "start"));
+    let start = &of_type::<WorkspaceStartRequested>(&d)[0];
+    assert_eq!(
+        (start.workspace.as_str(), start.reason.as_str()),
+        ("research", "operator")
+    );
+    let request = c.log[c.log.len() - 2].id;
+    assert_eq!(
+        d[0].metadata.causation_id,
+        Some(request),
+        "the request is the cause"
+    );
+    assert!(
+        c.when(operator("research", "start")).is_empty(),
+        "starting already"
+    );
+
+    c.observe("research", WorkspacePhase::Ready);
+    let d = c.when(operator("research", "stop"));
+    assert_eq!(of_type::<WorkspaceStopRequested>(&d)[0].reason, "operator");
+    assert_eq!(c.phase("research"), Phase::Stopping);
+    assert!(
+        c.when(operator("research", "stop")).is_empty(),
+        "stopping already"
+    );
+    assert!(c.when(operator("nobody-lives-here", "start")).is_empty());
+    assert!(c.when(operator("research", "dance")).is_empty());
+}
+
+#[test]
+fn an_operator_s_start_waits_behind_the_caps_and_a_stop_takes_it_out_of_the_queue() {
+    let mut c = Controller::new(Policy {
+        max_running: Some(1),
+        ..Policy::default()
+    });
+    c.given_agent("alice", "research", 60);
+    c.given_agent("bob", "ops", 60);
+    c.when(operator("research", "start"));
+    let d = c.when(operator("ops", "start"));
+    assert_eq!(types(&d), ["workspace.start_queued"]);
+    assert_eq!(c.phase("ops"), Phase::Queued);
+    let d = c.when(operator("ops", "stop"));
+    assert_eq!(types(&d), ["workspace.stop_requested"]);
+    assert_eq!(
+        c.phase("ops"),
+        Phase::Stopped,
+        "never started: nothing to wait for"
+    );
+    assert!(c.state.queue.is_empty());
+    c.observe("research", WorkspacePhase::Exited);
+    assert!(
+        of_type::<WorkspaceStartRequested>(&c.tick()).is_empty(),
+        "the stopped one is not admitted later"
+    );
+}
