@@ -474,14 +474,15 @@ async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::R
                     .await
             });
             bootstrap_token(&log).await?;
+            let config = args.controller_config(&cli.telemetry)?;
             let admin = tokio::spawn(crate::admin_api::serve(
                 admin_listener,
                 log.clone(),
+                config.policy.clone(),
                 metrics,
                 shutdown.clone(),
             ));
-            let controlled =
-                controller::run(log, args.controller_config(&cli.telemetry)?, shutdown).await;
+            let controlled = controller::run(log, config, shutdown).await;
             admin.abort();
             controlled?;
         }

@@ -32,5 +32,6 @@ mod operator;
 pub mod projection;
 pub mod reconcile;
 mod replay;
+pub mod what_if;
 
 pub use cli::{Cli, run};

@@ -37,6 +37,7 @@ async fn server() -> Server {
     tokio::spawn(admin_api::serve(
         listener,
         log.clone(),
+        Default::default(),
         axum::Router::new(),
         shutdown.clone(),
     ));
@@ -166,6 +167,7 @@ async fn operations(s: &Server) -> Vec<(Method, String, Role)> {
 fn concrete(method: &Method, path: &str, victim_token: &str) -> (String, Option<Value>) {
     let path = path
         .replace("/v1/workspaces/{name}", "/v1/workspaces/w1")
+        .replace("/v1/explain/workspaces/{name}", "/v1/explain/workspaces/w1")
         .replace("{name}", "alice")
         .replace("{route}", "webhook:ci")
         .replace("{id}", victim_token);
@@ -174,6 +176,7 @@ fn concrete(method: &Method, path: &str, victim_token: &str) -> (String, Option<
         ("PUT", p) if p.starts_with("/v1/agents/") => Some(json!({"workspace": "w1"})),
         ("PUT", p) if p.starts_with("/v1/routes/") => Some(json!({"agent": "alice"})),
         ("POST", "/v1/tokens") => Some(json!({"name": "made", "role": "viewer"})),
+        ("POST", "/v1/what-if") => Some(json!({"max_running": 1})),
         _ => None,
     };
     (path, body)
@@ -847,25 +850,11 @@ async fn of_type(log: &EventLog, event_type: &str) -> Vec<warren_schema::Recorde
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_running_leader_routes_to_an_agent_created_through_the_api_and_obeys_an_operator_s_stop()
  {
-    use warren_control_plane::controller::{self, ControllerConfig};
-    use warren_schema::events::{MessageReceived, Origin, WorkspaceStopRequested};
+    use warren_schema::events::WorkspaceStopRequested;
     let s = server().await;
     let admin = s.token("admin", Role::Admin).await;
     let operator = s.token("operator", Role::Operator).await;
-    let leader_stop = CancellationToken::new();
-    let leader = tokio::spawn(controller::run(
-        s.log.clone(),
-        ControllerConfig {
-            holder: "leader".into(),
-            lease_ttl: Duration::from_secs(2),
-            tick: Duration::from_millis(50),
-            policy: Default::default(),
-            config_file: None,
-            backend: None,
-            nats: None,
-        },
-        leader_stop.clone(),
-    ));
+    let (leader_stop, leader) = leader(&s.log);
 
     // Configured while the leader runs: no restart.
     let created = s
@@ -877,29 +866,7 @@ async fn the_running_leader_routes_to_an_agent_created_through_the_api_and_obeys
         )
         .await;
     assert_eq!(created.status(), StatusCode::CREATED);
-    let message = MessageReceived {
-        origin: Origin::Webhook {
-            endpoint: "ci".into(),
-            delivery_id: "d1".into(),
-        },
-        text: "build failed".into(),
-        addressed_agents: vec!["alice".into()],
-        files: vec![],
-    };
-    s.log
-        .append(&warren_schema::AppendRequest::new(
-            "webhook:ci",
-            vec![
-                warren_schema::NewEvent::from_domain(
-                    warren_schema::EventId::random(),
-                    &message,
-                    warren_schema::Metadata::new("test"),
-                )
-                .expect("event"),
-            ],
-        ))
-        .await
-        .expect("append");
+    webhook_message(&s.log, "d1", "alice").await;
     eventually("the message routed to the new agent", async || {
         of_type(&s.log, "message.routed")
             .await
@@ -978,7 +945,7 @@ async fn the_running_leader_routes_to_an_agent_created_through_the_api_and_obeys
     assert_eq!(last["payload"]["reason"], "maintenance");
 
     leader_stop.cancel();
-    leader.await.expect("join").expect("the leader ran");
+    leader.await.expect("join");
 }
 
 #[test]
@@ -991,5 +958,233 @@ fn the_committed_openapi_document_is_the_one_the_code_generates() {
         committed == generated,
         "docs/openapi.json is not what the handlers declare; regenerate it with \
          `cargo run -p warren-control-plane -- openapi > docs/openapi.json` and commit it"
+    );
+}
+
+fn leader(log: &EventLog) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    use warren_control_plane::controller::{self, ControllerConfig};
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (log, stop) = (log.clone(), stop.clone());
+        async move {
+            controller::run(
+                log,
+                ControllerConfig {
+                    holder: "leader".into(),
+                    lease_ttl: Duration::from_secs(2),
+                    tick: Duration::from_millis(50),
+                    policy: Default::default(),
+                    config_file: None,
+                    backend: None,
+                    nats: None,
+                },
+                stop,
+            )
+            .await
+            .expect("the leader ran");
+        }
+    });
+    (stop, task)
+}
+
+async fn webhook_message(log: &EventLog, delivery: &str, agent: &str) {
+    use warren_schema::events::{MessageReceived, Origin};
+    let message = MessageReceived {
+        origin: Origin::Webhook {
+            endpoint: "ci".into(),
+            delivery_id: delivery.into(),
+        },
+        text: "build failed".into(),
+        addressed_agents: vec![agent.into()],
+        files: vec![],
+    };
+    log.append(&warren_schema::AppendRequest::new(
+        "webhook:ci",
+        vec![
+            warren_schema::NewEvent::from_domain(
+                warren_schema::EventId::random(),
+                &message,
+                warren_schema::Metadata::new("test"),
+            )
+            .expect("event"),
+        ],
+    ))
+    .await
+    .expect("append");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_of_returns_the_earlier_state_after_later_changes() {
+    let s = server().await;
+    let admin = s.token("admin", Role::Admin).await;
+    s.call(
+        Method::POST,
+        "/v1/agents",
+        Some(&admin),
+        Some(&json!({"name": "alice", "workspace": "w1", "settings": {"model": "first"}})),
+    )
+    .await;
+    s.call(
+        Method::PUT,
+        "/v1/routes/slack_channel:C1",
+        Some(&admin),
+        Some(&json!({"agent": "alice"})),
+    )
+    .await;
+    let then: Value = s
+        .call(
+            Method::GET,
+            "/v1/events?type=route.configured",
+            Some(&admin),
+            None,
+        )
+        .await
+        .json()
+        .await
+        .expect("events");
+    let position = then["items"][0]["position"].as_i64().expect("position");
+    let at = then["items"][0]["recorded_at"]
+        .as_str()
+        .expect("time")
+        .to_owned();
+
+    // Later: alice changes, the route goes, bob arrives.
+    s.call(
+        Method::PUT,
+        "/v1/agents/alice",
+        Some(&admin),
+        Some(&json!({"workspace": "w1", "settings": {"model": "second"}})),
+    )
+    .await;
+    s.call(
+        Method::DELETE,
+        "/v1/routes/slack_channel:C1",
+        Some(&admin),
+        None,
+    )
+    .await;
+    s.call(
+        Method::POST,
+        "/v1/agents",
+        Some(&admin),
+        Some(&json!({"name": "bob", "workspace": "w2"})),
+    )
+    .await;
+
+    for query in [
+        format!("position={position}"),
+        format!("at={}", urlencode(&at)),
+    ] {
+        let past: Value = s
+            .call(
+                Method::GET,
+                &format!("/v1/as-of?{query}"),
+                Some(&admin),
+                None,
+            )
+            .await
+            .json()
+            .await
+            .expect("as of");
+        assert_eq!(past["position"], position, "{query}: {past}");
+        let agents = past["agents"].as_array().expect("agents");
+        assert_eq!(agents.len(), 1, "{query}: bob came later");
+        assert_eq!(agents[0]["settings"]["model"], "first", "{query}");
+        assert_eq!(past["routes"][0]["route"], "slack_channel:C1", "{query}");
+        assert_eq!(past["workspaces"][0]["name"], "w1", "{query}");
+    }
+    let now: Value = s
+        .call(Method::GET, "/v1/agents/alice", Some(&admin), None)
+        .await
+        .json()
+        .await
+        .expect("agent");
+    assert_eq!(now["settings"]["model"], "second");
+    let none = s.call(Method::GET, "/v1/as-of", Some(&admin), None).await;
+    assert_eq!(none.status(), StatusCode::BAD_REQUEST);
+}
+
+fn urlencode(s: &str) -> String {
+    s.replace(':', "%3A").replace('+', "%2B")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_if_with_a_lower_cap_lists_exactly_the_starts_that_would_have_been_queued() {
+    let s = server().await;
+    let admin = s.token("admin", Role::Admin).await;
+    let (stop, task) = leader(&s.log);
+    for (agent, workspace) in [("a", "wa"), ("b", "wb"), ("c", "wc")] {
+        s.call(
+            Method::POST,
+            "/v1/agents",
+            Some(&admin),
+            Some(&json!({"name": agent, "workspace": workspace})),
+        )
+        .await;
+    }
+    for agent in ["a", "b", "c"] {
+        webhook_message(&s.log, agent, agent).await;
+        // One at a time, so the order of the starts is the order of the messages.
+        eventually("the start", async || {
+            of_type(&s.log, "workspace.start_requested")
+                .await
+                .iter()
+                .any(|e| e.payload["workspace"] == format!("w{agent}"))
+        })
+        .await;
+    }
+    stop.cancel();
+    task.await.expect("join");
+
+    let unchanged: Value = s
+        .call(Method::POST, "/v1/what-if", Some(&admin), Some(&json!({})))
+        .await
+        .json()
+        .await
+        .expect("what-if");
+    assert_eq!(unchanged["would_decide"], json!([]), "{unchanged}");
+    assert_eq!(unchanged["would_not_decide"], json!([]), "{unchanged}");
+    assert_eq!(unchanged["same"], 6, "three routings, three starts");
+
+    let capped: Value = s
+        .call(
+            Method::POST,
+            "/v1/what-if",
+            Some(&admin),
+            Some(&json!({"max_running": 1})),
+        )
+        .await
+        .json()
+        .await
+        .expect("what-if");
+    let summary = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .expect("a list")
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} {}",
+                    d["type"].as_str().unwrap_or(""),
+                    d["payload"]["workspace"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        summary(&capped["would_decide"]),
+        ["workspace.start_queued wb", "workspace.start_queued wc"],
+        "{capped}"
+    );
+    assert_eq!(
+        summary(&capped["would_not_decide"]),
+        [
+            "workspace.start_requested wb",
+            "workspace.start_requested wc"
+        ],
+        "{capped}"
+    );
+    assert!(
+        of_type(&s.log, "workspace.start_queued").await.is_empty(),
+        "a what-if writes nothing"
     );
 }

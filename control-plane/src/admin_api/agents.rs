@@ -89,7 +89,7 @@ pub struct ListParams {
     pub workspace: Option<String>,
 }
 
-fn agent_of(view: &View, a: &crate::decide::Agent) -> Agent {
+pub(crate) fn agent_of(view: &View, a: &crate::decide::Agent) -> Agent {
     Agent {
         name: a.name.clone(),
         workspace: a.workspace.clone(),

@@ -22,16 +22,18 @@
 pub mod agents;
 pub mod auth;
 #[allow(unused_qualifications)]
-mod events;
+pub mod events;
 mod extract;
+#[allow(unused_qualifications)]
+mod history;
 pub mod problem;
 #[allow(unused_qualifications)]
-mod routes;
+pub mod routes;
 #[allow(unused_qualifications)]
 pub mod tokens;
 pub mod view;
 #[allow(unused_qualifications)]
-mod workspaces;
+pub mod workspaces;
 
 use std::sync::Arc;
 
@@ -65,16 +67,27 @@ pub struct Api {
     pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// Room for event followers (`/v1/events/stream`).
     pub followers: Arc<tokio::sync::Semaphore>,
+    /// Room for replays of history (as-of, what-if): each reads the log from the start.
+    pub replays: Arc<tokio::sync::Semaphore>,
+    /// The decisions' policy in force (what-if changes it).
+    pub policy: crate::decide::Policy,
 }
 
 impl Api {
-    pub fn new(log: EventLog, view: ViewHandle, auth: Arc<dyn Authenticator>) -> Self {
+    pub fn new(
+        log: EventLog,
+        view: ViewHandle,
+        auth: Arc<dyn Authenticator>,
+        policy: crate::decide::Policy,
+    ) -> Self {
         Self {
             log,
             view,
             auth,
             ready: Default::default(),
             followers: Arc::new(tokio::sync::Semaphore::new(events::MAX_FOLLOWERS)),
+            replays: Arc::new(tokio::sync::Semaphore::new(2)),
+            policy,
         }
     }
 }
@@ -96,6 +109,10 @@ fn api_routes() -> OpenApiRouter<Api> {
         .routes(routes!(events::follow))
         .routes(routes!(events::get))
         .routes(routes!(events::audit))
+        .routes(routes!(history::explain_event))
+        .routes(routes!(history::explain_workspace))
+        .routes(routes!(history::as_of))
+        .routes(routes!(history::what_if))
 }
 
 /// The OpenAPI document (what `/openapi.json` serves and `docs/openapi.json` holds).
@@ -243,6 +260,7 @@ pub fn router(api: Api, metrics: Router) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     log: EventLog,
+    policy: crate::decide::Policy,
     metrics: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -251,6 +269,7 @@ pub async fn serve(
         log.clone(),
         view.clone(),
         Arc::new(TokenAuthenticator { view: view.clone() }),
+        policy,
     );
     let follower = writer.spawn(log.clone(), shutdown.clone());
     let ready = api.ready.clone();

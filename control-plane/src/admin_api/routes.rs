@@ -42,7 +42,7 @@ pub struct ListParams {
     pub agent: Option<String>,
 }
 
-fn route_of(view: &View, route: &str, agent: &str) -> Route {
+pub(crate) fn route_of(view: &View, route: &str, agent: &str) -> Route {
     Route {
         route: route.to_owned(),
         agent: agent.to_owned(),

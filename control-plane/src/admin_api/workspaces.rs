@@ -45,7 +45,7 @@ pub struct Workspace {
     pub agents: Vec<String>,
 }
 
-fn workspace_of(view: &View, name: &str) -> Option<Workspace> {
+pub(crate) fn workspace_of(view: &View, name: &str) -> Option<Workspace> {
     let decided = view.state.workspaces.get(name);
     let agents: Vec<String> = view
         .state
@@ -79,6 +79,17 @@ fn workspace_of(view: &View, name: &str) -> Option<Workspace> {
     })
 }
 
+/// Every workspace name: those a decision named and those only agents name.
+pub(crate) fn names(view: &View) -> std::collections::BTreeMap<String, ()> {
+    view.state
+        .workspaces
+        .keys()
+        .cloned()
+        .chain(view.state.agents.values().map(|a| a.workspace.clone()))
+        .map(|n| (n, ()))
+        .collect()
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
@@ -101,16 +112,7 @@ pub async fn list(
 ) -> ApiResult<axum::Json<Page<Workspace>>> {
     let limit = limit(params.limit)?;
     let view = api.view.read();
-    // Every name: decided ones and those only agents name.
-    let names: std::collections::BTreeMap<String, ()> = view
-        .state
-        .workspaces
-        .keys()
-        .cloned()
-        .chain(view.state.agents.values().map(|a| a.workspace.clone()))
-        .map(|n| (n, ()))
-        .collect();
-    page_of(&names, params.cursor.as_deref(), limit, |name, _| {
+    page_of(&names(&view), params.cursor.as_deref(), limit, |name, _| {
         workspace_of(&view, name).filter(|w| params.phase.as_ref().is_none_or(|p| &w.phase == p))
     })
     .map(axum::Json)

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::projection::Projections;
 use crate::reconcile::nats::NatsResources;
 use crate::reconcile::{self, Reconciler};
-pub use decider::Decider;
+pub use decider::{DECISIONS_STREAM, Decider};
 pub use lease::Lease;
 use warren_schema::nats::Namespace;
 

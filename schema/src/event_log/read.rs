@@ -149,6 +149,17 @@ impl EventLog {
             .collect()
     }
 
+    /// The last position recorded at or before `at` (0 when none was).
+    pub async fn position_at(&self, at: chrono::DateTime<chrono::Utc>) -> Result<i64> {
+        sqlx::query_scalar(
+            "SELECT coalesce(max(position), 0)::bigint FROM events WHERE recorded_at <= $1",
+        )
+        .bind(at)
+        .fetch_one(self.pool())
+        .await
+        .map_err(Error::db("finding the position at an instant"))
+    }
+
     /// The highest committed position now (0 for an empty log). A subscriber that has
     /// reached it has seen everything committed before this call.
     pub async fn head(&self) -> Result<i64> {
