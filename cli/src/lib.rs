@@ -57,6 +57,9 @@ pub enum Command {
     /// Routes from Slack channels and webhook endpoints to agents.
     #[command(subcommand)]
     Routes(RoutesCommand),
+    /// Webhook endpoints: list, get, create, rotate, delete (secrets are shown once).
+    #[command(subcommand)]
+    Endpoints(EndpointsCommand),
     /// Workspaces: list, get, start, stop.
     #[command(subcommand)]
     Workspaces(WorkspacesCommand),
@@ -148,6 +151,37 @@ pub enum RoutesCommand {
     },
     Delete {
         route: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EndpointsCommand {
+    List,
+    Get {
+        name: String,
+    },
+    /// Create `/webhooks/{name}`; its secret is printed once.
+    Create {
+        name: String,
+        /// `github`, `standard_webhooks` or `hmac_sha256`.
+        #[arg(long)]
+        scheme: String,
+        /// The agent its deliveries are addressed to.
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        signature_header: Option<String>,
+        #[arg(long)]
+        delivery_header: Option<String>,
+    },
+    /// A new secret, printed once; the old one stays valid for `--grace-secs`.
+    Rotate {
+        name: String,
+        #[arg(long, default_value_t = 3600)]
+        grace_secs: u32,
+    },
+    Delete {
+        name: String,
     },
 }
 
@@ -337,6 +371,13 @@ const EVENT_COLUMNS: &[Column] = &[
     ("STREAM", "/stream"),
     ("ID", "/id"),
 ];
+const ENDPOINT_COLUMNS: &[Column] = &[
+    ("NAME", "/name"),
+    ("SCHEME", "/scheme"),
+    ("AGENT", "/agent"),
+    ("SECRET", "/secret_fingerprint"),
+    ("PREVIOUS VALID UNTIL", "/previous_valid_until"),
+];
 const TOKEN_COLUMNS: &[Column] = &[
     ("ID", "/id"),
     ("NAME", "/name"),
@@ -471,6 +512,43 @@ async fn execute(cli: &Cli, out: &mut impl Write) -> Result<(), Error> {
                 api.send(api.request(Method::DELETE, &format!("/v1/routes/{}", encode(route))))
                     .await?;
                 writeln!(out, "deleted route {route}")?;
+            }
+        },
+        Command::Endpoints(command) => match command {
+            EndpointsCommand::List => {
+                let items = api.list("/v1/endpoints", None).await?;
+                output::list(out, format, &items, ENDPOINT_COLUMNS)?;
+            }
+            EndpointsCommand::Get { name } => {
+                let item = api.get(&format!("/v1/endpoints/{}", encode(name))).await?;
+                output::item(out, format, &item)?;
+            }
+            EndpointsCommand::Create {
+                name,
+                scheme,
+                agent,
+                signature_header,
+                delivery_header,
+            } => {
+                let r = api.request(Method::POST, "/v1/endpoints").json(&json!({
+                    "name": name, "scheme": scheme, "agent": agent,
+                    "signature_header": signature_header, "delivery_header": delivery_header,
+                }));
+                secret_once(out, format, api.send(r).await?.body)?;
+            }
+            EndpointsCommand::Rotate { name, grace_secs } => {
+                let r = api
+                    .request(
+                        Method::POST,
+                        &format!("/v1/endpoints/{}/rotate", encode(name)),
+                    )
+                    .json(&json!({"grace_secs": grace_secs}));
+                secret_once(out, format, api.send(r).await?.body)?;
+            }
+            EndpointsCommand::Delete { name } => {
+                api.send(api.request(Method::DELETE, &format!("/v1/endpoints/{}", encode(name))))
+                    .await?;
+                writeln!(out, "deleted endpoint {name}")?;
             }
         },
         Command::Workspaces(command) => match command {
@@ -644,6 +722,22 @@ async fn execute(cli: &Cli, out: &mut impl Write) -> Result<(), Error> {
             }
         },
     }
+    Ok(())
+}
+
+/// An endpoint's secret, printed alone on stdout (for a pipe), the rest on stderr.
+fn secret_once(out: &mut impl Write, format: Format, body: Value) -> Result<(), Error> {
+    if format == Format::Json {
+        return Ok(output::item(out, format, &body)?);
+    }
+    writeln!(out, "{}", body["secret"].as_str().unwrap_or_default())?;
+    writeln!(
+        std::io::stderr(),
+        "endpoint {} ({}, for agent {}): the secret is shown this once",
+        body["name"].as_str().unwrap_or_default(),
+        body["scheme"].as_str().unwrap_or_default(),
+        body["agent"].as_str().unwrap_or_default()
+    )?;
     Ok(())
 }
 

@@ -159,6 +159,38 @@ async fn agents_are_created_listed_and_read_as_tables_and_as_json() {
         "{audit}"
     );
 
+    // An endpoint: the secret printed once, then only its fingerprint.
+    let (code, secret, err) = s
+        .warren(&[
+            "endpoints",
+            "create",
+            "ci",
+            "--scheme",
+            "github",
+            "--agent",
+            "alice",
+        ])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let secret = secret.trim().to_owned();
+    assert_eq!(secret.len(), 64, "{secret}");
+    let (_, listed, _) = s.warren(&["endpoints", "list"]).await;
+    assert!(
+        listed.contains("ci") && listed.contains("github") && !listed.contains(&secret),
+        "{listed}"
+    );
+    let (code, rotated, _) = s
+        .warren(&["endpoints", "rotate", "ci", "--grace-secs", "60"])
+        .await;
+    assert_eq!(code, 0);
+    assert_ne!(rotated.trim(), secret);
+    let (_, listed, _) = s.warren(&["endpoints", "list"]).await;
+    assert!(
+        listed.contains("PREVIOUS VALID UNTIL")
+            && listed.lines().nth(1).is_some_and(|l| !l.ends_with('-')),
+        "{listed}"
+    );
+
     // A stale ETag: exit 5, and nothing changed.
     let (code, _, _) = s
         .warren(&[

@@ -17,7 +17,6 @@ pub mod slack;
 pub mod verify;
 pub mod webhook;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -68,10 +67,16 @@ pub async fn run(
             None
         }
     };
-    let webhooks = match &config.webhooks_file {
+    let webhooks = webhook::registry::Registry::new(match &config.webhooks_file {
         Some(path) => webhook::load(path)?,
         None => Default::default(),
-    };
+    });
+    tokio::spawn(
+        webhooks
+            .clone()
+            .follow(pool.clone(), shutdown.clone())
+            .instrument(tracing::info_span!("webhook_endpoints")),
+    );
     let (appender, writers) = Appender::start(
         pool.clone(),
         AppenderConfig {
@@ -83,7 +88,7 @@ pub async fn run(
         appender,
         pool,
         slack_signing_secret,
-        webhooks: Arc::new(webhooks),
+        webhooks,
         append_timeout: Duration::from_millis(config.append_timeout_ms),
         retry_after_secs: 1,
         queued_bytes: http::QueuedBytes::new(config.append_queue_bytes),

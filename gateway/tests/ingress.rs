@@ -2,7 +2,6 @@
 //! algorithms, answered by the real router; what is stored is read back from the log.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -49,6 +48,7 @@ fn state_router(appender: Appender, pool: sqlx::PgPool, queued_bytes: usize) -> 
                 name: name.into(),
                 scheme,
                 secret: Secret::new(secret),
+                previous: None,
                 agent: "triage".into(),
                 signature_header: "x-signature-256",
                 delivery_header: None,
@@ -74,7 +74,7 @@ fn state_router(appender: Appender, pool: sqlx::PgPool, queued_bytes: usize) -> 
             appender,
             pool,
             slack_signing_secret: Some(Secret::new(SLACK_SECRET)),
-            webhooks: Arc::new(webhooks),
+            webhooks: warren_gateway::webhook::registry::Registry::new(webhooks),
             append_timeout: Duration::from_millis(1500),
             retry_after_secs: 1,
             queued_bytes: warren_gateway::http::QueuedBytes::new(queued_bytes),

@@ -7,7 +7,6 @@
 //! - Saturation: 64 clients sending back to back; acked Slack events per second beside
 //!   pgbench single-row INSERTs (64 clients) into the same table, measured in the same run.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -61,7 +60,7 @@ async fn start_gateway(writers: usize, plain_listener: bool) -> anyhow::Result<G
             appender,
             pool: db.pool.clone(),
             slack_signing_secret: Some(Secret::new(SECRET)),
-            webhooks: Arc::new(HashMap::new()),
+            webhooks: Default::default(),
             append_timeout: Duration::from_secs(2),
             retry_after_secs: 1,
             queued_bytes: warren_gateway::http::QueuedBytes::new(64 << 20),

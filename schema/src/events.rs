@@ -55,6 +55,8 @@ domain_events! {
     TokenIssued => "token.issued" v 1,
     TokenRevoked => "token.revoked" v 1,
     WorkspaceActionRequested => "workspace.action_requested" v 1,
+    WebhookEndpointConfigured => "webhook_endpoint.configured" v 1,
+    WebhookEndpointRemoved => "webhook_endpoint.removed" v 1,
 }
 
 /// A Slack Events API `event_callback`, stored as received (after signature verification).
@@ -386,4 +388,29 @@ pub struct WorkspaceActionRequested {
     pub action: String,
     /// The operator's note, if any.
     pub reason: Option<String>,
+}
+
+/// A webhook endpoint was created, changed or given a new secret (admin API). The secret
+/// itself is never in the log (see migration 0005): only a fingerprint that tells secrets
+/// apart in the audit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookEndpointConfigured {
+    /// `/webhooks/{endpoint}`.
+    pub endpoint: String,
+    /// `github`, `standard_webhooks` or `hmac_sha256`.
+    pub scheme: String,
+    /// The agent its deliveries are addressed to.
+    pub agent: String,
+    pub signature_header: Option<String>,
+    pub delivery_header: Option<String>,
+    /// The first 12 hex digits of the secret's SHA-256.
+    pub secret_fingerprint: String,
+    /// A rotation: until then the previous secret is still accepted.
+    pub previous_valid_until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// A webhook endpoint was deleted; its secret is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookEndpointRemoved {
+    pub endpoint: String,
 }

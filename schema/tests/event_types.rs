@@ -212,6 +212,22 @@ fn samples() -> Vec<Sample> {
             action: "stop".into(),
             reason: Some("maintenance on the node".into()),
         }),
+        entry(WebhookEndpointConfigured {
+            endpoint: "github".into(),
+            scheme: "github".into(),
+            agent: "triage".into(),
+            signature_header: None,
+            delivery_header: None,
+            secret_fingerprint: "9f86d081884c".into(),
+            previous_valid_until: Some(
+                chrono::DateTime::parse_from_rfc3339("2027-01-01T01:00:00Z")
+                    .expect("a time")
+                    .to_utc(),
+            ),
+        }),
+        entry(WebhookEndpointRemoved {
+            endpoint: "github".into(),
+        }),
     ]
 }
 

@@ -341,6 +341,17 @@ pub async fn delete(
                 "routes {routes:?} reach agent {name:?}; remove or re-point them first"
             )));
         }
+        let endpoints: Vec<&String> = view
+            .endpoints
+            .values()
+            .filter(|e| e.configured.agent == name)
+            .map(|e| &e.configured.endpoint)
+            .collect();
+        if !endpoints.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "webhook endpoints {endpoints:?} address agent {name:?}; delete them first"
+            )));
+        }
         Ok((
             vec![ConfigChange::of(&AgentRemoved { name: name.clone() })?],
             (),

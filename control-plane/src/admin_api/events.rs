@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
-use warren_schema::event_log::{EventFilter, SubscriptionOptions};
+use warren_schema::event_log::EventFilter;
 use warren_schema::{EventId, RecordedEvent};
 
 use super::auth::{Authorized, Role, ViewerRole};
@@ -194,8 +194,9 @@ pub struct FollowParams {
     pub event_type: Option<String>,
 }
 
-/// Most followers at once: each holds a database connection that waits for notifications.
-pub const MAX_FOLLOWERS: usize = 32;
+/// Most followers at once (each holds a little memory and, while catching up, reads pages
+/// of the log).
+pub const MAX_FOLLOWERS: usize = 256;
 
 /// Follow new events as Server-Sent Events (`event: {type}`, `id: {position}`,
 /// `data: {event}`), in log order with none skipped. A client that reconnects with
@@ -227,53 +228,97 @@ pub async fn follow(
                 })
         })
         .transpose()?;
+    // Live batches from before the history read on, so none is missed between the two.
+    let live = api.view.batches();
     let from = match resume.or(params.after) {
         Some(p) => p,
-        None => api.log.head().await?,
+        None => api.view.position(),
     };
-    let types: Vec<String> = params
-        .event_type
-        .iter()
-        .flat_map(|t| t.split(','))
-        .map(|t| t.trim().to_owned())
-        .filter(|t| !t.is_empty())
-        .collect();
-    let subscription = api
-        .log
-        .subscribe(
-            from,
-            SubscriptionOptions {
-                name: "admin-api-follow".into(),
-                ..SubscriptionOptions::default()
-            },
-        )
-        .await?;
-    let types = Arc::new(types);
-    let stream = futures_util::stream::unfold(
-        (subscription, permit, std::collections::VecDeque::new()),
-        move |(mut subscription, permit, mut pending)| {
-            let types = types.clone();
-            async move {
-                loop {
-                    if let Some(event) = pending.pop_front() {
-                        return Some((Ok(sse_event(event)), (subscription, permit, pending)));
+    let types: Arc<Vec<String>> = Arc::new(
+        params
+            .event_type
+            .iter()
+            .flat_map(|t| t.split(','))
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect(),
+    );
+    let follower = Follower {
+        api,
+        cursor: from,
+        pending: Default::default(),
+        live,
+        types,
+        _permit: permit,
+    };
+    let stream = futures_util::stream::unfold(follower, |mut f| async move {
+        f.next().await.map(|e| (Ok(sse_event(e)), f))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// One `/v1/events/stream` client: reads history from the log until it reaches the view,
+/// then takes the view's live batches. No database connection is held while it waits.
+struct Follower {
+    api: Api,
+    /// The highest position examined (sent or filtered out).
+    cursor: i64,
+    pending: std::collections::VecDeque<RecordedEvent>,
+    live: tokio::sync::broadcast::Receiver<super::view::Batch>,
+    types: Arc<Vec<String>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Follower {
+    fn wanted(&self, e: &RecordedEvent) -> bool {
+        self.types.is_empty() || self.types.contains(&e.event_type)
+    }
+
+    /// The next event, in log order; `None` when the stream must end.
+    async fn next(&mut self) -> Option<RecordedEvent> {
+        use tokio::sync::broadcast::error::RecvError;
+        const PAGE: i64 = 1000;
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Some(e);
+            }
+            // Behind the view: read the log up to where the view is (gap-free there).
+            let head = self.api.view.position();
+            if self.cursor < head {
+                let page = match self.api.log.read_positions(self.cursor, head, PAGE).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "following the log failed; ending the stream");
+                        return None;
                     }
-                    match subscription.next_batch().await {
-                        Ok(batch) => pending.extend(
-                            batch
-                                .into_iter()
-                                .filter(|e| types.is_empty() || types.contains(&e.event_type)),
-                        ),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "following the log failed; ending the stream");
-                            return None;
+                };
+                self.cursor = match page.last() {
+                    Some(last) if page.len() as i64 == PAGE => last.position,
+                    _ => head,
+                };
+                let wanted: Vec<RecordedEvent> =
+                    page.into_iter().filter(|e| self.wanted(e)).collect();
+                self.pending.extend(wanted);
+                continue;
+            }
+            match self.live.recv().await {
+                Ok(batch) => {
+                    for e in batch.iter() {
+                        if e.position <= self.cursor {
+                            continue;
+                        }
+                        self.cursor = e.position;
+                        if self.wanted(e) {
+                            self.pending.push_back(e.clone());
                         }
                     }
                 }
+                // Fell behind the broadcast: the log has what was dropped.
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return None,
             }
-        },
-    );
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+        }
+    }
 }
 
 fn sse_event(event: RecordedEvent) -> SseEvent {

@@ -22,6 +22,8 @@
 pub mod agents;
 pub mod auth;
 #[allow(unused_qualifications)]
+pub mod endpoints;
+#[allow(unused_qualifications)]
 pub mod events;
 mod extract;
 #[allow(unused_qualifications)]
@@ -99,6 +101,9 @@ fn api_routes() -> OpenApiRouter<Api> {
         .routes(routes!(agents::get, agents::replace, agents::delete))
         .routes(routes!(routes::list))
         .routes(routes!(routes::get, routes::put, routes::delete))
+        .routes(routes!(endpoints::list, endpoints::create))
+        .routes(routes!(endpoints::get, endpoints::delete))
+        .routes(routes!(endpoints::rotate))
         .routes(routes!(tokens::list, tokens::issue))
         .routes(routes!(tokens::revoke))
         .routes(routes!(workspaces::list))
@@ -256,7 +261,12 @@ pub fn router(api: Api, metrics: Router) -> Router {
         .merge(metrics)
 }
 
-/// Starts following the log and serves the API on `listener` until `shutdown`.
+/// Connections the API's requests use, in a pool of their own: a burst of API calls (or a
+/// replay of history) never waits on, or starves, the leader's pool.
+pub const API_CONNECTIONS: u32 = 4;
+
+/// Starts following the log and serves the API on `listener` until `shutdown`. `log`'s
+/// pool is not used: the API opens pools of its own on the same database.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     log: EventLog,
@@ -264,6 +274,9 @@ pub async fn serve(
     metrics: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    // The view's follower keeps its LISTEN connection for as long as it runs.
+    let follower_log = log.with_own_pool(2);
+    let log = log.with_own_pool(API_CONNECTIONS);
     let (view, writer) = ViewHandle::new();
     let api = Api::new(
         log.clone(),
@@ -271,7 +284,7 @@ pub async fn serve(
         Arc::new(TokenAuthenticator { view: view.clone() }),
         policy,
     );
-    let follower = writer.spawn(log.clone(), shutdown.clone());
+    let follower = writer.spawn(follower_log, shutdown.clone());
     let ready = api.ready.clone();
     tokio::spawn(async move {
         // Ready once the fold holds everything committed when it started.
@@ -319,16 +332,17 @@ impl Api {
             if changes.is_empty() {
                 return Ok(out);
             }
-            let events = changes
-                .into_iter()
-                .enumerate()
-                .map(|(i, c)| c.into_event(caller, id, i))
-                .collect::<ApiResult<Vec<_>>>()?;
+            let mut writes = Vec::new();
+            let mut events = Vec::with_capacity(changes.len());
+            for (i, change) in changes.into_iter().enumerate() {
+                writes.extend(change.write);
+                events.push(change.event.into_event(caller, id, i)?);
+            }
             let request = AppendRequest::new(CONFIG_STREAM, events).expecting(match expected {
                 0 => ExpectedVersion::NoStream,
                 v => ExpectedVersion::Exact(v),
             });
-            match self.log.append(&request).await {
+            match self.commit(&request, &writes).await {
                 Ok(appended) => {
                     let last = appended.iter().map(|a| a.position).max().unwrap_or(0);
                     if !self.view.wait_for(last).await {
@@ -356,6 +370,35 @@ impl Api {
         ))
     }
 
+    /// Appends `request` and applies `writes` in one transaction: both or neither.
+    async fn commit(
+        &self,
+        request: &AppendRequest,
+        writes: &[endpoints::SecretWrite],
+    ) -> warren_schema::Result<Vec<warren_schema::Appended>> {
+        let mut tx = self
+            .log
+            .pool()
+            .begin()
+            .await
+            .map_err(warren_schema::Error::db("beginning a configuration change"))?;
+        for write in writes {
+            write
+                .apply(&mut tx)
+                .await
+                .map_err(warren_schema::Error::db(
+                    "writing a webhook endpoint's secret",
+                ))?;
+        }
+        let appended = warren_schema::event_log::append_in_tx(&mut tx, &[request])
+            .await?
+            .remove(0)?;
+        tx.commit().await.map_err(warren_schema::Error::db(
+            "committing a configuration change",
+        ))?;
+        Ok(appended)
+    }
+
     /// For a create with an `Idempotency-Key`: the event that key already recorded, if any.
     /// The same key with a different request is refused (422).
     async fn replayed(
@@ -378,17 +421,34 @@ impl Api {
     }
 }
 
-/// One configuration event to record.
+/// One configuration event to record, and what must be written with it outside the log.
 #[derive(Debug)]
-pub(crate) struct ConfigChange(NewEvent);
+pub(crate) struct ConfigChange {
+    event: ChangeEvent,
+    write: Option<endpoints::SecretWrite>,
+}
+
+#[derive(Debug)]
+struct ChangeEvent(NewEvent);
 
 impl ConfigChange {
     pub(crate) fn of<E: warren_schema::events::DomainEvent>(event: &E) -> ApiResult<Self> {
         NewEvent::from_domain(EventId::random(), event, Metadata::new(SOURCE))
-            .map(Self)
+            .map(|e| Self {
+                event: ChangeEvent(e),
+                write: None,
+            })
             .map_err(|e| ApiError::Internal(Box::new(e)))
     }
 
+    /// With a write to the secrets table, committed with the event.
+    pub(crate) fn with(mut self, write: endpoints::SecretWrite) -> Self {
+        self.write = Some(write);
+        self
+    }
+}
+
+impl ChangeEvent {
     /// The event, with the caller as actor and, for an idempotent create, the id derived
     /// from the key (the `i`th event of the change).
     fn into_event(self, caller: &Caller, id: Option<EventId>, i: usize) -> ApiResult<NewEvent> {

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use warren_schema::event_log::SubscriptionOptions;
@@ -46,6 +46,8 @@ pub struct View {
     /// Tokens by id, revoked ones included (the audit names them).
     pub tokens: BTreeMap<String, TokenRecord>,
     pub observed: HashMap<String, Observed>,
+    /// Webhook endpoints managed through the API, by name.
+    pub endpoints: BTreeMap<String, super::endpoints::EndpointRecord>,
 }
 
 impl View {
@@ -98,6 +100,22 @@ impl View {
                     record.revoked_at.get_or_insert(event.recorded_at);
                 }
             }
+            WebhookEndpointConfigured::TYPE => {
+                if let Ok(e) = event.decode::<WebhookEndpointConfigured>() {
+                    self.endpoints.insert(
+                        e.endpoint.clone(),
+                        super::endpoints::EndpointRecord {
+                            configured: e,
+                            version,
+                        },
+                    );
+                }
+            }
+            WebhookEndpointRemoved::TYPE => {
+                if let Ok(e) = event.decode::<WebhookEndpointRemoved>() {
+                    self.endpoints.remove(&e.endpoint);
+                }
+            }
             WorkspaceObserved::TYPE => {
                 if let Ok(o) = event.decode::<WorkspaceObserved>() {
                     self.observed.insert(
@@ -135,12 +153,21 @@ impl View {
     }
 }
 
+/// A batch of events as the follower folded them, in order, none skipped.
+pub type Batch = Arc<Vec<RecordedEvent>>;
+
+/// Batches kept for slow event followers before they must re-read from the log.
+const BROADCAST_BATCHES: usize = 1024;
+
 /// The live view, shared by every handler.
 #[derive(Debug, Clone)]
 pub struct ViewHandle {
     view: Arc<RwLock<View>>,
     /// The position folded so far.
     position: watch::Receiver<i64>,
+    /// Each batch folded, for `/v1/events/stream`: every follower shares the view's one
+    /// reader of the log instead of holding a database connection of its own.
+    batches: broadcast::Sender<Batch>,
 }
 
 /// Sends the fold's progress.
@@ -148,6 +175,7 @@ pub struct ViewHandle {
 pub struct ViewWriter {
     view: Arc<RwLock<View>>,
     position: watch::Sender<i64>,
+    batches: broadcast::Sender<Batch>,
 }
 
 /// Longest a handler waits for the fold to reach its own write before answering 503.
@@ -157,13 +185,24 @@ impl ViewHandle {
     pub fn new() -> (Self, ViewWriter) {
         let view = Arc::new(RwLock::new(View::default()));
         let (tx, rx) = watch::channel(0);
+        let (batches, _) = broadcast::channel(BROADCAST_BATCHES);
         (
             Self {
                 view: view.clone(),
                 position: rx,
+                batches: batches.clone(),
             },
-            ViewWriter { view, position: tx },
+            ViewWriter {
+                view,
+                position: tx,
+                batches,
+            },
         )
+    }
+
+    /// The batches folded from now on.
+    pub fn batches(&self) -> broadcast::Receiver<Batch> {
+        self.batches.subscribe()
     }
 
     /// The view now. Hold the guard briefly: the follower waits for it.
@@ -188,15 +227,19 @@ impl ViewHandle {
 }
 
 impl ViewWriter {
-    fn apply(&self, events: &[RecordedEvent]) {
-        let Some(last) = events.last() else { return };
+    fn apply(&self, events: Vec<RecordedEvent>) {
+        let Some(last) = events.last().map(|e| e.position) else {
+            return;
+        };
         {
             let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
-            for event in events {
+            for event in &events {
                 view.apply(event);
             }
         }
-        self.position.send_replace(last.position);
+        self.position.send_replace(last);
+        // No follower listening is fine.
+        let _ = self.batches.send(Arc::new(events));
     }
 
     /// Follows the log until `shutdown`, resuming after a failed read.
@@ -229,7 +272,7 @@ impl ViewWriter {
                 match batch {
                     Ok(events) => {
                         delay = Duration::from_millis(100);
-                        self.apply(&events);
+                        self.apply(events);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "admin API view: reading the log failed; resubscribing");

@@ -5,7 +5,6 @@
 //! unknown endpoint; 413 over the size limit; 503 with `Retry-After` when the log cannot take
 //! the event in time. Error bodies name the problem, never a secret or internal detail.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +23,7 @@ use warren_schema::{AppendRequest, Error as LogError, Secret};
 use crate::slack::commands::{self, Command};
 use crate::slack::events::{self, Inbound};
 use crate::verify::{self, VerifyError};
-use crate::webhook::{self, Endpoint, Refusal};
+use crate::webhook::{self, Refusal};
 
 mod listener;
 
@@ -34,7 +33,7 @@ pub struct AppState {
     pub appender: Appender,
     pub pool: PgPool,
     pub slack_signing_secret: Option<Secret>,
-    pub webhooks: Arc<HashMap<String, Endpoint>>,
+    pub webhooks: webhook::registry::Registry,
     /// Longest an append may take before the sender is told to retry (503). Slack gives an
     /// app 3 s; this must stay well inside that.
     pub append_timeout: Duration,
@@ -261,6 +260,7 @@ async fn webhook(
         .webhooks
         .get(&name)
         .ok_or(ApiError::NotFound("unknown webhook endpoint"))?;
+    let endpoint = &endpoint;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());

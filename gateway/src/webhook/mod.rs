@@ -1,5 +1,7 @@
 //! Webhook endpoints: configuration, verification by scheme, and what a delivery stores.
 
+pub mod registry;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -36,6 +38,8 @@ pub struct Endpoint {
     pub name: String,
     pub scheme: Scheme,
     pub secret: Secret,
+    /// After a rotation: the old secret, still accepted until this Unix time.
+    pub previous: Option<(Secret, i64)>,
     /// The agent its deliveries are addressed to.
     pub agent: String,
     /// `hmac_sha256` only: the header carrying the signature.
@@ -129,16 +133,17 @@ pub fn load(path: &Path) -> Result<HashMap<String, Endpoint>, ConfigError> {
         if key_empty {
             return Err(bad("the secret is empty"));
         }
-        // Header names are configured once at start-up and live for the process.
-        let leak =
-            |h: Option<String>| h.map(|h| &*Box::leak(h.to_ascii_lowercase().into_boxed_str()));
         let endpoint = Endpoint {
             name: e.name.clone(),
             scheme: e.scheme,
             secret: Secret::new(secret),
+            previous: None,
             agent: e.agent.clone(),
-            signature_header: leak(e.signature_header).unwrap_or("x-signature-256"),
-            delivery_header: leak(e.delivery_header),
+            signature_header: e
+                .signature_header
+                .as_deref()
+                .map_or("x-signature-256", registry::intern),
+            delivery_header: e.delivery_header.as_deref().map(registry::intern),
         };
         if endpoints.insert(e.name.clone(), endpoint).is_some() {
             return Err(bad("configured twice"));
@@ -169,6 +174,29 @@ pub fn replay_key(scheme: Scheme, delivery_id: &str, body: &[u8]) -> String {
     }
 }
 
+/// Checks the signature with the endpoint's secret, or, during a rotation's grace period,
+/// with the previous one.
+fn verify_signature(
+    endpoint: &Endpoint,
+    h: &impl Headers,
+    body: &[u8],
+    now: i64,
+) -> Result<(), VerifyError> {
+    let check = |secret: &str| match endpoint.scheme {
+        Scheme::Github => verify::github(secret.as_bytes(), h, body),
+        Scheme::StandardWebhooks => verify::standard_webhooks(secret, h, body, now),
+        Scheme::HmacSha256 => {
+            verify::hmac_sha256(secret.as_bytes(), endpoint.signature_header, h, body)
+        }
+    };
+    match (check(endpoint.secret.expose()), &endpoint.previous) {
+        (Err(VerifyError::BadSignature), Some((previous, until))) if now < *until => {
+            check(previous.expose())
+        }
+        (result, _) => result,
+    }
+}
+
 /// Verifies a delivery and builds what to store: the delivery as received and a message for
 /// the endpoint's agent, both keyed by [`replay_key`] so a redelivery, or a replay of the
 /// same signed body under another delivery id, stores nothing new.
@@ -180,23 +208,19 @@ pub fn accept(
     now: i64,
     traceparent: Option<String>,
 ) -> Result<AppendRequest, Refusal> {
-    let secret = endpoint.secret.expose();
+    verify_signature(endpoint, h, body, now).map_err(Refusal::Signature)?;
     let (delivery_id, event) = match endpoint.scheme {
         Scheme::Github => {
-            verify::github(secret.as_bytes(), h, body).map_err(Refusal::Signature)?;
             let id = h
                 .get("x-github-delivery")
                 .ok_or_else(|| Refusal::Malformed("missing X-GitHub-Delivery".into()))?;
             (id.to_owned(), h.get("x-github-event").map(str::to_owned))
         }
         Scheme::StandardWebhooks => {
-            verify::standard_webhooks(secret, h, body, now).map_err(Refusal::Signature)?;
             let id = h.get("webhook-id").unwrap_or_default();
             (id.to_owned(), None)
         }
         Scheme::HmacSha256 => {
-            verify::hmac_sha256(secret.as_bytes(), endpoint.signature_header, h, body)
-                .map_err(Refusal::Signature)?;
             let id = match endpoint.delivery_header.and_then(|name| h.get(name)) {
                 Some(id) => id.to_owned(),
                 None => format!("sha256:{}", hex::encode(Sha256::digest(body))),
@@ -267,6 +291,46 @@ pub fn accept(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn after_a_rotation_the_previous_secret_verifies_until_its_grace_ends() {
+        use hmac::{KeyInit, Mac};
+        let sign = |secret: &str, body: &[u8]| {
+            let mut mac = hmac::Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("key");
+            mac.update(body);
+            let mut headers = http::HeaderMap::new();
+            let value = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+            headers.insert("x-signature-256", value.parse().expect("a header"));
+            headers
+        };
+        let endpoint = Endpoint {
+            name: "ci".into(),
+            scheme: Scheme::HmacSha256,
+            secret: Secret::new("new"),
+            previous: Some((Secret::new("old"), 1_000)),
+            agent: "a".into(),
+            signature_header: "x-signature-256",
+            delivery_header: None,
+        };
+        let body = b"{}";
+        assert_eq!(
+            verify_signature(&endpoint, &sign("new", body), body, 999),
+            Ok(())
+        );
+        assert_eq!(
+            verify_signature(&endpoint, &sign("old", body), body, 999),
+            Ok(())
+        );
+        assert_eq!(
+            verify_signature(&endpoint, &sign("old", body), body, 1_000),
+            Err(VerifyError::BadSignature),
+            "the grace is over"
+        );
+        assert_eq!(
+            verify_signature(&endpoint, &sign("other", body), body, 999),
+            Err(VerifyError::BadSignature)
+        );
+    }
 
     fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
         let path = dir.join(name);

@@ -106,6 +106,19 @@ impl EventLog {
         &self.pool
     }
 
+    /// The same database over a pool of its own of at most `max_connections`, opened on
+    /// first use. For a long-lived reader: a subscription (or any `LISTEN`) keeps one
+    /// connection of its pool for as long as it runs, so it must never take it from a pool
+    /// that others size their work by.
+    pub fn with_own_pool(&self, max_connections: u32) -> Self {
+        Self::new(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(std::time::Duration::from_secs(10))
+                .connect_lazy_with((*self.pool.connect_options()).clone()),
+        )
+    }
+
     /// Applies pending migrations (idempotent; safe to run from several replicas at once,
     /// sqlx serialises them with an advisory lock).
     pub async fn migrate(&self) -> Result<()> {

@@ -2,7 +2,6 @@
 //! (`chat.postMessage`), the gateway in front of the log (real socket, real signatures),
 //! and the reply delivery posting to that server.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -68,13 +67,16 @@ pub struct Gateway {
 impl Gateway {
     pub async fn start(db: &TestDatabase, shutdown: &CancellationToken) -> Self {
         let (slack_url, posts) = fake_slack().await;
+        // Endpoints managed through the admin API, followed as the gateway binary does.
+        let webhooks = warren_gateway::webhook::registry::Registry::default();
+        tokio::spawn(webhooks.clone().follow(db.pool.clone(), shutdown.clone()));
         let (appender, _writers) = Appender::start(db.pool.clone(), AppenderConfig::default());
         let app = router(
             AppState {
                 appender,
                 pool: db.pool.clone(),
                 slack_signing_secret: Some(Secret::new(SIGNING_SECRET)),
-                webhooks: Arc::new(HashMap::new()),
+                webhooks,
                 append_timeout: Duration::from_secs(2),
                 retry_after_secs: 1,
                 queued_bytes: warren_gateway::http::QueuedBytes::new(64 << 20),
