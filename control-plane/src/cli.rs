@@ -478,7 +478,10 @@ async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::R
             let admin = tokio::spawn(crate::admin_api::serve(
                 admin_listener,
                 log.clone(),
-                config.policy.clone(),
+                crate::admin_api::Settings {
+                    policy: config.policy.clone(),
+                    nats: config.nats.clone(),
+                },
                 metrics,
                 shutdown.clone(),
             ));

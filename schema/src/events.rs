@@ -57,6 +57,7 @@ domain_events! {
     WorkspaceActionRequested => "workspace.action_requested" v 1,
     WebhookEndpointConfigured => "webhook_endpoint.configured" v 1,
     WebhookEndpointRemoved => "webhook_endpoint.removed" v 1,
+    MemoryRestored => "memory.restored" v 1,
 }
 
 /// A Slack Events API `event_callback`, stored as received (after signature verification).
@@ -413,4 +414,13 @@ pub struct WebhookEndpointConfigured {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WebhookEndpointRemoved {
     pub endpoint: String,
+}
+
+/// A memory bucket was re-seeded from the log's `memory.written` events (an operator's
+/// request, or the control plane after a NATS store loss).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRestored {
+    pub bucket: String,
+    /// Keys put back.
+    pub keys: u64,
 }

@@ -228,6 +228,10 @@ fn samples() -> Vec<Sample> {
         entry(WebhookEndpointRemoved {
             endpoint: "github".into(),
         }),
+        entry(MemoryRestored {
+            bucket: "warren-memory-research".into(),
+            keys: 42,
+        }),
     ]
 }
 

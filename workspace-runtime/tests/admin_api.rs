@@ -89,7 +89,14 @@ async fn an_agent_and_endpoint_created_through_the_api_answer_a_webhook_without_
     tokio::spawn(admin_api::serve(
         listener,
         log.clone(),
-        Policy::default(),
+        admin_api::Settings {
+            policy: Policy::default(),
+            nats: Some(NatsConfig {
+                url: nats_url.clone(),
+                namespace: Namespace::new(&prefix),
+                credentials: None,
+            }),
+        },
         axum::Router::new(),
         shutdown.clone(),
     ));
@@ -202,9 +209,57 @@ async fn an_agent_and_endpoint_created_through_the_api_answer_a_webhook_without_
     })
     .await;
 
+    // Memory lost in NATS comes back from the log, through the API.
+    let write = warren_schema::NewEvent::from_domain(
+        warren_schema::EventId::random(),
+        &MemoryWritten {
+            bucket: Namespace::new(&prefix).workspace_bucket("research"),
+            key: "last-build".into(),
+            value: Some(json!({"status": "failed"})),
+            revision: 1,
+            workspace: "research".into(),
+            agent: "alice".into(),
+        },
+        warren_schema::Metadata::new("test"),
+    )
+    .expect("event");
+    log.append(&warren_schema::AppendRequest::new(
+        "memory:research",
+        vec![write],
+    ))
+    .await
+    .expect("append");
+    let restored = api(reqwest::Method::POST, "/v1/memory/restore")
+        .json(&json!({"workspace": "research"}))
+        .send()
+        .await
+        .expect("restore");
+    assert_eq!(restored.status(), 200);
+    let restored: Value = restored.json().await.expect("json");
+    assert_eq!(restored["keys"], 1, "{restored}");
+    let js = async_nats::jetstream::new(async_nats::connect(&nats_url).await.expect("nats"));
+    let kv = js
+        .get_key_value(Namespace::new(&prefix).workspace_bucket("research"))
+        .await
+        .expect("the bucket");
+    let value = kv.get("last-build").await.expect("get").expect("restored");
+    let stored: Value = serde_json::from_slice(&value).expect("json");
+    assert_eq!(stored["value"], json!({"status": "failed"}), "{stored}");
+    assert_eq!(
+        stored["agent"], "alice",
+        "the writer, as the log recorded it"
+    );
+    assert_eq!(
+        log.read_type(MemoryRestored::TYPE, 0, 10)
+            .await
+            .expect("r")
+            .len(),
+        1,
+        "the restore is recorded"
+    );
+
     shutdown.cancel();
     controller.await.expect("join").expect("controller");
-    let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.expect("nats"));
     let ns = Namespace::new(&prefix);
     let _ = js.delete_stream(ns.inbox_stream()).await;
     let _ = js.delete_stream(ns.outbox_stream()).await;

@@ -28,6 +28,8 @@ pub mod events;
 mod extract;
 #[allow(unused_qualifications)]
 mod history;
+#[allow(unused_qualifications)]
+mod memory;
 pub mod problem;
 #[allow(unused_qualifications)]
 pub mod routes;
@@ -73,6 +75,18 @@ pub struct Api {
     pub replays: Arc<tokio::sync::Semaphore>,
     /// The decisions' policy in force (what-if changes it).
     pub policy: crate::decide::Policy,
+    /// NATS, for memory restores (connected on first use).
+    pub nats: Option<crate::controller::NatsConfig>,
+    pub nats_client: Arc<tokio::sync::OnceCell<async_nats::Client>>,
+}
+
+/// What the API needs besides the log.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// The decisions' policy in force (what-if changes it).
+    pub policy: crate::decide::Policy,
+    /// NATS, for memory restores; without it they answer 503.
+    pub nats: Option<crate::controller::NatsConfig>,
 }
 
 impl Api {
@@ -80,7 +94,7 @@ impl Api {
         log: EventLog,
         view: ViewHandle,
         auth: Arc<dyn Authenticator>,
-        policy: crate::decide::Policy,
+        settings: Settings,
     ) -> Self {
         Self {
             log,
@@ -89,7 +103,9 @@ impl Api {
             ready: Default::default(),
             followers: Arc::new(tokio::sync::Semaphore::new(events::MAX_FOLLOWERS)),
             replays: Arc::new(tokio::sync::Semaphore::new(2)),
-            policy,
+            policy: settings.policy,
+            nats: settings.nats,
+            nats_client: Default::default(),
         }
     }
 }
@@ -118,6 +134,7 @@ fn api_routes() -> OpenApiRouter<Api> {
         .routes(routes!(history::explain_workspace))
         .routes(routes!(history::as_of))
         .routes(routes!(history::what_if))
+        .routes(routes!(memory::restore))
 }
 
 /// The OpenAPI document (what `/openapi.json` serves and `docs/openapi.json` holds).
@@ -270,7 +287,7 @@ pub const API_CONNECTIONS: u32 = 4;
 pub async fn serve(
     listener: tokio::net::TcpListener,
     log: EventLog,
-    policy: crate::decide::Policy,
+    settings: Settings,
     metrics: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -282,7 +299,7 @@ pub async fn serve(
         log.clone(),
         view.clone(),
         Arc::new(TokenAuthenticator { view: view.clone() }),
-        policy,
+        settings,
     );
     let follower = writer.spawn(follower_log, shutdown.clone());
     let ready = api.ready.clone();
