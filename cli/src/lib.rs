@@ -93,6 +93,22 @@ pub enum Command {
     /// API tokens: list, issue, revoke.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Agents' shared memory.
+    #[command(subcommand)]
+    Memory(MemoryCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MemoryCommand {
+    /// Put a memory bucket back from the log (after a NATS store loss).
+    Restore {
+        /// The workspace whose bucket to restore.
+        #[arg(long, required_unless_present = "shared")]
+        workspace: Option<String>,
+        /// The shared bucket instead.
+        #[arg(long, conflicts_with = "workspace")]
+        shared: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -683,6 +699,21 @@ async fn execute(cli: &Cli, out: &mut impl Write) -> Result<(), Error> {
                     ("ROLE", "/role"),
                 ],
             )?;
+        }
+        Command::Memory(MemoryCommand::Restore { workspace, shared }) => {
+            let r = api
+                .request(Method::POST, "/v1/memory/restore")
+                .json(&json!({"workspace": workspace, "shared": shared}));
+            let restored = api.send(r).await?.body;
+            match format {
+                Format::Json => output::item(out, format, &restored)?,
+                Format::Table => writeln!(
+                    out,
+                    "restored {} keys into {}",
+                    restored["keys"],
+                    restored["bucket"].as_str().unwrap_or_default()
+                )?,
+            }
         }
         Command::Tokens(command) => match command {
             TokensCommand::List { all } => {
