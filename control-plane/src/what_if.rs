@@ -14,7 +14,7 @@
 
 use std::collections::BTreeSet;
 
-use warren_schema::events::{AgentConfigured, DomainEvent};
+use warren_schema::events::{AgentConfigured, DomainEvent, QuotaRemoved, QuotaSet};
 use warren_schema::{EventId, NewEvent, RecordedEvent};
 
 use crate::controller::DECISIONS_STREAM;
@@ -27,6 +27,8 @@ pub struct Replay {
     policy: Policy,
     /// Every agent's idle timeout, overriding the configured ones.
     idle_timeout_secs: Option<u64>,
+    /// Quotas that override the recorded ones (`total`, `team`, `channel`, ...).
+    quotas: Vec<(String, Option<usize>)>,
     /// What the replay decided, in order (a re-made decision's id is kept once).
     decided: Vec<NewEvent>,
     decided_ids: BTreeSet<EventId>,
@@ -49,17 +51,26 @@ pub struct Differences {
 
 impl Replay {
     /// Starts from `state` (the log folded up to where the stretch begins).
-    pub fn new(state: State, policy: Policy, idle_timeout_secs: Option<u64>) -> Self {
+    /// `quotas` override the quotas recorded, at the start and after every quota change in
+    /// the stretch: the question is "what if the cap had been this".
+    pub fn new(
+        state: State,
+        policy: Policy,
+        idle_timeout_secs: Option<u64>,
+        quotas: Vec<(String, Option<usize>)>,
+    ) -> Self {
         let mut replay = Self {
             state,
             policy,
             idle_timeout_secs,
+            quotas,
             decided: Vec::new(),
             decided_ids: BTreeSet::new(),
             recorded: Vec::new(),
             replayed: 0,
         };
         replay.override_idle();
+        replay.override_quotas();
         replay
     }
 
@@ -68,6 +79,12 @@ impl Replay {
             for agent in self.state.agents.values_mut() {
                 agent.idle_timeout_secs = secs;
             }
+        }
+    }
+
+    fn override_quotas(&mut self) {
+        for (scope, cap) in &self.quotas {
+            self.state.quotas.insert(scope.clone(), *cap);
         }
     }
 
@@ -93,8 +110,10 @@ impl Replay {
         }
         let made = decide(&self.state, event, now, &self.policy);
         self.state.apply(event);
-        if event.event_type == AgentConfigured::TYPE {
-            self.override_idle();
+        match event.event_type.as_str() {
+            AgentConfigured::TYPE => self.override_idle(),
+            QuotaSet::TYPE | QuotaRemoved::TYPE => self.override_quotas(),
+            _ => {}
         }
         self.decided(made, now);
         self.replayed += 1;
@@ -201,7 +220,7 @@ mod tests {
     }
 
     fn replay(log: &[RecordedEvent], policy: Policy) -> Differences {
-        let mut r = Replay::new(State::default(), policy, None);
+        let mut r = Replay::new(State::default(), policy, None, Vec::new());
         for e in log {
             r.step(e);
         }
@@ -257,5 +276,43 @@ mod tests {
             ])
         );
         assert_eq!(d.only_new.len(), 2, "{:?}", d.only_new);
+    }
+}
+
+#[cfg(test)]
+mod quota_tests {
+    use super::*;
+
+    #[test]
+    fn an_overridden_quota_stays_overridden_when_the_stretch_records_another() {
+        use warren_schema::events::QuotaSet;
+        use warren_schema::{Metadata, NewEvent};
+        let mut r = Replay::new(
+            State::default(),
+            Policy::default(),
+            None,
+            vec![("total".into(), Some(1))],
+        );
+        let set = NewEvent::from_domain(
+            EventId::random(),
+            &QuotaSet {
+                scope: "total".into(),
+                max_running: Some(50),
+            },
+            Metadata::new("test"),
+        )
+        .expect("e");
+        r.step(&RecordedEvent {
+            position: 1,
+            id: set.id,
+            stream: "control-plane:config".into(),
+            stream_version: 1,
+            event_type: set.event_type,
+            event_version: set.event_version,
+            payload: set.payload,
+            metadata: set.metadata,
+            recorded_at: chrono::Utc::now(),
+        });
+        assert_eq!(r.state.cap("total", &Policy::default()), Some(1));
     }
 }

@@ -170,6 +170,7 @@ fn concrete(method: &Method, path: &str, victim_token: &str) -> (String, Option<
         .replace("/v1/explain/workspaces/{name}", "/v1/explain/workspaces/w1")
         .replace("{name}", "alice")
         .replace("{route}", "webhook:ci")
+        .replace("{scope}", "channel:C7")
         .replace("{id}", victim_token);
     let body = match (method.as_str(), path.as_str()) {
         ("POST", "/v1/agents") => Some(json!({"name": "carol", "workspace": "w2"})),
@@ -177,6 +178,7 @@ fn concrete(method: &Method, path: &str, victim_token: &str) -> (String, Option<
         ("PUT", p) if p.starts_with("/v1/routes/") => Some(json!({"agent": "alice"})),
         ("POST", "/v1/tokens") => Some(json!({"name": "made", "role": "viewer"})),
         ("POST", "/v1/what-if") => Some(json!({"max_running": 1})),
+        ("PUT", p) if p.starts_with("/v1/quotas/") => Some(json!({"max_running": 3})),
         _ => None,
     };
     (path, body)
@@ -1187,4 +1189,83 @@ async fn what_if_with_a_lower_cap_lists_exactly_the_starts_that_would_have_been_
         of_type(&s.log, "workspace.start_queued").await.is_empty(),
         "a what-if writes nothing"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_set_through_the_api_queues_the_next_start_and_its_removal_frees_it() {
+    let s = server().await;
+    let admin = s.token("admin", Role::Admin).await;
+    let (stop, task) = leader(&s.log);
+    for (agent, workspace) in [("a", "wa"), ("b", "wb")] {
+        s.call(
+            Method::POST,
+            "/v1/agents",
+            Some(&admin),
+            Some(&json!({"name": agent, "workspace": workspace})),
+        )
+        .await;
+    }
+    let set = s
+        .call(
+            Method::PUT,
+            "/v1/quotas/total",
+            Some(&admin),
+            Some(&json!({"max_running": 1})),
+        )
+        .await;
+    assert_eq!(set.status(), StatusCode::OK);
+    let bad = s
+        .call(
+            Method::PUT,
+            "/v1/quotas/planet:earth",
+            Some(&admin),
+            Some(&json!({"max_running": 1})),
+        )
+        .await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    webhook_message(&s.log, "1", "a").await;
+    eventually("a started", async || {
+        !of_type(&s.log, "workspace.start_requested")
+            .await
+            .is_empty()
+    })
+    .await;
+    webhook_message(&s.log, "2", "b").await;
+    eventually("b queued behind the quota, as the API shows", async || {
+        let queue: Value = s
+            .call(Method::GET, "/v1/queue", Some(&admin), None)
+            .await
+            .json()
+            .await
+            .expect("queue");
+        queue
+            .as_array()
+            .is_some_and(|q| q.len() == 1 && q[0]["workspace"] == "wb")
+    })
+    .await;
+    let quotas: Value = s
+        .call(Method::GET, "/v1/quotas", Some(&admin), None)
+        .await
+        .json()
+        .await
+        .expect("quotas");
+    assert_eq!(
+        quotas["quotas"],
+        json!([{"scope": "total", "max_running": 1}])
+    );
+
+    // Removed: the flag (no cap) applies, and the queued start is admitted.
+    let removed = s
+        .call(Method::DELETE, "/v1/quotas/total", Some(&admin), None)
+        .await;
+    assert_eq!(removed.status(), StatusCode::NO_CONTENT);
+    eventually("b admitted", async || {
+        of_type(&s.log, "workspace.start_requested")
+            .await
+            .iter()
+            .any(|e| e.payload["workspace"] == "wb")
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("join");
 }

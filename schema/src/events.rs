@@ -58,6 +58,8 @@ domain_events! {
     WebhookEndpointConfigured => "webhook_endpoint.configured" v 1,
     WebhookEndpointRemoved => "webhook_endpoint.removed" v 1,
     MemoryRestored => "memory.restored" v 1,
+    QuotaSet => "quota.set" v 1,
+    QuotaRemoved => "quota.removed" v 1,
 }
 
 /// A Slack Events API `event_callback`, stored as received (after signature verification).
@@ -423,4 +425,20 @@ pub struct MemoryRestored {
     pub bucket: String,
     /// Keys put back.
     pub keys: u64,
+}
+
+/// An admission quota (admin API): at most `max_running` workspaces hold a runtime slot in
+/// `scope` at once; `None` is no cap. Scopes: `total`, `team` and `channel` (the default for
+/// every team or channel), `team:{id}`, `channel:{id}` (one team or channel). A quota
+/// overrides the control plane's `--max-running*` flags, which stay the defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaSet {
+    pub scope: String,
+    pub max_running: Option<u64>,
+}
+
+/// A quota was removed: its scope falls back to the default (a broader quota, or the flag).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaRemoved {
+    pub scope: String,
 }

@@ -232,6 +232,13 @@ fn samples() -> Vec<Sample> {
             bucket: "warren-memory-research".into(),
             keys: 42,
         }),
+        entry(QuotaSet {
+            scope: "team:T0001".into(),
+            max_running: Some(20),
+        }),
+        entry(QuotaRemoved {
+            scope: "channel".into(),
+        }),
     ]
 }
 

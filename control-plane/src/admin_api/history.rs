@@ -273,10 +273,19 @@ pub async fn what_if(
     }
     let _slot = replay_slot(&api)?;
     let start = View::replay(&api.log, request.after).await?.state;
+    let quotas = [
+        ("total", request.max_running),
+        ("team", request.max_running_per_team),
+        ("channel", request.max_running_per_channel),
+    ]
+    .into_iter()
+    .filter_map(|(scope, cap)| cap.map(|cap| (scope.to_owned(), cap)))
+    .collect();
     let mut replay = Replay::new(
         start,
         request.policy(&api.policy),
         request.idle_timeout_secs,
+        quotas,
     );
     const PAGE: i64 = 10_000;
     let mut after = request.after;

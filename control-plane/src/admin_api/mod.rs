@@ -32,6 +32,8 @@ mod history;
 mod memory;
 pub mod problem;
 #[allow(unused_qualifications)]
+mod quotas;
+#[allow(unused_qualifications)]
 pub mod routes;
 #[allow(unused_qualifications)]
 pub mod tokens;
@@ -135,6 +137,9 @@ fn api_routes() -> OpenApiRouter<Api> {
         .routes(routes!(history::as_of))
         .routes(routes!(history::what_if))
         .routes(routes!(memory::restore))
+        .routes(routes!(quotas::list))
+        .routes(routes!(quotas::set, quotas::remove))
+        .routes(routes!(workspaces::queue))
 }
 
 /// The OpenAPI document (what `/openapi.json` serves and `docs/openapi.json` holds).

@@ -264,3 +264,40 @@ pub async fn stop(
 ) -> ApiResult<(axum::http::StatusCode, axum::Json<ActionAccepted>)> {
     act(&api, &caller, &name, "stop", params.reason).await
 }
+
+/// A start waiting for capacity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct QueuedStart {
+    /// 0: next.
+    pub position: usize,
+    pub workspace: String,
+    pub team: Option<String>,
+    pub channel: Option<String>,
+    /// The `workspace.start_queued` decision.
+    pub queued_by: uuid::Uuid,
+}
+
+/// The admission queue, in order (fair across teams when capacity frees).
+#[utoipa::path(get, path = "/v1/queue", tag = "workspaces", operation_id = "admission_queue",
+    security(("token" = ["viewer"])),
+    responses((status = 200, description = "Starts waiting for capacity", body = Vec<QueuedStart>)))]
+pub async fn queue(
+    _: Authorized<ViewerRole>,
+    State(api): State<Api>,
+) -> axum::Json<Vec<QueuedStart>> {
+    let view = api.view.read();
+    axum::Json(
+        view.state
+            .queue
+            .iter()
+            .enumerate()
+            .map(|(position, q)| QueuedStart {
+                position,
+                workspace: q.workspace.clone(),
+                team: q.team.clone(),
+                channel: q.channel.clone(),
+                queued_by: q.queued_by.0,
+            })
+            .collect(),
+    )
+}

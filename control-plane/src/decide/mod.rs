@@ -481,18 +481,23 @@ fn cap_reached(
         in_team += usize::from(t.is_some() && t.as_deref() == team);
         in_channel += usize::from(c.is_some() && c.as_deref() == channel);
     }
-    if policy.max_running.is_some_and(|max| total >= max) {
+    if state.cap("total", policy).is_some_and(|max| total >= max) {
         return Some("total".into());
     }
-    if let (Some(max), Some(team)) = (policy.max_running_per_team, team)
-        && in_team >= max
-    {
-        return Some(format!("team:{team}"));
+    if let Some(team) = team {
+        let scope = format!("team:{team}");
+        if state.cap(&scope, policy).is_some_and(|max| in_team >= max) {
+            return Some(scope);
+        }
     }
-    if let (Some(max), Some(channel)) = (policy.max_running_per_channel, channel)
-        && in_channel >= max
-    {
-        return Some(format!("channel:{channel}"));
+    if let Some(channel) = channel {
+        let scope = format!("channel:{channel}");
+        if state
+            .cap(&scope, policy)
+            .is_some_and(|max| in_channel >= max)
+        {
+            return Some(scope);
+        }
     }
     None
 }

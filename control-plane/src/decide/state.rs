@@ -134,6 +134,9 @@ pub struct State {
     pub queue: VecDeque<QueuedStart>,
     /// Recent agent mentions per conversation (correlation id), for the rate limit.
     pub mentions: BTreeMap<EventId, VecDeque<DateTime<Utc>>>,
+    /// Admission quotas recorded as events, by scope (`total`, `team`, `channel`,
+    /// `team:{id}`, `channel:{id}`); `None` is "no cap". They override the policy's caps.
+    pub quotas: BTreeMap<String, Option<usize>>,
     /// Highest position applied.
     pub position: i64,
     /// Decisions applied the moment they were made ([`State::apply_own`]); each is skipped
@@ -142,6 +145,24 @@ pub struct State {
 }
 
 impl State {
+    /// The cap on `scope` in force: the most specific quota recorded (`team:T1`, then
+    /// `team`), else the policy's flag. `scope` is `total`, `team:{id}` or `channel:{id}`.
+    pub fn cap(&self, scope: &str, policy: &super::Policy) -> Option<usize> {
+        if let Some(q) = self.quotas.get(scope) {
+            return *q;
+        }
+        let kind = scope.split_once(':').map_or(scope, |(kind, _)| kind);
+        if let Some(q) = self.quotas.get(kind) {
+            return *q;
+        }
+        match kind {
+            "total" => policy.max_running,
+            "team" => policy.max_running_per_team,
+            "channel" => policy.max_running_per_channel,
+            _ => None,
+        }
+    }
+
     /// Folds one event in. Events at or below [`State::position`] are ignored, so a batch
     /// re-read after a restart changes nothing. Unknown types and undecodable payloads are
     /// skipped: the log outlives this build.
@@ -206,6 +227,19 @@ impl State {
             RouteRemoved::TYPE => {
                 if let Ok(r) = event.decode::<RouteRemoved>() {
                     self.routes.remove(&r.route);
+                }
+            }
+            QuotaSet::TYPE => {
+                if let Ok(q) = event.decode::<QuotaSet>() {
+                    let max = q
+                        .max_running
+                        .map(|m| usize::try_from(m).unwrap_or(usize::MAX));
+                    self.quotas.insert(q.scope, max);
+                }
+            }
+            QuotaRemoved::TYPE => {
+                if let Ok(q) = event.decode::<QuotaRemoved>() {
+                    self.quotas.remove(&q.scope);
                 }
             }
             MessageRouted::TYPE => {

@@ -899,3 +899,56 @@ fn an_operator_s_start_waits_behind_the_caps_and_a_stop_takes_it_out_of_the_queu
         "the stopped one is not admitted later"
     );
 }
+
+#[test]
+fn recorded_quotas_override_the_flags_most_specific_first_and_fall_back_when_removed() {
+    let mut c = Controller::new(Policy {
+        max_running_per_team: Some(5),
+        ..Policy::default()
+    });
+    for (agent, workspace) in [("a", "wa"), ("b", "wb"), ("c", "wc")] {
+        c.given_agent(agent, workspace, 600);
+    }
+    c.when(QuotaSet {
+        scope: "team".into(),
+        max_running: Some(2),
+    });
+    c.when(QuotaSet {
+        scope: "team:T2".into(),
+        max_running: None,
+    });
+    c.when(slack_message_in("T1", "C1", "@a", &["a"]));
+    c.when(slack_message_in("T1", "C1", "@b", &["b"]));
+    let d = c.when(slack_message_in("T1", "C1", "@c", &["c"]));
+    assert_eq!(
+        of_type::<WorkspaceStartQueued>(&d)[0].cap,
+        "team:T1",
+        "the recorded default for teams (2) beats the flag (5)"
+    );
+    // T2 has no cap at all, whatever the default.
+    let mut c2 = Controller::new(Policy::default());
+    for (agent, workspace) in [("a", "wa"), ("b", "wb"), ("c", "wc")] {
+        c2.given_agent(agent, workspace, 600);
+    }
+    c2.when(QuotaSet {
+        scope: "team".into(),
+        max_running: Some(1),
+    });
+    c2.when(QuotaSet {
+        scope: "team:T2".into(),
+        max_running: None,
+    });
+    for agent in ["a", "b", "c"] {
+        let d = c2.when(slack_message_in("T2", "C9", "hi", &[agent]));
+        assert!(
+            of_type::<WorkspaceStartQueued>(&d).is_empty(),
+            "T2 is uncapped"
+        );
+    }
+    // Removed: back to the flag.
+    c.when(QuotaRemoved {
+        scope: "team".into(),
+    });
+    assert_eq!(c.state.cap("team:T1", &c.policy), Some(5));
+    assert_eq!(c.state.cap("total", &c.policy), None);
+}
