@@ -96,6 +96,17 @@ pub enum Command {
     /// Agents' shared memory.
     #[command(subcommand)]
     Memory(MemoryCommand),
+    /// Turns, runtime seconds and model tokens per agent, workspace or team.
+    Usage {
+        /// `agent`, `workspace` or `team`.
+        #[arg(long, default_value = "workspace")]
+        by: String,
+        /// RFC 3339.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -697,6 +708,32 @@ async fn execute(cli: &Cli, out: &mut impl Write) -> Result<(), Error> {
                     ("VIA", "/via"),
                     ("TOKEN", "/token_id"),
                     ("ROLE", "/role"),
+                ],
+            )?;
+        }
+        Command::Usage { by, since, until } => {
+            let report = api
+                .get(&format!(
+                    "/v1/usage{}",
+                    query(&[
+                        ("by", Some(by.clone())),
+                        ("since", since.clone()),
+                        ("until", until.clone())
+                    ])
+                ))
+                .await?;
+            let rows = report["rows"].as_array().cloned().unwrap_or_default();
+            output::list(
+                out,
+                format,
+                &rows,
+                &[
+                    ("KEY", "/key"),
+                    ("WORKSPACE", "/workspace"),
+                    ("TURNS", "/turns"),
+                    ("RUNTIME SECONDS", "/runtime_seconds"),
+                    ("INPUT TOKENS", "/input_tokens"),
+                    ("OUTPUT TOKENS", "/output_tokens"),
                 ],
             )?;
         }

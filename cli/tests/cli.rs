@@ -191,6 +191,10 @@ async fn agents_are_created_listed_and_read_as_tables_and_as_json() {
         "{listed}"
     );
 
+    let (code, usage, err) = s.warren(&["usage", "--by", "agent"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(usage.starts_with("KEY"), "{usage}");
+
     // A stale ETag: exit 5, and nothing changed.
     let (code, _, _) = s
         .warren(&[

@@ -1269,3 +1269,102 @@ async fn a_quota_set_through_the_api_queues_the_next_start_and_its_removal_frees
     stop.cancel();
     task.await.expect("join");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_turns_by_agent_team_and_workspace_and_runtime_seconds() {
+    use warren_schema::events::{WorkspaceObserved, WorkspacePhase};
+    let s = server().await;
+    let admin = s.token("admin", Role::Admin).await;
+    let (stop, task) = leader(&s.log);
+    for (agent, workspace) in [("a", "wa"), ("b", "wb")] {
+        s.call(
+            Method::POST,
+            "/v1/agents",
+            Some(&admin),
+            Some(&json!({"name": agent, "workspace": workspace})),
+        )
+        .await;
+    }
+    for (delivery, agent) in [("1", "a"), ("2", "a"), ("3", "b")] {
+        webhook_message(&s.log, delivery, agent).await;
+    }
+    eventually("three routings", async || {
+        of_type(&s.log, "message.routed").await.len() == 3
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("join");
+    // The backend saw wa's runtime start (as the reconciler records it).
+    let observed = warren_schema::NewEvent::from_domain(
+        warren_schema::EventId::random(),
+        &WorkspaceObserved {
+            workspace: "wa".into(),
+            phase: WorkspacePhase::Ready,
+            backend: "local".into(),
+            instance: Some("4242".into()),
+            detail: None,
+        },
+        warren_schema::Metadata::new("test"),
+    )
+    .expect("event");
+    s.log
+        .append(&warren_schema::AppendRequest::new(
+            "workspace:wa",
+            vec![observed],
+        ))
+        .await
+        .expect("append");
+    let usage = |by: &'static str| {
+        let s = &s;
+        let admin = admin.clone();
+        async move {
+            let r: Value = s
+                .call(
+                    Method::GET,
+                    &format!("/v1/usage?by={by}"),
+                    Some(&admin),
+                    None,
+                )
+                .await
+                .json()
+                .await
+                .expect("usage");
+            r["rows"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{r}"))
+                .clone()
+        }
+    };
+    let by_agent = usage("agent").await;
+    let turns: Vec<(String, u64)> = by_agent
+        .iter()
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap_or("").to_owned(),
+                r["turns"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(turns, [("a".to_owned(), 2), ("b".to_owned(), 1)]);
+    assert_eq!(by_agent[0]["workspace"], "wa");
+    assert!(by_agent[0]["input_tokens"].is_null(), "not recorded yet");
+    let by_team = usage("team").await;
+    assert_eq!(by_team.len(), 1);
+    assert_eq!(
+        (by_team[0]["key"].as_str(), by_team[0]["turns"].as_u64()),
+        (Some("ci"), Some(3))
+    );
+    let by_workspace = usage("workspace").await;
+    let wa = by_workspace.iter().find(|r| r["key"] == "wa").expect("wa");
+    assert_eq!(wa["turns"], 2);
+    assert!(
+        wa["runtime_seconds"].as_f64().is_some_and(|s| s >= 0.0),
+        "{wa}"
+    );
+    let wb = by_workspace.iter().find(|r| r["key"] == "wb").expect("wb");
+    assert_eq!(wb["runtime_seconds"], 0.0, "never observed running");
+    let bad = s
+        .call(Method::GET, "/v1/usage?by=planet", Some(&admin), None)
+        .await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+}

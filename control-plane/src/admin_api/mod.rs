@@ -37,6 +37,8 @@ mod quotas;
 pub mod routes;
 #[allow(unused_qualifications)]
 pub mod tokens;
+#[allow(unused_qualifications)]
+mod usage;
 pub mod view;
 #[allow(unused_qualifications)]
 pub mod workspaces;
@@ -140,6 +142,7 @@ fn api_routes() -> OpenApiRouter<Api> {
         .routes(routes!(quotas::list))
         .routes(routes!(quotas::set, quotas::remove))
         .routes(routes!(workspaces::queue))
+        .routes(routes!(usage::usage))
 }
 
 /// The OpenAPI document (what `/openapi.json` serves and `docs/openapi.json` holds).
