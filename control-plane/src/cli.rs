@@ -467,9 +467,8 @@ async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::R
             let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
             let metrics = telemetry.metrics_router();
             let metrics_shutdown = shutdown.clone();
-            let metrics_router = metrics.clone();
             tokio::spawn(async move {
-                axum::serve(listener, metrics_router)
+                axum::serve(listener, metrics)
                     .with_graceful_shutdown(async move { metrics_shutdown.cancelled().await })
                     .await
             });
@@ -482,7 +481,7 @@ async fn execute(cli: Cli, telemetry: &warren_telemetry::Telemetry) -> anyhow::R
                     policy: config.policy.clone(),
                     nats: config.nats.clone(),
                 },
-                metrics,
+                telemetry.metrics_route(),
                 shutdown.clone(),
             ));
             let controlled = controller::run(log, config, shutdown).await;

@@ -114,9 +114,14 @@ impl Telemetry {
         self.metrics.render()
     }
 
-    /// `GET /metrics` in the Prometheus text format, to merge into an admin router.
+    /// `GET /metrics` in the Prometheus text format and `GET /healthz`: a metrics port.
     pub fn metrics_router(&self) -> axum::Router {
         metrics_router(self.metrics.clone())
+    }
+
+    /// `GET /metrics` alone, to merge into a router that answers `/healthz` itself.
+    pub fn metrics_route(&self) -> axum::Router {
+        metrics_route(self.metrics.clone())
     }
 
     /// Exports the spans still buffered (bounded wait) and stops the exporter.
@@ -132,23 +137,26 @@ impl Telemetry {
 /// `GET /metrics` serving `handle`'s exposition, and `GET /healthz` (the process answers:
 /// what a liveness probe asks).
 pub fn metrics_router(handle: PrometheusHandle) -> axum::Router {
-    axum::Router::new()
-        .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .route(
-            "/metrics",
-            axum::routing::get(move || {
-                let body = handle.render();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        body,
-                    )
-                }
-            }),
-        )
+    metrics_route(handle).route("/healthz", axum::routing::get(|| async { "ok" }))
+}
+
+/// `GET /metrics` serving `handle`'s exposition.
+pub fn metrics_route(handle: PrometheusHandle) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let body = handle.render();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    body,
+                )
+            }
+        }),
+    )
 }
 
 /// How often pending histogram samples are folded into their buckets.

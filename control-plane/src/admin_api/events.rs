@@ -194,6 +194,17 @@ pub struct FollowParams {
     pub event_type: Option<String>,
 }
 
+/// One Server-Sent Event of `/v1/events/stream`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EventFrame {
+    /// The event's position (what `Last-Event-ID` resumes after).
+    pub id: String,
+    /// The event's type.
+    pub event: String,
+    /// The event as JSON, as `GET /v1/events/{id}` gives it.
+    pub data: String,
+}
+
 /// Most followers at once (each holds a little memory and, while catching up, reads pages
 /// of the log).
 pub const MAX_FOLLOWERS: usize = 256;
@@ -205,8 +216,8 @@ pub const MAX_FOLLOWERS: usize = 256;
     security(("token" = ["viewer"])),
     params(FollowParams,
            ("Last-Event-ID" = Option<String>, Header, description = "Resume after this position")),
-    responses((status = 200, description = "An event stream", content_type = "text/event-stream",
-               body = Event),
+    responses((status = 200, content_type = "text/event-stream", body = EventFrame,
+               description = "Server-Sent Events, one per event (see EventFrame)"),
               (status = 503, description = "Too many followers", body = super::problem::Problem)))]
 pub async fn follow(
     _: Authorized<ViewerRole>,

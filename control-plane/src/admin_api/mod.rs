@@ -291,7 +291,9 @@ pub fn router(api: Api, metrics: Router) -> Router {
 pub const API_CONNECTIONS: u32 = 4;
 
 /// Starts following the log and serves the API on `listener` until `shutdown`. `log`'s
-/// pool is not used: the API opens pools of its own on the same database.
+/// pool is not used: the API opens pools of its own on the same database. `metrics` is
+/// merged in (`GET /metrics`); it must not answer the API's own paths (`/healthz`,
+/// `/readyz`, `/openapi.json`, `/v1/...`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     log: EventLog,

@@ -30,6 +30,7 @@ pub enum GroupBy {
 #[into_params(parameter_in = Query)]
 pub struct UsageParams {
     /// `agent`, `workspace` or `team`.
+    #[param(inline)]
     pub by: GroupBy,
     /// From this instant (RFC 3339; default: the beginning).
     pub since: Option<DateTime<Utc>>,
