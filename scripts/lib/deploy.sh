@@ -273,11 +273,13 @@ for p in json.load(sys.stdin)["packages"]:
             print(p["name"], t["name"])')
     copied=$(grep -o 'target/release/[a-z0-9_-]*' "$dockerfile" | sed 's#target/release/##' | sort -u)
     [ -n "$copied" ] || die "$dockerfile copies no binary from target/release"
+    local package
     for name in $copied; do
-        grep -qx "$name $name" <<<"$built" \
-            || die "$dockerfile copies target/release/$name, which no package of the workspace builds as its own binary"
-        grep -q -- "-p $name" "$dockerfile" \
-            || die "$dockerfile copies $name but does not build its package (-p $name)"
+        package=$(awk -v bin="$name" '$2 == bin {print $1}' <<<"$built")
+        [ -n "$package" ] \
+            || die "$dockerfile copies target/release/$name, which no package of the workspace builds"
+        grep -q -- "-p $package\b" "$dockerfile" \
+            || die "$dockerfile copies $name but does not build its package (-p $package)"
     done
 }
 
