@@ -279,7 +279,10 @@ pub fn router(api: Api, metrics: Router) -> Router {
         )
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .route_layer(axum::middleware::from_fn_with_state(
-            "warren_admin_api",
+            warren_telemetry::http::HttpService {
+                metric_prefix: "warren_admin_api",
+                span: |method, route| warren_telemetry::http_request_span!(method, route),
+            },
             warren_telemetry::http::request_span,
         ))
         .with_state(api)

@@ -73,7 +73,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .route_layer(axum::middleware::from_fn_with_state(
-            "warren_gateway",
+            warren_telemetry::http::HttpService {
+                metric_prefix: "warren_gateway",
+                span: |method, route| warren_telemetry::http_request_span!(method, route),
+            },
             warren_telemetry::http::request_span,
         ))
         .with_state(state)
