@@ -38,6 +38,28 @@ pub struct Replay {
     pub replayed: usize,
 }
 
+/// Feeds the events of `(after, up_to]` to `replay`, page by page (the I/O edge of this
+/// module: the API's `/v1/what-if` and the history benchmark both use it).
+pub async fn replay_range(
+    log: &warren_schema::EventLog,
+    mut replay: Replay,
+    after: i64,
+    up_to: i64,
+) -> warren_schema::Result<Replay> {
+    const PAGE: i64 = 10_000;
+    let mut after = after;
+    loop {
+        let events = log.read_positions(after, up_to, PAGE).await?;
+        for event in &events {
+            replay.step(event);
+        }
+        match events.last() {
+            Some(last) if events.len() as i64 == PAGE => after = last.position,
+            _ => return Ok(replay),
+        }
+    }
+}
+
 /// The decisions that differ.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Differences {

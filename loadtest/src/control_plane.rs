@@ -3,6 +3,9 @@
 //! - `rebuild`: the read models rebuilt from position 0 over a log of N events (a realistic
 //!   mix: messages, routing decisions, replies). Baseline: reading the same log with plain
 //!   keyset pages (what any replay must at least do).
+//! - `history`: the admin API's replays over the same log: as-of (the fold of every event)
+//!   and what-if (every event through the decisions under a changed cap). Baseline: the
+//!   keyset read again.
 //! - `decisions`: open loop at a constant rate of `message.received` appends; for each, the
 //!   time from its *scheduled* send until the routing decision is visible to a subscriber.
 //!   Baseline: the time until the message itself is visible to the same subscriber.
@@ -24,7 +27,7 @@ use crate::report;
 
 #[derive(Debug, Clone, clap::Parser)]
 pub struct Args {
-    /// `rebuild`, `decisions` or `all`.
+    /// `rebuild`, `history`, `decisions` or `all`.
     #[arg(default_value = "all")]
     pub which: String,
     /// Rebuild: events in the log.
@@ -41,6 +44,9 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if matches!(args.which.as_str(), "rebuild" | "all") {
         rebuild(&args).await?;
+    }
+    if matches!(args.which.as_str(), "history" | "all") {
+        history(&args).await?;
     }
     if matches!(args.which.as_str(), "decisions" | "all") {
         decisions(&args).await?;
@@ -106,20 +112,7 @@ async fn rebuild(args: &Args) -> anyhow::Result<()> {
     fill(&db, args.events).await?;
     let log = db.log();
 
-    // Baseline: keyset pages over the same rows (twice; the first warms the cache).
-    let mut baseline = 0.0;
-    for _ in 0..2 {
-        let started = Instant::now();
-        let (mut cursor, mut n) = (0, 0usize);
-        loop {
-            let page = log.read_positions(cursor, i64::MAX, 20_000).await?;
-            let Some(last) = page.last() else { break };
-            cursor = last.position;
-            n += page.len();
-        }
-        baseline = n as f64 / started.elapsed().as_secs_f64();
-    }
-    report::figure("baseline: keyset read of the log", baseline, "events/s");
+    let baseline = keyset_baseline(&log).await?;
 
     let started = Instant::now();
     let replayed = warren_control_plane::projection::rebuild(&log).await?;
@@ -134,6 +127,78 @@ async fn rebuild(args: &Args) -> anyhow::Result<()> {
     report::figure("rows written", rows as f64, "rows");
     report::ratio("rebuild / keyset read", rate / baseline, &[]);
     report::ratio("rebuild vs goal of 150k events/s", rate / 150_000.0, &[1.0]);
+    Ok(())
+}
+
+/// Baseline: keyset pages over the whole log (twice; the first warms the cache). Events/s.
+async fn keyset_baseline(log: &warren_schema::EventLog) -> anyhow::Result<f64> {
+    let mut baseline = 0.0;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let (mut cursor, mut n) = (0, 0usize);
+        loop {
+            let page = log.read_positions(cursor, i64::MAX, 20_000).await?;
+            let Some(last) = page.last() else { break };
+            cursor = last.position;
+            n += page.len();
+        }
+        baseline = n as f64 / started.elapsed().as_secs_f64();
+    }
+    report::figure("baseline: keyset read of the log", baseline, "events/s");
+    Ok(baseline)
+}
+
+async fn history(args: &Args) -> anyhow::Result<()> {
+    use warren_control_plane::admin_api::view::View;
+    use warren_control_plane::what_if::{Replay, replay_range};
+    report::heading(&format!(
+        "admin API: as-of and what-if over {} events",
+        args.events
+    ));
+    let db = TestDatabase::with_pool_size(4).await;
+    fill(&db, args.events).await?;
+    let log = db.log();
+    let baseline = keyset_baseline(&log).await?;
+    let total = log.head().await? as f64;
+
+    let started = Instant::now();
+    let view = View::replay(&log, i64::MAX).await?;
+    let as_of = total / started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        view.state.position as f64 == total,
+        "the fold stopped at {} of {total}",
+        view.state.position
+    );
+    report::figure("as-of: the fold of the whole log", as_of, "events/s");
+    report::ratio("as-of / keyset read", as_of / baseline, &[]);
+
+    let started = Instant::now();
+    let policy = Policy {
+        max_running: Some(1),
+        ..Policy::default()
+    };
+    let replay = Replay::new(
+        Default::default(),
+        policy,
+        None,
+        vec![("total".into(), Some(1))],
+    );
+    let replay = replay_range(&log, replay, 0, i64::MAX).await?;
+    let what_if = total / started.elapsed().as_secs_f64();
+    let replayed = replay.replayed;
+    let differences = replay.finish();
+    report::figure(
+        "what-if: every event through the decisions",
+        what_if,
+        "events/s",
+    );
+    report::figure(
+        "decisions the what-if made",
+        (differences.only_new.len() + differences.same) as f64,
+        "decisions",
+    );
+    report::figure("outside facts replayed", replayed as f64, "events");
+    report::ratio("what-if / keyset read", what_if / baseline, &[]);
     Ok(())
 }
 

@@ -281,24 +281,13 @@ pub async fn what_if(
     .into_iter()
     .filter_map(|(scope, cap)| cap.map(|cap| (scope.to_owned(), cap)))
     .collect();
-    let mut replay = Replay::new(
+    let replay = Replay::new(
         start,
         request.policy(&api.policy),
         request.idle_timeout_secs,
         quotas,
     );
-    const PAGE: i64 = 10_000;
-    let mut after = request.after;
-    loop {
-        let events = api.log.read_positions(after, up_to, PAGE).await?;
-        for event in &events {
-            replay.step(event);
-        }
-        match events.last() {
-            Some(last) if events.len() as i64 == PAGE => after = last.position,
-            _ => break,
-        }
-    }
+    let replay = crate::what_if::replay_range(&api.log, replay, request.after, up_to).await?;
     let replayed_events = replay.replayed;
     let d = replay.finish();
     let made = |e: &warren_schema::NewEvent| Decision {
