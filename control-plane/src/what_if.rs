@@ -8,11 +8,15 @@
 //! time or the policy, so the same decision made under both policies has the same id and
 //! only real differences show. A replay under the policy in force lists nothing (tested).
 //!
+//! The ids of the decisions recorded in the stretch are read first, so each decision the
+//! replay makes is compared as it is made and only the differences are kept: a replay of a
+//! million events holds the differences, not every decision.
+//!
 //! It answers "which decisions would differ", not a full counterfactual: the observations
 //! replayed are the ones recorded, so a workspace the new policy would not have started is
 //! still seen becoming ready if it did.
 
-use std::collections::BTreeSet;
+use std::collections::HashSet;
 
 use warren_schema::events::{AgentConfigured, DomainEvent, QuotaRemoved, QuotaSet};
 use warren_schema::{EventId, NewEvent, RecordedEvent};
@@ -29,11 +33,15 @@ pub struct Replay {
     idle_timeout_secs: Option<u64>,
     /// Quotas that override the recorded ones (`total`, `team`, `channel`, ...).
     quotas: Vec<(String, Option<usize>)>,
-    /// What the replay decided, in order (a re-made decision's id is kept once).
-    decided: Vec<NewEvent>,
-    decided_ids: BTreeSet<EventId>,
-    /// What the log recorded in the stretch, in order.
-    recorded: Vec<RecordedEvent>,
+    /// The ids of the decisions recorded in the stretch, not yet made by the replay.
+    expected: HashSet<EventId>,
+    /// Recorded ids the replay made too.
+    matched: HashSet<EventId>,
+    /// Made by the replay and not recorded, in order (a re-made decision's id once).
+    only_new: Vec<NewEvent>,
+    only_new_ids: HashSet<EventId>,
+    /// Recorded decisions seen in the log that the replay has not made (yet), in order.
+    unmatched: Vec<RecordedEvent>,
     /// Outside facts replayed.
     pub replayed: usize,
 }
@@ -46,6 +54,7 @@ pub async fn replay_range(
     after: i64,
     up_to: i64,
 ) -> warren_schema::Result<Replay> {
+    debug_assert!(replay.matched.is_empty(), "a fresh replay");
     const PAGE: i64 = 10_000;
     let mut after = after;
     loop {
@@ -58,6 +67,26 @@ pub async fn replay_range(
             _ => return Ok(replay),
         }
     }
+}
+
+/// The ids of the decisions recorded in `(after, up_to]`: what [`Replay::new`] compares with.
+pub async fn recorded_ids(
+    log: &warren_schema::EventLog,
+    after: i64,
+    up_to: i64,
+) -> warren_schema::Result<HashSet<EventId>> {
+    let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT event_id FROM events WHERE stream = $1 AND position > $2 AND position <= $3",
+    )
+    .bind(DECISIONS_STREAM)
+    .bind(after)
+    .bind(up_to)
+    .fetch_all(log.pool())
+    .await
+    .map_err(warren_schema::Error::db(
+        "reading the decisions recorded in a stretch",
+    ))?;
+    Ok(ids.into_iter().map(EventId).collect())
 }
 
 /// The decisions that differ.
@@ -75,20 +104,26 @@ impl Replay {
     /// Starts from `state` (the log folded up to where the stretch begins).
     /// `quotas` override the quotas recorded, at the start and after every quota change in
     /// the stretch: the question is "what if the cap had been this".
+    ///
+    /// `recorded` holds the ids of the decisions the log recorded in the stretch
+    /// ([`recorded_ids`]).
     pub fn new(
         state: State,
         policy: Policy,
         idle_timeout_secs: Option<u64>,
         quotas: Vec<(String, Option<usize>)>,
+        recorded: HashSet<EventId>,
     ) -> Self {
         let mut replay = Self {
             state,
             policy,
             idle_timeout_secs,
             quotas,
-            decided: Vec::new(),
-            decided_ids: BTreeSet::new(),
-            recorded: Vec::new(),
+            expected: recorded,
+            matched: HashSet::new(),
+            only_new: Vec::new(),
+            only_new_ids: HashSet::new(),
+            unmatched: Vec::new(),
             replayed: 0,
         };
         replay.override_idle();
@@ -112,9 +147,11 @@ impl Replay {
 
     fn decided(&mut self, decisions: Vec<NewEvent>, at: chrono::DateTime<chrono::Utc>) {
         for d in decisions {
-            self.state.apply_own(&d, at);
-            if self.decided_ids.insert(d.id) {
-                self.decided.push(d);
+            self.state.apply_unrecorded(&d, at);
+            if self.expected.remove(&d.id) {
+                self.matched.insert(d.id);
+            } else if !self.matched.contains(&d.id) && self.only_new_ids.insert(d.id) {
+                self.only_new.push(d);
             }
         }
     }
@@ -127,7 +164,10 @@ impl Replay {
         let due = tick(&self.state, now, &self.policy);
         self.decided(due, now);
         if event.stream == DECISIONS_STREAM {
-            self.recorded.push(event.clone());
+            // Made already (at its cause), or perhaps later (kept until the end).
+            if !self.matched.contains(&event.id) {
+                self.unmatched.push(event.clone());
+            }
             return;
         }
         let made = decide(&self.state, event, now, &self.policy);
@@ -143,20 +183,14 @@ impl Replay {
 
     /// Compares what was decided with what was recorded.
     pub fn finish(self) -> Differences {
-        let recorded: BTreeSet<EventId> = self.recorded.iter().map(|r| r.id).collect();
-        let same = self.decided_ids.intersection(&recorded).count();
         Differences {
-            only_new: self
-                .decided
-                .into_iter()
-                .filter(|d| !recorded.contains(&d.id))
-                .collect(),
             only_recorded: self
-                .recorded
+                .unmatched
                 .into_iter()
-                .filter(|r| !self.decided_ids.contains(&r.id))
+                .filter(|r| !self.matched.contains(&r.id))
                 .collect(),
-            same,
+            same: self.matched.len(),
+            only_new: self.only_new,
         }
     }
 }
@@ -242,7 +276,12 @@ mod tests {
     }
 
     fn replay(log: &[RecordedEvent], policy: Policy) -> Differences {
-        let mut r = Replay::new(State::default(), policy, None, Vec::new());
+        let recorded = log
+            .iter()
+            .filter(|e| e.stream == DECISIONS_STREAM)
+            .map(|e| e.id)
+            .collect();
+        let mut r = Replay::new(State::default(), policy, None, Vec::new(), recorded);
         for e in log {
             r.step(e);
         }
@@ -279,7 +318,7 @@ mod tests {
             })
             .collect();
         assert_eq!(queued, ["wb", "wc"]);
-        let not_started: BTreeSet<String> = d
+        let not_started: std::collections::BTreeSet<String> = d
             .only_recorded
             .iter()
             .map(|e| {
@@ -292,7 +331,7 @@ mod tests {
             .collect();
         assert_eq!(
             not_started,
-            BTreeSet::from([
+            std::collections::BTreeSet::from([
                 "workspace.start_requested wb".to_owned(),
                 "workspace.start_requested wc".to_owned()
             ])
@@ -314,6 +353,7 @@ mod quota_tests {
             Policy::default(),
             None,
             vec![("total".into(), Some(1))],
+            HashSet::new(),
         );
         let set = NewEvent::from_domain(
             EventId::random(),

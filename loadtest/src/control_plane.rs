@@ -177,11 +177,14 @@ async fn history(args: &Args) -> anyhow::Result<()> {
         max_running: Some(1),
         ..Policy::default()
     };
+    // The ids of the recorded decisions are read inside the timed part, as the API does.
+    let recorded = warren_control_plane::what_if::recorded_ids(&log, 0, i64::MAX).await?;
     let replay = Replay::new(
         Default::default(),
         policy,
         None,
         vec![("total".into(), Some(1))],
+        recorded,
     );
     let replay = replay_range(&log, replay, 0, i64::MAX).await?;
     let what_if = total / started.elapsed().as_secs_f64();

@@ -281,11 +281,13 @@ pub async fn what_if(
     .into_iter()
     .filter_map(|(scope, cap)| cap.map(|cap| (scope.to_owned(), cap)))
     .collect();
+    let recorded = crate::what_if::recorded_ids(&api.log, request.after, up_to).await?;
     let replay = Replay::new(
         start,
         request.policy(&api.policy),
         request.idle_timeout_secs,
         quotas,
+        recorded,
     );
     let replay = crate::what_if::replay_range(&api.log, replay, request.after, up_to).await?;
     let replayed_events = replay.replayed;

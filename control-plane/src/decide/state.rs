@@ -183,6 +183,13 @@ impl State {
         if self.pre_applied.contains(&decision.id) {
             return;
         }
+        self.apply_unrecorded(decision, recorded_at);
+        self.pre_applied.insert(decision.id);
+    }
+
+    /// Folds a decision that will never come back from the log (a what-if replay's own):
+    /// unlike [`State::apply_own`], nothing is kept to skip it later.
+    pub fn apply_unrecorded(&mut self, decision: &NewEvent, at: DateTime<Utc>) {
         self.fold(&RecordedEvent {
             position: self.position,
             id: decision.id,
@@ -192,9 +199,8 @@ impl State {
             event_version: decision.event_version,
             payload: decision.payload.clone(),
             metadata: decision.metadata.clone(),
-            recorded_at,
+            recorded_at: at,
         });
-        self.pre_applied.insert(decision.id);
     }
 
     fn fold(&mut self, event: &RecordedEvent) {
