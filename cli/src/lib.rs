@@ -60,7 +60,7 @@ pub enum Command {
     /// Webhook endpoints: list, get, create, rotate, delete (secrets are shown once).
     #[command(subcommand)]
     Endpoints(EndpointsCommand),
-    /// Workspaces: list, get, start, stop.
+    /// Workspaces: list, get, start, stop, restart.
     #[command(subcommand)]
     Workspaces(WorkspacesCommand),
     /// The event log: list with filters, get one, or follow new events.
@@ -227,6 +227,12 @@ pub enum WorkspacesCommand {
         reason: Option<String>,
     },
     Stop {
+        name: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Stop it and start it again (a new pod or process).
+    Restart {
         name: String,
         #[arg(long)]
         reason: Option<String>,
@@ -593,11 +599,12 @@ async fn execute(cli: &Cli, out: &mut impl Write) -> Result<(), Error> {
                 output::item(out, format, &item)?;
             }
             WorkspacesCommand::Start { name, reason }
-            | WorkspacesCommand::Stop { name, reason } => {
-                let action = if matches!(command, WorkspacesCommand::Start { .. }) {
-                    "start"
-                } else {
-                    "stop"
+            | WorkspacesCommand::Stop { name, reason }
+            | WorkspacesCommand::Restart { name, reason } => {
+                let action = match command {
+                    WorkspacesCommand::Start { .. } => "start",
+                    WorkspacesCommand::Stop { .. } => "stop",
+                    _ => "restart",
                 };
                 let path = format!(
                     "/v1/workspaces/{}/{action}{}",

@@ -387,7 +387,7 @@ pub struct TokenRevoked {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkspaceActionRequested {
     pub workspace: String,
-    /// `start` or `stop`.
+    /// `start`, `stop` or `restart`.
     pub action: String,
     /// The operator's note, if any.
     pub reason: Option<String>,

@@ -176,6 +176,41 @@ async fn an_agent_and_endpoint_created_through_the_api_answer_a_webhook_without_
     })
     .await;
 
+    // Restarted through the API: a new process, the old one gone.
+    let ready_instances = async || -> Vec<String> {
+        log.read_type(WorkspaceObserved::TYPE, 0, 100)
+            .await
+            .expect("r")
+            .iter()
+            .filter_map(|e| e.decode::<WorkspaceObserved>().ok())
+            .filter(|o| o.phase == WorkspacePhase::Ready)
+            .filter_map(|o| o.instance)
+            .collect()
+    };
+    eventually("research ready", async || {
+        !ready_instances().await.is_empty()
+    })
+    .await;
+    let first = ready_instances().await[0].clone();
+    let restart = api(reqwest::Method::POST, "/v1/workspaces/research/restart")
+        .send()
+        .await
+        .expect("restart");
+    assert_eq!(restart.status(), 202);
+    eventually("a new process, ready", async || {
+        ready_instances().await.iter().any(|i| *i != first)
+    })
+    .await;
+    let starts: Vec<String> = log
+        .read_type(WorkspaceStartRequested::TYPE, 0, 10)
+        .await
+        .expect("r")
+        .iter()
+        .filter_map(|e| e.decode::<WorkspaceStartRequested>().ok())
+        .map(|s| s.reason)
+        .collect();
+    assert_eq!(starts, ["message_waiting", "restart"]);
+
     // Rotated with no grace: the old secret is refused, the new one accepted.
     let rotated: Value = api(reqwest::Method::POST, "/v1/endpoints/ci/rotate")
         .json(&json!({"grace_secs": 0}))

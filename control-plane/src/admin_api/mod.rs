@@ -130,6 +130,7 @@ fn api_routes() -> OpenApiRouter<Api> {
         .routes(routes!(workspaces::get))
         .routes(routes!(workspaces::start))
         .routes(routes!(workspaces::stop))
+        .routes(routes!(workspaces::restart))
         .routes(routes!(events::list))
         .routes(routes!(events::follow))
         .routes(routes!(events::get))

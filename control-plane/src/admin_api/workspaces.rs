@@ -187,6 +187,12 @@ async fn act(
                     phase.name()
                 )));
             }
+            "restart" if !matches!(phase, Phase::Starting | Phase::Ready | Phase::BackingOff) => {
+                return Err(ApiError::Conflict(format!(
+                    "workspace {name:?} is {}; start it instead",
+                    phase.name()
+                )));
+            }
             "stop"
                 if !matches!(
                     phase,
@@ -247,6 +253,23 @@ pub async fn start(
     Query(params): Query<ActionParams>,
 ) -> ApiResult<(axum::http::StatusCode, axum::Json<ActionAccepted>)> {
     act(&api, &caller, &name, "start", params.reason).await
+}
+
+/// Restart a running workspace: stopped now, started again once its instance is gone (a new
+/// pod or process, with the agents' current settings).
+#[utoipa::path(post, path = "/v1/workspaces/{name}/restart", tag = "workspaces",
+    operation_id = "restart_workspace", security(("token" = ["operator"])),
+    params(("name" = String, Path, description = "Workspace name"), ActionParams),
+    responses((status = 202, description = "Recorded; the leader decides on it", body = ActionAccepted),
+              (status = 404, description = "No such workspace", body = super::problem::Problem),
+              (status = 409, description = "Not running", body = super::problem::Problem)))]
+pub async fn restart(
+    Authorized(caller, _): Authorized<OperatorRole>,
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Query(params): Query<ActionParams>,
+) -> ApiResult<(axum::http::StatusCode, axum::Json<ActionAccepted>)> {
+    act(&api, &caller, &name, "restart", params.reason).await
 }
 
 /// Stop a workspace (its files stay; the next message wakes it again).

@@ -150,6 +150,7 @@ pub fn decide(
                 && !state.is_stale_observation(&observed.workspace, event)
             {
                 give_up_if_exhausted(state, &mut out, &observed, policy);
+                restart_when_gone(state, &mut out, &observed, policy);
             }
         }
         WorkspaceActionRequested::TYPE => {
@@ -362,6 +363,26 @@ fn operator_action(
                 wake_for(state, out, workspace, None, None, policy, "operator");
             }
         }
+        // Stop now; start again once the backend reports it gone ([`restart_when_gone`]).
+        // A workspace that is not running is simply started.
+        "restart" => match phase {
+            Phase::Starting | Phase::Ready | Phase::BackingOff => {
+                let cause = out.cause.id.to_string();
+                out.push(
+                    &["stop_restart", workspace, &cause],
+                    &WorkspaceStopRequested {
+                        workspace: workspace.to_owned(),
+                        reason: state::RESTART.into(),
+                    },
+                );
+            }
+            Phase::Stopped | Phase::Failed
+                if state.agents.values().any(|a| a.workspace == workspace) =>
+            {
+                wake_for(state, out, workspace, None, None, policy, "operator");
+            }
+            _ => {}
+        },
         "stop" => {
             if matches!(
                 phase,
@@ -378,6 +399,36 @@ fn operator_action(
             }
         }
         _ => {}
+    }
+}
+
+/// The second half of an operator's restart: the instance stopped for it is gone, so the
+/// workspace starts again (a new start decision, so the reconciler makes a new instance).
+fn restart_when_gone(
+    state: &State,
+    out: &mut Decisions,
+    observed: &WorkspaceObserved,
+    policy: &Policy,
+) {
+    let pending = state
+        .workspaces
+        .get(&observed.workspace)
+        .is_some_and(|w| w.restart_pending && w.phase == Phase::Stopping);
+    if pending
+        && matches!(
+            observed.phase,
+            WorkspacePhase::Exited | WorkspacePhase::Gone
+        )
+    {
+        wake_for(
+            state,
+            out,
+            &observed.workspace,
+            None,
+            None,
+            policy,
+            state::RESTART,
+        );
     }
 }
 

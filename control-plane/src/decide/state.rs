@@ -10,6 +10,9 @@ use serde_json::Value;
 use warren_schema::events::*;
 use warren_schema::{EventId, NewEvent, RecordedEvent};
 
+/// The reason of an operator's restart's stop (and of its start).
+pub const RESTART: &str = "restart";
+
 /// Mention times kept per conversation (more than any sane rate limit counts).
 const MENTION_HISTORY: usize = 256;
 /// Mentions older than this are forgotten (far beyond any rate window), so a long-running
@@ -111,6 +114,8 @@ pub struct Workspace {
     pub channel: Option<String>,
     /// Where the conversations that woke it reply (told when it fails for good).
     pub waiting_origins: Vec<(EventId, Origin)>,
+    /// An operator's restart is under way: stopped for it, to be started once gone.
+    pub restart_pending: bool,
 }
 
 /// A start held back by an admission cap.
@@ -279,6 +284,7 @@ impl State {
                     w.start_decision = Some(event.id);
                     w.start_trace = event.metadata.traceparent.clone();
                     w.failed_at = None;
+                    w.restart_pending = false;
                     if s.attempt == 0 {
                         w.failures = 0;
                     }
@@ -294,6 +300,7 @@ impl State {
                         Phase::Queued => w.phase = Phase::Stopped,
                         _ => w.phase = Phase::Stopping,
                     }
+                    w.restart_pending = s.reason == RESTART;
                     w.failed_at = None;
                 }
             }
@@ -438,6 +445,7 @@ impl State {
                 team: None,
                 channel: None,
                 waiting_origins: Vec::new(),
+                restart_pending: false,
             })
     }
 

@@ -952,3 +952,40 @@ fn recorded_quotas_override_the_flags_most_specific_first_and_fall_back_when_rem
     assert_eq!(c.state.cap("team:T1", &c.policy), Some(5));
     assert_eq!(c.state.cap("total", &c.policy), None);
 }
+
+#[test]
+fn an_operator_s_restart_stops_the_workspace_then_starts_it_once_it_is_gone() {
+    let mut c = two_agents();
+    c.when(operator("research", "start"));
+    c.observe("research", WorkspacePhase::Ready);
+    let first = c.start_decision("research");
+    let d = c.when(operator("research", "restart"));
+    assert_eq!(of_type::<WorkspaceStopRequested>(&d)[0].reason, "restart");
+    assert_eq!(c.phase("research"), Phase::Stopping);
+    assert!(
+        c.tick().is_empty(),
+        "nothing until the old instance is gone"
+    );
+    let d = c.observe("research", WorkspacePhase::Exited);
+    let start = &of_type::<WorkspaceStartRequested>(&d)[0];
+    assert_eq!(
+        (start.workspace.as_str(), start.reason.as_str()),
+        ("research", "restart")
+    );
+    assert_eq!(c.phase("research"), Phase::Starting);
+    assert_ne!(
+        c.start_decision("research"),
+        first,
+        "a new start decision: a new instance"
+    );
+    assert!(!c.state.workspaces["research"].restart_pending);
+    // An idle stop is not a restart: gone stays gone.
+    c.observe("research", WorkspacePhase::Ready);
+    c.advance(3600);
+    c.tick();
+    let d = c.observe("research", WorkspacePhase::Exited);
+    assert!(of_type::<WorkspaceStartRequested>(&d).is_empty());
+    // Restarting a stopped workspace starts it.
+    let d = c.when(operator("research", "restart"));
+    assert_eq!(of_type::<WorkspaceStartRequested>(&d)[0].reason, "operator");
+}

@@ -437,6 +437,7 @@ mod tests {
                     team: None,
                     channel: None,
                     waiting_origins: vec![],
+                    restart_pending: false,
                 },
             );
             s.agents.insert(
