@@ -96,6 +96,9 @@ pub enum Command {
     /// Agents' shared memory.
     #[command(subcommand)]
     Memory(MemoryCommand),
+    /// Admission quotas: how many workspaces may run at once, in all, per team or channel.
+    #[command(subcommand)]
+    Quotas(QuotasCommand),
     /// Turns, runtime seconds and model tokens per agent, workspace or team.
     Usage {
         /// `agent`, `workspace` or `team`.
@@ -107,6 +110,17 @@ pub enum Command {
         #[arg(long)]
         until: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuotasCommand {
+    /// The quotas recorded, and the flags they override.
+    List,
+    /// Set a quota: SCOPE is total, team, channel, team:{id} or channel:{id}; MAX a number
+    /// or `none` (no cap).
+    Set { scope: String, max: String },
+    /// Remove a quota (its scope falls back to the broader one or the flag).
+    Remove { scope: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -744,6 +758,35 @@ async fn execute(cli: &Cli, out: &mut impl Write) -> Result<(), Error> {
                 ],
             )?;
         }
+        Command::Quotas(command) => match command {
+            QuotasCommand::List => {
+                let quotas = api.get("/v1/quotas").await?;
+                if format == Format::Json {
+                    output::item(out, format, &quotas)?;
+                } else {
+                    let columns: &[Column] =
+                        &[("SCOPE", "/scope"), ("MAX RUNNING", "/max_running")];
+                    writeln!(out, "recorded:")?;
+                    let items = quotas["quotas"].as_array().cloned().unwrap_or_default();
+                    output::list(out, format, &items, columns)?;
+                    writeln!(out, "\nflags (where nothing is recorded):")?;
+                    let items = quotas["defaults"].as_array().cloned().unwrap_or_default();
+                    output::list(out, format, &items, columns)?;
+                }
+            }
+            QuotasCommand::Set { scope, max } => {
+                let max = cap(&Some(max.clone()))?.unwrap_or(Value::Null);
+                let r = api
+                    .request(Method::PUT, &format!("/v1/quotas/{}", encode(scope)))
+                    .json(&json!({"max_running": max}));
+                output::item(out, format, &api.send(r).await?.body)?;
+            }
+            QuotasCommand::Remove { scope } => {
+                api.send(api.request(Method::DELETE, &format!("/v1/quotas/{}", encode(scope))))
+                    .await?;
+                writeln!(out, "removed the quota on {scope}")?;
+            }
+        },
         Command::Memory(MemoryCommand::Restore { workspace, shared }) => {
             let r = api
                 .request(Method::POST, "/v1/memory/restore")

@@ -191,6 +191,28 @@ async fn agents_are_created_listed_and_read_as_tables_and_as_json() {
         "{listed}"
     );
 
+    // Quotas: set, listed, removed.
+    assert_eq!(s.warren(&["quotas", "set", "team:T1", "2"]).await.0, 0);
+    assert_eq!(s.warren(&["quotas", "set", "channel", "none"]).await.0, 0);
+    let (_, quotas, _) = s.warren(&["-o", "json", "quotas", "list"]).await;
+    let quotas: Value = serde_json::from_str(&quotas).expect("json");
+    assert_eq!(
+        quotas["quotas"],
+        serde_json::json!([{"scope": "channel", "max_running": null},
+                           {"scope": "team:T1", "max_running": 2}])
+    );
+    assert_eq!(s.warren(&["quotas", "remove", "team:T1"]).await.0, 0);
+    assert_eq!(
+        s.warren(&["quotas", "remove", "team:T1"]).await.0,
+        4,
+        "gone"
+    );
+    assert_eq!(
+        s.warren(&["quotas", "set", "planet", "1"]).await.0,
+        2,
+        "a bad scope"
+    );
+
     let (code, usage, err) = s.warren(&["usage", "--by", "agent"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(usage.starts_with("KEY"), "{usage}");
