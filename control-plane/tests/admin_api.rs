@@ -29,18 +29,10 @@ impl Drop for Server {
 async fn server() -> Server {
     let db = TestDatabase::new().await;
     let log = db.log();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
     let shutdown = CancellationToken::new();
-    tokio::spawn(admin_api::serve(
-        listener,
-        log.clone(),
-        Default::default(),
-        axum::Router::new(),
-        shutdown.clone(),
-    ));
+    let url = admin_api::serve_on_loopback(log.clone(), Default::default(), shutdown.clone())
+        .await
+        .expect("served");
     let server = Server {
         url,
         log,

@@ -82,12 +82,7 @@ async fn an_agent_and_endpoint_created_through_the_api_answer_a_webhook_without_
         },
         shutdown.clone(),
     ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let api_url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(admin_api::serve(
-        listener,
+    let api_url = admin_api::serve_on_loopback(
         log.clone(),
         admin_api::Settings {
             policy: Policy::default(),
@@ -97,9 +92,10 @@ async fn an_agent_and_endpoint_created_through_the_api_answer_a_webhook_without_
                 credentials: None,
             }),
         },
-        axum::Router::new(),
         shutdown.clone(),
-    ));
+    )
+    .await
+    .expect("served");
     let (_, token) = admin_api::tokens::issue_direct(&log, "ops", Role::Admin, None, "test")
         .await
         .expect("a token");

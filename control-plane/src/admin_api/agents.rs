@@ -176,13 +176,9 @@ pub async fn get(
     State(api): State<Api>,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    let view = api.view.read();
-    let agent = view
-        .state
-        .agents
-        .get(&name)
-        .map(|a| agent_of(&view, a))
-        .ok_or_else(|| ApiError::NotFound(format!("no agent {name:?}")))?;
+    let agent = current(&api, &name, |name| {
+        ApiError::NotFound(format!("no agent {name:?}"))
+    })?;
     Ok(with_etag(StatusCode::OK, agent.version, agent))
 }
 
@@ -234,12 +230,26 @@ pub async fn create(
     Ok(created(&api, &new.name, None))
 }
 
+/// The agent as the view holds it now, or `missing(name)`.
+fn current(api: &Api, name: &str, missing: fn(&str) -> ApiError) -> ApiResult<Agent> {
+    let view = api.view.read();
+    view.state
+        .agents
+        .get(name)
+        .map(|a| agent_of(&view, a))
+        .ok_or_else(|| missing(name))
+}
+
+/// Changed, then removed by someone else before this answer.
+fn removed_meanwhile(name: &str) -> ApiError {
+    ApiError::Conflict(format!("agent {name:?} was removed meanwhile"))
+}
+
 /// 201 with the agent as the view holds it now.
 fn created(api: &Api, name: &str, version: Option<i64>) -> Response {
-    let view = api.view.read();
-    let Some(agent) = view.state.agents.get(name).map(|a| agent_of(&view, a)) else {
-        // Created and then removed by someone else before this answer.
-        return ApiError::Conflict(format!("agent {name:?} was removed meanwhile")).into_response();
+    let agent = match current(api, name, removed_meanwhile) {
+        Ok(agent) => agent,
+        Err(e) => return e.into_response(),
     };
     let mut response = with_etag(StatusCode::CREATED, version.unwrap_or(agent.version), agent);
     if let Ok(location) = format!("/v1/agents/{name}").parse() {
@@ -294,13 +304,7 @@ pub async fn replace(
         ))
     })
     .await?;
-    let view = api.view.read();
-    let agent = view
-        .state
-        .agents
-        .get(&name)
-        .map(|a| agent_of(&view, a))
-        .ok_or_else(|| ApiError::Conflict(format!("agent {name:?} was removed meanwhile")))?;
+    let agent = current(&api, &name, removed_meanwhile)?;
     Ok(with_etag(StatusCode::OK, agent.version, agent))
 }
 

@@ -340,6 +340,19 @@ pub async fn serve(
     served
 }
 
+/// Serves the API on an ephemeral loopback port until `shutdown` (for embedding it, and for
+/// tests): its base URL. The API answers at once; `/readyz` says when it has caught up.
+pub async fn serve_on_loopback(
+    log: EventLog,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> std::io::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(serve(listener, log, settings, Router::new(), shutdown));
+    Ok(url)
+}
+
 impl Api {
     /// Records configuration events decided by `decide` against the current view.
     ///
