@@ -31,7 +31,7 @@ pub mod nats_auth;
 mod operator;
 pub mod projection;
 pub mod reconcile;
-mod replay;
+pub mod replay;
 pub mod what_if;
 
 pub use cli::{Cli, run};

@@ -48,25 +48,15 @@ pub struct Replay {
 
 /// Feeds the events of `(after, up_to]` to `replay`, page by page (the I/O edge of this
 /// module: the API's `/v1/what-if` and the history benchmark both use it).
+///
+/// Reading and deciding overlap ([`crate::replay::fold_range`]).
 pub async fn replay_range(
     log: &warren_schema::EventLog,
-    mut replay: Replay,
+    replay: Replay,
     after: i64,
     up_to: i64,
 ) -> warren_schema::Result<Replay> {
-    debug_assert!(replay.matched.is_empty(), "a fresh replay");
-    const PAGE: i64 = 10_000;
-    let mut after = after;
-    loop {
-        let events = log.read_positions(after, up_to, PAGE).await?;
-        for event in &events {
-            replay.step(event);
-        }
-        match events.last() {
-            Some(last) if events.len() as i64 == PAGE => after = last.position,
-            _ => return Ok(replay),
-        }
-    }
+    crate::replay::fold_range(log, replay, after, up_to, Replay::step).await
 }
 
 /// The ids of the decisions recorded in `(after, up_to]`: what [`Replay::new`] compares with.

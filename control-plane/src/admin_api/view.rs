@@ -135,21 +135,9 @@ impl View {
         self.state.apply(event);
     }
 
-    /// The fold of the log up to `position` (inclusive), read page by page.
+    /// The fold of the log up to `position` (inclusive), reading and folding overlapped.
     pub async fn replay(log: &EventLog, up_to: i64) -> warren_schema::Result<Self> {
-        const PAGE: i64 = 10_000;
-        let mut view = Self::default();
-        let mut after = 0;
-        loop {
-            let events = log.read_positions(after, up_to, PAGE).await?;
-            for event in &events {
-                view.apply(event);
-            }
-            match events.last() {
-                Some(last) if events.len() as i64 == PAGE => after = last.position,
-                _ => return Ok(view),
-            }
-        }
+        crate::replay::fold_range(log, Self::default(), 0, up_to, Self::apply).await
     }
 }
 
