@@ -562,7 +562,6 @@ async fn tokens_command(
     command: TokensCommand,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    use crate::admin_api::view::View;
     match command {
         TokensCommand::Issue {
             name,
@@ -578,7 +577,7 @@ async fn tokens_command(
             writeln!(out, "{}", token.expose())?;
         }
         TokensCommand::List => {
-            let view = View::replay(log, i64::MAX).await?;
+            let view = token_view(log).await?;
             for t in view.tokens.values() {
                 serde_json::to_writer(
                     &mut *out,
@@ -590,7 +589,7 @@ async fn tokens_command(
             }
         }
         TokensCommand::Revoke { id } => {
-            let view = View::replay(log, i64::MAX).await?;
+            let view = token_view(log).await?;
             if !view.tokens.contains_key(&id) {
                 anyhow::bail!("no token {id:?}");
             }
@@ -612,6 +611,24 @@ async fn tokens_command(
         }
     }
     Ok(())
+}
+
+/// The tokens as the log has them: only the token events are read, not the whole log.
+async fn token_view(log: &EventLog) -> anyhow::Result<crate::admin_api::view::View> {
+    use warren_schema::events::{DomainEvent, TokenIssued, TokenRevoked};
+    let mut view = crate::admin_api::view::View::default();
+    let mut filter = warren_schema::event_log::EventFilter {
+        types: vec![TokenIssued::TYPE.into(), TokenRevoked::TYPE.into()],
+        ..Default::default()
+    };
+    loop {
+        let page = log.query(&filter, 1000).await?;
+        page.iter().for_each(|e| view.apply(e));
+        match page.last() {
+            Some(last) if page.len() == 1000 => filter.after = Some(last.position),
+            _ => return Ok(view),
+        }
+    }
 }
 
 fn nats_auth_command(command: &NatsAuthCommand, out: &mut impl Write) -> anyhow::Result<()> {

@@ -1360,3 +1360,98 @@ async fn usage_counts_turns_by_agent_team_and_workspace_and_runtime_seconds() {
         .await;
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_break_glass_token_commands_issue_list_and_revoke_in_the_database() {
+    let db = TestDatabase::new().await;
+    let run = async |args: &[&str]| {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_warren-control-plane"))
+            .args(args)
+            .env("DATABASE_URL", db.url())
+            .env_remove("DATABASE_URL_FILE")
+            .output()
+            .await
+            .expect("runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, token) = run(&["tokens", "issue", "--name", "ops", "--role", "admin"]).await;
+    assert!(ok);
+    let token = token.trim().to_owned();
+    let id = token.split('_').nth(1).expect("an id").to_owned();
+    let (ok, listed) = run(&["tokens", "list"]).await;
+    assert!(ok);
+    let listed: Value = serde_json::from_str(listed.trim()).expect("a JSON line");
+    assert_eq!(
+        (listed["id"].as_str(), listed["role"].as_str()),
+        (Some(id.as_str()), Some("admin"))
+    );
+    assert!(listed["revoked_at"].is_null());
+    assert!(
+        !listed.to_string().contains(&token[17..]),
+        "no secret listed"
+    );
+    assert!(run(&["tokens", "revoke", &id]).await.0);
+    let (_, listed) = run(&["tokens", "list"]).await;
+    let listed: Value = serde_json::from_str(listed.trim()).expect("a JSON line");
+    assert!(listed["revoked_at"].is_string(), "{listed}");
+    assert!(
+        !run(&["tokens", "revoke", "000000000000"]).await.0,
+        "an unknown id"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_all_land_each_re_checked_after_the_one_that_won() {
+    let s = server().await;
+    let admin = s.token("admin", Role::Admin).await;
+    let creates = (0..8).map(|i| {
+        let (s, admin) = (&s, admin.clone());
+        async move {
+            s.call(
+                Method::POST,
+                "/v1/agents",
+                Some(&admin),
+                Some(&json!({"name": format!("a{i}"), "workspace": "w"})),
+            )
+            .await
+            .status()
+        }
+    });
+    let statuses = futures_util::future::join_all(creates).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::CREATED),
+        "{statuses:?}"
+    );
+    // The same name eight times at once: exactly one create wins.
+    let same = (0..8).map(|_| {
+        let (s, admin) = (&s, admin.clone());
+        async move {
+            s.call(
+                Method::POST,
+                "/v1/agents",
+                Some(&admin),
+                Some(&json!({"name": "contested", "workspace": "w"})),
+            )
+            .await
+            .status()
+        }
+    });
+    let statuses = futures_util::future::join_all(same).await;
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::CREATED)
+            .count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == StatusCode::CREATED || *s == StatusCode::CONFLICT)
+    );
+    assert_eq!(of_type(&s.log, "agent.configured").await.len(), 9);
+}

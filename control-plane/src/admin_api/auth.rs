@@ -76,6 +76,13 @@ impl Caller {
     pub fn actor(&self) -> String {
         format!("token:{}:{}", self.id, self.role)
     }
+
+    /// The token id and role an event's `actor` names, when a token made it
+    /// ([`Caller::actor`]'s form).
+    pub fn from_actor(actor: &str) -> Option<(&str, Option<Role>)> {
+        let (id, role) = actor.strip_prefix("token:")?.rsplit_once(':')?;
+        Some((id, Role::parse(role)))
+    }
 }
 
 /// Proves who sent a request. Implementations must answer
@@ -251,6 +258,19 @@ mod tests {
         ] {
             assert!(parse_token(bad).is_none(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_actor_names_its_token_and_role_back() {
+        let caller = Caller {
+            id: "0123456789ab".into(),
+            role: Role::Operator,
+        };
+        assert_eq!(
+            Caller::from_actor(&caller.actor()),
+            Some(("0123456789ab", Some(Role::Operator)))
+        );
+        assert_eq!(Caller::from_actor("bootstrap"), None);
     }
 
     #[test]

@@ -110,7 +110,8 @@ impl EventParams {
             ));
         }
         Ok(EventFilter {
-            after: cursor.max(self.after).or(cursor),
+            // The later of the two: a cursor never goes back before `after`.
+            after: cursor.max(self.after),
             up_to: self.up_to,
             stream: self.stream.clone(),
             types: self
@@ -368,11 +369,8 @@ pub struct AuditEntry {
 impl From<RecordedEvent> for AuditEntry {
     fn from(e: RecordedEvent) -> Self {
         let actor = e.metadata.actor.as_deref().unwrap_or_default();
-        let (via, token_id, role) = match actor
-            .strip_prefix("token:")
-            .and_then(|r| r.rsplit_once(':'))
-        {
-            Some((id, role)) => ("token", Some(id.to_owned()), Role::parse(role)),
+        let (via, token_id, role) = match super::Caller::from_actor(actor) {
+            Some((id, role)) => ("token", Some(id.to_owned()), role),
             None if e.metadata.source == super::SOURCE => (actor, None, None),
             None => ("agents_file", None, None),
         };

@@ -6,12 +6,12 @@ use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use warren_schema::events::MemoryRestored;
-use warren_schema::{AppendRequest, EventId, Metadata, NewEvent};
+use warren_schema::{AppendRequest, EventId, NewEvent};
 
+use super::Api;
 use super::auth::{Authorized, OperatorRole};
 use super::extract::Body;
 use super::problem::{ApiError, ApiResult};
-use super::{Api, SOURCE};
 
 /// Which bucket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -92,16 +92,13 @@ pub async fn restore(
             }
             e => ApiError::Internal(Box::new(e)),
         })?;
-    let mut metadata = Metadata::new(SOURCE);
-    metadata.actor = Some(caller.actor());
-    metadata.traceparent = warren_telemetry::current_traceparent();
     let event = NewEvent::from_domain(
         EventId::random(),
         &MemoryRestored {
             bucket: bucket.clone(),
             keys: keys as u64,
         },
-        metadata,
+        super::metadata(&caller),
     )
     .map_err(|e| ApiError::Internal(e.into()))?;
     let id = event.id;

@@ -380,7 +380,7 @@ impl Api {
             let mut events = Vec::with_capacity(changes.len());
             for (i, change) in changes.into_iter().enumerate() {
                 writes.extend(change.write);
-                events.push(change.event.into_event(caller, id, i)?);
+                events.push(stamped(change.event, caller, id, i));
             }
             let request = AppendRequest::new(CONFIG_STREAM, events).expecting(match expected {
                 0 => ExpectedVersion::NoStream,
@@ -397,13 +397,13 @@ impl Api {
                     }
                     return Ok(out);
                 }
-                Err(warren_schema::Error::WrongExpectedVersion { actual, .. }) => {
+                Err(warren_schema::Error::WrongExpectedVersion { .. }) => {
                     // Someone changed the configuration since the view was read: wait until
-                    // the view has that change, then decide again.
-                    let mut waited = 0;
-                    while self.view.read().config_version < actual && waited < 100 {
-                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                        waited += 1;
+                    // the view holds everything committed now (that change included), then
+                    // decide again.
+                    let head = self.log.head().await?;
+                    if !self.view.wait_for(head).await {
+                        break;
                     }
                 }
                 Err(e) => return Err(e.into()),
@@ -468,20 +468,14 @@ impl Api {
 /// One configuration event to record, and what must be written with it outside the log.
 #[derive(Debug)]
 pub(crate) struct ConfigChange {
-    event: ChangeEvent,
+    event: NewEvent,
     write: Option<endpoints::SecretWrite>,
 }
-
-#[derive(Debug)]
-struct ChangeEvent(NewEvent);
 
 impl ConfigChange {
     pub(crate) fn of<E: warren_schema::events::DomainEvent>(event: &E) -> ApiResult<Self> {
         NewEvent::from_domain(EventId::random(), event, Metadata::new(SOURCE))
-            .map(|e| Self {
-                event: ChangeEvent(e),
-                write: None,
-            })
+            .map(|event| Self { event, write: None })
             .map_err(|e| ApiError::Internal(Box::new(e)))
     }
 
@@ -492,21 +486,27 @@ impl ConfigChange {
     }
 }
 
-impl ChangeEvent {
-    /// The event, with the caller as actor and, for an idempotent create, the id derived
-    /// from the key (the `i`th event of the change).
-    fn into_event(self, caller: &Caller, id: Option<EventId>, i: usize) -> ApiResult<NewEvent> {
-        let mut event = self.0;
-        if let Some(id) = id {
-            event.id = match i {
-                0 => id,
-                i => EventId::derive(&[&id.to_string(), &i.to_string()]),
-            };
-        }
-        event.metadata.actor = Some(caller.actor());
-        event.metadata.traceparent = warren_telemetry::current_traceparent();
-        Ok(event)
+/// The metadata of an event a caller's request records: the API as source, the caller as
+/// actor, the request's trace.
+pub(crate) fn metadata(caller: &Caller) -> Metadata {
+    let mut metadata = Metadata::new(SOURCE);
+    metadata.actor = Some(caller.actor());
+    metadata.traceparent = warren_telemetry::current_traceparent();
+    metadata
+}
+
+/// `change`'s event as recorded: the caller's metadata and, for an idempotent create, the id
+/// derived from the key (the `i`th event of the change).
+fn stamped(change: NewEvent, caller: &Caller, id: Option<EventId>, i: usize) -> NewEvent {
+    let mut event = change;
+    if let Some(id) = id {
+        event.id = match i {
+            0 => id,
+            i => EventId::derive(&[&id.to_string(), &i.to_string()]),
+        };
     }
+    event.metadata = metadata(caller);
+    event
 }
 
 /// The event id an idempotent create records: from the caller and the key, so the same
