@@ -366,7 +366,9 @@ impl Api {
         id: Option<EventId>,
         decide: impl Fn(&View) -> ApiResult<(Vec<ConfigChange>, T)>,
     ) -> ApiResult<T> {
-        const ATTEMPTS: usize = 5;
+        // Each lost race means another change landed, so every round makes progress; this
+        // bounds a burst of concurrent changes (8 at once lost up to 7 rounds), not a stall.
+        const ATTEMPTS: usize = 64;
         for _ in 0..ATTEMPTS {
             let (changes, out, expected) = {
                 let view = self.view.read();
