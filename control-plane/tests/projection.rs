@@ -173,7 +173,8 @@ async fn a_rebuild_from_position_zero_gives_the_rows_built_incrementally() {
             "slack:T1:CGEN",
             &MessageReceived {
                 origin: origin("CGEN"),
-                text: format!("anyone? {n}"),
+                // Tabs, newlines and backslashes survive the rebuild's COPY text format.
+                text: format!("anyone?\t{n}\nC:\\path \\N \r"),
                 addressed_agents: vec![],
                 files: vec![],
             },
@@ -195,7 +196,7 @@ async fn a_rebuild_from_position_zero_gives_the_rows_built_incrementally() {
                 workspace: "research".into(),
                 agent: "alice".into(),
                 reply_to: origin("CGEN"),
-                text: format!("answer {n} to {m}"),
+                text: format!("answer {n} to {m}:\n\t\"quoted\\\""),
             },
         )
         .await;
@@ -276,4 +277,39 @@ async fn a_rebuild_from_position_zero_gives_the_rows_built_incrementally() {
     for ((name, a), (_, b)) in incremental.iter().zip(&rebuilt) {
         assert_eq!(a, b, "table {name} differs after rebuild");
     }
+}
+
+#[tokio::test]
+async fn a_long_replay_folds_every_event_once_in_log_order() {
+    let db = TestDatabase::new().await;
+    let log = db.log();
+    // 25,000 events: three stretches for the two readers, the last one partial.
+    sqlx::query(
+        "INSERT INTO events (event_id, stream, stream_version, event_type, event_version, \
+             payload, correlation_id, source, received_at) \
+         SELECT md5('t' || i)::uuid, 'test:ticks', i, 'test.tick', 1, '{}'::jsonb, \
+             md5('t' || i)::uuid, 'test', now() \
+         FROM generate_series(1, 25000) AS i",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("filling the log");
+    fn step(seen: &mut Vec<i64>, e: &warren_schema::RecordedEvent) {
+        seen.push(e.position);
+    }
+    let head = log.head().await.expect("head");
+    // An end past the head (what an API caller may send) ends at the head.
+    let seen = warren_control_plane::replay::fold_range(&log, Vec::new(), 0, i64::MAX, step)
+        .await
+        .expect("fold");
+    assert_eq!(seen.len(), 25_000);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "out of log order");
+    assert_eq!(seen.last(), Some(&head));
+    // A stretch in the middle.
+    let seen = warren_control_plane::replay::fold_range(&log, Vec::new(), 9_999, 20_001, step)
+        .await
+        .expect("fold");
+    assert_eq!(seen.first(), Some(&10_000));
+    assert_eq!(seen.last(), Some(&20_001));
+    assert_eq!(seen.len(), 10_002);
 }

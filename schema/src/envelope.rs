@@ -143,7 +143,8 @@ impl RecordedEvent {
                 expected: format!("{}/v{}", E::TYPE, E::VERSION),
             });
         }
-        serde_json::from_value(self.payload.clone()).map_err(|source| crate::Error::Decode {
+        // From a borrow of the payload: no copy of the JSON tree per decode.
+        E::deserialize(&self.payload).map_err(|source| crate::Error::Decode {
             position: self.position,
             event_type: self.event_type.clone(),
             source: std::sync::Arc::new(source),

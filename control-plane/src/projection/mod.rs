@@ -7,6 +7,8 @@
 //! workspaces are written from the same [`State`] the decisions read, so the tables show
 //! what the decisions saw. [`rebuild`] truncates the tables and replays from position 0.
 
+mod copy;
+
 use std::collections::BTreeMap;
 
 use serde_json::Value;
@@ -21,6 +23,7 @@ use warren_schema::{Error as LogError, EventLog, RecordedEvent};
 
 use crate::decide::{Phase, State};
 use crate::error::Result;
+use copy::CopyRows;
 
 /// Checkpoint of the read models.
 pub const CHECKPOINT: &str = "control-plane.projections";
@@ -57,82 +60,77 @@ impl Batch {
         };
         let from = state.position;
         for e in events.iter().filter(|e| e.position > from) {
-            state.apply(e);
-            b.last = e.position;
-            match e.event_type.as_str() {
-                AgentConfigured::TYPE | AgentRemoved::TYPE => {
-                    if let Some(name) = e.payload["name"].as_str() {
-                        b.agents.insert(name.to_owned(), e.position);
-                    }
+            b.add(state, e);
+        }
+        b
+    }
+
+    /// Folds one event into `state` and records what it changed.
+    fn add(&mut self, state: &mut State, e: &RecordedEvent) {
+        let b = self;
+        state.apply(e);
+        b.last = e.position;
+        match e.event_type.as_str() {
+            AgentConfigured::TYPE | AgentRemoved::TYPE => {
+                if let Some(name) = e.payload["name"].as_str() {
+                    b.agents.insert(name.to_owned(), e.position);
                 }
-                RouteConfigured::TYPE | RouteRemoved::TYPE => {
-                    if let Some(route) = e.payload["route"].as_str() {
-                        b.routes.insert(route.to_owned(), e.position);
-                    }
+            }
+            RouteConfigured::TYPE | RouteRemoved::TYPE => {
+                if let Some(route) = e.payload["route"].as_str() {
+                    b.routes.insert(route.to_owned(), e.position);
                 }
-                MessageReceived::TYPE => {
-                    if let Ok(m) = e.decode::<MessageReceived>() {
-                        let origin = serde_json::to_value(&m.origin).unwrap_or(Value::Null);
-                        b.messages.push((
-                            e.id.0,
-                            e.position,
-                            origin,
-                            m.text,
-                            e.metadata.received_at,
-                        ));
-                    }
+            }
+            MessageReceived::TYPE => {
+                if let Ok(m) = e.decode::<MessageReceived>() {
+                    let origin = serde_json::to_value(&m.origin).unwrap_or(Value::Null);
+                    b.messages
+                        .push((e.id.0, e.position, origin, m.text, e.metadata.received_at));
                 }
-                MessageRouted::TYPE => {
-                    if let Ok(r) = e.decode::<MessageRouted>() {
-                        b.workspaces.insert(r.workspace.clone(), e.position);
-                        b.message_routes.push((
-                            e.id.0,
-                            r.message_id.0,
-                            r.agent,
-                            r.workspace,
-                            r.reason,
-                            e.position,
-                        ));
-                    }
+            }
+            MessageRouted::TYPE => {
+                if let Ok(r) = e.decode::<MessageRouted>() {
+                    b.workspaces.insert(r.workspace.clone(), e.position);
+                    b.message_routes.push((
+                        e.id.0,
+                        r.message_id.0,
+                        r.agent,
+                        r.workspace,
+                        r.reason,
+                        e.position,
+                    ));
                 }
-                AgentReplied::TYPE => {
-                    if let Ok(r) = e.decode::<AgentReplied>() {
-                        b.workspaces.insert(r.workspace.clone(), e.position);
-                        let reply_to = serde_json::to_value(&r.reply_to).unwrap_or(Value::Null);
-                        b.replies.push((
-                            e.id.0,
-                            r.workspace,
-                            r.agent,
-                            reply_to,
-                            r.text,
-                            e.position,
-                        ));
-                    }
+            }
+            AgentReplied::TYPE => {
+                if let Ok(r) = e.decode::<AgentReplied>() {
+                    b.workspaces.insert(r.workspace.clone(), e.position);
+                    let reply_to = serde_json::to_value(&r.reply_to).unwrap_or(Value::Null);
+                    b.replies
+                        .push((e.id.0, r.workspace, r.agent, reply_to, r.text, e.position));
                 }
-                ReplyDelivered::TYPE => {
-                    if let Ok(d) = e.decode::<ReplyDelivered>() {
-                        b.deliveries.push((d.reply_id.0, d.ts, e.position));
-                    }
+            }
+            ReplyDelivered::TYPE => {
+                if let Ok(d) = e.decode::<ReplyDelivered>() {
+                    b.deliveries.push((d.reply_id.0, d.ts, e.position));
                 }
-                WorkspaceObserved::TYPE => {
-                    if let Ok(o) = e.decode::<WorkspaceObserved>() {
-                        b.workspaces.insert(o.workspace.clone(), e.position);
-                        let phase = serde_json::to_value(o.phase)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default();
-                        b.observed
-                            .insert(o.workspace, (phase, o.instance, o.detail));
-                    }
+            }
+            WorkspaceObserved::TYPE => {
+                if let Ok(o) = e.decode::<WorkspaceObserved>() {
+                    b.workspaces.insert(o.workspace.clone(), e.position);
+                    let phase = serde_json::to_value(o.phase)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    b.observed
+                        .insert(o.workspace, (phase, o.instance, o.detail));
                 }
-                _ => {
-                    if let Some(w) = e.payload.get("workspace").and_then(Value::as_str) {
-                        b.workspaces.insert(w.to_owned(), e.position);
-                    }
+            }
+            _ => {
+                if let Some(w) = e.payload.get("workspace").and_then(Value::as_str) {
+                    b.workspaces.insert(w.to_owned(), e.position);
                 }
             }
         }
-        b
     }
 }
 
@@ -215,78 +213,114 @@ impl Projections {
     }
 }
 
-/// Drops every read-model row and replays the log from position 0 up to what is committed
-/// now. Returns the events replayed.
+/// Rows encoded per `COPY` round trip in a rebuild.
+const REBUILD_CHUNK_BYTES: usize = 4 << 20;
+
+/// The rebuild's fold: the decision state, every key touched so far, and the encoded rows
+/// not yet handed to the writer.
+struct RebuildFold {
+    state: State,
+    touched: Batch,
+    rows: CopyRows,
+    writer: tokio::sync::mpsc::Sender<CopyRows>,
+    replayed: i64,
+}
+
+fn rebuild_step(fold: &mut RebuildFold, event: &RecordedEvent) {
+    fold.touched.add(&mut fold.state, event);
+    fold.replayed += 1;
+    fold.rows.take(&mut fold.touched);
+    if fold.rows.len() >= REBUILD_CHUNK_BYTES {
+        // A closed writer has failed; its error is reported when it is joined.
+        let _ = fold.writer.blocking_send(std::mem::take(&mut fold.rows));
+    }
+}
+
+/// Replaces every read-model row with a replay of the log from position 0 up to what is
+/// settled now, in one transaction: readers see the old tables until the new ones commit,
+/// and a rebuild that fails changes nothing. Returns the events replayed.
+///
+/// The append-only tables are written with `COPY` while their keys are dropped, and the
+/// keys are built once at the end by sorting, rather than row by row. Reading, folding
+/// (on a blocking thread) and writing (on a second connection) overlap. The live projector
+/// waits on the checkpoint's row lock meanwhile, then carries on from the rebuilt position.
 #[instrument(skip_all, err)]
 pub async fn rebuild(log: &EventLog) -> Result<i64> {
     let pool = log.pool();
-    let mut tx = pool
-        .begin()
-        .await
-        .map_err(LogError::db("beginning a rebuild"))?;
-    sqlx::query("TRUNCATE agents, routes, workspaces, messages, message_routes, replies")
-        .execute(&mut *tx)
-        .await
-        .map_err(LogError::db("truncating the read models"))?;
-    store_checkpoint(&mut tx, CHECKPOINT, 0).await?;
-    tx.commit()
-        .await
-        .map_err(LogError::db("committing the truncation"))?;
-
-    // Read ahead on a second connection while the previous batch is written: the replay
-    // then costs about the slower of reading and writing, not their sum.
-    let target = warren_schema::event_log::watermark(pool).await?.allocated;
-    let (tx_batches, mut batches) = tokio::sync::mpsc::channel::<Result<Vec<RecordedEvent>>>(4);
-    let reader = tokio::spawn({
-        let pool = pool.clone();
-        async move {
-            let options = SubscriptionOptions {
-                name: "rebuild".into(),
-                batch_size: 20_000,
-                ..SubscriptionOptions::default()
-            };
-            let mut subscription = match Subscription::start(pool, 0, options).await {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = tx_batches.send(Err(e.into())).await;
-                    return;
-                }
-            };
-            loop {
-                match subscription.poll().await {
-                    Ok(batch) if batch.is_empty() => {
-                        // Positions up to `target` that were rolled back never appear: stop
-                        // once everything committed up to it has been read.
-                        if subscription.stats().safe_horizon >= target {
-                            return;
-                        }
-                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                    }
-                    Ok(batch) => {
-                        let done = batch.last().is_some_and(|e| e.position >= target);
-                        if tx_batches.send(Ok(batch)).await.is_err() || done {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx_batches.send(Err(e.into())).await;
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    let mut projections = Projections::default();
-    let mut replayed = 0;
-    while let Some(batch) = batches.recv().await {
-        let batch = batch?;
-        replayed += batch.len() as i64;
-        projections.apply(pool, &batch).await?;
+    let up_to =
+        warren_schema::event_log::settled_head(pool, std::time::Duration::from_millis(5)).await?;
+    let db = |what| LogError::db(what);
+    let mut tx = pool.begin().await.map_err(db("beginning a rebuild"))?;
+    lock_checkpoint(&mut tx, CHECKPOINT).await?;
+    for statement in [
+        "SET LOCAL maintenance_work_mem = '256MB'",
+        "TRUNCATE agents, routes, workspaces, messages, message_routes, replies",
+        "ALTER TABLE messages DROP CONSTRAINT messages_pkey",
+        "DROP INDEX message_routes_message",
+        "ALTER TABLE message_routes DROP CONSTRAINT message_routes_pkey",
+        "ALTER TABLE replies DROP CONSTRAINT replies_pkey",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("clearing the read models"))?;
     }
-    reader.abort();
+
+    let (chunks, mut received) = tokio::sync::mpsc::channel::<CopyRows>(2);
+    let writer = tokio::spawn(async move {
+        while let Some(rows) = received.recv().await {
+            rows.copy_into(&mut tx).await?;
+        }
+        Ok::<_, LogError>(tx)
+    });
+    let fold = RebuildFold {
+        state: State::default(),
+        touched: Batch::default(),
+        rows: CopyRows::default(),
+        writer: chunks,
+        replayed: 0,
+    };
+    let started = std::time::Instant::now();
+    let fold = crate::replay::fold_range(log, fold, 0, up_to, rebuild_step).await?;
+    let folded = started.elapsed();
+    let RebuildFold {
+        state,
+        touched,
+        rows,
+        writer: chunks,
+        replayed,
+    } = fold;
+    if !rows.is_empty() {
+        // A closed writer has failed; its error is reported when it is joined.
+        let _ = chunks.send(rows).await;
+    }
+    drop(chunks);
+    let mut tx = writer
+        .await
+        .map_err(|e| LogError::InvalidEvent(format!("the rebuild's writer stopped: {e}")))??;
+    let copied = started.elapsed();
+
+    for statement in [
+        "ALTER TABLE messages ADD PRIMARY KEY (message_id)",
+        "ALTER TABLE message_routes ADD PRIMARY KEY (decision_id)",
+        "CREATE INDEX message_routes_message ON message_routes (message_id)",
+        "ALTER TABLE replies ADD PRIMARY KEY (reply_id)",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("building the read models' keys"))?;
+    }
+    // Agents, routes, workspaces and deliveries: from the final state, once.
+    write(&mut tx, &touched, &state).await?;
+    store_checkpoint(&mut tx, CHECKPOINT, up_to).await?;
+    tx.commit().await.map_err(db("committing a rebuild"))?;
     info!(
         replayed,
-        position = projections.position(),
+        position = up_to,
+        folded_ms = folded.as_millis(),
+        copied_ms = copied.as_millis(),
+        total_ms = started.elapsed().as_millis(),
         "read models rebuilt"
     );
     Ok(replayed)

@@ -19,7 +19,9 @@ use tracing::instrument;
 
 pub use append::{MAX_STREAM_LEN, NOTIFY_CHANNEL, append_in_tx, validate};
 pub use group_commit::{Appender, AppenderConfig, AppenderTasks};
-pub use subscribe::{Subscription, SubscriptionOptions, SubscriptionStats, watermark};
+pub use subscribe::{
+    Subscription, SubscriptionOptions, SubscriptionStats, settled_head, watermark,
+};
 
 use crate::{Error, EventId, NewEvent, Result};
 

@@ -203,3 +203,18 @@ pub async fn watermark(pool: &PgPool) -> Result<Watermark> {
         oldest_running,
     })
 }
+
+/// The highest position allocated now, once every position up to it is settled (committed
+/// or rolled back): a reader that reads up to it misses nothing that was in flight when it
+/// was called. Waits for the transactions in flight now, re-checking every `poll`.
+pub async fn settled_head(pool: &PgPool, poll: Duration) -> Result<i64> {
+    let mut horizon = Horizon::new(0);
+    let head = watermark(pool).await?.allocated;
+    loop {
+        let safe = horizon.observe(watermark(pool).await?, Instant::now());
+        if safe >= head {
+            return Ok(head);
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
