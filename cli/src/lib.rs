@@ -60,7 +60,7 @@ pub enum Command {
     /// Webhook endpoints: list, get, create, rotate, delete (secrets are shown once).
     #[command(subcommand)]
     Endpoints(EndpointsCommand),
-    /// Workspaces: list, get, start, stop, restart.
+    /// Workspaces: list, get, start, stop, restart, delete.
     #[command(subcommand)]
     Workspaces(WorkspacesCommand),
     /// The event log: list with filters, get one, or follow new events.
@@ -247,6 +247,13 @@ pub enum WorkspacesCommand {
     },
     /// Stop it and start it again (a new pod or process).
     Restart {
+        name: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Stop it and forget it (admin; refused while agents live there). Its files and
+    /// memory bucket are kept.
+    Delete {
         name: String,
         #[arg(long)]
         reason: Option<String>,
@@ -614,18 +621,20 @@ async fn execute(cli: &Cli, out: &mut impl Write) -> Result<(), Error> {
             }
             WorkspacesCommand::Start { name, reason }
             | WorkspacesCommand::Stop { name, reason }
-            | WorkspacesCommand::Restart { name, reason } => {
-                let action = match command {
-                    WorkspacesCommand::Start { .. } => "start",
-                    WorkspacesCommand::Stop { .. } => "stop",
-                    _ => "restart",
+            | WorkspacesCommand::Restart { name, reason }
+            | WorkspacesCommand::Delete { name, reason } => {
+                let (method, action) = match command {
+                    WorkspacesCommand::Start { .. } => (Method::POST, "/start"),
+                    WorkspacesCommand::Stop { .. } => (Method::POST, "/stop"),
+                    WorkspacesCommand::Restart { .. } => (Method::POST, "/restart"),
+                    _ => (Method::DELETE, ""),
                 };
                 let path = format!(
-                    "/v1/workspaces/{}/{action}{}",
+                    "/v1/workspaces/{}{action}{}",
                     encode(name),
                     query(&[("reason", reason.clone())])
                 );
-                let answer = api.send(api.request(Method::POST, &path)).await?;
+                let answer = api.send(api.request(method, &path)).await?;
                 output::item(out, format, &answer.body)?;
             }
         },

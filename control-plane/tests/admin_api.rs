@@ -938,6 +938,52 @@ async fn the_running_leader_routes_to_an_agent_created_through_the_api_and_obeys
     assert_eq!(last["role"], "operator");
     assert_eq!(last["payload"]["reason"], "maintenance");
 
+    // Delete: an admin's, and only once no agent lives there.
+    let path = "/v1/workspaces/research";
+    let refused = s.call(Method::DELETE, path, Some(&admin), None).await;
+    assert_eq!(refused.status(), StatusCode::CONFLICT);
+    let problem: Value = refused.json().await.expect("problem");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("alice")),
+        "{problem}"
+    );
+    let removed = s
+        .call(Method::DELETE, "/v1/agents/alice", Some(&admin), None)
+        .await;
+    assert_eq!(removed.status(), StatusCode::NO_CONTENT);
+    let deleted = s.call(Method::DELETE, path, Some(&admin), None).await;
+    assert_eq!(deleted.status(), StatusCode::ACCEPTED);
+    // No backend runs here: report the instance gone, as the reconciler would.
+    append_event(
+        &s.log,
+        "workspace:research",
+        &warren_schema::events::WorkspaceObserved {
+            workspace: "research".into(),
+            phase: warren_schema::events::WorkspacePhase::Gone,
+            backend: "local".into(),
+            instance: None,
+            detail: None,
+        },
+    )
+    .await;
+    eventually("the deleted workspace gone from the API", async || {
+        s.call(Method::GET, path, Some(&operator), None)
+            .await
+            .status()
+            == StatusCode::NOT_FOUND
+    })
+    .await;
+    eventually("and from the read model", async || {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM workspaces WHERE name = 'research'")
+            .fetch_one(s.log.pool())
+            .await
+            .expect("count")
+            == 0
+    })
+    .await;
+
     leader_stop.cancel();
     leader.await.expect("join");
 }
@@ -981,6 +1027,22 @@ fn leader(log: &EventLog) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     (stop, task)
 }
 
+async fn append_event<E: warren_schema::events::DomainEvent>(log: &EventLog, stream: &str, e: &E) {
+    log.append(&warren_schema::AppendRequest::new(
+        stream,
+        vec![
+            warren_schema::NewEvent::from_domain(
+                warren_schema::EventId::random(),
+                e,
+                warren_schema::Metadata::new("test"),
+            )
+            .expect("event"),
+        ],
+    ))
+    .await
+    .expect("append");
+}
+
 async fn webhook_message(log: &EventLog, delivery: &str, agent: &str) {
     use warren_schema::events::{MessageReceived, Origin};
     let message = MessageReceived {
@@ -992,19 +1054,7 @@ async fn webhook_message(log: &EventLog, delivery: &str, agent: &str) {
         addressed_agents: vec![agent.into()],
         files: vec![],
     };
-    log.append(&warren_schema::AppendRequest::new(
-        "webhook:ci",
-        vec![
-            warren_schema::NewEvent::from_domain(
-                warren_schema::EventId::random(),
-                &message,
-                warren_schema::Metadata::new("test"),
-            )
-            .expect("event"),
-        ],
-    ))
-    .await
-    .expect("append");
+    append_event(log, "webhook:ci", &message).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,7 +127,7 @@ fn api_routes() -> OpenApiRouter<Api> {
         .routes(routes!(tokens::list, tokens::issue))
         .routes(routes!(tokens::revoke))
         .routes(routes!(workspaces::list))
-        .routes(routes!(workspaces::get))
+        .routes(routes!(workspaces::get, workspaces::delete))
         .routes(routes!(workspaces::start))
         .routes(routes!(workspaces::stop))
         .routes(routes!(workspaces::restart))

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::auth::{Authorized, OperatorRole, ViewerRole};
+use super::auth::{AdminRole, Authorized, OperatorRole, ViewerRole};
 use super::extract::{Query, limit, page_of};
 use super::problem::{ApiError, ApiResult};
 use super::view::View;
@@ -176,6 +176,13 @@ async fn act(
             .get(name)
             .map_or(Phase::Stopped, |w| w.phase);
         match action {
+            "delete" if !workspace.agents.is_empty() => {
+                return Err(ApiError::Conflict(format!(
+                    "workspace {name:?} hosts {}: delete the agents or move them to another \
+                     workspace first",
+                    workspace.agents.join(", ")
+                )));
+            }
             "start" if workspace.agents.is_empty() => {
                 return Err(ApiError::Conflict(format!(
                     "workspace {name:?} hosts no agent; nothing would run in it"
@@ -286,6 +293,32 @@ pub async fn stop(
     Query(params): Query<ActionParams>,
 ) -> ApiResult<(axum::http::StatusCode, axum::Json<ActionAccepted>)> {
     act(&api, &caller, &name, "stop", params.reason).await
+}
+
+/// Delete a workspace that hosts no agent: it is stopped if it runs (its pod or process and
+/// its credentials go), then it leaves the lists and the read models. Its files on the
+/// shared volume and its memory bucket are kept (the bucket can be restored from the log
+/// anyway); remove them by hand if they must go.
+#[utoipa::path(delete, path = "/v1/workspaces/{name}", tag = "workspaces",
+    operation_id = "delete_workspace", security(("token" = ["admin"])),
+    params(("name" = String, Path, description = "Workspace name"), ActionParams),
+    responses((status = 202, description = "Recorded; the leader stops it and forgets it", body = ActionAccepted),
+              (status = 404, description = "No such workspace", body = super::problem::Problem),
+              (status = 409, description = "It still hosts agents", body = super::problem::Problem)))]
+pub async fn delete(
+    Authorized(caller, _): Authorized<AdminRole>,
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Query(params): Query<ActionParams>,
+) -> ApiResult<(axum::http::StatusCode, axum::Json<ActionAccepted>)> {
+    act(
+        &api,
+        &caller,
+        &name,
+        crate::decide::state::DELETE,
+        params.reason,
+    )
+    .await
 }
 
 /// A start waiting for capacity.

@@ -342,9 +342,10 @@ fn route(state: &State, out: &mut Decisions, message: EventId, agent: &str, reas
 
 /// A workspace has work: start it if it is not running (or about to be), within the caps;
 /// otherwise queue it. Work never jumps the queue: while anything waits, new starts queue.
-/// An operator's start or stop. A start is a wake like a message's (the admission caps
-/// apply; it may queue); a stop applies to a workspace that runs, starts, backs off or
-/// waits in the queue, and to nothing else.
+/// An operator's start, stop, restart or delete. A start is a wake like a message's (the
+/// admission caps apply; it may queue); a stop applies to a workspace that runs, starts,
+/// backs off or waits in the queue, and to nothing else. A delete stops it the same way;
+/// the state forgets it once it is stopped ([`State`]'s `delete_pending`).
 fn operator_action(
     state: &State,
     out: &mut Decisions,
@@ -383,17 +384,22 @@ fn operator_action(
             }
             _ => {}
         },
-        "stop" => {
+        "stop" | state::DELETE => {
             if matches!(
                 phase,
                 Phase::Starting | Phase::Ready | Phase::BackingOff | Phase::Queued
             ) {
                 let cause = out.cause.id.to_string();
+                let reason = if request.action == state::DELETE {
+                    state::DELETE
+                } else {
+                    "operator"
+                };
                 out.push(
                     &["stop_operator", workspace, &cause],
                     &WorkspaceStopRequested {
                         workspace: workspace.to_owned(),
-                        reason: "operator".into(),
+                        reason: reason.into(),
                     },
                 );
             }

@@ -13,6 +13,9 @@ use warren_schema::{EventId, NewEvent, RecordedEvent};
 /// The reason of an operator's restart's stop (and of its start).
 pub const RESTART: &str = "restart";
 
+/// The reason of the stop of a workspace an operator deleted.
+pub const DELETE: &str = "delete";
+
 /// Mention times kept per conversation (more than any sane rate limit counts).
 const MENTION_HISTORY: usize = 256;
 /// Mentions older than this are forgotten (far beyond any rate window), so a long-running
@@ -116,6 +119,8 @@ pub struct Workspace {
     pub waiting_origins: Vec<(EventId, Origin)>,
     /// An operator's restart is under way: stopped for it, to be started once gone.
     pub restart_pending: bool,
+    /// An operator deleted it while it ran: stopped for it, forgotten once gone.
+    pub delete_pending: bool,
 }
 
 /// A start held back by an admission cap.
@@ -285,6 +290,7 @@ impl State {
                     w.start_trace = event.metadata.traceparent.clone();
                     w.failed_at = None;
                     w.restart_pending = false;
+                    w.delete_pending = false;
                     if s.attempt == 0 {
                         w.failures = 0;
                     }
@@ -302,6 +308,20 @@ impl State {
                     }
                     w.restart_pending = s.reason == RESTART;
                     w.failed_at = None;
+                    self.forget_if_deleted(&s.workspace);
+                }
+            }
+            WorkspaceActionRequested::TYPE => {
+                if let Ok(request) = event.decode::<WorkspaceActionRequested>()
+                    && request.action == DELETE
+                    && let Some(w) = self.workspaces.get_mut(&request.workspace)
+                {
+                    // Stopped or failed: gone now. Otherwise the stop decided for the
+                    // request (or the one under way) ends it.
+                    w.delete_pending = true;
+                    if matches!(w.phase, Phase::Stopped | Phase::Failed) {
+                        self.forget_if_deleted(&request.workspace);
+                    }
                 }
             }
             WorkspaceFailed::TYPE => {
@@ -392,6 +412,7 @@ impl State {
             (WorkspacePhase::Ready, _) => {}
             (WorkspacePhase::Exited | WorkspacePhase::Gone, Phase::Stopping) => {
                 w.phase = Phase::Stopped;
+                self.forget_if_deleted(&o.workspace);
             }
             // It stopped without being asked to: back off, then restart (or give up).
             (
@@ -405,6 +426,19 @@ impl State {
                 w.failure_detail.clone_from(&o.detail);
             }
             _ => {}
+        }
+    }
+
+    /// Drops a workspace an operator deleted once it has stopped: it leaves the state (and
+    /// the read models, the admin API's lists), and nothing of it is queued.
+    fn forget_if_deleted(&mut self, workspace: &str) {
+        if self
+            .workspaces
+            .get(workspace)
+            .is_some_and(|w| w.delete_pending && matches!(w.phase, Phase::Stopped | Phase::Failed))
+        {
+            self.workspaces.remove(workspace);
+            self.queue.retain(|q| q.workspace != workspace);
         }
     }
 
@@ -446,6 +480,7 @@ impl State {
                 channel: None,
                 waiting_origins: Vec::new(),
                 restart_pending: false,
+                delete_pending: false,
             })
     }
 

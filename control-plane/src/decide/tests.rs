@@ -989,3 +989,44 @@ fn an_operator_s_restart_stops_the_workspace_then_starts_it_once_it_is_gone() {
     let d = c.when(operator("research", "restart"));
     assert_eq!(of_type::<WorkspaceStartRequested>(&d)[0].reason, "operator");
 }
+
+#[test]
+fn a_deleted_workspace_is_stopped_then_forgotten_and_a_stopped_one_at_once() {
+    let mut c = two_agents();
+    c.when(operator("research", "start"));
+    c.observe("research", WorkspacePhase::Ready);
+    let d = c.when(operator("research", "delete"));
+    assert_eq!(of_type::<WorkspaceStopRequested>(&d)[0].reason, "delete");
+    assert_eq!(
+        c.phase("research"),
+        Phase::Stopping,
+        "still there until gone"
+    );
+    c.observe("research", WorkspacePhase::Gone);
+    assert!(
+        !c.state.workspaces.contains_key("research"),
+        "forgotten once its instance is gone"
+    );
+
+    // Stopped already: forgotten at once, with no decision.
+    c.when(operator("ops", "start"));
+    c.observe("ops", WorkspacePhase::Ready);
+    c.when(operator("ops", "stop"));
+    c.observe("ops", WorkspacePhase::Exited);
+    assert!(c.when(operator("ops", "delete")).is_empty());
+    assert!(!c.state.workspaces.contains_key("ops"));
+
+    // Queued: taken out of the queue and forgotten.
+    let mut c = Controller::new(Policy {
+        max_running: Some(1),
+        ..Policy::default()
+    });
+    c.given_agent("alice", "research", 60);
+    c.given_agent("bob", "ops", 60);
+    c.when(operator("research", "start"));
+    c.when(operator("ops", "start"));
+    assert_eq!(c.phase("ops"), Phase::Queued);
+    c.when(operator("ops", "delete"));
+    assert!(!c.state.workspaces.contains_key("ops"));
+    assert!(c.state.queue.is_empty());
+}

@@ -397,6 +397,19 @@ async fn write(tx: &mut PgConnection, b: &Batch, state: &State) -> Result<()> {
         .await
         .map_err(db("writing routes"))?;
     }
+    // Workspaces an operator deleted have left the state: their rows go too.
+    let gone: Vec<&String> = b
+        .workspaces
+        .keys()
+        .filter(|n| !state.workspaces.contains_key(*n))
+        .collect();
+    if !gone.is_empty() {
+        sqlx::query("DELETE FROM workspaces WHERE name = ANY($1)")
+            .bind(&gone)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("deleting workspaces"))?;
+    }
     let (workspaces, positions): (Vec<_>, Vec<i64>) = b
         .workspaces
         .iter()

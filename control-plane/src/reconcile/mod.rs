@@ -438,6 +438,7 @@ mod tests {
                     channel: None,
                     waiting_origins: vec![],
                     restart_pending: false,
+                    delete_pending: false,
                 },
             );
             s.agents.insert(
