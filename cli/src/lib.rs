@@ -762,7 +762,9 @@ async fn execute(cli: &Cli, out: &mut impl Write) -> Result<(), Error> {
                     ("WORKSPACE", "/workspace"),
                     ("TURNS", "/turns"),
                     ("RUNTIME SECONDS", "/runtime_seconds"),
+                    ("TURN SECONDS", "/turn_seconds"),
                     ("INPUT TOKENS", "/input_tokens"),
+                    ("CACHED", "/cache_read_tokens"),
                     ("OUTPUT TOKENS", "/output_tokens"),
                 ],
             )?;

@@ -1336,6 +1336,33 @@ async fn usage_counts_turns_by_agent_team_and_workspace_and_runtime_seconds() {
     .await;
     stop.cancel();
     task.await.expect("join");
+    // Two turns completed, as the ingest records what the runtimes report: both of a's,
+    // none of b's yet.
+    let routings = of_type(&s.log, "message.routed").await;
+    for (n, routing) in routings
+        .iter()
+        .filter(|r| r.payload["agent"] == "a")
+        .enumerate()
+    {
+        append_event(
+            &s.log,
+            "agent:wa:a",
+            &warren_schema::events::AgentTurnCompleted {
+                workspace: "wa".into(),
+                agent: "a".into(),
+                routing_id: routing.id,
+                duration_ms: 1_500,
+                usage: warren_schema::events::TurnUsage {
+                    model_calls: 2,
+                    input_tokens: 1_000 + n as u64,
+                    output_tokens: 100,
+                    cache_read_tokens: 800,
+                    cache_write_tokens: 0,
+                },
+            },
+        )
+        .await;
+    }
     // The backend saw wa's runtime start (as the reconciler records it).
     let observed = warren_schema::NewEvent::from_domain(
         warren_schema::EventId::random(),
@@ -1389,12 +1416,29 @@ async fn usage_counts_turns_by_agent_team_and_workspace_and_runtime_seconds() {
         .collect();
     assert_eq!(turns, [("a".to_owned(), 2), ("b".to_owned(), 1)]);
     assert_eq!(by_agent[0]["workspace"], "wa");
-    assert!(by_agent[0]["input_tokens"].is_null(), "not recorded yet");
+    let tokens = |row: &Value| {
+        [
+            "completed_turns",
+            "model_calls",
+            "input_tokens",
+            "output_tokens",
+            "cache_read_tokens",
+        ]
+        .map(|f| row[f].as_u64().unwrap_or_else(|| panic!("{f} in {row}")))
+    };
+    assert_eq!(tokens(&by_agent[0]), [2, 4, 2_001, 200, 1_600]);
+    assert_eq!(by_agent[0]["turn_seconds"], 3.0);
+    assert_eq!(tokens(&by_agent[1]), [0, 0, 0, 0, 0], "b has not answered");
     let by_team = usage("team").await;
     assert_eq!(by_team.len(), 1);
     assert_eq!(
         (by_team[0]["key"].as_str(), by_team[0]["turns"].as_u64()),
         (Some("ci"), Some(3))
+    );
+    assert_eq!(
+        tokens(&by_team[0]),
+        [2, 4, 2_001, 200, 1_600],
+        "the team through the turn's routing and message"
     );
     let by_workspace = usage("workspace").await;
     let wa = by_workspace.iter().find(|r| r["key"] == "wa").expect("wa");
@@ -1403,6 +1447,7 @@ async fn usage_counts_turns_by_agent_team_and_workspace_and_runtime_seconds() {
         wa["runtime_seconds"].as_f64().is_some_and(|s| s >= 0.0),
         "{wa}"
     );
+    assert_eq!(tokens(wa), [2, 4, 2_001, 200, 1_600]);
     let wb = by_workspace.iter().find(|r| r["key"] == "wb").expect("wb");
     assert_eq!(wb["runtime_seconds"], 0.0, "never observed running");
     let bad = s

@@ -49,6 +49,7 @@ domain_events! {
     MentionRefused => "mention.refused" v 1,
     MemoryWritten => "memory.written" v 1,
     MessageDeadLettered => "message.dead_lettered" v 1,
+    AgentTurnCompleted => "agent.turn_completed" v 1,
     AgentBusy => "agent.busy" v 1,
     OutputRefused => "output.refused" v 1,
     MessageRefused => "message.refused" v 1,
@@ -357,6 +358,46 @@ pub struct AgentBusy {
     pub routing_id: crate::EventId,
     /// Seconds since the turn started.
     pub busy_for_secs: u64,
+}
+
+/// What one turn cost, as the model provider reported it (summed over the turn's model
+/// calls). Zero for drivers that call no model (`echo`) or whose program does not say.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnUsage {
+    /// Model calls made (tool steps included).
+    pub model_calls: u32,
+    /// Input tokens, cached ones included.
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Input tokens served from the provider's prompt cache.
+    pub cache_read_tokens: u64,
+    /// Input tokens written to the provider's prompt cache (Anthropic reports these).
+    pub cache_write_tokens: u64,
+}
+
+impl TurnUsage {
+    /// Adds another call's usage.
+    pub fn add(&mut self, other: &Self) {
+        self.model_calls += other.model_calls;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cache_read_tokens += other.cache_read_tokens;
+        self.cache_write_tokens += other.cache_write_tokens;
+    }
+}
+
+/// An agent finished a turn: how long it took and what the provider reported it used. The
+/// runtime reports it; the control plane checks that the turn was routed to that agent in
+/// that workspace (as for every output), and records the figures as reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentTurnCompleted {
+    pub workspace: String,
+    pub agent: String,
+    /// The routing decision the turn answered.
+    pub routing_id: crate::EventId,
+    /// From the driver's start to its answer (outputs not yet published).
+    pub duration_ms: u64,
+    pub usage: TurnUsage,
 }
 
 /// An admin API token was issued. The log keeps the SHA-256 of its secret, never the secret:

@@ -577,6 +577,17 @@ pub enum OutboxMessage {
         busy_for_secs: u64,
         correlation_id: Option<EventId>,
     },
+    /// A turn ended with an answer: its duration and the model usage it reported. Sent
+    /// with the turn's outputs, before the inbox message is acknowledged.
+    TurnCompleted {
+        id: String,
+        in_reply_to: EventId,
+        workspace: String,
+        agent: String,
+        duration_ms: u64,
+        usage: crate::events::TurnUsage,
+        correlation_id: Option<EventId>,
+    },
     Mention {
         id: String,
         in_reply_to: EventId,
@@ -598,6 +609,7 @@ impl OutboxMessage {
             | Self::Mention { id, .. }
             | Self::MemoryWritten { id, .. }
             | Self::DeadLettered { id, .. }
+            | Self::TurnCompleted { id, .. }
             | Self::Heartbeat { id, .. } => id,
         }
     }
@@ -608,6 +620,7 @@ impl OutboxMessage {
             Self::Reply { agent, .. }
             | Self::MemoryWritten { agent, .. }
             | Self::DeadLettered { agent, .. }
+            | Self::TurnCompleted { agent, .. }
             | Self::Heartbeat { agent, .. } => agent,
             Self::Mention { from_agent, .. } => from_agent,
         }
@@ -620,6 +633,7 @@ impl OutboxMessage {
             | Self::Mention { workspace, .. }
             | Self::MemoryWritten { workspace, .. }
             | Self::DeadLettered { workspace, .. }
+            | Self::TurnCompleted { workspace, .. }
             | Self::Heartbeat { workspace, .. } => workspace,
         }
     }

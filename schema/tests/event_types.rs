@@ -174,6 +174,19 @@ fn samples() -> Vec<Sample> {
             error: "model API: 503 Service Unavailable after 4 attempt(s)".into(),
             reply_to: Some(slack_origin()),
         }),
+        entry(AgentTurnCompleted {
+            workspace: "research".into(),
+            agent: "alice".into(),
+            routing_id: id("routing"),
+            duration_ms: 2_350,
+            usage: TurnUsage {
+                model_calls: 2,
+                input_tokens: 1_200,
+                output_tokens: 310,
+                cache_read_tokens: 1_024,
+                cache_write_tokens: 0,
+            },
+        }),
         entry(AgentBusy {
             workspace: "research".into(),
             agent: "alice".into(),

@@ -348,6 +348,7 @@ impl Worker {
             m.conversation = inbox.correlation_id;
             m
         };
+        let started = std::time::Instant::now();
         let said = self
             .driver
             .turn(&agent::TurnContext {
@@ -369,7 +370,15 @@ impl Worker {
                 outbox: Some(self.outbox.clone()),
             })
             .await?;
-        info!(routing = %inbox.routing_id, mentions = ?said.mentions, "turn");
+        let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        info!(
+            routing = %inbox.routing_id,
+            mentions = ?said.mentions,
+            duration_ms,
+            input_tokens = said.usage.input_tokens,
+            output_tokens = said.usage.output_tokens,
+            "turn"
+        );
         // Mentions first: they are on the critical path of the next agent's turn, while a
         // reply only goes to the conversation. Then what it said along the way (the
         // `reply` tool), then its answer. An empty answer is not sent (Slack refuses empty
@@ -389,10 +398,17 @@ impl Worker {
             .enumerate()
             .map(|(n, text)| turn.reply(&format!("said:{n}"), text));
         let answer = (!said.reply.trim().is_empty()).then(|| turn.reply("reply", &said.reply));
+        // Last: what the turn took and used (the usage report reads it).
+        let completed = turn.completed(duration_ms, said.usage.clone());
         // Publish every output, then wait for all their acknowledgements: one round trip
         // for the turn's outputs, not one each. They stay in order on the connection.
         let mut acks = Vec::new();
-        for output in directed.chain(addressed).chain(along).chain(answer) {
+        for output in directed
+            .chain(addressed)
+            .chain(along)
+            .chain(answer)
+            .chain([completed])
+        {
             acks.push(self.outbox.send(&output, traceparent).await?);
         }
         for ack in acks {

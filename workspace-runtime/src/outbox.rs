@@ -4,7 +4,7 @@
 
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use warren_schema::EventId;
-use warren_schema::events::Origin;
+use warren_schema::events::{Origin, TurnUsage};
 use warren_schema::nats::{InboxMessage, Namespace, OutboxMessage, message_headers};
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +129,19 @@ impl TurnRef {
             workspace: self.workspace.clone(),
             agent: self.agent.clone(),
             busy_for_secs,
+            correlation_id: self.correlation_id,
+        }
+    }
+
+    /// The end of the turn: its duration and model usage.
+    pub fn completed(&self, duration_ms: u64, usage: TurnUsage) -> OutboxMessage {
+        OutboxMessage::TurnCompleted {
+            id: self.id("completed"),
+            in_reply_to: self.routing_id,
+            workspace: self.workspace.clone(),
+            agent: self.agent.clone(),
+            duration_ms,
+            usage,
             correlation_id: self.correlation_id,
         }
     }

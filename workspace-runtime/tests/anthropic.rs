@@ -13,7 +13,8 @@ async fn messages_server(script: Vec<(u16, Value)>) -> (String, support::Seen) {
 fn message(content: Value, stop_reason: &str) -> Value {
     json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test",
            "content": content, "stop_reason": stop_reason,
-           "usage": {"input_tokens": 10, "output_tokens": 5}})
+           "usage": {"input_tokens": 10, "output_tokens": 5,
+                     "cache_read_input_tokens": 100, "cache_creation_input_tokens": 0}})
 }
 
 #[tokio::test]
@@ -44,6 +45,17 @@ async fn a_tool_use_turn_mentions_an_agent_and_answers() {
         ..TurnContext::default()
     };
     let turn = driver.turn(&ctx).await.expect("turn");
+    // Two calls answered (the 429 is not one), each reporting its usage.
+    assert_eq!(
+        turn.usage,
+        warren_schema::events::TurnUsage {
+            model_calls: 2,
+            input_tokens: 220,
+            output_tokens: 10,
+            cache_read_tokens: 200,
+            cache_write_tokens: 0,
+        }
+    );
     assert_eq!(turn.reply, "Asked bob; he will answer here.");
     assert_eq!(
         turn.directed,

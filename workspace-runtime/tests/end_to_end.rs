@@ -147,6 +147,33 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
         ],
         "why did bob say that?"
     );
+    // Every turn reported its end, answering its own routing (echo calls no model: 0
+    // tokens).
+    eventually("every routed turn completed", async || {
+        let routed = log.read_type("message.routed", 0, 100).await.expect("r");
+        let completed = log
+            .read_type("agent.turn_completed", 0, 100)
+            .await
+            .expect("r");
+        completed.len() == routed.len()
+    })
+    .await;
+    let routings = log.read_type("message.routed", 0, 100).await.expect("r");
+    for completed in log
+        .read_type("agent.turn_completed", 0, 100)
+        .await
+        .expect("r")
+    {
+        let c = completed
+            .decode::<AgentTurnCompleted>()
+            .expect("decode");
+        let routing = routings
+            .iter()
+            .find(|r| r.id == c.routing_id)
+            .expect("it answers a routing");
+        assert_eq!(routing.payload["agent"], c.agent.as_str());
+        assert_eq!(c.usage.model_calls, 0);
+    }
     let started = log
         .read_type("workspace.start_requested", 0, 10)
         .await

@@ -34,7 +34,9 @@ fn key_file(name: &str) -> std::path::PathBuf {
 
 fn assistant(message: Value) -> Value {
     json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "test-model",
-           "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+           "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+           "usage": {"prompt_tokens": 50, "completion_tokens": 7, "total_tokens": 57,
+                     "prompt_tokens_details": {"cached_tokens": 32}}})
 }
 
 #[tokio::test]
@@ -89,6 +91,16 @@ async fn a_tool_use_turn_writes_memory_mentions_an_agent_and_keeps_history() {
         support::serve_directory(&js, &ns, &[("alice", "research"), ("bob", "ops")]).await;
     let turn = d.turn(&ctx).await.expect("turn");
     assert_eq!(turn.reply, "Noted, and asked @bob.");
+    assert_eq!(
+        (
+            turn.usage.model_calls,
+            turn.usage.input_tokens,
+            turn.usage.output_tokens,
+            turn.usage.cache_read_tokens
+        ),
+        (2, 100, 14, 64),
+        "the two calls that answered, summed"
+    );
     assert_eq!(
         turn.said,
         ["on it"],

@@ -1,7 +1,7 @@
 //! `/v1/usage`: what each agent, workspace and team used over a period, read from the log:
 //! process- or pod-seconds (from the backend's observations), turns (messages routed to an
-//! agent) and model tokens (recorded with each turn by the runtime; not yet recorded, so
-//! `null` until the runtime reports them).
+//! agent), and the time and model tokens of the turns that completed (`agent.turn_completed`,
+//! which the runtime reports with each turn's outputs, from the providers' usage fields).
 
 use std::collections::BTreeMap;
 
@@ -39,7 +39,7 @@ pub struct UsageParams {
 }
 
 /// One row of a usage report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct UsageRow {
     /// The agent, workspace or team.
     pub key: String,
@@ -50,9 +50,18 @@ pub struct UsageRow {
     /// Seconds a runtime (process or pod) of the workspace existed, from the backend's
     /// observations, within the period (rows by workspace).
     pub runtime_seconds: Option<f64>,
-    /// Model tokens, as the providers reported them: not recorded yet (`null`).
-    pub input_tokens: Option<u64>,
-    pub output_tokens: Option<u64>,
+    /// Turns that completed with an answer.
+    pub completed_turns: u64,
+    /// Seconds the completed turns took (the driver's time: model calls, tools, a
+    /// command's run).
+    pub turn_seconds: f64,
+    /// Model calls and tokens, as the providers reported them. Input tokens include the
+    /// cached ones (for every provider); 0 for agents that call no model.
+    pub model_calls: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
 }
 
 /// A usage report.
@@ -151,11 +160,66 @@ pub async fn usage(
                 key,
                 workspace: row.try_get("workspace").map_err(db)?,
                 turns: row.try_get::<i64, _>("turns").map_err(db)?.max(0) as u64,
-                runtime_seconds: None,
-                input_tokens: None,
-                output_tokens: None,
+                ..UsageRow::default()
             },
         );
+    }
+    // The completed turns' time and tokens, keyed the same way (a team through the turn's
+    // routing and its message).
+    let key = match params.by {
+        GroupBy::Agent => "t.payload->>'agent'",
+        GroupBy::Workspace => "t.payload->>'workspace'",
+        GroupBy::Team => {
+            "coalesce(m.payload->'origin'->>'team_id', m.payload->'origin'->>'endpoint', 'agents')"
+        }
+    };
+    let sum = |field: &str| {
+        format!("coalesce(sum((t.payload->'usage'->>'{field}')::bigint), 0)::bigint AS {field}")
+    };
+    let sql = format!(
+        "SELECT {key} AS key, max(t.payload->>'workspace') AS workspace, count(*) AS completed, \
+                coalesce(sum((t.payload->>'duration_ms')::bigint), 0)::bigint AS duration_ms, \
+                {}, {}, {}, {}, {} \
+         FROM events t \
+         LEFT JOIN events r ON r.event_id = (t.payload->>'routing_id')::uuid \
+         LEFT JOIN events m ON m.event_id = (r.payload->>'message_id')::uuid \
+         WHERE t.event_type = 'agent.turn_completed' \
+           AND ($1::timestamptz IS NULL OR t.recorded_at >= $1) AND t.recorded_at < $2 \
+         GROUP BY 1",
+        sum("model_calls"),
+        sum("input_tokens"),
+        sum("output_tokens"),
+        sum("cache_read_tokens"),
+        sum("cache_write_tokens"),
+    );
+    // Built only from the constants above; the period is bound.
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(params.since)
+        .bind(until)
+        .fetch_all(api.log.pool())
+        .await
+        .map_err(db)?;
+    let count = |row: &sqlx::postgres::PgRow, column: &str| -> ApiResult<u64> {
+        Ok(row.try_get::<i64, _>(column).map_err(db)?.max(0) as u64)
+    };
+    for row in rows {
+        let key: Option<String> = row.try_get("key").map_err(db)?;
+        let key = key.unwrap_or_default();
+        let entry = report.entry(key.clone()).or_insert_with(|| UsageRow {
+            key,
+            workspace: None,
+            ..UsageRow::default()
+        });
+        if params.by == GroupBy::Agent && entry.workspace.is_none() {
+            entry.workspace = row.try_get("workspace").map_err(db)?;
+        }
+        entry.completed_turns = count(&row, "completed")?;
+        entry.turn_seconds = count(&row, "duration_ms")? as f64 / 1000.0;
+        entry.model_calls = count(&row, "model_calls")?;
+        entry.input_tokens = count(&row, "input_tokens")?;
+        entry.output_tokens = count(&row, "output_tokens")?;
+        entry.cache_read_tokens = count(&row, "cache_read_tokens")?;
+        entry.cache_write_tokens = count(&row, "cache_write_tokens")?;
     }
     if params.by == GroupBy::Workspace {
         let mut observations = Vec::new();
@@ -181,11 +245,7 @@ pub async fn usage(
                 .entry(workspace.clone())
                 .or_insert_with(|| UsageRow {
                     key: workspace,
-                    workspace: None,
-                    turns: 0,
-                    runtime_seconds: None,
-                    input_tokens: None,
-                    output_tokens: None,
+                    ..UsageRow::default()
                 })
                 .runtime_seconds = Some(seconds);
         }

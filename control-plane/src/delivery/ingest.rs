@@ -5,7 +5,8 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 use warren_schema::events::{
-    AgentBusy, AgentMentioned, AgentReplied, MemoryWritten, MessageDeadLettered, OutputRefused,
+    AgentBusy, AgentMentioned, AgentReplied, AgentTurnCompleted, MemoryWritten,
+    MessageDeadLettered, OutputRefused,
 };
 use warren_schema::nats::{Namespace, OutboxMessage, TRACEPARENT};
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent};
@@ -70,6 +71,7 @@ fn counts_as_output(out: &OutboxMessage) -> bool {
         OutboxMessage::Reply { .. }
             | OutboxMessage::Mention { .. }
             | OutboxMessage::DeadLettered { .. }
+            | OutboxMessage::TurnCompleted { .. }
     )
 }
 
@@ -171,6 +173,29 @@ pub fn to_event(
                 .map_err(encode)?,
             ))
         }
+        OutboxMessage::TurnCompleted {
+            id,
+            in_reply_to,
+            workspace,
+            agent,
+            duration_ms,
+            usage,
+            correlation_id: _,
+        } => Ok((
+            format!("agent:{workspace}:{agent}"),
+            NewEvent::from_domain(
+                EventId::derive(&["outbox", workspace, id]),
+                &AgentTurnCompleted {
+                    workspace: workspace.clone(),
+                    agent: agent.clone(),
+                    routing_id: *in_reply_to,
+                    duration_ms: *duration_ms,
+                    usage: usage.clone(),
+                },
+                meta(in_reply_to, agent),
+            )
+            .map_err(encode)?,
+        )),
         OutboxMessage::Heartbeat {
             id: _,
             in_reply_to,

@@ -74,6 +74,7 @@ pub fn answers(out: &OutboxMessage) -> Option<EventId> {
         OutboxMessage::Reply { in_reply_to, .. }
         | OutboxMessage::Mention { in_reply_to, .. }
         | OutboxMessage::DeadLettered { in_reply_to, .. }
+        | OutboxMessage::TurnCompleted { in_reply_to, .. }
         | OutboxMessage::Heartbeat { in_reply_to, .. } => Some(*in_reply_to),
         OutboxMessage::MemoryWritten { .. } => None,
     }
@@ -86,6 +87,7 @@ pub fn kind(out: &OutboxMessage) -> &'static str {
         OutboxMessage::Mention { .. } => "mention",
         OutboxMessage::DeadLettered { .. } => "dead_lettered",
         OutboxMessage::Heartbeat { .. } => "heartbeat",
+        OutboxMessage::TurnCompleted { .. } => "turn_completed",
         OutboxMessage::MemoryWritten { .. } => "memory_written",
     }
 }

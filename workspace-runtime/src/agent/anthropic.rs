@@ -8,7 +8,9 @@
 use serde_json::{Value, json};
 use tracing::info;
 
-use super::model::{MAX_STEPS, ModelApi, post_with_retry};
+use warren_schema::events::TurnUsage;
+
+use super::model::{MAX_STEPS, ModelApi, anthropic_usage, post_with_retry};
 use super::{DriverError, TurnContext};
 use crate::tools::{ToolEffects, execute};
 
@@ -31,7 +33,10 @@ impl Anthropic {
         ModelApi::from_settings("anthropic", settings, "https://api.anthropic.com").map(Self)
     }
 
-    pub async fn turn(&self, ctx: &TurnContext) -> Result<(String, ToolEffects), DriverError> {
+    pub async fn turn(
+        &self,
+        ctx: &TurnContext,
+    ) -> Result<(String, ToolEffects, TurnUsage), DriverError> {
         let api = &self.0;
         let (conversation, mut messages) =
             api.start_turn(ctx, json!({"role": "user", "content": ctx.text}));
@@ -41,6 +46,7 @@ impl Anthropic {
             ctx.agent, ctx.workspace
         );
         let mut effects = ToolEffects::default();
+        let mut usage = TurnUsage::default();
         let url = format!("{}/v1/messages", api.base_url);
         for _ in 0..MAX_STEPS {
             let body = json!({
@@ -62,6 +68,7 @@ impl Anthropic {
                 }
             })
             .await?;
+            usage.add(&anthropic_usage(&response));
             let content = response["content"]
                 .as_array()
                 .cloned()
@@ -76,7 +83,7 @@ impl Anthropic {
                     .collect::<Vec<_>>()
                     .join("\n");
                 api.remember(conversation, messages);
-                return Ok((reply, effects));
+                return Ok((reply, effects, usage));
             }
             let mut results = Vec::new();
             for block in uses {

@@ -20,6 +20,8 @@ pub mod openai;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use warren_schema::events::TurnUsage;
+
 use crate::tools::ToolEffects;
 
 /// What a driver knows about the turn besides the text.
@@ -89,6 +91,8 @@ pub struct Turn {
     pub directed: Vec<(String, String)>,
     /// Agents it addressed (`@name`), in order, without itself or repeats.
     pub mentions: Vec<String>,
+    /// What the model calls of the turn used, as the provider reported it.
+    pub usage: TurnUsage,
 }
 
 impl Turn {
@@ -100,12 +104,18 @@ impl Turn {
             said: Vec::new(),
             directed: Vec::new(),
             mentions,
+            usage: TurnUsage::default(),
         }
     }
 
     /// A model's turn: its reply, what it did with the tools, and the `@name`s in its reply
     /// that the `mention` tool did not already cover.
-    fn with_tool_effects(agent: &str, reply: String, effects: ToolEffects) -> Self {
+    fn with_tool_effects(
+        agent: &str,
+        reply: String,
+        effects: ToolEffects,
+        usage: TurnUsage,
+    ) -> Self {
         let mentions = mentions(agent, &reply)
             .into_iter()
             .filter(|m| !effects.mentions.iter().any(|(to, _)| to == m))
@@ -115,6 +125,7 @@ impl Turn {
             said: effects.replies,
             directed: effects.mentions,
             mentions,
+            usage,
         }
     }
 }
@@ -192,12 +203,12 @@ impl Driver {
                 Ok(Turn::answer(&ctx.agent, reply))
             }
             Self::OpenAi(d) => {
-                let (reply, effects) = d.turn(ctx).await?;
-                Ok(Turn::with_tool_effects(&ctx.agent, reply, effects))
+                let (reply, effects, usage) = d.turn(ctx).await?;
+                Ok(Turn::with_tool_effects(&ctx.agent, reply, effects, usage))
             }
             Self::Anthropic(d) => {
-                let (reply, effects) = d.turn(ctx).await?;
-                Ok(Turn::with_tool_effects(&ctx.agent, reply, effects))
+                let (reply, effects, usage) = d.turn(ctx).await?;
+                Ok(Turn::with_tool_effects(&ctx.agent, reply, effects, usage))
             }
         }
     }
@@ -284,7 +295,12 @@ mod tests {
             mentions: vec![("bob".into(), "look at this".into())],
             replies: vec!["working on it".into()],
         };
-        let turn = Turn::with_tool_effects("alice", "asked @bob and @carol".into(), effects);
+        let turn = Turn::with_tool_effects(
+            "alice",
+            "asked @bob and @carol".into(),
+            effects,
+            TurnUsage::default(),
+        );
         assert_eq!(
             turn.directed,
             [("bob".to_owned(), "look at this".to_owned())]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use warren_schema::Secret;
+use warren_schema::events::TurnUsage;
 
 use tracing::warn;
 
@@ -212,6 +213,38 @@ pub async fn post_with_retry(
     Err(api_error("no attempt made".into()))
 }
 
+/// The usage of one Chat Completions call (`usage.prompt_tokens`, `completion_tokens`,
+/// `prompt_tokens_details.cached_tokens`); missing fields count 0.
+pub fn chat_completions_usage(response: &Value) -> TurnUsage {
+    let u = &response["usage"];
+    TurnUsage {
+        model_calls: 1,
+        input_tokens: u["prompt_tokens"].as_u64().unwrap_or(0),
+        output_tokens: u["completion_tokens"].as_u64().unwrap_or(0),
+        cache_read_tokens: u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0),
+        cache_write_tokens: 0,
+    }
+}
+
+/// The usage of one Messages API call. Anthropic's `input_tokens` leaves out the cached
+/// ones (`cache_read_input_tokens`, `cache_creation_input_tokens`); here they are added in,
+/// so `input_tokens` means the same for every provider.
+pub fn anthropic_usage(response: &Value) -> TurnUsage {
+    let u = &response["usage"];
+    let n = |field: &str| u[field].as_u64().unwrap_or(0);
+    TurnUsage {
+        model_calls: 1,
+        input_tokens: n("input_tokens")
+            + n("cache_read_input_tokens")
+            + n("cache_creation_input_tokens"),
+        output_tokens: n("output_tokens"),
+        cache_read_tokens: n("cache_read_input_tokens"),
+        cache_write_tokens: n("cache_creation_input_tokens"),
+    }
+}
+
 /// Reads an API key from the agent's `api_key_file` (none: the API is called without one,
 /// as local servers allow).
 pub fn api_key(settings: &Value) -> Result<Option<Secret>, DriverError> {
@@ -229,6 +262,39 @@ pub fn api_key(settings: &Value) -> Result<Option<Secret>, DriverError> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn usage_is_read_from_each_provider_s_fields_with_cached_input_counted_as_input() {
+        let chat = json!({"usage": {"prompt_tokens": 120, "completion_tokens": 30,
+            "total_tokens": 150, "prompt_tokens_details": {"cached_tokens": 100}}});
+        assert_eq!(
+            chat_completions_usage(&chat),
+            TurnUsage {
+                model_calls: 1,
+                input_tokens: 120,
+                output_tokens: 30,
+                cache_read_tokens: 100,
+                cache_write_tokens: 0
+            }
+        );
+        let messages = json!({"usage": {"input_tokens": 20, "output_tokens": 7,
+            "cache_read_input_tokens": 100, "cache_creation_input_tokens": 50}});
+        assert_eq!(
+            anthropic_usage(&messages),
+            TurnUsage {
+                model_calls: 1,
+                input_tokens: 170,
+                output_tokens: 7,
+                cache_read_tokens: 100,
+                cache_write_tokens: 50
+            }
+        );
+        assert_eq!(
+            chat_completions_usage(&json!({})).input_tokens,
+            0,
+            "a server that reports nothing costs nothing here"
+        );
+    }
 
     #[test]
     fn trimmed_history_starts_at_a_user_message_never_inside_a_tool_exchange() {

@@ -11,7 +11,9 @@
 use serde_json::{Value, json};
 use tracing::info;
 
-use super::model::{MAX_STEPS, ModelApi, post_with_retry};
+use warren_schema::events::TurnUsage;
+
+use super::model::{MAX_STEPS, ModelApi, chat_completions_usage, post_with_retry};
 use super::{DriverError, TurnContext};
 use crate::tools::{self, ToolEffects, execute};
 
@@ -32,7 +34,10 @@ impl OpenAi {
     }
 
     /// One turn: the model is called until it answers without tool calls.
-    pub async fn turn(&self, ctx: &TurnContext) -> Result<(String, ToolEffects), DriverError> {
+    pub async fn turn(
+        &self,
+        ctx: &TurnContext,
+    ) -> Result<(String, ToolEffects, TurnUsage), DriverError> {
         let (conversation, mut messages) = self
             .0
             .start_turn(ctx, json!({"role": "user", "content": ctx.text}));
@@ -41,8 +46,10 @@ impl OpenAi {
              other agents and to read and write shared memory.",
             ctx.agent, ctx.workspace)});
         let mut effects = ToolEffects::default();
+        let mut usage = TurnUsage::default();
         for _ in 0..MAX_STEPS {
             let response = self.complete(&system, &messages, ctx).await?;
+            usage.add(&chat_completions_usage(&response));
             let message = response["choices"][0]["message"].clone();
             if message.is_null() {
                 return Err(api_error("the response has no choices[0].message".into()));
@@ -55,7 +62,7 @@ impl OpenAi {
             if calls.is_empty() {
                 let reply = message["content"].as_str().unwrap_or_default().to_owned();
                 self.0.remember(conversation, messages);
-                return Ok((reply, effects));
+                return Ok((reply, effects, usage));
             }
             for call in calls {
                 let name = call["function"]["name"].as_str().unwrap_or_default();
