@@ -164,9 +164,7 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
         .await
         .expect("r")
     {
-        let c = completed
-            .decode::<AgentTurnCompleted>()
-            .expect("decode");
+        let c = completed.decode::<AgentTurnCompleted>().expect("decode");
         let routing = routings
             .iter()
             .find(|r| r.id == c.routing_id)
