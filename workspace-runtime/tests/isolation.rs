@@ -888,6 +888,12 @@ async fn expiring_credentials_are_renewed_in_time_and_refused_once_expired() {
             }
             other => panic!("expected alice's reply to question {n}, got {other:?}"),
         }
+        match support::next_output(&mut outputs).await {
+            OutboxMessage::TurnCompleted { in_reply_to, .. } => {
+                assert_eq!(in_reply_to, message.routing_id, "question {n}");
+            }
+            other => panic!("expected the end of alice's turn {n}, got {other:?}"),
+        }
         assert!(!runtime.is_finished(), "the runtime stopped");
     }
     renewing.abort();

@@ -6,7 +6,8 @@
 //!
 //! - [`echo`]: says what it got (demos, tests, benchmarks);
 //! - [`command`]: a program per turn, as CLI agents (Claude Code, Codex) are run;
-//! - [`openai`]: an OpenAI-compatible Chat Completions API with Warren's [tools](crate::tools);
+//! - [`openai`]: an OpenAI-compatible Chat Completions API, or the Responses API
+//!   ([`responses`], streamed: [`sse`]), with Warren's [tools](crate::tools);
 //! - [`anthropic`]: Anthropic's Messages API with the same tools.
 //!
 //! The two HTTP drivers share [`model`]: settings, key, retries, history.
@@ -16,6 +17,8 @@ pub mod command;
 pub mod echo;
 pub mod model;
 pub mod openai;
+pub mod responses;
+pub mod sse;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -175,6 +175,20 @@ pub async fn post_with_retry(
     ctx: &TurnContext,
     build: impl Fn() -> reqwest::RequestBuilder,
 ) -> Result<Value, DriverError> {
+    send_with_retry(url, ctx, build)
+        .await?
+        .json()
+        .await
+        .map_err(|e| api_error(format!("reading the response: {e}")))
+}
+
+/// [`post_with_retry`] up to the first successful status: the body is the caller's to read
+/// (a stream, for the Responses API).
+pub async fn send_with_retry(
+    url: &str,
+    ctx: &TurnContext,
+    build: impl Fn() -> reqwest::RequestBuilder,
+) -> Result<reqwest::Response, DriverError> {
     let mut backoff = Duration::from_millis(500);
     for attempt in 1..=ATTEMPTS {
         let mut request = build();
@@ -187,10 +201,7 @@ pub async fn post_with_retry(
             .map_err(|e| api_error(format!("calling {url}: {e}")))?;
         let status = response.status();
         if status.is_success() {
-            return response
-                .json()
-                .await
-                .map_err(|e| api_error(format!("reading the response: {e}")));
+            return Ok(response);
         }
         let retryable = status.as_u16() == 429 || status.is_server_error();
         if !retryable || attempt == ATTEMPTS {

@@ -1,8 +1,11 @@
 //! The `openai` driver: any OpenAI-compatible Chat Completions API (OpenAI, vLLM, Ollama,
-//! LiteLLM, OpenRouter), with a tool-use loop over Warren's agent tools.
+//! LiteLLM, OpenRouter), or the Responses API with `"wire_api": "responses"` (see
+//! [`super::responses`]), with a tool-use loop over Warren's agent tools.
 //!
 //! Settings: `{"base_url": "http://127.0.0.1:11434/v1", "model": "...", "max_tokens": 1024,
-//! "api_key_file": "/run/secrets/openai"}`. Without `api_key_file` the key is the agent's
+//! "api_key_file": "/run/secrets/openai", "wire_api": "chat_completions" | "responses",
+//! "stream": true}` (`stream` is for the Responses API, whose answers are streamed unless
+//! it is `false`). Without `api_key_file` the key is the agent's
 //! allowed `OPENAI_API_KEY` (see `allowed_keys`; optional for local servers); it is never
 //! logged. History is kept per conversation. 429 (honouring
 //! `Retry-After`) and 5xx are retried with backoff; what still fails fails the turn, which
@@ -19,7 +22,14 @@ use crate::tools::{self, ToolEffects, execute};
 
 /// An OpenAI-compatible agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OpenAi(ModelApi);
+pub struct OpenAi(ModelApi, Wire);
+
+/// Which of OpenAI's APIs it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    ChatCompletions,
+    Responses { stream: bool },
+}
 
 fn api_error(message: String) -> DriverError {
     DriverError::Api(message)
@@ -30,7 +40,19 @@ pub const KEY: &str = "OPENAI_API_KEY";
 
 impl OpenAi {
     pub fn from_settings(settings: &Value) -> Result<Self, DriverError> {
-        ModelApi::from_settings("openai", settings, "https://api.openai.com/v1").map(Self)
+        let wire = match settings["wire_api"].as_str().unwrap_or("chat_completions") {
+            "chat_completions" => Wire::ChatCompletions,
+            "responses" => Wire::Responses {
+                stream: settings["stream"].as_bool().unwrap_or(true),
+            },
+            other => {
+                return Err(DriverError::Settings(format!(
+                    "settings.wire_api {other:?} is not chat_completions or responses"
+                )));
+            }
+        };
+        let api = ModelApi::from_settings("openai", settings, "https://api.openai.com/v1")?;
+        Ok(Self(api, wire))
     }
 
     /// One turn: the model is called until it answers without tool calls.
@@ -38,6 +60,9 @@ impl OpenAi {
         &self,
         ctx: &TurnContext,
     ) -> Result<(String, ToolEffects, TurnUsage), DriverError> {
+        if let Wire::Responses { stream } = self.1 {
+            return super::responses::turn(&self.0, stream, ctx).await;
+        }
         let (conversation, mut messages) = self
             .0
             .start_turn(ctx, json!({"role": "user", "content": ctx.text}));

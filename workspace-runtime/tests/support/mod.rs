@@ -226,9 +226,11 @@ impl NatsServer {
 /// What a local model API server received: each request's headers and JSON body.
 pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, serde_json::Value)>>>;
 
-/// A local model API (OpenAI Chat Completions or Anthropic Messages: real HTTP, real JSON)
-/// answering POSTs to `path` from `script` in turn, a status and a body per call (500 once
-/// the script has ended). A 429 carries `Retry-After: 0`. Returns `http://{addr}`.
+/// A local model API (OpenAI Chat Completions or Responses, Anthropic Messages: real HTTP,
+/// real JSON) answering POSTs to `path` from `script` in turn, a status and a body per call
+/// (500 once the script has ended). A 429 carries `Retry-After: 0`. A request with
+/// `"stream": true` gets its 200 answer as a Responses API event stream
+/// ([`responses_stream`]). Returns `http://{addr}`.
 pub async fn model_server(path: &str, script: Vec<(u16, serde_json::Value)>) -> (String, Seen) {
     use axum::http::{HeaderMap, StatusCode};
     use axum::response::{IntoResponse, Response};
@@ -242,12 +244,16 @@ pub async fn model_server(path: &str, script: Vec<(u16, serde_json::Value)>) -> 
             move |headers: HeaderMap, Json(body): Json<serde_json::Value>| {
                 let (log, script) = (log.clone(), script.clone());
                 async move {
+                    let stream = body["stream"] == true;
                     log.lock().expect("lock").push((headers, body));
                     let (status, answer) = script
                         .lock()
                         .expect("lock")
                         .next()
                         .unwrap_or((500, serde_json::json!({"error": "script ended"})));
+                    if stream && status == 200 {
+                        return responses_stream(&answer);
+                    }
                     let mut response: Response =
                         (StatusCode::from_u16(status).expect("status"), Json(answer))
                             .into_response();
@@ -267,6 +273,105 @@ pub async fn model_server(path: &str, script: Vec<(u16, serde_json::Value)>) -> 
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
     (format!("http://{addr}"), seen)
+}
+
+/// A Responses API answer streamed as the API streams it (`text/event-stream`):
+/// `response.created`, then per output item `response.output_item.added`, its text deltas
+/// (`response.content_part.added`, `response.output_text.delta`/`.done`,
+/// `response.content_part.done`) or argument deltas (`response.function_call_arguments.*`),
+/// and `response.output_item.done`; then `response.completed` with the whole response (or
+/// `response.failed`, for a response whose status is `failed`). Sent in 7-byte pieces, so
+/// the client reassembles frames split anywhere.
+fn responses_stream(response: &serde_json::Value) -> axum::response::Response {
+    use serde_json::{Value, json};
+    let mut frames = String::new();
+    let mut sequence = 0;
+    let mut emit = |kind: &str, mut data: Value| {
+        data["type"] = kind.into();
+        data["sequence_number"] = sequence.into();
+        sequence += 1;
+        frames.push_str(&format!("event: {kind}\ndata: {data}\n\n"));
+    };
+    let mut created = response.clone();
+    created["status"] = "in_progress".into();
+    created["output"] = json!([]);
+    created["usage"] = Value::Null;
+    emit("response.created", json!({"response": created}));
+    if response["status"] == "failed" {
+        emit("response.failed", json!({"response": response}));
+    } else {
+        let output = response["output"].as_array().cloned().unwrap_or_default();
+        for (index, item) in output.iter().enumerate() {
+            let id = item["id"].clone();
+            let mut added = item.clone();
+            added["status"] = "in_progress".into();
+            match item["type"].as_str() {
+                Some("message") => {
+                    added["content"] = json!([]);
+                    emit(
+                        "response.output_item.added",
+                        json!({"output_index": index, "item": added}),
+                    );
+                    let parts = item["content"].as_array().cloned().unwrap_or_default();
+                    for (part_index, part) in parts.iter().enumerate() {
+                        let at = json!({"item_id": id, "output_index": index,
+                                        "content_index": part_index});
+                        let mut start = at.clone();
+                        start["part"] =
+                            json!({"type": "output_text", "text": "", "annotations": []});
+                        emit("response.content_part.added", start);
+                        let text = part["text"].as_str().unwrap_or_default();
+                        let chars: Vec<char> = text.chars().collect();
+                        for piece in chars.chunks(4) {
+                            let mut delta = at.clone();
+                            delta["delta"] = piece.iter().collect::<String>().into();
+                            emit("response.output_text.delta", delta);
+                        }
+                        let mut done = at.clone();
+                        done["text"] = text.into();
+                        emit("response.output_text.done", done);
+                        let mut done = at;
+                        done["part"] = part.clone();
+                        emit("response.content_part.done", done);
+                    }
+                }
+                Some("function_call") => {
+                    added["arguments"] = "".into();
+                    emit(
+                        "response.output_item.added",
+                        json!({"output_index": index, "item": added}),
+                    );
+                    let at = json!({"item_id": id, "output_index": index});
+                    let mut delta = at.clone();
+                    delta["delta"] = item["arguments"].clone();
+                    emit("response.function_call_arguments.delta", delta);
+                    let mut done = at;
+                    done["arguments"] = item["arguments"].clone();
+                    emit("response.function_call_arguments.done", done);
+                }
+                _ => emit(
+                    "response.output_item.added",
+                    json!({"output_index": index, "item": added}),
+                ),
+            }
+            emit(
+                "response.output_item.done",
+                json!({"output_index": index, "item": item}),
+            );
+        }
+        emit("response.completed", json!({"response": response}));
+    }
+    let pieces: Vec<Result<Vec<u8>, std::convert::Infallible>> = frames
+        .into_bytes()
+        .chunks(7)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    axum::response::Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(axum::body::Body::from_stream(futures_util::stream::iter(
+            pieces,
+        )))
+        .expect("response")
 }
 
 /// Text logs for runtimes a test starts through a backend (their log is read on failure).
