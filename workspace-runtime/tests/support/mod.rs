@@ -282,7 +282,7 @@ pub async fn model_server(path: &str, script: Vec<(u16, serde_json::Value)>) -> 
 /// and `response.output_item.done`; then `response.completed` with the whole response (or
 /// `response.failed`, for a response whose status is `failed`). Sent in 7-byte pieces, so
 /// the client reassembles frames split anywhere.
-fn responses_stream(response: &serde_json::Value) -> axum::response::Response {
+pub fn responses_stream(response: &serde_json::Value) -> axum::response::Response {
     use serde_json::{Value, json};
     let mut frames = String::new();
     let mut sequence = 0;
