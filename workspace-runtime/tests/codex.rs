@@ -122,9 +122,11 @@ fn recipe(base_url: &str) -> Value {
     let runtime = env!("CARGO_BIN_EXE_warren-workspace-runtime");
     json!({"driver": "command", "settings": {
         "input": "argument",
+        "output": "codex-json",
         "timeout_secs": 120,
         "command": [
             codex(), "exec",
+            "--json",
             "--skip-git-repo-check",
             "--sandbox", "danger-full-access",
             "-c", "approval_policy=\"never\"",
@@ -169,8 +171,13 @@ async fn codex_answers_a_message_and_uses_warrens_tools_over_mcp() {
             OutboxMessage::Reply {
                 text, in_reply_to, ..
             } => reply = Some((text, in_reply_to)),
-            OutboxMessage::TurnCompleted { in_reply_to, .. } => {
+            OutboxMessage::TurnCompleted {
+                in_reply_to, usage, ..
+            } => {
                 assert_eq!(in_reply_to, message.routing_id);
+                // Codex's own account of the turn (`--json`): two model calls of 1,000
+                // input and 20 output tokens each, as the model server reported them.
+                assert_eq!((usage.input_tokens, usage.output_tokens), (2000, 40));
                 break;
             }
             OutboxMessage::Heartbeat { .. } => {}

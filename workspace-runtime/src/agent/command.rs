@@ -1,8 +1,9 @@
 //! The `command` driver: runs a program per turn, the way CLI agents (Claude Code, Codex)
 //! are run.
 //!
-//! Settings: `{"command": ["claude", "-p"], "input": "argument" | "stdin", "timeout_secs":
-//! 600, "kill_grace_secs": 5, "max_output_bytes": 1048576}`.
+//! Settings: `{"command": ["claude", "-p"], "input": "argument" | "stdin", "output": "text"
+//! | "codex-json" | "claude-json", "timeout_secs": 600, "kill_grace_secs": 5,
+//! "max_output_bytes": 1048576}`.
 //!
 //! - The message goes on stdin (default) or as the last argument, after `--` so that it is
 //!   never read as an option; a message longer than [`MAX_ARGUMENT_BYTES`] is refused.
@@ -14,7 +15,8 @@
 //!   and the model keys this agent is allowed (`OPENAI_API_KEY=...`, read from the files
 //!   the backend wrote). Nothing of the runtime's own environment is inherited.
 //! - The working directory is the workspace directory.
-//! - Stdout is the reply; stderr goes to the runtime's log. More than `max_output_bytes` of
+//! - Stdout is the reply (or, with `output`, a CLI's JSON that holds the reply and the
+//!   model usage: [`super::cli_output`]); stderr goes to the runtime's log. More than `max_output_bytes` of
 //!   stdout fails the turn and kills the program.
 //! - The program runs in a process group of its own, and the turn's processes end with the
 //!   turn: on a timeout the group gets SIGTERM, then SIGKILL after `kill_grace_secs`; what is
@@ -31,6 +33,7 @@ use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
+use super::cli_output::{self, Output, Said};
 use super::{DriverError, TurnContext, strings};
 
 /// How a `command` agent receives the message.
@@ -46,6 +49,8 @@ pub enum Input {
 pub struct Command {
     pub argv: Vec<String>,
     pub input: Input,
+    /// How stdout is read.
+    pub output: Output,
     /// The whole turn, program and children.
     pub timeout: Duration,
     /// Between SIGTERM and SIGKILL when the turn times out.
@@ -87,12 +92,19 @@ impl Command {
                 )));
             }
         };
+        let output_name = settings["output"].as_str().unwrap_or("text");
+        let output = Output::named(output_name).ok_or_else(|| {
+            DriverError::Settings(format!(
+                "settings.output {output_name:?}: use text, codex-json or claude-json"
+            ))
+        })?;
         let secs = |key: &str, default: u64| {
             Duration::from_secs(settings[key].as_u64().unwrap_or(default))
         };
         Ok(Self {
             argv,
             input,
+            output,
             timeout: secs("timeout_secs", 600),
             kill_grace: secs("kill_grace_secs", 5),
             max_output_bytes: settings["max_output_bytes"].as_u64().unwrap_or(1 << 20),
@@ -123,8 +135,9 @@ impl Command {
             .collect()
     }
 
-    /// Runs the program for one turn; its stdout, trimmed, is the reply.
-    pub async fn run(&self, ctx: &TurnContext) -> Result<String, DriverError> {
+    /// Runs the program for one turn: what it said (the reply, and the usage a CLI
+    /// reported).
+    pub async fn run(&self, ctx: &TurnContext) -> Result<Said, DriverError> {
         let program = self.argv[0].clone();
         let io = |source| DriverError::Io {
             program: program.clone(),
@@ -265,9 +278,10 @@ impl Command {
                 status: status.to_string(),
             });
         }
-        let reply = String::from_utf8_lossy(&out).trim().to_owned();
-        info!(bytes = reply.len(), "command turn finished");
-        Ok(reply)
+        let said = cli_output::read(self.output, &String::from_utf8_lossy(&out))
+            .map_err(|status| DriverError::Failed { program, status })?;
+        info!(bytes = said.reply.len(), "command turn finished");
+        Ok(said)
     }
 }
 
@@ -333,6 +347,7 @@ mod tests {
         Command {
             argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
             input,
+            output: Output::Text,
             timeout: Duration::from_millis(timeout_ms),
             kill_grace: Duration::from_millis(200),
             max_output_bytes: 1 << 20,
@@ -412,13 +427,13 @@ mod tests {
             Input::Stdin,
             5_000,
         );
-        let reply = c.run(&ctx("hello")).await.expect("turn");
+        let reply = c.run(&ctx("hello")).await.expect("turn").reply;
         assert_eq!(
             reply,
             "alice in research (asked by bob) heard: hello; cc @carol"
         );
         let pwd = command("pwd", Input::Stdin, 5_000);
-        let dir = pwd.run(&ctx("x")).await.expect("turn");
+        let dir = pwd.run(&ctx("x")).await.expect("turn").reply;
         assert_eq!(
             std::fs::canonicalize(dir).expect("dir"),
             std::fs::canonicalize(std::env::temp_dir()).expect("tmp"),
@@ -431,11 +446,11 @@ mod tests {
         // After `--`: a message that looks like an option is still the message.
         let c = command(r#"echo "$# args: $0 $1""#, Input::Argument, 5_000);
         assert_eq!(
-            c.run(&ctx("summarise")).await.expect("turn"),
+            c.run(&ctx("summarise")).await.expect("turn").reply,
             "1 args: -- summarise"
         );
         assert_eq!(
-            c.run(&ctx("--help")).await.expect("turn"),
+            c.run(&ctx("--help")).await.expect("turn").reply,
             "1 args: -- --help"
         );
         let too_long = "x".repeat(MAX_ARGUMENT_BYTES + 1);
@@ -458,7 +473,7 @@ mod tests {
             "OPENAI_API_KEY".to_owned(),
             dir.join("OPENAI_API_KEY"),
         )]));
-        let reply = c.run(&ctx("x")).await.expect("turn");
+        let reply = c.run(&ctx("x")).await.expect("turn").reply;
         let (names, key) = reply.split_once('\n').expect("two lines");
         assert_eq!(
             names.trim(),
@@ -500,7 +515,10 @@ mod tests {
         );
         let mut exact = command("printf 1234", Input::Stdin, 5_000);
         exact.max_output_bytes = 4;
-        assert_eq!(exact.run(&ctx("x")).await.expect("at the limit"), "1234");
+        assert_eq!(
+            exact.run(&ctx("x")).await.expect("at the limit").reply,
+            "1234"
+        );
     }
 
     #[tokio::test]
@@ -534,7 +552,7 @@ mod tests {
         assert_gone(&pidfile, "the background process").await;
         let _ = std::fs::remove_dir_all(dir);
         // The program's exit ended the turn, not the timeout.
-        assert_eq!(reply.expect("answered"), "done");
+        assert_eq!(reply.expect("answered").reply, "done");
         assert!(
             started.elapsed() < Duration::from_secs(15),
             "{:?}",

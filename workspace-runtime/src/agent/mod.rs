@@ -13,6 +13,7 @@
 //! The two HTTP drivers share [`model`]: settings, key, retries, history.
 
 pub mod anthropic;
+pub mod cli_output;
 pub mod command;
 pub mod echo;
 pub mod model;
@@ -202,8 +203,10 @@ impl Driver {
         match self {
             Self::Echo { cc } => Ok(echo::turn(&ctx.agent, &ctx.text, cc)),
             Self::Command(command) => {
-                let reply = command.run(ctx).await?;
-                Ok(Turn::answer(&ctx.agent, reply))
+                let said = command.run(ctx).await?;
+                let mut turn = Turn::answer(&ctx.agent, said.reply);
+                turn.usage = said.usage;
+                Ok(turn)
             }
             Self::OpenAi(d) => {
                 let (reply, effects, usage) = d.turn(ctx).await?;
