@@ -23,3 +23,29 @@ ensure_codex() {
     "$WARREN_CODEX_BIN" --version >/dev/null || die "$WARREN_CODEX_BIN does not run"
     export WARREN_CODEX_BIN
 }
+
+CLAUDE_CODE_VERSION=2.1.332
+
+# Installs @anthropic-ai/claude-code once per version and exports WARREN_CLAUDE_BIN. Its
+# native binary comes as an optional dependency; the package's postinstall copies it over
+# the `claude` placeholder (npm may skip install scripts it was not told to trust, so it is
+# run here when the placeholder is still there).
+ensure_claude() {
+    local dir="$WARREN_CLIS_DIR/claude-code-$CLAUDE_CODE_VERSION"
+    local package="$dir/node_modules/@anthropic-ai/claude-code"
+    if [ ! -x "$dir/node_modules/.bin/claude" ]; then
+        command -v npm >/dev/null || die "npm is needed to install Claude Code (Node.js 20+)"
+        say "clis: installing @anthropic-ai/claude-code@$CLAUDE_CODE_VERSION (npm) into $dir"
+        rm -rf "$dir"
+        mkdir -p "$dir"
+        npm install --prefix "$dir" --no-audit --no-fund --silent \
+            "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" \
+            || die "installing @anthropic-ai/claude-code failed"
+    fi
+    if ! "$dir/node_modules/.bin/claude" --version >/dev/null 2>&1; then
+        (cd "$package" && node install.cjs) || die "installing Claude Code's native binary failed"
+    fi
+    WARREN_CLAUDE_BIN="$dir/node_modules/.bin/claude"
+    "$WARREN_CLAUDE_BIN" --version >/dev/null || die "$WARREN_CLAUDE_BIN does not run"
+    export WARREN_CLAUDE_BIN
+}

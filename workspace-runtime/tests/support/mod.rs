@@ -374,6 +374,84 @@ pub fn responses_stream(response: &serde_json::Value) -> axum::response::Respons
         .expect("response")
 }
 
+/// A Messages API answer streamed as the API streams it (`text/event-stream`):
+/// `message_start` (the message with no content, the input usage), per content block
+/// `content_block_start`, its deltas (`text_delta`, or `input_json_delta` pieces of a
+/// `tool_use` block's input) and `content_block_stop`, a `ping`, then `message_delta` (the
+/// stop reason, the output usage) and `message_stop`. Sent in 7-byte pieces.
+pub fn messages_stream(message: &serde_json::Value) -> axum::response::Response {
+    use serde_json::{Value, json};
+    let mut frames = String::new();
+    let mut emit = |kind: &str, mut data: Value| {
+        data["type"] = kind.into();
+        frames.push_str(&format!("event: {kind}\ndata: {data}\n\n"));
+    };
+    let mut start = message.clone();
+    start["content"] = json!([]);
+    start["stop_reason"] = Value::Null;
+    start["usage"]["output_tokens"] = 1.into();
+    emit("message_start", json!({"message": start}));
+    emit("ping", json!({}));
+    let blocks = message["content"].as_array().cloned().unwrap_or_default();
+    for (index, block) in blocks.iter().enumerate() {
+        match block["type"].as_str() {
+            Some("tool_use") => {
+                let mut empty = block.clone();
+                empty["input"] = json!({});
+                emit(
+                    "content_block_start",
+                    json!({"index": index, "content_block": empty}),
+                );
+                let input = block["input"].to_string();
+                let chars: Vec<char> = input.chars().collect();
+                for piece in chars.chunks(9) {
+                    emit(
+                        "content_block_delta",
+                        json!({"index": index, "delta": {
+                        "type": "input_json_delta",
+                        "partial_json": piece.iter().collect::<String>()}}),
+                    );
+                }
+            }
+            _ => {
+                emit(
+                    "content_block_start",
+                    json!({"index": index,
+                    "content_block": {"type": "text", "text": ""}}),
+                );
+                let text = block["text"].as_str().unwrap_or_default();
+                let chars: Vec<char> = text.chars().collect();
+                for piece in chars.chunks(5) {
+                    emit(
+                        "content_block_delta",
+                        json!({"index": index, "delta": {
+                        "type": "text_delta", "text": piece.iter().collect::<String>()}}),
+                    );
+                }
+            }
+        }
+        emit("content_block_stop", json!({"index": index}));
+    }
+    emit(
+        "message_delta",
+        json!({
+        "delta": {"stop_reason": message["stop_reason"], "stop_sequence": null},
+        "usage": {"output_tokens": message["usage"]["output_tokens"]}}),
+    );
+    emit("message_stop", json!({}));
+    let pieces: Vec<Result<Vec<u8>, std::convert::Infallible>> = frames
+        .into_bytes()
+        .chunks(7)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    axum::response::Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(axum::body::Body::from_stream(futures_util::stream::iter(
+            pieces,
+        )))
+        .expect("response")
+}
+
 /// Text logs for runtimes a test starts through a backend (their log is read on failure).
 pub fn text_logs() -> warren_schema::launch::TelemetryLaunch {
     warren_schema::launch::TelemetryLaunch {
@@ -525,4 +603,137 @@ pub async fn ask_webhook(
     ))
     .await
     .expect("append");
+}
+
+/// What a `command` agent running a coding-agent CLI did in one turn, as its runtime
+/// published it.
+#[derive(Debug)]
+pub struct CliTurn {
+    pub routing_id: EventId,
+    /// (to, text, in reply to)
+    pub mention: Option<(String, String, EventId)>,
+    /// (key, value)
+    pub memory: Option<(String, Option<serde_json::Value>)>,
+    /// (text, in reply to)
+    pub reply: Option<(String, EventId)>,
+    pub usage: warren_schema::events::TurnUsage,
+}
+
+/// Runs one turn of agent `alice` (workspace `research`) configured with `driver`, through
+/// a real runtime on real NATS, with the model key `key` (variable, value) allowed, and
+/// collects its outputs until the turn's end.
+pub async fn cli_turn(
+    tag: &str,
+    driver: serde_json::Value,
+    key: (&str, &str),
+    text: &str,
+) -> CliTurn {
+    let url = nats_url();
+    let prefix = format!("{tag}{}", std::process::id());
+    let ns = Namespace::new(&prefix);
+    let js = jetstream::new(async_nats::connect(&url).await.expect("nats"));
+    let (_, outbox) = streams(&js, &ns).await;
+    let dir = std::env::temp_dir().join(format!("warren-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let key_file = dir.join("model.key");
+    std::fs::write(&key_file, format!("{}\n", key.1)).expect("key");
+    let mut config = launch(&url, &prefix, "research", "alice", driver, &dir);
+    config.agents[0].keys.insert(key.0.into(), key_file);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let runtime = tokio::spawn(warren_workspace_runtime::run(config, shutdown.clone()));
+    let mut outputs = Box::pin(follow_outbox(&outbox, &ns, "research").await);
+    let message = message("research", "alice", text);
+    send(&js, &ns, &message).await;
+    let mut turn = CliTurn {
+        routing_id: message.routing_id,
+        mention: None,
+        memory: None,
+        reply: None,
+        usage: Default::default(),
+    };
+    loop {
+        match next_output(&mut outputs).await {
+            OutboxMessage::Mention {
+                to_agent,
+                text,
+                in_reply_to,
+                ..
+            } => turn.mention = Some((to_agent, text, in_reply_to)),
+            OutboxMessage::MemoryWritten { key, value, .. } => turn.memory = Some((key, value)),
+            OutboxMessage::Reply {
+                text, in_reply_to, ..
+            } => turn.reply = Some((text, in_reply_to)),
+            OutboxMessage::TurnCompleted {
+                in_reply_to, usage, ..
+            } => {
+                assert_eq!(in_reply_to, message.routing_id, "the end of this turn");
+                turn.usage = usage;
+                break;
+            }
+            OutboxMessage::Heartbeat { .. } => {}
+            other => panic!("unexpected output {other:?}"),
+        }
+    }
+    shutdown.cancel();
+    runtime.await.expect("join").expect("runtime");
+    remove(&js, &ns, &["research"]).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    turn
+}
+
+/// A model's requests as a local server received them.
+pub type Requests =
+    std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, serde_json::Value)>>>;
+
+/// Serves `answer` (request body → response) on POST `path`, recording every request.
+/// Returns `http://{addr}`.
+pub async fn dynamic_model<F>(path: &str, answer: F) -> (String, Requests)
+where
+    F: Fn(&serde_json::Value) -> axum::response::Response + Clone + Send + Sync + 'static,
+{
+    let requests = Requests::default();
+    let seen = requests.clone();
+    let app = axum::Router::new().route(
+        path,
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap,
+                  axum::Json(body): axum::Json<serde_json::Value>| {
+                let (seen, answer) = (seen.clone(), answer.clone());
+                async move {
+                    let response = answer(&body);
+                    seen.lock().expect("lock").push((headers, body));
+                    response
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), requests)
+}
+
+/// A CLI installed by `scripts/lib/clis.sh`: `$env_var` (set by `./scripts/test`), else the
+/// pinned install under `.warren/clis/{dir_prefix}*`.
+pub fn cli(env_var: &str, dir_prefix: &str, bin: &str) -> String {
+    if let Ok(path) = std::env::var(env_var) {
+        return path;
+    }
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../.warren/clis");
+    std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|d| d.file_name().to_string_lossy().starts_with(dir_prefix))
+        .map(|d| d.path().join("node_modules/.bin").join(bin))
+        .find(|p| p.exists())
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|| {
+            panic!(
+                "{bin} is not installed: run ./scripts/test, or source scripts/lib/services.sh \
+                 and scripts/lib/clis.sh and run ensure_codex / ensure_claude"
+            )
+        })
 }

@@ -1,0 +1,169 @@
+//! The real Claude Code CLI (`@anthropic-ai/claude-code` from the npm registry, pinned in
+//! `scripts/lib/clis.sh`) as a `command` agent: `claude -p --output-format json` in the
+//! workspace directory, `ANTHROPIC_BASE_URL` a local server that speaks the Messages API
+//! (streamed), its key the agent's allowed `ANTHROPIC_API_KEY`, Warren's tools through
+//! `--mcp-config` (`warren-workspace-runtime --mcp`), allowed without a prompt. The model
+//! asks for `mention` and `memory_put`; Claude Code calls them over MCP; the result's text is
+//! the reply and its usage the turn's.
+
+mod support;
+
+use axum::response::IntoResponse;
+use serde_json::{Value, json};
+
+/// The name of the offered tool that ends in `suffix` (Claude Code names an MCP server's
+/// tools `mcp__{server}__{tool}`).
+fn tool(body: &Value, suffix: &str) -> Option<String> {
+    body["tools"].as_array()?.iter().find_map(|t| {
+        t["name"]
+            .as_str()
+            .filter(|n| n.ends_with(suffix))
+            .map(str::to_owned)
+    })
+}
+
+/// The model: asked with Warren's tools, it calls `mention` and `memory_put`; given their
+/// results, it answers; anything else Claude Code asks (it may ask for a title or a
+/// summary) gets a short text. Streamed when asked to be.
+fn answer(body: &Value) -> axum::response::Response {
+    let last = body["messages"].as_array().and_then(|m| m.last()).cloned();
+    let answered = last.is_some_and(|m| m["content"].to_string().contains("tool_result"));
+    let (content, stop) = match (answered, tool(body, "mention"), tool(body, "memory_put")) {
+        (false, Some(mention), Some(put)) => (
+            json!([
+                {"type": "text", "text": "I'll ask bob and note it."},
+                {"type": "tool_use", "id": "toolu_1", "name": mention,
+                 "input": {"agent": "bob", "text": "bob, please review the plan"}},
+                {"type": "tool_use", "id": "toolu_2", "name": put,
+                 "input": {"key": "review", "value": "asked bob"}}
+            ]),
+            "tool_use",
+        ),
+        (true, _, _) => (
+            json!([{"type": "text", "text": "Asked bob to review the plan."}]),
+            "end_turn",
+        ),
+        (false, _, _) => (json!([{"type": "text", "text": "ok"}]), "end_turn"),
+    };
+    let message = json!({"id": "msg_1", "type": "message", "role": "assistant",
+        "model": body["model"], "content": content, "stop_reason": stop,
+        "stop_sequence": null,
+        "usage": {"input_tokens": 500, "cache_creation_input_tokens": 0,
+                  "cache_read_input_tokens": 0, "output_tokens": 30}});
+    if body["stream"] == true {
+        support::messages_stream(&message)
+    } else {
+        axum::Json(message).into_response()
+    }
+}
+
+/// The documented Claude Code recipe (docs/coding-agents.md), with this test's model URL.
+fn recipe(base_url: &str) -> Value {
+    let runtime = env!("CARGO_BIN_EXE_warren-workspace-runtime");
+    let mcp = json!({"mcpServers": {"warren": {"command": runtime, "args": ["--mcp"]}}});
+    json!({"driver": "command", "settings": {
+        "input": "argument",
+        "output": "claude-json",
+        "timeout_secs": 120,
+        "command": [
+            "/usr/bin/env",
+            format!("ANTHROPIC_BASE_URL={base_url}"),
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
+            "DISABLE_AUTOUPDATER=1",
+            "ENABLE_TOOL_SEARCH=false",
+            support::cli("WARREN_CLAUDE_BIN", "claude-code-", "claude"),
+            "-p",
+            "--output-format", "json",
+            "--model", "claude-test",
+            "--mcp-config", mcp.to_string(),
+            "--strict-mcp-config",
+            "--allowedTools", "mcp__warren"
+        ]
+    }})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_answers_a_message_and_uses_warrens_tools_over_mcp() {
+    let (base_url, requests) = support::dynamic_model("/v1/messages", answer).await;
+    let turn = support::cli_turn(
+        "claude",
+        recipe(&base_url),
+        ("ANTHROPIC_API_KEY", "sk-ant-claude-agent-key"),
+        "get the plan reviewed",
+    )
+    .await;
+    let requests = requests.lock().expect("lock").clone();
+    let asked: Vec<String> = requests
+        .iter()
+        .map(|(_, b)| {
+            format!(
+                "{} tools={:?}",
+                b["model"],
+                b["tools"]
+                    .as_array()
+                    .map(|t| t.iter().map(|t| t["name"].to_string()).collect::<Vec<_>>())
+            )
+        })
+        .collect();
+    assert_eq!(
+        turn.mention,
+        Some((
+            "bob".to_owned(),
+            "bob, please review the plan".to_owned(),
+            turn.routing_id
+        )),
+        "the mention made through MCP, as the turn (requests: {asked:?}, reply: {:?})",
+        turn.reply
+    );
+    assert_eq!(
+        turn.memory,
+        Some(("review".to_owned(), Some(json!("asked bob"))))
+    );
+    assert_eq!(
+        turn.reply,
+        Some(("Asked bob to review the plan.".to_owned(), turn.routing_id)),
+        "the result's text is the reply"
+    );
+    assert!(turn.usage.output_tokens >= 60, "{:?}", turn.usage);
+
+    for (headers, body) in &requests {
+        assert_eq!(
+            headers.get("x-api-key").and_then(|v| v.to_str().ok()),
+            Some("sk-ant-claude-agent-key"),
+            "the agent's allowed key"
+        );
+        assert!(headers.get("anthropic-version").is_some());
+        assert!(body["model"].is_string());
+    }
+    let asked_with_tools = requests
+        .iter()
+        .find(|(_, b)| tool(b, "mention").is_some())
+        .expect("a request offering Warren's tools");
+    let body = &asked_with_tools.1;
+    for name in [
+        "mention",
+        "reply",
+        "list_agents",
+        "memory_get",
+        "memory_put",
+    ] {
+        let full = format!("mcp__warren__{name}");
+        assert!(
+            tool(body, &full).is_some(),
+            "{full} offered: {:?}",
+            body["tools"]
+                .as_array()
+                .map(|t| t.iter().map(|t| t["name"].clone()).collect::<Vec<_>>())
+        );
+    }
+    assert!(
+        body["messages"]
+            .to_string()
+            .contains("get the plan reviewed"),
+        "the message reached the model"
+    );
+    assert!(
+        body["system"].to_string().len() > 100,
+        "Claude Code's system prompt"
+    );
+}
