@@ -19,6 +19,7 @@
 pub mod agent;
 pub mod control_plane;
 pub mod error;
+pub mod files;
 pub mod inbox;
 pub mod mcp;
 pub mod memory;

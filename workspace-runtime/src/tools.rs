@@ -1,6 +1,7 @@
 //! Warren's tools for agents, the same for every driver: `mention(agent, text)`,
 //! `reply(text)`, `list_agents`, `memory_get`, `memory_put`, `memory_update(expected_revision)`,
-//! `memory_list` and `memory_delete`.
+//! `memory_list`, `memory_delete`, and `file_read`, `file_write`, `file_list` (in the
+//! workspace's directory, or the shared one: [`crate::files`]).
 //!
 //! [`chat_completions`] defines them for the `openai` driver, [`flat`] for the Messages API
 //! (`anthropic`) and MCP ([`crate::mcp`]); [`execute`] runs one call. A mention or a reply is
@@ -10,6 +11,7 @@
 use serde_json::{Value, json};
 
 use crate::agent::TurnContext;
+use crate::files;
 
 /// What the tools did during a turn, besides the reply.
 #[derive(Debug, Default)]
@@ -29,6 +31,8 @@ pub fn chat_completions() -> Value {
         }})
     };
     let shared = json!({"type": "boolean", "description": "use the bucket all workspaces share"});
+    let shared_dir =
+        json!({"type": "boolean", "description": "use the directory all workspaces share"});
     json!([
         function(
             "mention",
@@ -81,6 +85,28 @@ pub fn chat_completions() -> Value {
             json!({"key": {"type": "string"}, "shared": shared}),
             &["key"]
         ),
+        function(
+            "file_read",
+            "Read a text file (at most 256 KiB) from your workspace directory, or with \
+             shared: true from the directory all workspaces share. Paths are relative.",
+            json!({"path": {"type": "string"}, "shared": shared_dir}),
+            &["path"]
+        ),
+        function(
+            "file_write",
+            "Write a text file (at most 1 MiB; its directories are made) in your workspace \
+             directory, or with shared: true in the shared one. Paths are relative.",
+            json!({"path": {"type": "string"}, "content": {"type": "string"},
+                   "shared": shared_dir}),
+            &["path", "content"]
+        ),
+        function(
+            "file_list",
+            "List a directory (default: the top) of your workspace directory, or with \
+             shared: true of the shared one.",
+            json!({"path": {"type": "string"}, "shared": shared_dir}),
+            &[]
+        ),
     ])
 }
 
@@ -102,6 +128,32 @@ pub fn flat(schema_key: &str) -> Value {
             })
             .unwrap_or_default(),
     )
+}
+
+/// A file tool, on a blocking thread (file system calls).
+async fn file(name: &str, args: &Value, ctx: &TurnContext) -> Result<Value, String> {
+    let root = if args["shared"].as_bool().unwrap_or(false) {
+        ctx.shared_dir
+            .clone()
+            .ok_or_else(|| "this workspace has no shared directory".to_owned())?
+    } else {
+        ctx.workspace_dir.clone()
+    };
+    let (name, args) = (name.to_owned(), args.clone());
+    tokio::task::spawn_blocking(move || {
+        let path = args["path"].as_str().unwrap_or_default();
+        match name.as_str() {
+            "file_read" => files::read(&root, path).map(|content| json!({"content": content})),
+            "file_write" => {
+                let content = args["content"].as_str().unwrap_or_default();
+                files::write(&root, path, content).map(|bytes| json!({"bytes": bytes}))
+            }
+            _ => files::list(&root, path).map(|l| json!(l)),
+        }
+        .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| format!("the file tool stopped: {e}"))?
 }
 
 /// Runs one tool call; the result (or the error) goes back to the model as JSON.
@@ -151,6 +203,7 @@ pub async fn execute(
                 })
             }
         },
+        ("file_read" | "file_write" | "file_list", _) => file(name, args, ctx).await,
         (_, None) if name.starts_with("memory_") => Err("memory is not available".to_owned()),
         ("memory_get", Some(m)) => m
             .get(key)
