@@ -4,7 +4,8 @@
 //! its key the agent's allowed `OPENAI_API_KEY`, Warren's tools through its MCP server
 //! configuration (`warren-workspace-runtime --mcp`). The model asks for the `mention` and
 //! `memory_put` tools; Codex calls them over MCP; the runtime publishes the mention and
-//! writes the memory as the turn; Codex's final message is the reply.
+//! writes the memory as the turn; Codex's final message is the reply. The second test
+//! runs the same agent behind the gateway and the control plane.
 
 mod support;
 
@@ -175,4 +176,174 @@ async fn codex_answers_a_message_and_uses_warrens_tools_over_mcp() {
     assert_eq!(outputs.len(), 2, "{outputs:?}");
     assert!(outputs[0].contains("ok"), "{outputs:?}");
     assert!(outputs[1].contains("revision"), "{outputs:?}");
+}
+
+/// The whole path with real processes: a Slack message at the gateway, routed by the control
+/// plane to a Codex agent whose runtime the local backend started (with its allowed key from
+/// the operator's key directory); Codex mentions an echo agent of another workspace and
+/// writes memory over MCP; both replies are posted in the Slack thread; the log records the
+/// chain and the turn's tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_message_reaches_codex_which_asks_another_agent_and_both_replies_come_back() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
+    use support::eventually;
+    use warren_control_plane::backend::BackendConfig;
+    use warren_control_plane::backend::local::LocalConfig;
+    use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
+    use warren_schema::events::{AgentReplied, AgentTurnCompleted};
+
+    let db = warren_schema::testing::TestDatabase::new().await;
+    let log = db.log();
+    let nats_url = support::nats_url();
+    let prefix = format!(
+        "cdx{}x{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_subsec_nanos()
+    );
+    let root = std::env::temp_dir().join(format!("warren-codex-e2e-{prefix}"));
+    let keys = root.join("keys");
+    std::fs::create_dir_all(&keys).expect("keys");
+    std::fs::write(keys.join("OPENAI_API_KEY"), "sk-operator-openai-key\n").expect("key");
+    std::fs::set_permissions(
+        keys.join("OPENAI_API_KEY"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("mode");
+    let (base_url, requests) = support::dynamic_model("/v1/responses", answer).await;
+    let mut coder = recipe(&base_url);
+    coder["settings"]["allowed_keys"] = json!(["OPENAI_API_KEY"]);
+    let agents = root.join("agents.json");
+    std::fs::write(
+        &agents,
+        json!({"agents": [
+            {"name": "coder", "workspace": "research", "driver": "command",
+             "settings": coder["settings"]},
+            {"name": "bob", "workspace": "ops"}]})
+        .to_string(),
+    )
+    .expect("agents");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let gateway = support::slack::Gateway::start(&db, &shutdown).await;
+    let controller = tokio::spawn(controller::run(
+        log.clone(),
+        ControllerConfig {
+            holder: "codex-e2e".into(),
+            lease_ttl: Duration::from_secs(5),
+            tick: Duration::from_millis(100),
+            policy: Default::default(),
+            config_file: Some(agents),
+            backend: Some(BackendConfig::Local(LocalConfig {
+                nats_url: Some(nats_url.clone()),
+                nats_prefix: prefix.clone(),
+                model_keys: Some(keys),
+                telemetry: support::text_logs(),
+                stop_grace: Duration::from_secs(5),
+                ..LocalConfig::new(
+                    root.clone(),
+                    vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
+                )
+            })),
+            nats: Some(NatsConfig {
+                url: nats_url.clone(),
+                namespace: warren_schema::nats::Namespace::new(&prefix),
+                credentials: None,
+            }),
+        },
+        shutdown.clone(),
+    ));
+    eventually("the agents configured", async || {
+        log.read_type("agent.configured", 0, 10)
+            .await
+            .expect("r")
+            .len()
+            == 2
+    })
+    .await;
+
+    let body = json!({
+        "type": "event_callback", "team_id": "T1", "event_id": "EvCodex1", "event_time": 1,
+        "authorizations": [{"user_id": "UAPP"}],
+        "event": {"type": "app_mention", "user": "U1", "channel": "C1",
+                  "text": "<@UAPP> @coder get the plan reviewed", "ts": "1700000000.000100"},
+    });
+    assert_eq!(gateway.slack_event(&body).await, 200);
+    eventually("both replies posted in the thread", async || {
+        gateway.posted().len() >= 2
+    })
+    .await;
+    let posted = gateway.posted();
+    let texts: Vec<&str> = posted.iter().filter_map(|p| p["text"].as_str()).collect();
+    assert!(
+        texts.contains(&"Asked bob to review the plan."),
+        "{texts:?}"
+    );
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.starts_with("bob got: bob, please review the plan")),
+        "{texts:?}"
+    );
+    for p in &posted {
+        assert_eq!(p["thread_ts"], "1700000000.000100", "in the user's thread");
+    }
+
+    // The log: bob's answer leads back to the Slack event through Codex's mention.
+    let replies = log.read_type("agent.replied", 0, 10).await.expect("r");
+    let bob = replies
+        .iter()
+        .find(|e| e.decode::<AgentReplied>().is_ok_and(|r| r.agent == "bob"))
+        .expect("bob replied");
+    let chain: Vec<String> = log
+        .causation_chain(bob.id)
+        .await
+        .expect("chain")
+        .iter()
+        .map(|e| e.event_type.clone())
+        .collect();
+    assert_eq!(
+        chain,
+        [
+            "slack.event_received",
+            "message.received",
+            "message.routed",
+            "agent.mentioned",
+            "message.routed",
+            "agent.replied"
+        ]
+    );
+    let written = log.read_type("memory.written", 0, 10).await.expect("r");
+    assert!(
+        written
+            .iter()
+            .any(|e| e.payload["key"] == "review" && e.payload["agent"] == "coder"),
+        "the memory write, as coder"
+    );
+    eventually("coder's turn completed with its tokens", async || {
+        log.read_type("agent.turn_completed", 0, 10)
+            .await
+            .expect("r")
+            .iter()
+            .filter_map(|e| e.decode::<AgentTurnCompleted>().ok())
+            .any(|t| t.agent == "coder" && t.usage.input_tokens == 2000)
+    })
+    .await;
+    // The model saw the operator's key, given to coder because it is allowed it.
+    for (headers, _) in requests.lock().expect("lock").iter() {
+        assert_eq!(
+            headers.get("authorization").and_then(|v| v.to_str().ok()),
+            Some("Bearer sk-operator-openai-key")
+        );
+    }
+
+    shutdown.cancel();
+    controller.await.expect("join").expect("controller");
+    let js = async_nats::jetstream::new(async_nats::connect(&nats_url).await.expect("nats"));
+    support::remove(
+        &js,
+        &warren_schema::nats::Namespace::new(&prefix),
+        &["research", "ops"],
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&root);
 }

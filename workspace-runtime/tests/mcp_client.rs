@@ -57,6 +57,9 @@ async fn the_official_mcp_sdk_negotiates_lists_and_calls_warrens_tools() {
     assert_eq!(
         names,
         [
+            "file_list",
+            "file_read",
+            "file_write",
             "list_agents",
             "memory_delete",
             "memory_get",
