@@ -167,3 +167,45 @@ async fn claude_code_answers_a_message_and_uses_warrens_tools_over_mcp() {
         "Claude Code's system prompt"
     );
 }
+
+/// A model that answers every request with the same text.
+fn plain(body: &Value) -> axum::response::Response {
+    let message = json!({"id": "msg_p", "type": "message", "role": "assistant",
+        "model": body["model"], "content": [{"type": "text", "text": "Noted."}],
+        "stop_reason": "end_turn", "stop_sequence": null,
+        "usage": {"input_tokens": 10, "cache_creation_input_tokens": 0,
+                  "cache_read_input_tokens": 0, "output_tokens": 2}});
+    if body["stream"] == true {
+        support::messages_stream(&message)
+    } else {
+        axum::Json(message).into_response()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_s_next_message_resumes_its_claude_code_session() {
+    let (base_url, requests) = support::dynamic_model("/v1/messages", plain).await;
+    let mut driver = recipe(&base_url);
+    driver["settings"]["resume"] = json!(["--resume", "{session}"]);
+    let turns = support::cli_turns(
+        "ccresume",
+        driver,
+        ("ANTHROPIC_API_KEY", "sk-ant-claude-agent-key"),
+        &["my name is Ada", "what is my name?"],
+    )
+    .await;
+    for turn in &turns {
+        assert_eq!(turn.reply.as_ref().map(|r| r.0.as_str()), Some("Noted."));
+    }
+    let requests = requests.lock().expect("lock").clone();
+    let last = requests
+        .iter()
+        .rev()
+        .find(|(_, b)| b["messages"].to_string().contains("what is my name?"))
+        .expect("the second message reached the model");
+    assert!(
+        last.1["messages"].to_string().contains("my name is Ada"),
+        "the second turn carries the first (the session was resumed): {}",
+        last.1["messages"]
+    );
+}

@@ -347,3 +347,44 @@ async fn a_slack_message_reaches_codex_which_asks_another_agent_and_both_replies
     .await;
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A model that answers every request with the same text.
+fn plain(body: &Value) -> axum::response::Response {
+    support::responses_stream(&json!({
+        "id": "resp_p", "object": "response", "status": "completed", "model": body["model"],
+        "output": [text("msg_p", "Noted.")],
+        "usage": {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens": 2, "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": 12}}))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_s_next_message_resumes_its_codex_session() {
+    let (base_url, requests) = support::dynamic_model("/v1/responses", plain).await;
+    let mut driver = recipe(&base_url);
+    driver["settings"]["resume"] = json!(["resume", "{session}"]);
+    let turns = support::cli_turns(
+        "cdxresume",
+        driver,
+        ("OPENAI_API_KEY", "sk-codex-agent-key"),
+        &["my name is Ada", "what is my name?"],
+    )
+    .await;
+    assert_eq!(turns.len(), 2);
+    for turn in &turns {
+        assert_eq!(turn.reply.as_ref().map(|r| r.0.as_str()), Some("Noted."));
+    }
+    let requests = requests.lock().expect("lock").clone();
+    assert_eq!(requests.len(), 2, "one call per turn");
+    let second = requests[1].1["input"].to_string();
+    assert!(
+        second.contains("my name is Ada") && second.contains("what is my name?"),
+        "the second turn carries the first (the session was resumed): {second}"
+    );
+    assert!(
+        !requests[0].1["input"]
+            .to_string()
+            .contains("what is my name?"),
+        "and the first did not see the second"
+    );
+}

@@ -3,8 +3,9 @@
 //!
 //! - `text` (default): stdout, trimmed, is the reply.
 //! - `codex-json`: `codex exec --json` prints one JSON event per line. The reply is the
-//!   last `agent_message` item; the usage is `turn.completed`'s; `turn.failed` or an
-//!   `error` event fails the turn.
+//!   last `agent_message` item; the usage is `turn.completed`'s; `turn.failed` fails the
+//!   turn. `error` events are not fatal by themselves (Codex reports its reconnects with
+//!   them): without a `turn.completed`, the last one is the turn's error.
 //! - `claude-json`: `claude -p --output-format json` prints one result object. The reply
 //!   is its `result`; `is_error` fails the turn; the usage is its `usage` (Anthropic's
 //!   fields) over `num_turns` model calls.
@@ -37,6 +38,9 @@ impl Output {
 pub struct Said {
     pub reply: String,
     pub usage: TurnUsage,
+    /// The CLI's session id (Codex's `thread.started` `thread_id`, Claude Code's
+    /// `session_id`), for resuming the conversation.
+    pub session: Option<String>,
 }
 
 /// Reads `stdout` as `output` says; an error names what the program reported.
@@ -44,7 +48,7 @@ pub fn read(output: Output, stdout: &str) -> Result<Said, String> {
     match output {
         Output::Text => Ok(Said {
             reply: stdout.trim().to_owned(),
-            usage: TurnUsage::default(),
+            ..Said::default()
         }),
         Output::CodexJson => codex(stdout),
         Output::ClaudeJson => claude(stdout),
@@ -54,10 +58,12 @@ pub fn read(output: Output, stdout: &str) -> Result<Said, String> {
 fn codex(stdout: &str) -> Result<Said, String> {
     let mut said = Said::default();
     let mut completed = false;
+    let mut last_error = None;
     for line in stdout.lines().filter(|l| !l.trim().is_empty()) {
         let event: Value = serde_json::from_str(line)
             .map_err(|e| format!("codex printed a line that is not a JSON event: {e}"))?;
         match event["type"].as_str().unwrap_or_default() {
+            "thread.started" => said.session = event["thread_id"].as_str().map(str::to_owned),
             "item.completed" if event["item"]["type"] == "agent_message" => {
                 said.reply = event["item"]["text"]
                     .as_str()
@@ -83,12 +89,15 @@ fn codex(stdout: &str) -> Result<Said, String> {
                     text(&event["error"]["message"])
                 ));
             }
-            "error" => return Err(format!("codex: {}", text(&event["message"]))),
+            "error" => last_error = Some(text(&event["message"])),
             _ => {}
         }
     }
     if !completed {
-        return Err("codex ended without turn.completed".into());
+        return Err(match last_error {
+            Some(e) => format!("codex ended without turn.completed: {e}"),
+            None => "codex ended without turn.completed".into(),
+        });
     }
     Ok(said)
 }
@@ -102,6 +111,7 @@ fn claude(stdout: &str) -> Result<Said, String> {
     let u = &result["usage"];
     let n = |f: &str| u[f].as_u64().unwrap_or(0);
     Ok(Said {
+        session: result["session_id"].as_str().map(str::to_owned),
         reply: text(&result["result"]).trim().to_owned(),
         usage: TurnUsage {
             model_calls: u32::try_from(result["num_turns"].as_u64().unwrap_or(0))
@@ -142,6 +152,7 @@ mod tests {
 "#;
         let said = read(Output::CodexJson, stdout).expect("said");
         assert_eq!(said.reply, "Asked bob.");
+        assert_eq!(said.session.as_deref(), Some("01a2"));
         assert_eq!(
             (
                 said.usage.input_tokens,
@@ -154,6 +165,17 @@ mod tests {
         let e = read(Output::CodexJson, failed).expect_err("failed");
         assert!(e.contains("stream disconnected"), "{e}");
         assert!(read(Output::CodexJson, "{\"type\":\"turn.started\"}\n").is_err());
+        // A reconnect is reported as an `error` event; the turn still completes.
+        let retried = "{\"type\":\"error\",\"message\":\"Reconnecting... 1/5\"}\n\
+            {\"type\":\"item.completed\",\"item\":{\"type\":\"agent_message\",\"text\":\"done\"}}\n\
+            {\"type\":\"turn.completed\",\"usage\":{}}\n";
+        assert_eq!(
+            read(Output::CodexJson, retried).expect("completed").reply,
+            "done"
+        );
+        let gave_up = "{\"type\":\"error\",\"message\":\"Reconnecting... 5/5 (missing field)\"}\n";
+        let e = read(Output::CodexJson, gave_up).expect_err("no turn.completed");
+        assert!(e.contains("missing field"), "{e}");
         assert!(read(Output::CodexJson, "plain text\n").is_err());
     }
 
@@ -164,6 +186,7 @@ mod tests {
             "usage":{"input_tokens":30,"cache_creation_input_tokens":200,"cache_read_input_tokens":1000,"output_tokens":25}}"#;
         let said = read(Output::ClaudeJson, ok).expect("said");
         assert_eq!(said.reply, "Asked bob to review.");
+        assert_eq!(said.session.as_deref(), Some("b893"));
         assert_eq!(
             said.usage,
             TurnUsage {

@@ -2,8 +2,12 @@
 //! are run.
 //!
 //! Settings: `{"command": ["claude", "-p"], "input": "argument" | "stdin", "output": "text"
-//! | "codex-json" | "claude-json", "timeout_secs": 600, "kill_grace_secs": 5,
-//! "max_output_bytes": 1048576}`.
+//! | "codex-json" | "claude-json", "resume": ["--resume", "{session}"], "timeout_secs": 600,
+//! "kill_grace_secs": 5, "max_output_bytes": 1048576}`.
+//!
+//! - With `resume` (and a JSON `output` that reports a session id), a conversation's next
+//!   message resumes the CLI session of its last turn: the `resume` arguments, with
+//!   `{session}` replaced by the id, go after the command's own ([`super::sessions`]).
 //!
 //! - The message goes on stdin (default) or as the last argument, after `--` so that it is
 //!   never read as an option; a message longer than [`MAX_ARGUMENT_BYTES`] is refused.
@@ -34,6 +38,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
 use super::cli_output::{self, Output, Said};
+use super::sessions;
 use super::{DriverError, TurnContext, strings};
 
 /// How a `command` agent receives the message.
@@ -51,6 +56,9 @@ pub struct Command {
     pub input: Input,
     /// How stdout is read.
     pub output: Output,
+    /// Arguments that resume a conversation's session (`{session}`: its id); empty: each
+    /// turn is a new session.
+    pub resume: Vec<String>,
     /// The whole turn, program and children.
     pub timeout: Duration,
     /// Between SIGTERM and SIGKILL when the turn times out.
@@ -101,10 +109,17 @@ impl Command {
         let secs = |key: &str, default: u64| {
             Duration::from_secs(settings[key].as_u64().unwrap_or(default))
         };
+        let resume = strings(&settings["resume"]);
+        if !resume.is_empty() && !resume.iter().any(|a| a.contains("{session}")) {
+            return Err(DriverError::Settings(
+                "settings.resume must name {session}, e.g. [\"--resume\", \"{session}\"]".into(),
+            ));
+        }
         Ok(Self {
             argv,
             input,
             output,
+            resume,
             timeout: secs("timeout_secs", 600),
             kill_grace: secs("kill_grace_secs", 5),
             max_output_bytes: settings["max_output_bytes"].as_u64().unwrap_or(1 << 20),
@@ -166,9 +181,18 @@ impl Command {
             ),
             None => None,
         };
+        let conversation = ctx
+            .conversation
+            .as_deref()
+            .filter(|_| !self.resume.is_empty());
+        let session = conversation.and_then(|c| sessions::load(&ctx.workspace_dir, &ctx.agent, c));
+        let resume = session
+            .iter()
+            .flat_map(|id| self.resume.iter().map(move |a| a.replace("{session}", id)));
         let mut command = tokio::process::Command::new(&program);
         command
             .args(&self.argv[1..])
+            .args(resume)
             .current_dir(&ctx.workspace_dir)
             .env_clear()
             .env("PATH", &ctx.environment.path)
@@ -280,6 +304,9 @@ impl Command {
         }
         let said = cli_output::read(self.output, &String::from_utf8_lossy(&out))
             .map_err(|status| DriverError::Failed { program, status })?;
+        if let (Some(conversation), Some(id)) = (conversation, &said.session) {
+            sessions::store(&ctx.workspace_dir, &ctx.agent, conversation, id);
+        }
         info!(bytes = said.reply.len(), "command turn finished");
         Ok(said)
     }
@@ -348,6 +375,7 @@ mod tests {
             argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
             input,
             output: Output::Text,
+            resume: Vec::new(),
             timeout: Duration::from_millis(timeout_ms),
             kill_grace: Duration::from_millis(200),
             max_output_bytes: 1 << 20,

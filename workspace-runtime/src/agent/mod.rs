@@ -19,6 +19,7 @@ pub mod echo;
 pub mod model;
 pub mod openai;
 pub mod responses;
+pub mod sessions;
 pub mod sse;
 
 use std::path::PathBuf;

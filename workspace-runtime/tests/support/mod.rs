@@ -628,6 +628,19 @@ pub async fn cli_turn(
     key: (&str, &str),
     text: &str,
 ) -> CliTurn {
+    cli_turns(tag, driver, key, &[text])
+        .await
+        .pop()
+        .expect("one turn")
+}
+
+/// [`cli_turn`] for several messages of one conversation, one after the other.
+pub async fn cli_turns(
+    tag: &str,
+    driver: serde_json::Value,
+    key: (&str, &str),
+    texts: &[&str],
+) -> Vec<CliTurn> {
     let url = nats_url();
     let prefix = format!("{tag}{}", std::process::id());
     let ns = Namespace::new(&prefix);
@@ -642,43 +655,51 @@ pub async fn cli_turn(
     let shutdown = tokio_util::sync::CancellationToken::new();
     let runtime = tokio::spawn(warren_workspace_runtime::run(config, shutdown.clone()));
     let mut outputs = Box::pin(follow_outbox(&outbox, &ns, "research").await);
-    let message = message("research", "alice", text);
-    send(&js, &ns, &message).await;
-    let mut turn = CliTurn {
-        routing_id: message.routing_id,
-        mention: None,
-        memory: None,
-        reply: None,
-        usage: Default::default(),
-    };
-    loop {
-        match next_output(&mut outputs).await {
-            OutboxMessage::Mention {
-                to_agent,
-                text,
-                in_reply_to,
-                ..
-            } => turn.mention = Some((to_agent, text, in_reply_to)),
-            OutboxMessage::MemoryWritten { key, value, .. } => turn.memory = Some((key, value)),
-            OutboxMessage::Reply {
-                text, in_reply_to, ..
-            } => turn.reply = Some((text, in_reply_to)),
-            OutboxMessage::TurnCompleted {
-                in_reply_to, usage, ..
-            } => {
-                assert_eq!(in_reply_to, message.routing_id, "the end of this turn");
-                turn.usage = usage;
-                break;
+    let conversation = EventId::random();
+    let mut turns = Vec::new();
+    for text in texts {
+        let mut message = message("research", "alice", text);
+        message.correlation_id = Some(conversation);
+        send(&js, &ns, &message).await;
+        let mut turn = CliTurn {
+            routing_id: message.routing_id,
+            mention: None,
+            memory: None,
+            reply: None,
+            usage: Default::default(),
+        };
+        loop {
+            match next_output(&mut outputs).await {
+                OutboxMessage::Mention {
+                    to_agent,
+                    text,
+                    in_reply_to,
+                    ..
+                } => turn.mention = Some((to_agent, text, in_reply_to)),
+                OutboxMessage::MemoryWritten { key, value, .. } => {
+                    turn.memory = Some((key, value));
+                }
+                OutboxMessage::Reply {
+                    text, in_reply_to, ..
+                } => turn.reply = Some((text, in_reply_to)),
+                OutboxMessage::TurnCompleted {
+                    in_reply_to, usage, ..
+                } => {
+                    assert_eq!(in_reply_to, message.routing_id, "the end of this turn");
+                    turn.usage = usage;
+                    break;
+                }
+                OutboxMessage::Heartbeat { .. } => {}
+                other => panic!("unexpected output {other:?}"),
             }
-            OutboxMessage::Heartbeat { .. } => {}
-            other => panic!("unexpected output {other:?}"),
         }
+        turns.push(turn);
     }
     shutdown.cancel();
     runtime.await.expect("join").expect("runtime");
     remove(&js, &ns, &["research"]).await;
     let _ = std::fs::remove_dir_all(&dir);
-    turn
+    turns
 }
 
 /// A model's requests as a local server received them.
