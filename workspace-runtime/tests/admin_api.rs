@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -13,9 +11,7 @@ use support::eventually;
 use support::slack::Gateway;
 use tokio_util::sync::CancellationToken;
 use warren_control_plane::admin_api::{self, Role};
-use warren_control_plane::backend::BackendConfig;
-use warren_control_plane::backend::local::LocalConfig;
-use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
+use warren_control_plane::controller::NatsConfig;
 use warren_control_plane::decide::Policy;
 use warren_schema::events::*;
 use warren_schema::nats::Namespace;
@@ -56,32 +52,7 @@ async fn an_agent_and_endpoint_created_through_the_api_answer_a_webhook_without_
     let gateway = Gateway::start(&db, &shutdown).await;
 
     // The control plane: the leader with no agents at all, and the admin API.
-    let controller = tokio::spawn(controller::run(
-        log.clone(),
-        ControllerConfig {
-            holder: "api-e2e".into(),
-            lease_ttl: Duration::from_secs(5),
-            tick: Duration::from_millis(100),
-            policy: Policy::default(),
-            config_file: None,
-            backend: Some(BackendConfig::Local(LocalConfig {
-                nats_url: Some(nats_url.clone()),
-                nats_prefix: prefix.clone(),
-                telemetry: support::text_logs(),
-                stop_grace: Duration::from_secs(5),
-                ..LocalConfig::new(
-                    root.clone(),
-                    vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
-                )
-            })),
-            nats: Some(NatsConfig {
-                url: nats_url.clone(),
-                namespace: Namespace::new(&prefix),
-                credentials: None,
-            }),
-        },
-        shutdown.clone(),
-    ));
+    let controller = support::local_leader(&log, "api-e2e", &prefix, &root, None, None, &shutdown);
     let api_url = admin_api::serve_on_loopback(
         log.clone(),
         admin_api::Settings {

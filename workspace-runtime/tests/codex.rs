@@ -103,24 +103,7 @@ async fn codex_answers_a_message_and_uses_warrens_tools_over_mcp() {
         "get the plan reviewed",
     )
     .await;
-    assert_eq!(
-        turn.mention,
-        Some((
-            "bob".to_owned(),
-            "bob, please review the plan".to_owned(),
-            turn.routing_id
-        )),
-        "the mention made through MCP, as the turn"
-    );
-    assert_eq!(
-        turn.memory,
-        Some(("review".to_owned(), Some(json!("asked bob"))))
-    );
-    assert_eq!(
-        turn.reply,
-        Some(("Asked bob to review the plan.".to_owned(), turn.routing_id)),
-        "Codex's final message is the reply"
-    );
+    turn.assert_asked_bob("codex");
     // Codex's own account of the turn (`--json`): two calls of 1,000 + 20 tokens.
     assert_eq!(
         (turn.usage.input_tokens, turn.usage.output_tokens),
@@ -186,11 +169,7 @@ async fn codex_answers_a_message_and_uses_warrens_tools_over_mcp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slack_message_reaches_codex_which_asks_another_agent_and_both_replies_come_back() {
     use std::os::unix::fs::PermissionsExt;
-    use std::time::Duration;
     use support::eventually;
-    use warren_control_plane::backend::BackendConfig;
-    use warren_control_plane::backend::local::LocalConfig;
-    use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
     use warren_schema::events::{AgentReplied, AgentTurnCompleted};
 
     let db = warren_schema::testing::TestDatabase::new().await;
@@ -225,33 +204,15 @@ async fn a_slack_message_reaches_codex_which_asks_another_agent_and_both_replies
     .expect("agents");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let gateway = support::slack::Gateway::start(&db, &shutdown).await;
-    let controller = tokio::spawn(controller::run(
-        log.clone(),
-        ControllerConfig {
-            holder: "codex-e2e".into(),
-            lease_ttl: Duration::from_secs(5),
-            tick: Duration::from_millis(100),
-            policy: Default::default(),
-            config_file: Some(agents),
-            backend: Some(BackendConfig::Local(LocalConfig {
-                nats_url: Some(nats_url.clone()),
-                nats_prefix: prefix.clone(),
-                model_keys: Some(keys),
-                telemetry: support::text_logs(),
-                stop_grace: Duration::from_secs(5),
-                ..LocalConfig::new(
-                    root.clone(),
-                    vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
-                )
-            })),
-            nats: Some(NatsConfig {
-                url: nats_url.clone(),
-                namespace: warren_schema::nats::Namespace::new(&prefix),
-                credentials: None,
-            }),
-        },
-        shutdown.clone(),
-    ));
+    let controller = support::local_leader(
+        &log,
+        "codex-e2e",
+        &prefix,
+        &root,
+        Some(agents),
+        Some(keys),
+        &shutdown,
+    );
     eventually("the agents configured", async || {
         log.read_type("agent.configured", 0, 10)
             .await

@@ -8,16 +8,10 @@
 
 mod support;
 
-use std::time::Duration;
-
 use serde_json::json;
 use support::eventually;
 use support::slack::Gateway;
 use tokio_util::sync::CancellationToken;
-use warren_control_plane::backend::BackendConfig;
-use warren_control_plane::backend::local::LocalConfig;
-use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
-use warren_control_plane::decide::Policy;
 use warren_schema::events::*;
 use warren_schema::nats::Namespace;
 use warren_schema::testing::TestDatabase;
@@ -48,32 +42,8 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
               {"name": "bob", "workspace": "ops"}]}"#,
     )
     .expect("config");
-    let controller = tokio::spawn(controller::run(
-        log.clone(),
-        ControllerConfig {
-            holder: "e2e".into(),
-            lease_ttl: Duration::from_secs(5),
-            tick: Duration::from_millis(100),
-            policy: Policy::default(),
-            config_file: Some(agents),
-            backend: Some(BackendConfig::Local(LocalConfig {
-                nats_url: Some(nats_url.clone()),
-                nats_prefix: prefix.clone(),
-                telemetry: support::text_logs(),
-                stop_grace: Duration::from_secs(5),
-                ..LocalConfig::new(
-                    root.clone(),
-                    vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
-                )
-            })),
-            nats: Some(NatsConfig {
-                url: nats_url.clone(),
-                namespace: Namespace::new(&prefix),
-                credentials: None,
-            }),
-        },
-        shutdown.clone(),
-    ));
+    let controller =
+        support::local_leader(&log, "e2e", &prefix, &root, Some(agents), None, &shutdown);
     eventually("the agents configured", async || {
         log.read_type("agent.configured", 0, 10)
             .await

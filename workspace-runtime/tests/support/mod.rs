@@ -361,17 +361,7 @@ pub fn responses_stream(response: &serde_json::Value) -> axum::response::Respons
         }
         emit("response.completed", json!({"response": response}));
     }
-    let pieces: Vec<Result<Vec<u8>, std::convert::Infallible>> = frames
-        .into_bytes()
-        .chunks(7)
-        .map(|c| Ok(c.to_vec()))
-        .collect();
-    axum::response::Response::builder()
-        .header("content-type", "text/event-stream")
-        .body(axum::body::Body::from_stream(futures_util::stream::iter(
-            pieces,
-        )))
-        .expect("response")
+    sse_body(frames)
 }
 
 /// A Messages API answer streamed as the API streams it (`text/event-stream`):
@@ -439,6 +429,12 @@ pub fn messages_stream(message: &serde_json::Value) -> axum::response::Response 
         "usage": {"output_tokens": message["usage"]["output_tokens"]}}),
     );
     emit("message_stop", json!({}));
+    sse_body(frames)
+}
+
+/// Server-sent event frames as a `text/event-stream` body, sent in 7-byte pieces so the
+/// client reassembles frames split anywhere.
+fn sse_body(frames: String) -> axum::response::Response {
     let pieces: Vec<Result<Vec<u8>, std::convert::Infallible>> = frames
         .into_bytes()
         .chunks(7)
@@ -634,6 +630,32 @@ pub async fn cli_turn(
         .expect("one turn")
 }
 
+impl CliTurn {
+    /// The turn the scripted models of the CLI tests lead to: `mention` of bob and a
+    /// `memory_put` made over MCP as this turn, and the final answer as the reply.
+    pub fn assert_asked_bob(&self, context: &str) {
+        assert_eq!(
+            self.mention,
+            Some((
+                "bob".to_owned(),
+                "bob, please review the plan".to_owned(),
+                self.routing_id
+            )),
+            "the mention made through MCP, as the turn ({context})"
+        );
+        assert_eq!(
+            self.memory,
+            Some(("review".to_owned(), Some(serde_json::json!("asked bob")))),
+            "the memory write made through MCP ({context})"
+        );
+        assert_eq!(
+            self.reply,
+            Some(("Asked bob to review the plan.".to_owned(), self.routing_id)),
+            "the CLI's final answer is the reply ({context})"
+        );
+    }
+}
+
 /// [`cli_turn`] for several messages of one conversation, one after the other.
 pub async fn cli_turns(
     tag: &str,
@@ -757,4 +779,49 @@ pub fn cli(env_var: &str, dir_prefix: &str, bin: &str) -> String {
                  and scripts/lib/clis.sh and run ensure_codex / ensure_claude"
             )
         })
+}
+
+/// The control plane's leader as the end-to-end tests run it: the local backend starting
+/// the real runtime binary under `root`, on NATS `prefix`, with the agents file
+/// `config_file` and the operator's model keys in `model_keys`.
+pub fn local_leader(
+    log: &warren_schema::EventLog,
+    holder: &str,
+    prefix: &str,
+    root: &std::path::Path,
+    config_file: Option<std::path::PathBuf>,
+    model_keys: Option<std::path::PathBuf>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<warren_control_plane::error::Result<()>> {
+    use warren_control_plane::backend::BackendConfig;
+    use warren_control_plane::backend::local::LocalConfig;
+    use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
+    let nats_url = nats_url();
+    tokio::spawn(controller::run(
+        log.clone(),
+        ControllerConfig {
+            holder: holder.into(),
+            lease_ttl: Duration::from_secs(5),
+            tick: Duration::from_millis(100),
+            policy: Default::default(),
+            config_file,
+            backend: Some(BackendConfig::Local(LocalConfig {
+                nats_url: Some(nats_url.clone()),
+                nats_prefix: prefix.to_owned(),
+                model_keys,
+                telemetry: text_logs(),
+                stop_grace: Duration::from_secs(5),
+                ..LocalConfig::new(
+                    root.to_owned(),
+                    vec![env!("CARGO_BIN_EXE_warren-workspace-runtime").into()],
+                )
+            })),
+            nats: Some(NatsConfig {
+                url: nats_url,
+                namespace: Namespace::new(prefix),
+                credentials: None,
+            }),
+        },
+        shutdown.clone(),
+    ))
 }
