@@ -12,12 +12,24 @@ use warren_schema::testing::TestDatabase;
 
 /// The gateway binary on a free port, with small limits so that the test is quick.
 struct Gateway {
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     addr: std::net::SocketAddr,
 }
 
 impl Gateway {
     async fn start(db: &TestDatabase) -> Self {
+        // A port found free may be taken by another test before the gateway binds it: the
+        // gateway then exits at once ("address already in use"), and it is started again on
+        // other ports.
+        for _ in 0..5 {
+            if let Some(gateway) = Self::try_start(db).await {
+                return gateway;
+            }
+        }
+        panic!("the gateway did not come up on five pairs of free ports");
+    }
+
+    async fn try_start(db: &TestDatabase) -> Option<Self> {
         let free = |_| {
             std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
@@ -38,10 +50,7 @@ impl Gateway {
             .kill_on_drop(true)
             .spawn()
             .expect("start the gateway");
-        let gateway = Self {
-            _child: child,
-            addr,
-        };
+        let mut gateway = Self { child, addr };
         let deadline = Instant::now() + Duration::from_secs(20);
         while gateway
             .get("/healthz")
@@ -49,10 +58,18 @@ impl Gateway {
             .map(|r| r.starts_with("HTTP/1.1 200"))
             != Some(true)
         {
+            if gateway
+                .child
+                .try_wait()
+                .expect("the gateway's status")
+                .is_some()
+            {
+                return None;
+            }
             assert!(Instant::now() < deadline, "the gateway did not come up");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        gateway
+        Some(gateway)
     }
 
     /// One request on a new connection; the whole answer, or `None` if it could not connect.
