@@ -8,21 +8,14 @@ use crate::decide::State;
 use crate::error::Result;
 
 /// The state after every committed event up to the checkpoint `name` (0 when it has none),
-/// and that checkpoint.
+/// and that checkpoint. Read and folded overlapped ([`fold_range`]).
 pub async fn to_checkpoint(log: &EventLog, name: &str) -> Result<(State, i64)> {
     let checkpoint = load_checkpoint(log.pool(), name).await?;
-    let mut state = State::default();
-    loop {
-        let page = log
-            .read_positions(state.position, checkpoint, 10_000)
-            .await?;
-        if page.is_empty() {
-            return Ok((state, checkpoint));
-        }
-        for event in &page {
-            state.apply(event);
-        }
-    }
+    let state = fold_range(log, State::default(), 0, checkpoint, |state, event| {
+        state.apply(event);
+    })
+    .await?;
+    Ok((state, checkpoint))
 }
 
 /// Folds the events of `(after, up_to]` into `state` with `step`, in log order. Two reader
