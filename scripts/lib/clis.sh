@@ -7,18 +7,23 @@
 CODEX_VERSION=0.171.0
 WARREN_CLIS_DIR="${WARREN_CLIS_DIR:-$WARREN_STATE_DIR/clis}"
 
+# Installs npm package $2 at version $3 into $1 unless its binary $4 is there.
+npm_install_pinned() {
+    local dir="$1" package="$2" version="$3" bin="$4"
+    [ -x "$dir/node_modules/.bin/$bin" ] && return 0
+    command -v npm >/dev/null || die "npm is needed to install $package (Node.js 20+)"
+    say "clis: installing $package@$version (npm) into $dir"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    npm install --prefix "$dir" --no-audit --no-fund --silent "$package@$version" \
+        || die "installing $package failed"
+}
+
 # Installs @openai/codex once per version (its platform binary comes as an optional
 # dependency) and exports WARREN_CODEX_BIN.
 ensure_codex() {
     local dir="$WARREN_CLIS_DIR/codex-$CODEX_VERSION"
-    if [ ! -x "$dir/node_modules/.bin/codex" ]; then
-        command -v npm >/dev/null || die "npm is needed to install the Codex CLI (Node.js 20+)"
-        say "clis: installing @openai/codex@$CODEX_VERSION (npm) into $dir"
-        rm -rf "$dir"
-        mkdir -p "$dir"
-        npm install --prefix "$dir" --no-audit --no-fund --silent \
-            "@openai/codex@$CODEX_VERSION" || die "installing @openai/codex failed"
-    fi
+    npm_install_pinned "$dir" @openai/codex "$CODEX_VERSION" codex
     WARREN_CODEX_BIN="$dir/node_modules/.bin/codex"
     "$WARREN_CODEX_BIN" --version >/dev/null || die "$WARREN_CODEX_BIN does not run"
     export WARREN_CODEX_BIN
@@ -33,15 +38,7 @@ CLAUDE_CODE_VERSION=2.1.332
 ensure_claude() {
     local dir="$WARREN_CLIS_DIR/claude-code-$CLAUDE_CODE_VERSION"
     local package="$dir/node_modules/@anthropic-ai/claude-code"
-    if [ ! -x "$dir/node_modules/.bin/claude" ]; then
-        command -v npm >/dev/null || die "npm is needed to install Claude Code (Node.js 20+)"
-        say "clis: installing @anthropic-ai/claude-code@$CLAUDE_CODE_VERSION (npm) into $dir"
-        rm -rf "$dir"
-        mkdir -p "$dir"
-        npm install --prefix "$dir" --no-audit --no-fund --silent \
-            "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" \
-            || die "installing @anthropic-ai/claude-code failed"
-    fi
+    npm_install_pinned "$dir" @anthropic-ai/claude-code "$CLAUDE_CODE_VERSION" claude
     if ! "$dir/node_modules/.bin/claude" --version >/dev/null 2>&1; then
         (cd "$package" && node install.cjs) || die "installing Claude Code's native binary failed"
     fi

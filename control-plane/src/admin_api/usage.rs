@@ -166,12 +166,15 @@ pub async fn usage(
     }
     // The completed turns' time and tokens, keyed the same way (a team through the turn's
     // routing and its message).
-    let key = match params.by {
-        GroupBy::Agent => "t.payload->>'agent'",
-        GroupBy::Workspace => "t.payload->>'workspace'",
-        GroupBy::Team => {
-            "coalesce(m.payload->'origin'->>'team_id', m.payload->'origin'->>'endpoint', 'agents')"
-        }
+    // Only a team needs the turn's routing and message: the other keys are in the turn.
+    let (key, joins) = match params.by {
+        GroupBy::Agent => ("t.payload->>'agent'", ""),
+        GroupBy::Workspace => ("t.payload->>'workspace'", ""),
+        GroupBy::Team => (
+            "coalesce(m.payload->'origin'->>'team_id', m.payload->'origin'->>'endpoint', 'agents')",
+            "LEFT JOIN events r ON r.event_id = (t.payload->>'routing_id')::uuid \
+             LEFT JOIN events m ON m.event_id = (r.payload->>'message_id')::uuid",
+        ),
     };
     let sum = |field: &str| {
         format!("coalesce(sum((t.payload->'usage'->>'{field}')::bigint), 0)::bigint AS {field}")
@@ -180,9 +183,7 @@ pub async fn usage(
         "SELECT {key} AS key, max(t.payload->>'workspace') AS workspace, count(*) AS completed, \
                 coalesce(sum((t.payload->>'duration_ms')::bigint), 0)::bigint AS duration_ms, \
                 {}, {}, {}, {}, {} \
-         FROM events t \
-         LEFT JOIN events r ON r.event_id = (t.payload->>'routing_id')::uuid \
-         LEFT JOIN events m ON m.event_id = (r.payload->>'message_id')::uuid \
+         FROM events t {joins} \
          WHERE t.event_type = 'agent.turn_completed' \
            AND ($1::timestamptz IS NULL OR t.recorded_at >= $1) AND t.recorded_at < $2 \
          GROUP BY 1",

@@ -133,6 +133,15 @@ impl ModelApi {
         (conversation, messages)
     }
 
+    /// A JSON POST to `url` with the key as a bearer token (OpenAI's APIs), if there is one.
+    pub fn post_bearer(&self, url: &str, body: &Value) -> reqwest::RequestBuilder {
+        let request = self.client.post(url).json(body);
+        match &self.api_key {
+            Some(key) => request.bearer_auth(key.expose()),
+            None => request,
+        }
+    }
+
     /// Keeps the conversation's last messages for its next turn.
     pub fn remember(&self, conversation: String, messages: Vec<Value>) {
         if let Ok(mut h) = self.history.lock() {

@@ -126,13 +126,6 @@ impl OpenAi {
             "tools": tools::chat_completions(),
         });
         let url = format!("{}/chat/completions", api.base_url);
-        post_with_retry(&url, ctx, || {
-            let request = api.client.post(&url).json(&body);
-            match &api.api_key {
-                Some(key) => request.bearer_auth(key.expose()),
-                None => request,
-            }
-        })
-        .await
+        post_with_retry(&url, ctx, || api.post_bearer(&url, &body)).await
     }
 }

@@ -129,14 +129,7 @@ async fn respond(
         "stream": stream,
     });
     let url = format!("{}/responses", api.base_url);
-    let response = send_with_retry(&url, ctx, || {
-        let request = api.client.post(&url).json(&body);
-        match &api.api_key {
-            Some(key) => request.bearer_auth(key.expose()),
-            None => request,
-        }
-    })
-    .await?;
+    let response = send_with_retry(&url, ctx, || api.post_bearer(&url, &body)).await?;
     if !stream {
         return response
             .json()
@@ -178,7 +171,10 @@ impl Events {
     /// Takes one frame; the final response once it has come (with the streamed items as its
     /// output when the final event carries none).
     pub fn take(&mut self, frame: &sse::Frame) -> Result<Option<Value>, DriverError> {
-        if frame.data == "[DONE]" {
+        // Deltas are most of a stream and carry nothing the final events do not: named by
+        // their `event:` line, they are passed over without parsing their data.
+        let named = frame.event.as_deref().unwrap_or_default();
+        if frame.data == "[DONE]" || named.ends_with(".delta") {
             return Ok(None);
         }
         let event: Value = serde_json::from_str(&frame.data)
@@ -242,6 +238,15 @@ mod tests {
     #[test]
     fn the_streamed_items_make_the_output_when_the_final_event_has_none() {
         let mut events = Events::default();
+        let delta = sse::Frame {
+            event: Some("response.output_text.delta".into()),
+            data: "not even JSON".into(),
+        };
+        assert_eq!(
+            events.take(&delta).expect("passed over"),
+            None,
+            "not parsed"
+        );
         let call = json!({"type": "function_call", "id": "fc_1", "call_id": "call_1",
                           "name": "mention", "arguments": "{}", "status": "completed"});
         let message = json!({"type": "message", "id": "msg_1", "role": "assistant",
