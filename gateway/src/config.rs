@@ -35,6 +35,20 @@ pub struct Config {
     #[arg(long, env = "SLACK_API_URL", default_value = "https://slack.com/api")]
     pub slack_api_url: String,
 
+    /// Where Slack serves files attached to messages: a file is downloaded (with the bot
+    /// token) only from an address that starts with this, so a token never goes elsewhere.
+    #[arg(
+        long,
+        env = "SLACK_FILES_URL",
+        default_value = "https://files.slack.com/"
+    )]
+    pub slack_files_url: String,
+
+    /// Largest file attached to a Slack message that is downloaded for the agents, bytes.
+    /// A larger one is recorded as refused, and the agent is told so.
+    #[arg(long, env = "WARREN_MAX_FILE_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_file_bytes: u64,
+
     /// JSON file of webhook endpoints (see docs/gateway.md).
     #[arg(long, env = "WARREN_WEBHOOKS_FILE")]
     pub webhooks_file: Option<PathBuf>,

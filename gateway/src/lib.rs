@@ -6,14 +6,20 @@
 //! - [`webhook`]: endpoint configuration and deliveries → events (pure).
 //! - [`http`]: routes and the mapping of failures to status codes.
 //! - [`replies`]: agents' replies out to Slack, recorded as `reply.delivered`.
+//! - [`files`]: files attached to Slack messages, downloaded with the bot token and stored
+//!   for the workspaces (`message.file_stored` / `message.file_refused`).
+//! - [`slack_api`]: the Slack Web API client both use; [`leased`]: one replica at a time.
 //!
 //! Metrics are served on a separate admin listener (`GET /metrics`); spans go out over OTLP
 //! when configured (`warren-telemetry`).
 
 pub mod config;
+pub mod files;
 pub mod http;
+pub mod leased;
 pub mod replies;
 pub mod slack;
+pub mod slack_api;
 pub mod verify;
 pub mod webhook;
 
@@ -53,18 +59,36 @@ pub async fn run(
     if slack_signing_secret.is_none() {
         info!("no Slack signing secret configured: /slack/events answers 404");
     }
-    let replies = match config.slack_bot_token()? {
+    let followers = match config.slack_bot_token()? {
         Some(token) => {
-            let slack = replies::slack_api::SlackApi::new(&config.slack_api_url, token)?;
-            let (log, shutdown) = (EventLog::new(pool.clone()), shutdown.clone());
-            Some(tokio::spawn(
-                supervise_replies(log, slack, shutdown)
-                    .instrument(tracing::info_span!("reply_delivery")),
-            ))
+            let slack = slack_api::SlackApi::new(&config.slack_api_url, token)?;
+            let log = EventLog::new(pool.clone());
+            let limits = files::FileLimits {
+                files_url: config.slack_files_url.clone(),
+                max_bytes: config.max_file_bytes,
+            };
+            let (l, s, stop) = (log.clone(), slack.clone(), shutdown.clone());
+            let replies = tokio::spawn(
+                leased::supervise("reply delivery", shutdown.clone(), move || {
+                    replies::run(l.clone(), s.clone(), stop.clone())
+                })
+                .instrument(tracing::info_span!("reply_delivery")),
+            );
+            let stop = shutdown.clone();
+            let files = tokio::spawn(
+                leased::supervise("file downloads", shutdown.clone(), move || {
+                    files::run(log.clone(), slack.clone(), limits.clone(), stop.clone())
+                })
+                .instrument(tracing::info_span!("slack_files")),
+            );
+            vec![replies, files]
         }
         None => {
-            info!("no Slack bot token configured: agents' replies are recorded but not sent");
-            None
+            info!(
+                "no Slack bot token configured: agents' replies are recorded but not sent, \
+                 and files attached to messages are not downloaded"
+            );
+            Vec::new()
         }
     };
     let webhooks = webhook::registry::Registry::new(match &config.webhooks_file {
@@ -118,29 +142,8 @@ pub async fn run(
     .await?;
     // The router (and its Appender) is gone: the writers drain the queue and stop.
     writers.join().await;
-    if let Some(replies) = replies {
-        replies.await?;
+    for follower in followers {
+        follower.await?;
     }
     Ok(())
-}
-
-/// Runs reply delivery until shutdown, restarting it after a failure (a database outage
-/// must not stop replies until the next deploy). It resumes from its checkpoint, so a
-/// restart neither skips nor re-records a reply.
-async fn supervise_replies(
-    log: EventLog,
-    slack: replies::slack_api::SlackApi,
-    shutdown: CancellationToken,
-) {
-    const BACKOFF: Duration = Duration::from_secs(5);
-    loop {
-        match replies::run(log.clone(), slack.clone(), shutdown.clone()).await {
-            Ok(()) => return,
-            Err(e) => tracing::warn!(error = %e, "reply delivery failed; restarting in 5 s"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(BACKOFF) => {}
-        }
-    }
 }

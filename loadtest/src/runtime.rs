@@ -185,6 +185,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             reply_to: origin.clone(),
             chain: vec![],
             correlation_id: None,
+            files: vec![],
         };
         // The baseline, interleaved: each raw round trip runs right before a runtime one,
         // so both see the same machine and server (no drift between two phases).

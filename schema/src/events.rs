@@ -33,6 +33,8 @@ domain_events! {
     SlackEventReceived => "slack.event_received" v 1,
     WebhookReceived => "webhook.received" v 1,
     MessageReceived => "message.received" v 1,
+    MessageFileStored => "message.file_stored" v 1,
+    MessageFileRefused => "message.file_refused" v 1,
     MessageRouted => "message.routed" v 1,
     WorkspaceStartRequested => "workspace.start_requested" v 1,
     WorkspaceStopRequested => "workspace.stop_requested" v 1,
@@ -125,6 +127,10 @@ pub struct FileRef {
     pub name: Option<String>,
     pub mimetype: Option<String>,
     pub url: Option<String>,
+    /// Its size in bytes, as Slack announced it (`None` in events recorded before it was
+    /// kept; the download counts the bytes whatever this says).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 /// A message addressed to Warren, normalised from whichever channel carried it.
@@ -482,4 +488,38 @@ pub struct QuotaSet {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuotaRemoved {
     pub scope: String,
+}
+
+/// A file attached to a message was downloaded (by the gateway, with the bot token) and
+/// stored beside the log (table `message_files`, key `message_id` and `file_id`): the
+/// workspaces its message is routed to fetch it from the control plane. The bytes are not
+/// in the log; `sha256` names them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageFileStored {
+    /// The `message.received` the file is attached to.
+    pub message_id: crate::EventId,
+    pub file_id: String,
+    /// The name it is saved under in a workspace: Slack's name made safe for a file name.
+    pub name: String,
+    pub mimetype: Option<String>,
+    pub size: u64,
+    /// Hex SHA-256 of the bytes.
+    pub sha256: String,
+}
+
+/// The id of the event that records what became of file `file_id` of message
+/// `message_id` ([`MessageFileStored`] or [`MessageFileRefused`]): one per file, however
+/// often the gateway tries.
+pub fn message_file_event_id(message_id: crate::EventId, file_id: &str) -> crate::EventId {
+    crate::EventId::derive(&["message-file", &message_id.to_string(), file_id])
+}
+
+/// A file attached to a message was not stored, and will not be: too large, refused by
+/// Slack, or not at a Slack address. The agent is told so in its message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageFileRefused {
+    pub message_id: crate::EventId,
+    pub file_id: String,
+    pub name: Option<String>,
+    pub reason: String,
 }

@@ -122,6 +122,22 @@ impl Namespace {
         self.workspace_of(subject, ".directory.")
     }
 
+    /// Where a workspace asks the control plane for a file attached to a message routed to
+    /// it (`{prefix}.files.{workspace}`, a [`FileQuery`] answered with a [`FileAnswer`]).
+    pub fn files_subject(&self, workspace: &str) -> String {
+        format!("{}.files.{workspace}", self.prefix)
+    }
+
+    /// Every workspace's files subject (what the control plane serves).
+    pub fn files_subjects(&self) -> String {
+        format!("{}.files.*", self.prefix)
+    }
+
+    /// The workspace a file query came from, read from its subject.
+    pub fn files_workspace<'s>(&self, subject: &'s str) -> Option<&'s str> {
+        self.workspace_of(subject, ".files.")
+    }
+
     fn workspace_of<'s>(&self, subject: &'s str, infix: &str) -> Option<&'s str> {
         subject
             .strip_prefix(self.prefix.as_str())?
@@ -207,6 +223,7 @@ impl Namespace {
             format!("{}.dead.{workspace}.*", self.prefix),
             self.shared_write_subject(workspace),
             self.directory_subject(workspace),
+            self.files_subject(workspace),
             format!("$JS.API.STREAM.INFO.{inbox}"),
             format!("$JS.API.STREAM.INFO.{}", self.outbox_stream()),
         ];
@@ -495,6 +512,53 @@ pub struct InboxMessage {
     /// Who asked whom before this (agent mentions), oldest first.
     pub chain: Vec<String>,
     pub correlation_id: Option<EventId>,
+    /// Files attached to the message (no URLs: the workspace asks the control plane for
+    /// their bytes with a [`FileQuery`]).
+    #[serde(default)]
+    pub files: Vec<crate::events::FileRef>,
+}
+
+/// A workspace's request for a slice of a file attached to a message routed to it, on its
+/// [`Namespace::files_subject`]. The control plane answers only for a routing decision to
+/// an agent of that workspace whose message has that file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileQuery {
+    /// The `message.routed` decision the workspace is working on.
+    pub routing_id: EventId,
+    pub file_id: String,
+    /// The first byte wanted.
+    #[serde(default)]
+    pub offset: u64,
+}
+
+impl FileQuery {
+    /// The largest slice answered: 256 KiB, which base64 makes 342 KiB of JSON, well under
+    /// a NATS message's 1 MiB.
+    pub const SLICE: u64 = 256 * 1024;
+}
+
+/// The control plane's answer to a [`FileQuery`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum FileAnswer {
+    /// Bytes `offset..offset + len(data)` of the file (`data` in standard base64). The file
+    /// is whole when `offset + len(data) == size`.
+    Slice {
+        name: String,
+        mimetype: Option<String>,
+        size: u64,
+        sha256: String,
+        offset: u64,
+        data: String,
+    },
+    /// The gateway has not downloaded it yet: ask again.
+    Pending,
+    /// It will never be there (too large, refused by Slack), or the query is not allowed;
+    /// `reason` says which.
+    Refused { reason: String },
+    /// The control plane could not read it now; try again.
+    Failed { reason: String },
 }
 
 /// A workspace's request to write the shared bucket, on its
@@ -732,6 +796,8 @@ mod tests {
         }
         let p = ns.workspace_permissions("research", &["alice".into()]);
         assert!(p.publish.contains(&ns.directory_subject("research")));
+        assert!(p.publish.contains(&ns.files_subject("research")));
+        assert!(!p.publish.contains(&ns.files_subject("ops")));
         assert!(!p.publish.iter().any(|s| s == "warren.directory.*"));
     }
 

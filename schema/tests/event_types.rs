@@ -79,7 +79,22 @@ fn samples() -> Vec<Sample> {
                 name: Some("log.txt".into()),
                 mimetype: Some("text/plain".into()),
                 url: None,
+                size: Some(2_048),
             }],
+        }),
+        entry(MessageFileStored {
+            message_id: id("message"),
+            file_id: "F0001".into(),
+            name: "log.txt".into(),
+            mimetype: Some("text/plain".into()),
+            size: 2_048,
+            sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+        }),
+        entry(MessageFileRefused {
+            message_id: id("message"),
+            file_id: "F0002".into(),
+            name: Some("dump.bin".into()),
+            reason: "larger than the gateway's limit of 20971520 bytes".into(),
         }),
         entry(MessageRouted {
             message_id: id("message"),

@@ -168,6 +168,12 @@ pub fn write(root: &Path, path: &str, content: &str) -> Result<usize, FileError>
             content.len()
         )));
     }
+    write_bytes(root, path, content.as_bytes())
+}
+
+/// Writes `content` to `path` below `root` as [`write`] does, without its size limit: for
+/// the runtime's own writes (a message's attached files), not an agent's.
+pub fn write_bytes(root: &Path, path: &str, content: &[u8]) -> Result<usize, FileError> {
     let parts = components(path)?;
     let (dirs, name) = split(&parts)?;
     let dir = open_dir(root, dirs, true, path)?;
@@ -178,7 +184,7 @@ pub fn write(root: &Path, path: &str, content: &str) -> Result<usize, FileError>
         path,
     )?;
     std::fs::File::from(fd)
-        .write_all(content.as_bytes())
+        .write_all(content)
         .map_err(|e| io(path)(Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
     Ok(content.len())
 }

@@ -22,6 +22,8 @@ pub enum TurnError {
     Output(#[from] OutboxError),
     #[error(transparent)]
     Driver(#[from] agent::DriverError),
+    #[error(transparent)]
+    Attachment(#[from] crate::attachments::AttachmentError),
 }
 
 /// The agent's durable consumer, which the control plane made before starting the
@@ -137,6 +139,8 @@ pub struct Worker {
     pub heartbeat: Duration,
     /// The agent directory (`list_agents`), asked of the control plane.
     pub directory: crate::control_plane::Directory,
+    /// Files attached to messages, asked of the control plane.
+    pub attachments: crate::attachments::Attachments,
 }
 
 impl Worker {
@@ -349,12 +353,18 @@ impl Worker {
             m
         };
         let started = std::time::Instant::now();
+        let text = if inbox.files.is_empty() {
+            inbox.text.clone()
+        } else {
+            let saved = self.attachments.save(inbox, &self.workspace_dir).await?;
+            crate::attachments::annotate(&inbox.text, &saved)
+        };
         let said = self
             .driver
             .turn(&agent::TurnContext {
                 workspace: self.workspace.clone(),
                 agent: self.agent.clone(),
-                text: inbox.text.clone(),
+                text,
                 message_id: inbox.message_id.to_string(),
                 routing_id: inbox.routing_id.to_string(),
                 conversation: inbox.correlation_id.map(|c| c.to_string()),

@@ -8,6 +8,8 @@
 //! - [`inbox`]: a durable consumer per agent; a message is acknowledged only after the
 //!   turn's outputs are acknowledged by the server; a crash mid-turn redelivers; a message
 //!   that keeps failing goes to the dead-letter subject and is reported.
+//! - [`attachments`]: files attached to the message, fetched from the control plane and
+//!   saved in the workspace directory before the turn, and named in its message.
 //! - [`agent`]: the drivers (`echo`, `command`, `openai`, `anthropic`) that turn a message
 //!   into what the agent says, and the `@name` mentions in it.
 //! - [`tools`]: what agents can do during a turn (mention, reply, memory, list agents), the
@@ -17,6 +19,7 @@
 //! - [`error`]: why the runtime could not start or had to stop.
 
 pub mod agent;
+pub mod attachments;
 pub mod control_plane;
 pub mod error;
 pub mod files;
@@ -139,6 +142,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .map_err(|e| Error::jetstream(format!("the stream {}", ns.outbox_stream()), e))?;
     let outbox = outbox::Outbox::new(js.clone(), &ns, &config.workspace);
     let directory = control_plane::Directory::new(js.client(), &ns, &config.workspace);
+    let attachments = attachments::Attachments::new(js.client(), &ns, &config.workspace);
     let environment = agent::command::Environment {
         // The backend set PATH from the contract's environment; nothing else is passed on.
         path: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
@@ -170,6 +174,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             max_deliver: config.tuning.max_deliver,
             heartbeat: Duration::from_secs(config.tuning.heartbeat_secs.max(1)),
             directory: directory.clone(),
+            attachments: attachments.clone(),
         };
         let span = info_span!("agent", workspace = %config.workspace, agent = %agent);
         let (name, stop) = (agent.clone(), shutdown.clone());

@@ -171,3 +171,141 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
         let _ = js.delete_key_value(bucket).await;
     }
 }
+
+/// A file attached to a Slack message: the gateway downloads it with the bot token, the
+/// control plane serves it to the workspace the message was routed to (and to no other),
+/// the runtime saves it in that workspace's directory and names it in the agent's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_attached_in_slack_is_saved_in_the_agents_workspace_and_named_in_its_message() {
+    let db = TestDatabase::new().await;
+    let log = db.log();
+    let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let prefix = format!(
+        "e2f{}x{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_subsec_nanos()
+    );
+    let root = std::env::temp_dir().join(format!("warren-e2e-{prefix}"));
+    std::fs::create_dir_all(&root).expect("root");
+    let shutdown = CancellationToken::new();
+    let gateway = Gateway::start(&db, &shutdown).await;
+    let agents = root.join("agents.json");
+    std::fs::write(
+        &agents,
+        r#"{"agents": [{"name": "alice", "workspace": "research"},
+                       {"name": "bob", "workspace": "ops"}]}"#,
+    )
+    .expect("config");
+    let controller =
+        support::local_leader(&log, "e2f", &prefix, &root, Some(agents), None, &shutdown);
+    eventually("the agents configured", async || {
+        log.read_type("agent.configured", 0, 10)
+            .await
+            .expect("r")
+            .len()
+            == 2
+    })
+    .await;
+
+    // A user shares a CSV and a file whose name tries to leave the directory.
+    let path = "T1-F0CSV/download/q3.csv";
+    let body = json!({
+        "type": "event_callback", "team_id": "T1", "event_id": "EvFiles1", "event_time": 1,
+        "authorizations": [{"user_id": "UAPP"}],
+        "event": {"type": "message", "subtype": "file_share", "user": "U1", "channel": "C1",
+                  "text": "@alice please check the numbers", "ts": "1700000000.000300",
+                  "files": [
+                    {"id": "F0CSV", "name": "q3.csv", "mimetype": "text/csv", "size": 40,
+                     "url_private": format!("{}T1-F0CSV/q3.csv", gateway.files_url),
+                     "url_private_download": format!("{}{path}", gateway.files_url)},
+                    {"id": "F0ESC", "name": "../../../etc/cron.d/x", "mimetype": "text/plain",
+                     "url_private_download": format!("{}T1-F0ESC/download/x", gateway.files_url)},
+                    {"id": "F0LARGE", "name": "large.log", "mimetype": "text/plain",
+                     "url_private_download": format!("{}T1-F0LARGE/large.log", gateway.files_url)}
+                  ]},
+    });
+    assert_eq!(gateway.slack_event(&body).await, 200);
+
+    eventually("alice's reply posted", async || {
+        !gateway.posted().is_empty()
+    })
+    .await;
+    let reply = gateway.posted()[0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let message = log.read_type("message.received", 0, 10).await.expect("r")[0].id;
+    let saved = format!(".warren-files/{message}/q3.csv");
+    assert!(
+        reply.contains(&format!("- {saved} (text/csv, ")),
+        "the agent's message names the file: {reply}"
+    );
+    let workspace = root.join("workspaces/research");
+    assert_eq!(
+        std::fs::read_to_string(workspace.join(&saved)).expect("saved in the workspace"),
+        support::slack::file_content(path)
+    );
+    // The escaping name was saved as `x`, inside the message's directory.
+    assert_eq!(
+        std::fs::read_to_string(workspace.join(format!(".warren-files/{message}/x")))
+            .expect("saved inside"),
+        support::slack::file_content("T1-F0ESC/download/x")
+    );
+    assert!(!root.join("etc").exists() && !workspace.join("etc").exists());
+    // A file of several slices arrives whole.
+    let large = support::slack::file_content("T1-F0LARGE/large.log");
+    assert!(large.len() as u64 > 2 * warren_schema::nats::FileQuery::SLICE);
+    assert_eq!(
+        std::fs::read_to_string(workspace.join(format!(".warren-files/{message}/large.log")))
+            .expect("saved"),
+        large
+    );
+    // The log says what became of each file, caused by the message.
+    let stored = log
+        .read_type("message.file_stored", 0, 10)
+        .await
+        .expect("r");
+    assert_eq!(stored.len(), 3);
+    assert!(
+        stored
+            .iter()
+            .all(|e| e.metadata.causation_id == Some(message))
+    );
+
+    // Another workspace asking for that file, for the routing it saw, is refused.
+    let routing = log.read_type("message.routed", 0, 10).await.expect("r")[0].id;
+    let client = async_nats::connect(nats_url.clone()).await.expect("nats");
+    let ns = Namespace::new(&prefix);
+    let query = serde_json::to_vec(&warren_schema::nats::FileQuery {
+        routing_id: routing,
+        file_id: "F0CSV".into(),
+        offset: 0,
+    })
+    .expect("json");
+    let answer = client
+        .request(ns.files_subject("ops"), query.into())
+        .await
+        .expect("answered");
+    let answer: warren_schema::nats::FileAnswer =
+        serde_json::from_slice(&answer.payload).expect("an answer");
+    assert_eq!(
+        answer,
+        warren_schema::nats::FileAnswer::Refused {
+            reason: "the message was routed to workspace research, not ops".into()
+        }
+    );
+    assert!(!root.join("workspaces/ops/.warren-files").exists());
+
+    shutdown.cancel();
+    controller.await.expect("join").expect("controller");
+    let js = async_nats::jetstream::new(client);
+    let _ = js.delete_stream(ns.inbox_stream()).await;
+    let _ = js.delete_stream(ns.outbox_stream()).await;
+    for bucket in [
+        ns.workspace_bucket("research"),
+        ns.workspace_bucket("ops"),
+        ns.shared_bucket(),
+    ] {
+        let _ = js.delete_key_value(bucket).await;
+    }
+}

@@ -17,8 +17,11 @@
 //! - [`shared_memory`]: writes to the shared memory bucket, which workspaces ask the control
 //!   plane for, so that a shared value's provenance is what the control plane checked.
 //! - [`directory`]: the agent directory, which workspaces ask for page by page.
+//! - [`files`]: files attached to messages (stored by the gateway), which workspaces ask
+//!   for slice by slice, only for messages routed to them.
 
 pub mod directory;
+pub mod files;
 pub mod ingest;
 pub mod memory;
 pub mod routed;
@@ -61,7 +64,10 @@ pub async fn run(
     let listing = retry_nats("directory", &shutdown, || {
         directory::run(js.client(), ns.clone(), log.clone(), shutdown.clone())
     });
-    tokio::try_join!(publishing, ingesting, sharing, listing).map(|_| ())
+    let serving_files = retry_nats("files", &shutdown, || {
+        files::run(js.client(), ns.clone(), log.clone(), shutdown.clone())
+    });
+    tokio::try_join!(publishing, ingesting, sharing, listing, serving_files).map(|_| ())
 }
 
 async fn retry_nats<F, Fut>(what: &str, shutdown: &CancellationToken, mut start: F) -> Result<()>

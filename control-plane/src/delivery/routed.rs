@@ -4,7 +4,9 @@
 //! takes its origin, conversation and mention chain from it, never from what the workspace
 //! says ([`authorize`]).
 
-use warren_schema::events::{AgentMentioned, DomainEvent, MessageReceived, MessageRouted, Origin};
+use warren_schema::events::{
+    AgentMentioned, DomainEvent, FileRef, MessageReceived, MessageRouted, Origin,
+};
 use warren_schema::nats::{InboxMessage, OutboxMessage};
 use warren_schema::{EventId, EventLog, RecordedEvent};
 
@@ -18,14 +20,21 @@ pub type Routed = InboxMessage;
 /// `None` when the routed event is of another type. Pure.
 pub fn from_events(routed: &RecordedEvent, source: &RecordedEvent) -> Result<Option<Routed>> {
     let r: MessageRouted = routed.decode()?;
-    let (text, reply_to, chain) = match source.event_type.as_str() {
+    let (text, reply_to, chain, files) = match source.event_type.as_str() {
         MessageReceived::TYPE => {
             let m: MessageReceived = source.decode()?;
-            (m.text, m.origin, Vec::new())
+            // The workspace gets names, never Slack's URLs: it fetches the bytes from the
+            // control plane ([`super::files`]).
+            let files = m
+                .files
+                .into_iter()
+                .map(|f| FileRef { url: None, ..f })
+                .collect();
+            (m.text, m.origin, Vec::new(), files)
         }
         AgentMentioned::TYPE => {
             let m: AgentMentioned = source.decode()?;
-            (m.text, m.reply_to, m.chain)
+            (m.text, m.reply_to, m.chain, Vec::new())
         }
         _ => return Ok(None),
     };
@@ -38,6 +47,7 @@ pub fn from_events(routed: &RecordedEvent, source: &RecordedEvent) -> Result<Opt
         reply_to,
         chain,
         correlation_id: routed.metadata.correlation_id,
+        files,
     }))
 }
 
@@ -158,6 +168,7 @@ mod tests {
             reply_to: origin("C1"),
             chain: vec!["carol".into()],
             correlation_id: Some(EventId::derive(&["conversation"])),
+            files: vec![],
         }
     }
 

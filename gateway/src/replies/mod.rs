@@ -13,13 +13,8 @@
 //! Slack is never called while a database transaction is open: a transaction held across
 //! HTTP calls and rate-limit waits would hold back every reader of the log.
 //!
-//! One replica delivers. Every gateway replica runs this follower, and each would post
-//! every reply; so delivering needs the lease [`DELIVERY_LEASE`] (the same lease as the
-//! control plane's leadership, `warren_schema::lease`). The others wait and take over
-//! when it is released (a replica stopping) or expires (one that died, after
-//! [`LEASE_TTL`]). A holder whose renewal finds the lease gone stops delivering.
-
-pub mod slack_api;
+//! One replica delivers: the follower holds the lease [`DELIVERY_LEASE`] while it works
+//! ([`crate::leased`]).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -32,10 +27,9 @@ use warren_schema::event_log::{SubscriptionOptions, append_in_tx};
 use warren_schema::events::{
     AgentConfigured, AgentRemoved, AgentReplied, DomainEvent, Origin, ReplyDelivered,
 };
-use warren_schema::lease::Lease;
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent, RecordedEvent, Result};
 
-use slack_api::{SlackApi, SlackApiError};
+use crate::slack_api::{SlackApi, SlackApiError};
 
 /// The checkpoint of the delivery follower.
 pub const CHECKPOINT: &str = "gateway.replies";
@@ -150,50 +144,14 @@ impl Projection for Recorder {
 /// The lease the delivering replica holds.
 pub const DELIVERY_LEASE: &str = "gateway.replies";
 
-/// How long a replica that died keeps delivery from the others.
-pub const LEASE_TTL: Duration = Duration::from_secs(10);
-
-/// How often a waiting replica tries the lease.
-const LEASE_POLL: Duration = Duration::from_secs(2);
-
 /// Delivers replies until `shutdown` is cancelled, while this replica holds
 /// [`DELIVERY_LEASE`]; until then, and after losing it, it waits. An error ends it (the
 /// caller restarts it).
 pub async fn run(log: EventLog, slack: SlackApi, shutdown: CancellationToken) -> Result<()> {
-    // This run's own name: a second follower in the same process (a test's two replicas)
-    // must not count as the holder renewing.
-    let holder = format!(
-        "{}/{}",
-        warren_schema::lease::default_holder(),
-        EventId::random()
-    );
-    loop {
-        let lease = loop {
-            if let Some(lease) =
-                Lease::try_acquire(log.pool(), DELIVERY_LEASE, &holder, LEASE_TTL).await?
-            {
-                break lease;
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(LEASE_POLL) => {}
-            }
-        };
-        info!("this replica delivers replies (it holds the delivery lease)");
-        match lease
-            .hold_while(log.pool(), deliver(&log, &slack, &shutdown))
-            .await?
-        {
-            Ok(delivered) => {
-                // Stopping: released, so another replica takes over at once.
-                if let Err(e) = lease.release(log.pool()).await {
-                    warn!(error = %e, "could not release the delivery lease");
-                }
-                return delivered;
-            }
-            Err(lost) => warn!(%lost, "another replica delivers replies now"),
-        }
-    }
+    crate::leased::run(&log, DELIVERY_LEASE, &shutdown, || {
+        deliver(&log, &slack, &shutdown)
+    })
+    .await
 }
 
 async fn deliver(log: &EventLog, slack: &SlackApi, shutdown: &CancellationToken) -> Result<()> {

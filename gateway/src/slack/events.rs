@@ -74,6 +74,9 @@ struct SlackFile {
     name: Option<String>,
     mimetype: Option<String>,
     url_private: Option<String>,
+    /// The same file with `Content-Disposition: attachment`: what a download should fetch.
+    url_private_download: Option<String>,
+    size: Option<u64>,
 }
 
 /// Message subtypes that are a person saying something; every other subtype (edits,
@@ -196,7 +199,8 @@ fn event_callback(
                 id: f.id,
                 name: f.name,
                 mimetype: f.mimetype,
-                url: f.url_private,
+                url: f.url_private_download.or(f.url_private),
+                size: f.size,
             })
             .collect(),
         text: message.text,
@@ -360,16 +364,25 @@ mod tests {
             "type": "message", "subtype": "file_share", "channel": "D1", "channel_type": "im",
             "user": "U1", "text": "see attached", "ts": "5.6", "thread_ts": "5.0",
             "files": [{"id": "F1", "name": "a.txt", "mimetype": "text/plain",
-                       "url_private": "https://files.slack.com/F1"}],
+                       "url_private": "https://files.slack.com/F1"},
+                      {"id": "F2", "name": "b.txt", "mimetype": "text/plain", "size": 12,
+                       "url_private": "https://files.slack.com/F2",
+                       "url_private_download": "https://files.slack.com/F2/download"}],
         }));
         let (stream, events) = stored(parse(&body, None).expect("ok"));
         assert_eq!(stream, "slack:T1:D1");
         let msg: MessageReceived = serde_json::from_value(events[1].payload.clone()).expect("msg");
-        assert_eq!(msg.files.len(), 1);
+        assert_eq!(msg.files.len(), 2);
         assert_eq!(
             msg.files[0].url.as_deref(),
             Some("https://files.slack.com/F1")
         );
+        assert_eq!(
+            msg.files[1].url.as_deref(),
+            Some("https://files.slack.com/F2/download"),
+            "the download address when Slack gives one"
+        );
+        assert_eq!(msg.files[1].size, Some(12));
     }
 
     #[test]

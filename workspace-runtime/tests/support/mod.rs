@@ -44,6 +44,7 @@ pub fn message(workspace: &str, agent: &str, text: &str) -> InboxMessage {
         },
         chain: vec![],
         correlation_id: None,
+        files: vec![],
     }
 }
 

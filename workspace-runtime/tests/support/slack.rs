@@ -1,18 +1,21 @@
 //! Slack's side of an end-to-end test: a local server speaking Slack's Web API
-//! (`chat.postMessage`), the gateway in front of the log (real socket, real signatures),
-//! and the reply delivery posting to that server.
+//! (`chat.postMessage`) and serving files as its file host does (bearer token), the gateway
+//! in front of the log (real socket, real signatures), the reply delivery posting to that
+//! server and the file follower downloading from it.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::routing::post;
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 use warren_gateway::http::{AppState, router, serve};
-use warren_gateway::replies::{self, slack_api::SlackApi};
+use warren_gateway::replies;
+use warren_gateway::slack_api::SlackApi;
 use warren_schema::Secret;
 use warren_schema::event_log::{Appender, AppenderConfig};
 use warren_schema::testing::TestDatabase;
@@ -23,10 +26,35 @@ pub const BOT_TOKEN: &str = "xoxb-e2e";
 /// What the local Slack server was asked to post.
 pub type Posts = Arc<Mutex<Vec<Value>>>;
 
+/// What the local file host serves at `/files-pri/{path}`: `contents of {path}\n`, to a
+/// request with the bot token; 20,000 times over for a path with `LARGE` in it (several of
+/// the control plane's slices).
+pub fn file_content(path: &str) -> String {
+    let line = format!("contents of {path}\n");
+    if path.contains("LARGE") {
+        line.repeat(20_000)
+    } else {
+        line
+    }
+}
+
 async fn fake_slack() -> (String, Posts) {
     let posts: Posts = Arc::default();
     let seen = posts.clone();
-    let app = Router::new().route(
+    let app = Router::new()
+        .route(
+            "/files-pri/{*path}",
+            get(
+                |axum::extract::Path(path): axum::extract::Path<String>, headers: HeaderMap| async move {
+                    let token = headers.get("authorization").and_then(|v| v.to_str().ok());
+                    if token != Some(&format!("Bearer {BOT_TOKEN}")) {
+                        return Err(axum::http::StatusCode::FORBIDDEN);
+                    }
+                    Ok(file_content(&path))
+                },
+            ),
+        )
+        .route(
         "/api/chat.postMessage",
         post(move |Json(body): Json<Value>| {
             let seen = seen.clone();
@@ -60,6 +88,8 @@ pub fn signed(body: &str) -> (String, String) {
 /// The gateway (Slack events in, replies out) and the Slack server it posts to.
 pub struct Gateway {
     pub url: String,
+    /// Where the local Slack serves files (`{files_url}{path}`).
+    pub files_url: String,
     pub posts: Posts,
     pub delivery: tokio::task::JoinHandle<warren_schema::Result<()>>,
 }
@@ -92,9 +122,21 @@ impl Gateway {
             stop.cancelled().await
         }));
         let slack = SlackApi::new(&slack_url, Secret::new(BOT_TOKEN)).expect("client");
-        let delivery = tokio::spawn(replies::run(db.log(), slack, shutdown.clone()));
+        let files_url = slack_url.trim_end_matches("/api").to_owned() + "/files-pri/";
+        let delivery = tokio::spawn(replies::run(db.log(), slack.clone(), shutdown.clone()));
+        let limits = warren_gateway::files::FileLimits {
+            files_url: files_url.clone(),
+            max_bytes: 1 << 20,
+        };
+        tokio::spawn(warren_gateway::files::run(
+            db.log(),
+            slack,
+            limits,
+            shutdown.clone(),
+        ));
         Self {
             url,
+            files_url,
             posts,
             delivery,
         }
