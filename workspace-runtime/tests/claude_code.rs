@@ -59,27 +59,12 @@ fn answer(body: &Value) -> axum::response::Response {
 
 /// The documented Claude Code recipe (docs/coding-agents.md), with this test's model URL.
 fn recipe(base_url: &str) -> Value {
+    let cli = support::cli("WARREN_CLAUDE_BIN", "claude-code-", "claude");
     let runtime = env!("CARGO_BIN_EXE_warren-workspace-runtime");
-    let mcp = json!({"mcpServers": {"warren": {"command": runtime, "args": ["--mcp"]}}});
-    json!({"driver": "command", "settings": {
-        "input": "argument",
-        "output": "claude-json",
-        "timeout_secs": 120,
-        "command": [
-            "/usr/bin/env",
-            format!("ANTHROPIC_BASE_URL={base_url}"),
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
-            "DISABLE_AUTOUPDATER=1",
-            "ENABLE_TOOL_SEARCH=false",
-            support::cli("WARREN_CLAUDE_BIN", "claude-code-", "claude"),
-            "-p",
-            "--output-format", "json",
-            "--model", "claude-test",
-            "--mcp-config", mcp.to_string(),
-            "--strict-mcp-config",
-            "--allowedTools", "mcp__warren"
-        ]
-    }})
+    warren_test_models::command_agent(
+        warren_test_models::claude_command(&cli, base_url, Some(runtime)),
+        "claude-json",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

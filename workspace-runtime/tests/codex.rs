@@ -74,23 +74,12 @@ fn answer(body: &Value) -> axum::response::Response {
 
 /// The documented Codex recipe (docs/coding-agents.md), with this test's model URL.
 fn recipe(base_url: &str) -> Value {
+    let cli = support::cli("WARREN_CODEX_BIN", "codex-", "codex");
     let runtime = env!("CARGO_BIN_EXE_warren-workspace-runtime");
-    json!({"driver": "command", "settings": {
-        "input": "argument",
-        "output": "codex-json",
-        "timeout_secs": 120,
-        "command": [
-            support::cli("WARREN_CODEX_BIN", "codex-", "codex"), "exec",
-            "--json",
-            "--skip-git-repo-check",
-            "--sandbox", "danger-full-access",
-            "-c", "approval_policy=\"never\"",
-            "-c", "model_provider=\"warren\"",
-            "-c", format!("model_providers.warren={{name=\"warren\",base_url=\"{base_url}/v1\",env_key=\"OPENAI_API_KEY\",wire_api=\"responses\"}}"),
-            "-c", format!("mcp_servers.warren={{command=\"{runtime}\",args=[\"--mcp\"],env_vars=[\"WARREN_MCP_SOCKET\"]}}"),
-            "-m", "gpt-test"
-        ]
-    }})
+    warren_test_models::command_agent(
+        warren_test_models::codex_command(&cli, base_url, Some(runtime)),
+        "codex-json",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
