@@ -5,6 +5,7 @@
 //! machine is doing, ratios much less. Nothing here asserts a figure; the closing notes of
 //! the issues quote what these commands printed.
 
+pub mod cli_turn;
 pub mod control_plane;
 pub mod event_log;
 pub mod gateway;
@@ -32,6 +33,9 @@ pub enum Command {
     ControlPlane(control_plane::Args),
     /// Workspace runtime: mention round trip vs raw NATS request-reply (NATS at NATS_URL).
     Runtime(runtime::Args),
+    /// Coding-agent turns: what the runtime adds around a real Codex / Claude Code turn,
+    /// next to the CLI alone (local model server; NATS at NATS_URL).
+    CliTurn(cli_turn::Args),
     /// Kubernetes backend: webhook -> pod create, cold start, 10,000 workspaces (the API
     /// server of scripts/lib/kube.sh: KUBECONFIG, WARREN_KUBECONFIG_CONTROL_PLANE).
     Kubernetes(kubernetes::Args),
@@ -49,6 +53,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gateway(args) => gateway::run(args).await,
         Command::ControlPlane(args) => control_plane::run(args).await,
         Command::Runtime(args) => runtime::run(args).await,
+        Command::CliTurn(args) => cli_turn::run(args).await,
         Command::Kubernetes(args) => kubernetes::run(args).await,
     }
 }

@@ -16,8 +16,13 @@ pub(crate) fn ratio(name: &str, value: f64, goals: &[f64]) {
         .map(|g| format!("{} goal {g}", if value >= *g { "meets" } else { "BELOW" }))
         .collect::<Vec<_>>()
         .join(", ");
+    let verdict = if verdict.is_empty() {
+        String::new()
+    } else {
+        format!(" ({verdict})")
+    };
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{name:<48} {value:>14.3} ({verdict})");
+    let _ = writeln!(out, "{name:<48} {value:>14.3}{verdict}");
     let _ = out.flush();
 }
 
