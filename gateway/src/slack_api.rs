@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use warren_schema::Secret;
 
 /// Why a call failed.
@@ -30,12 +29,14 @@ pub struct SlackApi {
     token: Secret,
 }
 
-#[derive(Deserialize)]
-struct PostMessageResponse {
-    ok: bool,
-    ts: Option<String>,
-    error: Option<String>,
-}
+/// The `event_type` of the metadata Warren puts on every reply it posts; its
+/// `event_payload` is `{"reply_id": "<agent.replied event id>"}`. It is how a reply is
+/// found in its thread after a crash between Slack's accept and Warren's record
+/// ([`SlackApi::find_reply`]).
+pub const REPLY_METADATA_TYPE: &str = "warren_reply";
+
+/// Most pages of a thread (or channel) read when looking for a reply: 10 × 200 messages.
+const LOOKUP_PAGES: usize = 10;
 
 impl SlackApi {
     pub fn new(base_url: &str, token: Secret) -> Result<Self, SlackApiError> {
@@ -50,22 +51,96 @@ impl SlackApi {
         })
     }
 
-    /// `chat.postMessage`; returns the posted message's `ts`.
+    /// `chat.postMessage` of `text`, carrying `reply_id` in its metadata; returns the
+    /// posted message's `ts`.
     pub async fn post_message(
         &self,
         channel: &str,
         thread_ts: Option<&str>,
         text: &str,
+        reply_id: &str,
     ) -> Result<String, SlackApiError> {
-        let mut body = json!({ "channel": channel, "text": text });
+        let mut body = json!({
+            "channel": channel,
+            "text": text,
+            "metadata": {"event_type": REPLY_METADATA_TYPE,
+                         "event_payload": {"reply_id": reply_id}},
+        });
         if let Some(ts) = thread_ts {
             body["thread_ts"] = json!(ts);
         }
-        let response = self
+        let request = self
             .http
             .post(format!("{}/chat.postMessage", self.base_url))
+            .json(&body);
+        let answer = self.call(request).await?;
+        match answer["ts"].as_str() {
+            Some(ts) => Ok(ts.to_owned()),
+            None => Err(SlackApiError::Transient("ok response without ts".into())),
+        }
+    }
+
+    /// The `ts` of the message Warren posted for `reply_id`, if Slack has one: in the
+    /// thread `thread_ts` (`conversations.replies`), or for a reply to the channel itself
+    /// in the channel's history (`conversations.history`); either from `oldest` (a Slack
+    /// `ts`) on, with `include_all_metadata`, page by page (at most [`LOOKUP_PAGES`]).
+    /// Needs the `*:history` scopes of the conversation's kind.
+    pub async fn find_reply(
+        &self,
+        channel: &str,
+        thread_ts: Option<&str>,
+        oldest: &str,
+        reply_id: &str,
+    ) -> Result<Option<String>, SlackApiError> {
+        let method = match thread_ts {
+            Some(_) => "conversations.replies",
+            None => "conversations.history",
+        };
+        let mut cursor = String::new();
+        for _ in 0..LOOKUP_PAGES {
+            let mut query = vec![
+                ("channel", channel),
+                ("oldest", oldest),
+                ("inclusive", "true"),
+                ("include_all_metadata", "true"),
+                ("limit", "200"),
+            ];
+            if let Some(ts) = thread_ts {
+                query.push(("ts", ts));
+            }
+            if !cursor.is_empty() {
+                query.push(("cursor", &cursor));
+            }
+            let query = serde_urlencoded::to_string(&query)
+                .map_err(|e| SlackApiError::Refused(e.to_string()))?;
+            let request = self.http.get(format!("{}/{method}?{query}", self.base_url));
+            let page = self.call(request).await?;
+            let messages = page["messages"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            if let Some(found) = messages.iter().find(|m| {
+                m["metadata"]["event_type"] == REPLY_METADATA_TYPE
+                    && m["metadata"]["event_payload"]["reply_id"] == reply_id
+            }) {
+                return Ok(found["ts"].as_str().map(str::to_owned));
+            }
+            cursor = page["response_metadata"]["next_cursor"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if cursor.is_empty() {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
+    /// One Web API call with the bot token: 429 and 5xx as errors to retry, `ok: false` as
+    /// a refusal; the answer's JSON otherwise.
+    async fn call(&self, request: reqwest::RequestBuilder) -> Result<Value, SlackApiError> {
+        let response = request
             .bearer_auth(self.token.expose())
-            .json(&body)
             .send()
             .await
             // reqwest errors name the URL, never the Authorization header.
@@ -77,16 +152,18 @@ impl SlackApi {
         if status.is_server_error() {
             return Err(SlackApiError::Transient(format!("HTTP {status}")));
         }
-        let parsed: PostMessageResponse = response.json().await.map_err(|e| {
+        let answer: Value = response.json().await.map_err(|e| {
             SlackApiError::Transient(format!("unreadable response: {}", e.without_url()))
         })?;
-        match (parsed.ok, parsed.ts) {
-            (true, Some(ts)) => Ok(ts),
-            (true, None) => Err(SlackApiError::Transient("ok response without ts".into())),
-            (false, _) => Err(SlackApiError::Refused(
-                parsed.error.unwrap_or_else(|| "unknown_error".into()),
-            )),
+        if answer["ok"] != true {
+            return Err(SlackApiError::Refused(
+                answer["error"]
+                    .as_str()
+                    .unwrap_or("unknown_error")
+                    .to_owned(),
+            ));
         }
+        Ok(answer)
     }
 
     /// Downloads a file Slack serves at `url` (a message's `url_private_download`), with

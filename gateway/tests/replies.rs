@@ -1,6 +1,7 @@
 //! Replies out to Slack: the real Slack client, pointed at a local server that speaks the
 //! Web API's `chat.postMessage` (bearer token, JSON body, 429 with Retry-After, `ok`/`ts`).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,21 @@ struct FakeSlack {
     calls: Vec<(bool, Value)>,
     /// Answer the next this-many calls with 429.
     rate_limit_next: usize,
+    /// The messages Slack holds: what was accepted, with `ts`, `thread_ts` and `metadata`.
+    messages: Vec<Value>,
+    /// Hang the next post (the gateway "crashes" while it waits), before or after Slack
+    /// accepted it.
+    stall: Option<Stall>,
+    /// A stalled post arrived.
+    stalled: Arc<tokio::sync::Notify>,
+    /// `conversations.replies` / `.history` calls.
+    lookups: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stall {
+    BeforeAccept,
+    AfterAccept,
 }
 
 async fn post_message(
@@ -34,21 +50,99 @@ async fn post_message(
 ) -> Response {
     let authorized = headers.get("authorization").and_then(|v| v.to_str().ok())
         == Some(&format!("Bearer {TOKEN}"));
-    let mut fake = fake.lock().expect("lock");
+    let (answer, stalled) = accept(&mut fake.lock().expect("lock"), authorized, body);
+    if let Some(stalled) = stalled {
+        stalled.notify_one();
+        std::future::pending::<()>().await;
+    }
+    answer
+}
+
+/// What Slack does with a post; the notification to give when it is to hang.
+fn accept(
+    fake: &mut FakeSlack,
+    authorized: bool,
+    body: Value,
+) -> (Response, Option<Arc<tokio::sync::Notify>>) {
     let n = fake.calls.len();
     fake.calls.push((authorized, body.clone()));
     if !authorized {
-        return Json(json!({"ok": false, "error": "invalid_auth"})).into_response();
+        return (
+            Json(json!({"ok": false, "error": "invalid_auth"})).into_response(),
+            None,
+        );
     }
     if fake.rate_limit_next > 0 {
         fake.rate_limit_next -= 1;
-        return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], "").into_response();
+        return (
+            (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], "").into_response(),
+            None,
+        );
     }
     if body["channel"] == "C-GONE" {
-        return Json(json!({"ok": false, "error": "channel_not_found"})).into_response();
+        return (
+            Json(json!({"ok": false, "error": "channel_not_found"})).into_response(),
+            None,
+        );
     }
-    Json(json!({"ok": true, "channel": body["channel"], "ts": format!("1700000100.{n:06}")}))
-        .into_response()
+    let ts = format!("{}.{n:06}", chrono::Utc::now().timestamp());
+    let stall = fake.stall.take();
+    if stall != Some(Stall::BeforeAccept) {
+        let mut message = body.clone();
+        message["ts"] = json!(ts);
+        fake.messages.push(message);
+    }
+    let answer = Json(json!({"ok": true, "channel": body["channel"], "ts": ts})).into_response();
+    (answer, stall.map(|_| fake.stalled.clone()))
+}
+
+/// `conversations.replies` (a thread: `ts` is its parent) and `conversations.history` (the
+/// channel), as Slack answers them: messages from `oldest` on, their `metadata` only with
+/// `include_all_metadata=true`, at most two per page (Slack may return fewer than `limit`)
+/// with a `next_cursor`.
+async fn lookup(
+    State(fake): State<Arc<Mutex<FakeSlack>>>,
+    axum::extract::Path(method): axum::extract::Path<String>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    if headers.get("authorization").and_then(|v| v.to_str().ok())
+        != Some(&format!("Bearer {TOKEN}"))
+    {
+        return Json(json!({"ok": false, "error": "invalid_auth"})).into_response();
+    }
+    let mut fake = fake.lock().expect("lock");
+    fake.lookups += 1;
+    let oldest: f64 = q.get("oldest").and_then(|o| o.parse().ok()).unwrap_or(0.0);
+    let matching: Vec<Value> = fake
+        .messages
+        .iter()
+        .filter(|m| m["channel"] == q["channel"].as_str())
+        .filter(|m| match method.as_str() {
+            "conversations.replies" => m["thread_ts"] == q["ts"].as_str(),
+            _ => m["thread_ts"].is_null(),
+        })
+        .filter(|m| m["ts"].as_str().and_then(|t| t.parse::<f64>().ok()) >= Some(oldest))
+        .map(|m| {
+            let mut m = m.clone();
+            if q.get("include_all_metadata").map(String::as_str) != Some("true") {
+                m.as_object_mut().expect("object").remove("metadata");
+            }
+            m
+        })
+        .collect();
+    let start: usize = q.get("cursor").and_then(|c| c.parse().ok()).unwrap_or(0);
+    let page: Vec<Value> = matching.iter().skip(start).take(2).cloned().collect();
+    let next = if start + 2 < matching.len() {
+        (start + 2).to_string()
+    } else {
+        String::new()
+    };
+    Json(
+        json!({"ok": true, "messages": page, "has_more": !next.is_empty(),
+                "response_metadata": {"next_cursor": next}}),
+    )
+    .into_response()
 }
 
 async fn fake_slack(rate_limit_next: usize) -> (String, Arc<Mutex<FakeSlack>>) {
@@ -58,6 +152,7 @@ async fn fake_slack(rate_limit_next: usize) -> (String, Arc<Mutex<FakeSlack>>) {
     }));
     let app = Router::new()
         .route("/api/chat.postMessage", post(post_message))
+        .route("/api/{method}", axum::routing::get(lookup))
         .with_state(state.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -137,7 +232,8 @@ async fn a_reply_is_posted_in_its_thread_after_a_429_and_recorded_once() {
     assert_eq!(calls[1].1["text"], "answer 1");
     let record = &delivered(&db).await[0];
     assert_eq!(record["reply_id"], json!(id.to_string()));
-    assert_eq!(record["ts"], "1700000100.000001");
+    let held = fake.lock().expect("lock").messages[0]["ts"].clone();
+    assert_eq!(record["ts"], held, "Slack's ts of the posted message");
 }
 
 /// Every gateway replica runs the reply follower (the chart runs two). One delivers; the
@@ -318,5 +414,82 @@ async fn broadcasts_are_escaped_unless_the_agent_is_configured_to_send_them() {
             json!("<!here> from herald"),
             json!("&lt;!here&gt; from alice")
         ]
+    );
+}
+
+/// A crash while a post is in flight, before and after Slack accepted it: the restarted
+/// gateway finds the accepted one in the thread by the reply id in its metadata and records
+/// it without posting again, and posts the one Slack never accepted. Each reply is in Slack
+/// exactly once.
+#[tokio::test]
+async fn a_crash_around_slacks_accept_leaves_each_reply_in_slack_once() {
+    let db = TestDatabase::new().await;
+    let log = db.log();
+    let (url, fake) = fake_slack(0).await;
+    let slack = SlackApi::new(&url, Secret::new(TOKEN)).expect("client");
+    // Earlier messages in the thread (several pages of the lookup).
+    for n in 0..3 {
+        fake.lock().expect("lock").messages.push(json!({
+            "channel": "C1", "thread_ts": "1700000000.000100", "text": format!("chatter {n}"),
+            "ts": format!("{}.{n:06}", chrono::Utc::now().timestamp())}));
+    }
+
+    for (n, stall) in [(1, Stall::AfterAccept), (2, Stall::BeforeAccept)] {
+        let id = reply(&log, n, "C1").await;
+        let stalled = {
+            let mut f = fake.lock().expect("lock");
+            f.stall = Some(stall);
+            f.stalled.clone()
+        };
+        // The gateway posts, and dies while Slack has not answered.
+        let crashed = tokio::spawn(replies::run(
+            log.clone(),
+            slack.clone(),
+            CancellationToken::new(),
+        ));
+        tokio::time::timeout(Duration::from_secs(20), stalled.notified())
+            .await
+            .expect("the post reached Slack");
+        crashed.abort();
+        let _ = crashed.await;
+        // Its lease would run out after the TTL; end it now.
+        sqlx::query("UPDATE leases SET expires_at = now() - interval '1 second' WHERE name = $1")
+            .bind(replies::DELIVERY_LEASE)
+            .execute(&db.pool)
+            .await
+            .expect("expire");
+
+        let shutdown = CancellationToken::new();
+        let restarted = tokio::spawn(replies::run(log.clone(), slack.clone(), shutdown.clone()));
+        wait_until("the delivery record", async || {
+            delivered(&db).await.len() == n as usize
+        })
+        .await;
+        shutdown.cancel();
+        restarted.await.expect("task").expect("stop");
+
+        let (in_slack, lookups) = {
+            let fake = fake.lock().expect("lock");
+            let in_slack: Vec<Value> = fake
+                .messages
+                .iter()
+                .filter(|m| m["metadata"]["event_payload"]["reply_id"] == json!(id.to_string()))
+                .cloned()
+                .collect();
+            (in_slack, fake.lookups)
+        };
+        assert_eq!(in_slack.len(), 1, "reply {n} is in Slack once");
+        assert_eq!(in_slack[0]["text"], format!("answer {n}"));
+        assert_eq!(in_slack[0]["thread_ts"], "1700000000.000100");
+        let record = delivered(&db).await.pop().expect("record");
+        assert_eq!(record["reply_id"], json!(id.to_string()));
+        assert_eq!(record["ts"], in_slack[0]["ts"], "the message Slack holds");
+        assert!(lookups > 0, "the restart looked before posting");
+    }
+    let started = log.read_type("reply.post_started", 0, 10).await.expect("r");
+    assert_eq!(
+        started.len(),
+        2,
+        "one intent per reply, whatever the restarts"
     );
 }

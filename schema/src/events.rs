@@ -41,6 +41,7 @@ domain_events! {
     WorkspaceObserved => "workspace.observed" v 1,
     AgentReplied => "agent.replied" v 1,
     AgentMentioned => "agent.mentioned" v 1,
+    ReplyPostStarted => "reply.post_started" v 1,
     ReplyDelivered => "reply.delivered" v 1,
     AgentConfigured => "agent.configured" v 1,
     AgentRemoved => "agent.removed" v 1,
@@ -216,6 +217,26 @@ pub struct AgentMentioned {
     pub chain: Vec<String>,
     /// Where the conversation's replies go.
     pub reply_to: Origin,
+}
+
+/// The gateway is about to post a reply to Slack (recorded before the call). A reply with
+/// this record and no `reply.delivered` may have reached Slack before a crash: the gateway
+/// looks for it in its conversation (by the reply's id in the message's metadata) before
+/// posting it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyPostStarted {
+    /// The `agent.replied` event being posted.
+    pub reply_id: crate::EventId,
+    pub channel: String,
+    /// The thread it goes in (`None`: the channel itself).
+    pub thread_ts: Option<String>,
+}
+
+impl ReplyPostStarted {
+    /// One record per reply, however often a restart tries it.
+    pub fn event_id(reply_id: crate::EventId) -> crate::EventId {
+        crate::EventId::derive(&["reply-post-started", &reply_id.to_string()])
+    }
 }
 
 /// A reply was posted to Slack.

@@ -135,6 +135,11 @@ fn samples() -> Vec<Sample> {
                 delivery_id: "d1".into(),
             },
         }),
+        entry(ReplyPostStarted {
+            reply_id: id("reply"),
+            channel: "C0001".into(),
+            thread_ts: Some("1700000000.000100".into()),
+        }),
         entry(ReplyDelivered {
             reply_id: id("reply"),
             channel: "C0001".into(),

@@ -6,9 +6,15 @@
 //! (`gateway.replies`). So a restart neither loses a reply (the checkpoint has not moved)
 //! nor records one twice (the record's id derives from the reply's).
 //!
-//! The one narrow window: a crash after Slack accepted the post and before the record
-//! committed posts that reply again after the restart. Slack's `chat.postMessage` has no
-//! idempotency key to close it.
+//! Exactly once, across a crash between Slack's accept and the record: before posting, the
+//! follower records `reply.post_started` (one per reply), and every post carries the
+//! reply's id in its Slack message metadata. When a restarted follower meets a reply whose
+//! post was started, an earlier run may have posted it: it looks in the reply's thread
+//! (`conversations.replies`, or the channel's history for a slash command's reply) for a
+//! message with that id, and records the one it finds instead of posting again. A reply
+//! whose post was never started is posted without a look. If Slack will not show the
+//! thread (the app lacks the `*:history` scope) the reply is posted: at least once rather
+//! than lost.
 //!
 //! Slack is never called while a database transaction is open: a transaction held across
 //! HTTP calls and rate-limit waits would hold back every reader of the log.
@@ -26,6 +32,7 @@ use warren_schema::event_log::projection::{self, Projection};
 use warren_schema::event_log::{SubscriptionOptions, append_in_tx};
 use warren_schema::events::{
     AgentConfigured, AgentRemoved, AgentReplied, DomainEvent, Origin, ReplyDelivered,
+    ReplyPostStarted,
 };
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent, RecordedEvent, Result};
 
@@ -195,7 +202,19 @@ async fn deliver(log: &EventLog, slack: &SlackApi, shutdown: &CancellationToken)
                 }
             }
             let text = broadcasters.text(&reply);
-            match post(slack, channel, thread_ts, &text, shutdown).await {
+            let outcome = match log.get(ReplyPostStarted::event_id(event.id)).await? {
+                Some(started) => {
+                    repost(
+                        slack, channel, thread_ts, &text, event.id, &started, shutdown,
+                    )
+                    .await
+                }
+                None => {
+                    record_post_started(log, event, channel, thread_ts).await?;
+                    post(slack, channel, thread_ts, &text, event.id, shutdown).await
+                }
+            };
+            match outcome {
                 Some(Ok(ts)) => {
                     info!(position = event.position, %channel, %ts, "reply delivered");
                     recorder
@@ -243,6 +262,65 @@ pub fn escape_broadcasts(text: &str) -> String {
     out
 }
 
+/// Records that `reply`'s post is starting, before the call.
+async fn record_post_started(
+    log: &EventLog,
+    reply: &RecordedEvent,
+    channel: &str,
+    thread_ts: Option<&str>,
+) -> Result<()> {
+    let record = NewEvent::from_domain(
+        ReplyPostStarted::event_id(reply.id),
+        &ReplyPostStarted {
+            reply_id: reply.id,
+            channel: channel.to_owned(),
+            thread_ts: thread_ts.map(str::to_owned),
+        },
+        Metadata::caused_by(reply, "gateway/replies"),
+    )
+    .map_err(|e| warren_schema::Error::InvalidEvent(e.to_string()))?;
+    log.append(&AppendRequest::new(reply.stream.clone(), vec![record]))
+        .await?;
+    Ok(())
+}
+
+/// How far before its `reply.post_started` a reply's message is looked for (clocks of
+/// Slack and the database differ).
+const LOOKUP_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
+/// A reply whose post an earlier run started: the message found in Slack, or a post if
+/// there is none. `None` when shutdown interrupted it.
+async fn repost(
+    slack: &SlackApi,
+    channel: &str,
+    thread_ts: Option<&str>,
+    text: &str,
+    reply_id: EventId,
+    started: &RecordedEvent,
+    shutdown: &CancellationToken,
+) -> Option<std::result::Result<String, SlackApiError>> {
+    let oldest = (started.recorded_at - LOOKUP_MARGIN).timestamp().max(0);
+    let oldest = format!("{oldest}.000000");
+    let id = reply_id.to_string();
+    let found = with_retries(channel, shutdown, || {
+        slack.find_reply(channel, thread_ts, &oldest, &id)
+    })
+    .await?;
+    match found {
+        Ok(Some(ts)) => {
+            info!(%channel, %ts, reply = %id, "already in Slack from before a restart; not posted again");
+            metrics::counter!("warren_gateway_slack_posts_total", "result" => "found").increment(1);
+            Some(Ok(ts))
+        }
+        Ok(None) => post(slack, channel, thread_ts, text, reply_id, shutdown).await,
+        Err(e) => {
+            warn!(%channel, error = %e, reply = %id,
+                  "could not look for a reply whose post was started; posting it (at least once)");
+            post(slack, channel, thread_ts, text, reply_id, shutdown).await
+        }
+    }
+}
+
 /// Posts with retries: rate limits are waited out, transient failures retried with backoff.
 /// `None` when shutdown interrupted it.
 async fn post(
@@ -250,17 +328,43 @@ async fn post(
     channel: &str,
     thread_ts: Option<&str>,
     text: &str,
+    reply_id: EventId,
     shutdown: &CancellationToken,
 ) -> Option<std::result::Result<String, SlackApiError>> {
+    let id = reply_id.to_string();
+    let result = with_retries(channel, shutdown, || {
+        slack.post_message(channel, thread_ts, text, &id)
+    })
+    .await;
+    let label = match &result {
+        Some(Ok(_)) => "ok",
+        Some(Err(_)) => "failed",
+        None => "interrupted",
+    };
+    metrics::counter!("warren_gateway_slack_posts_total", "result" => label).increment(1);
+    result
+}
+
+/// A Web API call with retries: rate limits are waited out, transient failures retried
+/// with backoff up to [`ATTEMPTS`]. `None` when shutdown interrupted it.
+async fn with_retries<T, F, Fut>(
+    channel: &str,
+    shutdown: &CancellationToken,
+    mut call: F,
+) -> Option<std::result::Result<T, SlackApiError>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<T, SlackApiError>>,
+{
     let mut failures = 0;
     let attempt = |result: &'static str| {
-        metrics::counter!("warren_gateway_slack_posts_total", "result" => result).increment(1);
+        metrics::counter!("warren_gateway_slack_calls_total", "result" => result).increment(1);
     };
     loop {
-        let wait = match slack.post_message(channel, thread_ts, text).await {
-            Ok(ts) => {
+        let wait = match call().await {
+            Ok(answer) => {
                 attempt("ok");
-                return Some(Ok(ts));
+                return Some(Ok(answer));
             }
             Err(SlackApiError::RateLimited(d)) => {
                 attempt("rate_limited");
