@@ -130,7 +130,8 @@ enum Outcome {
 }
 
 /// Downloads and records files until `shutdown` is cancelled, while this replica holds
-/// [`LEASE`]. An error ends it (the caller restarts it).
+/// [`LEASE`]. An error ends it (the caller restarts it). The gateway itself runs the
+/// downloads beside reply delivery under one lease ([`crate::run_slack_followers`]).
 pub async fn run(
     log: EventLog,
     slack: SlackApi,
@@ -143,7 +144,7 @@ pub async fn run(
     .await
 }
 
-async fn follow(
+pub(crate) async fn follow(
     log: &EventLog,
     slack: &SlackApi,
     limits: &FileLimits,

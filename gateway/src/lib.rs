@@ -67,28 +67,20 @@ pub async fn run(
                 files_url: config.slack_files_url.clone(),
                 max_bytes: config.max_file_bytes,
             };
-            let (l, s, stop) = (log.clone(), slack.clone(), shutdown.clone());
-            let replies = tokio::spawn(
-                leased::supervise("reply delivery", shutdown.clone(), move || {
-                    replies::run(l.clone(), s.clone(), stop.clone())
-                })
-                .instrument(tracing::info_span!("reply_delivery")),
-            );
             let stop = shutdown.clone();
-            let files = tokio::spawn(
-                leased::supervise("file downloads", shutdown.clone(), move || {
-                    files::run(log.clone(), slack.clone(), limits.clone(), stop.clone())
+            Some(tokio::spawn(
+                leased::supervise("Slack followers", shutdown.clone(), move || {
+                    run_slack_followers(log.clone(), slack.clone(), limits.clone(), stop.clone())
                 })
-                .instrument(tracing::info_span!("slack_files")),
-            );
-            vec![replies, files]
+                .instrument(tracing::info_span!("slack_out")),
+            ))
         }
         None => {
             info!(
                 "no Slack bot token configured: agents' replies are recorded but not sent, \
                  and files attached to messages are not downloaded"
             );
-            Vec::new()
+            None
         }
     };
     let webhooks = webhook::registry::Registry::new(match &config.webhooks_file {
@@ -142,8 +134,29 @@ pub async fn run(
     .await?;
     // The router (and its Appender) is gone: the writers drain the queue and stop.
     writers.join().await;
-    for follower in followers {
-        follower.await?;
+    if let Some(followers) = followers {
+        followers.await?;
     }
     Ok(())
+}
+
+/// What the replica holding the lease [`replies::DELIVERY_LEASE`] does with Slack:
+/// delivers replies ([`replies`]) and downloads files attached to messages ([`files`]),
+/// each from its own checkpoint. One lease for both: one connection renews it, and the
+/// replica that talks to Slack is one replica. An error ends both (the caller restarts
+/// them).
+pub async fn run_slack_followers(
+    log: EventLog,
+    slack: slack_api::SlackApi,
+    limits: files::FileLimits,
+    shutdown: CancellationToken,
+) -> warren_schema::Result<()> {
+    leased::run(&log, replies::DELIVERY_LEASE, &shutdown, || async {
+        tokio::try_join!(
+            replies::deliver(&log, &slack, &shutdown),
+            files::follow(&log, &slack, &limits, &shutdown)
+        )
+        .map(|_| ())
+    })
+    .await
 }

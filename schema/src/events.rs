@@ -62,6 +62,7 @@ domain_events! {
     WebhookEndpointConfigured => "webhook_endpoint.configured" v 1,
     WebhookEndpointRemoved => "webhook_endpoint.removed" v 1,
     MemoryRestored => "memory.restored" v 1,
+    NatsRecovered => "nats.recovered" v 1,
     QuotaSet => "quota.set" v 1,
     QuotaRemoved => "quota.removed" v 1,
 }
@@ -492,6 +493,30 @@ pub struct WebhookEndpointRemoved {
 pub struct MemoryRestored {
     pub bucket: String,
     /// Keys put back.
+    pub keys: u64,
+}
+
+/// The NATS store was lost (the inbox stream's last sequence was below the highest one it
+/// had acknowledged), and the control plane put back what the log knows: the routed
+/// messages not yet finished, published again, and the memory buckets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatsRecovered {
+    /// The inbox stream.
+    pub stream: String,
+    /// The highest sequence the server had acknowledged before.
+    pub acknowledged: u64,
+    /// The stream's last sequence when the loss was found.
+    pub found: u64,
+    /// Routed messages published again.
+    pub republished: u64,
+    /// Memory buckets put back, with their keys.
+    pub buckets: Vec<BucketRestored>,
+}
+
+/// One memory bucket put back from the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketRestored {
+    pub bucket: String,
     pub keys: u64,
 }
 

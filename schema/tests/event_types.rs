@@ -265,6 +265,16 @@ fn samples() -> Vec<Sample> {
             bucket: "warren-memory-research".into(),
             keys: 42,
         }),
+        entry(NatsRecovered {
+            stream: "WARREN_INBOX".into(),
+            acknowledged: 1_204,
+            found: 0,
+            republished: 3,
+            buckets: vec![BucketRestored {
+                bucket: "warren-mem-research".into(),
+                keys: 12,
+            }],
+        }),
         entry(QuotaSet {
             scope: "team:T0001".into(),
             max_running: Some(20),

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -174,7 +175,26 @@ impl Worker {
                 }
                 Some(Err(e)) => {
                     // Missed heartbeats, a refused pull while NATS restarts: the stream
-                    // goes on by itself.
+                    // goes on by itself, unless the consumer is gone with a lost NATS
+                    // store (the server no longer knows it: it answers no pull again).
+                    // Then the runtime stops, and the control plane starts it again with
+                    // its consumers made anew.
+                    use consumer::pull::MessagesErrorKind as Kind;
+                    if matches!(e.kind(), Kind::NoResponders | Kind::MissingHeartbeat)
+                        && let Err(gone) = consumer.get_info().await
+                        && matches!(
+                            gone.kind(),
+                            ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+                        )
+                    {
+                        return Err(Error::jetstream(
+                            format!(
+                                "the inbox consumer of {} (the NATS store lost it)",
+                                self.agent
+                            ),
+                            gone,
+                        ));
+                    }
                     warn!(error = %e, "reading the inbox; going on");
                     continue;
                 }

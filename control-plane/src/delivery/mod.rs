@@ -17,6 +17,8 @@
 //! - [`shared_memory`]: writes to the shared memory bucket, which workspaces ask the control
 //!   plane for, so that a shared value's provenance is what the control plane checked.
 //! - [`directory`]: the agent directory, which workspaces ask for page by page.
+//! - [`recovery`]: after the NATS store was lost, the publisher puts back from the log the
+//!   routed messages not yet finished and the memory buckets, before anything new.
 //! - [`files`]: files attached to messages (stored by the gateway), which workspaces ask
 //!   for slice by slice, only for messages routed to them.
 
@@ -24,6 +26,7 @@ pub mod directory;
 pub mod files;
 pub mod ingest;
 pub mod memory;
+pub mod recovery;
 pub mod routed;
 pub mod senders;
 pub mod shared_memory;
@@ -75,11 +78,18 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<()>>,
 {
-    let mut backoff = Duration::from_millis(500);
+    const FIRST: Duration = Duration::from_millis(500);
+    let mut backoff = FIRST;
     loop {
+        let started = tokio::time::Instant::now();
         match start().await {
             Err(Error::Nats(e)) => {
-                warn!(part = what, error = %e, "NATS failed; restarting after a pause");
+                // A part that ran a while failed afresh: its next try comes soon again, not
+                // after the pause a long outage had grown to.
+                if started.elapsed() > Duration::from_secs(10) {
+                    backoff = FIRST;
+                }
+                warn!(part = what, error = %e, ?backoff, "NATS failed; restarting after a pause");
                 metrics::counter!("warren_control_plane_nats_restarts_total", "part" => what.to_owned())
                     .increment(1);
             }
@@ -89,9 +99,12 @@ where
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
+
+/// How often the publisher looks at the inbox stream for a lost store while idle.
+const STORE_CHECK: Duration = Duration::from_secs(5);
 
 /// Checkpoint of the publisher: the last log position whose routed messages are in NATS.
 pub const CHECKPOINT: &str = "control-plane.delivery";
@@ -103,6 +116,8 @@ pub struct Publisher {
     ns: Namespace,
     log: EventLog,
     position: i64,
+    /// The highest inbox sequence the server acknowledged ([`recovery::INBOX_SEQUENCE`]).
+    acknowledged: u64,
 }
 
 /// Turns a NATS failure into the crate error (it names the operation, never a credential).
@@ -111,7 +126,8 @@ pub(crate) fn nats(context: &'static str) -> impl Fn(&dyn std::fmt::Display) -> 
 }
 
 impl Publisher {
-    /// Makes sure the streams exist and reads the checkpoint.
+    /// Makes sure the streams exist, reads the checkpoint, and recovers what a lost NATS
+    /// store took ([`recovery`]).
     pub async fn new(js: jetstream::Context, ns: Namespace, log: EventLog) -> Result<Self> {
         js.get_or_create_stream(ns.inbox_stream_config())
             .await
@@ -121,12 +137,84 @@ impl Publisher {
             .map_err(|e| nats("creating the outbox stream")(&e))?;
         let position =
             warren_schema::event_log::projection::load_checkpoint(log.pool(), CHECKPOINT).await?;
-        Ok(Self {
+        let acknowledged = recovery::acknowledged(&log).await?;
+        let mut publisher = Self {
             js,
             ns,
             log,
             position,
-        })
+            acknowledged,
+        };
+        publisher.recover_if_reset().await?;
+        Ok(publisher)
+    }
+
+    /// If the inbox stream lost messages it had acknowledged (the NATS store was lost),
+    /// publishes again the routed messages not yet finished, puts the memory buckets back,
+    /// and records `nats.recovered`.
+    #[instrument(skip_all, err)]
+    async fn recover_if_reset(&mut self) -> Result<()> {
+        let mut stream = self
+            .js
+            .get_stream(self.ns.inbox_stream())
+            .await
+            .map_err(|e| nats("reading the inbox stream")(&e))?;
+        let found = stream
+            .info()
+            .await
+            .map_err(|e| nats("reading the inbox stream")(&e))?
+            .state
+            .last_sequence;
+        if !recovery::was_reset(self.acknowledged, found) {
+            return Ok(());
+        }
+        warn!(
+            acknowledged = self.acknowledged,
+            found, "the inbox stream lost messages it had acknowledged; recovering from the log"
+        );
+        let retention = self.ns.inbox_stream_config().max_age;
+        let since = chrono::Utc::now()
+            - chrono::TimeDelta::from_std(retention).unwrap_or(chrono::TimeDelta::MAX);
+        let horizon = self.log.position_at(since).await?;
+        let open = recovery::unfinished(&self.log, horizon, self.position).await?;
+        let mut acks = Vec::new();
+        for id in &open {
+            if let Some(routed) = self.log.get(*id).await? {
+                acks.extend(self.publish(&routed, &[]).await?);
+            }
+        }
+        let mut highest = found;
+        for ack in acks {
+            let ack = ack
+                .await
+                .map_err(|e| nats("awaiting an inbox PubAck")(&e))?;
+            highest = highest.max(ack.sequence);
+        }
+        let buckets = memory::restore_all(&self.js, &self.ns, &self.log)
+            .await?
+            .into_iter()
+            .map(|(bucket, keys)| BucketRestored {
+                bucket,
+                keys: keys as u64,
+            })
+            .collect();
+        recovery::record(
+            &self.log,
+            NatsRecovered {
+                stream: self.ns.inbox_stream(),
+                acknowledged: self.acknowledged,
+                found,
+                republished: open.len() as u64,
+                buckets,
+            },
+        )
+        .await?;
+        let mut conn = self.log.pool().acquire().await.map_err(LogError::db(
+            "acquiring a connection for the inbox sequence",
+        ))?;
+        store_checkpoint(&mut conn, recovery::INBOX_SEQUENCE, highest as i64).await?;
+        self.acknowledged = highest;
+        Ok(())
     }
 
     /// Follows the log until `shutdown`. NATS failures are retried (with backoff) without
@@ -139,9 +227,18 @@ impl Publisher {
         };
         let mut subscription =
             Subscription::start(self.log.pool().clone(), self.position, options).await?;
+        // A store lost while nothing is published shows only when the stream is looked at.
+        let mut check = tokio::time::interval(STORE_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let batch = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
+                _ = check.tick() => {
+                    // A stream that is gone is an error: the publisher starts again and
+                    // makes it anew before it recovers.
+                    self.recover_if_reset().await?;
+                    continue;
+                }
                 batch = subscription.next_batch() => batch?,
             };
             let mut backoff = Duration::from_millis(100);
@@ -177,16 +274,30 @@ impl Publisher {
         {
             acks.extend(self.publish(event, batch).await?);
         }
+        let mut highest = self.acknowledged;
         for ack in acks {
-            ack.await
+            let ack = ack
+                .await
                 .map_err(|e| nats("awaiting an inbox PubAck")(&e))?;
+            highest = highest.max(ack.sequence);
             metrics::counter!("warren_control_plane_inbox_published_total").increment(1);
         }
-        let mut conn = self.log.pool().acquire().await.map_err(LogError::db(
-            "acquiring a connection for the delivery checkpoint",
-        ))?;
-        store_checkpoint(&mut conn, CHECKPOINT, last).await?;
+        // The checkpoint and the highest acknowledged sequence move together.
+        let mut tx = self
+            .log
+            .pool()
+            .begin()
+            .await
+            .map_err(LogError::db("beginning the delivery checkpoint"))?;
+        store_checkpoint(&mut tx, CHECKPOINT, last).await?;
+        if highest > self.acknowledged {
+            store_checkpoint(&mut tx, recovery::INBOX_SEQUENCE, highest as i64).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(LogError::db("committing the delivery checkpoint"))?;
         self.position = last;
+        self.acknowledged = highest;
         Ok(())
     }
 

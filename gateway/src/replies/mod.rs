@@ -161,7 +161,11 @@ pub async fn run(log: EventLog, slack: SlackApi, shutdown: CancellationToken) ->
     .await
 }
 
-async fn deliver(log: &EventLog, slack: &SlackApi, shutdown: &CancellationToken) -> Result<()> {
+pub(crate) async fn deliver(
+    log: &EventLog,
+    slack: &SlackApi,
+    shutdown: &CancellationToken,
+) -> Result<()> {
     let from = projection::load_checkpoint(log.pool(), CHECKPOINT).await?;
     let options = SubscriptionOptions {
         name: CHECKPOINT.into(),

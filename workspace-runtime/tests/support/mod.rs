@@ -219,6 +219,16 @@ impl NatsServer {
         self.wait_listening().await;
     }
 
+    /// Kills the server, deletes its JetStream store (every stream, consumer and bucket),
+    /// and starts it again on the same port: a server replaced without its data.
+    pub async fn crash_wipe_and_restart(&mut self) {
+        self.child.kill().await.expect("kill the server");
+        let store = self.conf.with_file_name("js");
+        std::fs::remove_dir_all(&store).expect("wipe the store");
+        self.child = Self::spawn(&self.conf);
+        self.wait_listening().await;
+    }
+
     pub async fn stop(mut self) {
         self.child.kill().await.expect("stop the server");
     }
@@ -574,10 +584,34 @@ pub fn local_leader(
     model_keys: Option<std::path::PathBuf>,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<warren_control_plane::error::Result<()>> {
+    local_leader_on(
+        &nats_url(),
+        log,
+        holder,
+        prefix,
+        root,
+        config_file,
+        model_keys,
+        shutdown,
+    )
+}
+
+/// [`local_leader`] on the NATS server at `nats_url`.
+#[allow(clippy::too_many_arguments)]
+pub fn local_leader_on(
+    nats_url: &str,
+    log: &warren_schema::EventLog,
+    holder: &str,
+    prefix: &str,
+    root: &std::path::Path,
+    config_file: Option<std::path::PathBuf>,
+    model_keys: Option<std::path::PathBuf>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<warren_control_plane::error::Result<()>> {
     use warren_control_plane::backend::BackendConfig;
     use warren_control_plane::backend::local::LocalConfig;
     use warren_control_plane::controller::{self, ControllerConfig, NatsConfig};
-    let nats_url = nats_url();
+    let nats_url = nats_url.to_owned();
     tokio::spawn(controller::run(
         log.clone(),
         ControllerConfig {

@@ -14,7 +14,6 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 use warren_gateway::http::{AppState, router, serve};
-use warren_gateway::replies;
 use warren_gateway::slack_api::SlackApi;
 use warren_schema::Secret;
 use warren_schema::event_log::{Appender, AppenderConfig};
@@ -97,14 +96,19 @@ pub struct Gateway {
 impl Gateway {
     pub async fn start(db: &TestDatabase, shutdown: &CancellationToken) -> Self {
         let (slack_url, posts) = fake_slack().await;
+        // The gateway's own pool, as its own process has (8 connections, its default): it
+        // shares the database with the control plane, not the connections.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .connect_lazy_with((*db.pool.connect_options()).clone());
         // Endpoints managed through the admin API, followed as the gateway binary does.
         let webhooks = warren_gateway::webhook::registry::Registry::default();
-        tokio::spawn(webhooks.clone().follow(db.pool.clone(), shutdown.clone()));
-        let (appender, _writers) = Appender::start(db.pool.clone(), AppenderConfig::default());
+        tokio::spawn(webhooks.clone().follow(pool.clone(), shutdown.clone()));
+        let (appender, _writers) = Appender::start(pool.clone(), AppenderConfig::default());
         let app = router(
             AppState {
                 appender,
-                pool: db.pool.clone(),
+                pool: pool.clone(),
                 slack_signing_secret: Some(Secret::new(SIGNING_SECRET)),
                 webhooks,
                 append_timeout: Duration::from_secs(2),
@@ -123,13 +127,12 @@ impl Gateway {
         }));
         let slack = SlackApi::new(&slack_url, Secret::new(BOT_TOKEN)).expect("client");
         let files_url = slack_url.trim_end_matches("/api").to_owned() + "/files-pri/";
-        let delivery = tokio::spawn(replies::run(db.log(), slack.clone(), shutdown.clone()));
         let limits = warren_gateway::files::FileLimits {
             files_url: files_url.clone(),
             max_bytes: 1 << 20,
         };
-        tokio::spawn(warren_gateway::files::run(
-            db.log(),
+        let delivery = tokio::spawn(warren_gateway::run_slack_followers(
+            warren_schema::EventLog::new(pool),
             slack,
             limits,
             shutdown.clone(),
