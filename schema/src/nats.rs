@@ -279,6 +279,29 @@ impl Namespace {
         }
     }
 
+    /// Where the server's `MAX_DELIVERIES` advisories for the inbox stream are kept: a
+    /// message that ran out of deliveries without a dead letter (its runtime stopped during
+    /// the last one) is found there by the control plane, even one that was not running
+    /// when the advisory came.
+    pub fn undelivered_stream(&self) -> String {
+        format!("{}_UNDELIVERED", self.prefix.to_uppercase())
+    }
+
+    /// The stream of [`Self::undelivered_stream`]: the advisories of the inbox's consumers.
+    pub fn undelivered_stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.undelivered_stream(),
+            subjects: vec![format!(
+                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
+                self.inbox_stream()
+            )],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        }
+    }
+
     /// Agents' output: kept until the control plane has recorded it.
     pub fn outbox_stream_config(&self) -> stream::Config {
         stream::Config {
@@ -592,6 +615,13 @@ pub enum SharedWriteResult {
     Refused { reason: String },
     /// NATS or the log failed; try again.
     Failed { reason: String },
+}
+
+/// The id of a turn's output `what` (`reply`, `dead-letter`, `mention:bob`, ...): unique per
+/// routed message and output, so a redelivered turn's outputs are recorded once. The
+/// control plane makes the same id when it reports a dead letter the runtime could not.
+pub fn turn_output_id(routing_id: EventId, what: &str) -> String {
+    format!("{routing_id}:{what}")
 }
 
 /// What an agent sends back (the outbox).

@@ -271,8 +271,9 @@ impl Worker {
                     Err(stored) => {
                         // Not terminated. An unreadable message with deliveries left comes
                         // back and is dead-lettered then; a message on its last delivery
-                        // does not come back, and only the server's MAX_DELIVERIES
-                        // advisory names it (a known gap: docs/workspace-runtime.md).
+                        // does not come back: the server's MAX_DELIVERIES advisory names
+                        // it, and the control plane records the dead letter
+                        // (control-plane/src/delivery/undelivered.rs).
                         warn!(error = %stored, "could not store the dead letter");
                         Ok(())
                     }

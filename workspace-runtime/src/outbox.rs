@@ -90,7 +90,7 @@ impl TurnRef {
     /// Output ids are `{routing id}:{what}`: unique per output of the turn, the same when
     /// the turn is repeated after a redelivery.
     fn id(&self, what: &str) -> String {
-        format!("{}:{what}", self.routing_id)
+        warren_schema::nats::turn_output_id(self.routing_id, what)
     }
 
     pub fn reply(&self, what: &str, text: &str) -> OutboxMessage {

@@ -17,6 +17,8 @@
 //! - [`shared_memory`]: writes to the shared memory bucket, which workspaces ask the control
 //!   plane for, so that a shared value's provenance is what the control plane checked.
 //! - [`directory`]: the agent directory, which workspaces ask for page by page.
+//! - [`undelivered`]: a message whose runtime stopped during its last delivery, found in
+//!   the server's `MAX_DELIVERIES` advisory, is dead-lettered all the same.
 //! - [`recovery`]: after the NATS store was lost, the publisher puts back from the log the
 //!   routed messages not yet finished and the memory buckets, before anything new.
 //! - [`files`]: files attached to messages (stored by the gateway), which workspaces ask
@@ -30,6 +32,7 @@ pub mod recovery;
 pub mod routed;
 pub mod senders;
 pub mod shared_memory;
+pub mod undelivered;
 
 use std::time::Duration;
 
@@ -70,7 +73,18 @@ pub async fn run(
     let serving_files = retry_nats("files", &shutdown, || {
         files::run(js.client(), ns.clone(), log.clone(), shutdown.clone())
     });
-    tokio::try_join!(publishing, ingesting, sharing, listing, serving_files).map(|_| ())
+    let undelivered = retry_nats("undelivered", &shutdown, || {
+        undelivered::run(js.clone(), ns.clone(), log.clone(), shutdown.clone())
+    });
+    tokio::try_join!(
+        publishing,
+        ingesting,
+        sharing,
+        listing,
+        serving_files,
+        undelivered
+    )
+    .map(|_| ())
 }
 
 async fn retry_nats<F, Fut>(what: &str, shutdown: &CancellationToken, mut start: F) -> Result<()>
