@@ -7,6 +7,7 @@
 
 pub mod cli_turn;
 pub mod control_plane;
+pub mod drill;
 pub mod event_log;
 pub mod gateway;
 pub mod kubernetes;
@@ -36,6 +37,9 @@ pub enum Command {
     /// Coding-agent turns: what the runtime adds around a real Codex / Claude Code turn,
     /// next to the CLI alone (local model server; NATS at NATS_URL).
     CliTurn(cli_turn::Args),
+    /// Drills: faults under load, then what was stored counted against what was acked
+    /// (`scripts/drills` runs them with PostgreSQL stops).
+    Drill(drill::Args),
     /// Kubernetes backend: webhook -> pod create, cold start, 10,000 workspaces (the API
     /// server of scripts/lib/kube.sh: KUBECONFIG, WARREN_KUBECONFIG_CONTROL_PLANE).
     Kubernetes(kubernetes::Args),
@@ -54,6 +58,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ControlPlane(args) => control_plane::run(args).await,
         Command::Runtime(args) => runtime::run(args).await,
         Command::CliTurn(args) => cli_turn::run(args).await,
+        Command::Drill(args) => drill::run(args).await,
         Command::Kubernetes(args) => kubernetes::run(args).await,
     }
 }

@@ -173,6 +173,15 @@ start_private_postgres() {
     fi
 }
 
+# Stops the private PostgreSQL at once (immediate mode: no shutdown checkpoint, clients cut
+# off), as a crash would; start_private_postgres brings it back. For the drills.
+stop_private_postgres_now() {
+    local bindir data="$WARREN_STATE_DIR/pg/data" run=()
+    bindir=$(pg_bindir) || die "PostgreSQL server binaries not found"
+    [ "$(id -u)" = 0 ] && run=(runuser -u postgres --)
+    "${run[@]}" "$bindir/pg_ctl" -D "$data" -m immediate -w stop >/dev/null
+}
+
 # Prints the version of the NATS server answering on host:port (from its INFO line).
 nats_version() {
     local line
