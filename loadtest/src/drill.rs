@@ -7,6 +7,9 @@
 //!   retries whatever was not acked, as Slack does (same event id, `X-Slack-Retry-Num`).
 //! - `duplicates`: each event sent 4 times, two at once and two delayed, to a gateway that
 //!   stays up.
+//! - `overload`: the gateway's saturation rate measured (64 senders back to back), then
+//!   twice that rate, open loop, each request sent once: what is not taken must be refused
+//!   fast (503 with `Retry-After` within 100 ms), and nothing acked may be missing.
 //!
 //! At the end, the log is counted: every acked delivery stored exactly once, every delivery
 //! eventually stored, no duplicates, nothing acked that is not stored (an ack before the
@@ -39,6 +42,20 @@ pub enum Drill {
     Crash(CrashArgs),
     /// Every delivery sent four times, at once and delayed.
     Duplicates(DuplicatesArgs),
+    /// Twice the saturation rate: fast 503s with Retry-After, nothing acked unstored.
+    Overload(OverloadArgs),
+}
+
+#[derive(Debug, Clone, clap::Parser)]
+pub struct OverloadArgs {
+    /// Seconds of saturation measurement (64 senders back to back).
+    #[arg(long, default_value_t = 5)]
+    pub measure_secs: u64,
+    /// Seconds of overload at twice the measured rate.
+    #[arg(long, default_value_t = 10)]
+    pub overload_secs: u64,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
 }
 
 #[derive(Debug, Clone, clap::Parser)]
@@ -88,6 +105,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let passed = match args.drill {
         Drill::Crash(a) => crash(a).await?,
         Drill::Duplicates(a) => duplicates(a).await?,
+        Drill::Overload(a) => overload(a).await?,
     };
     anyhow::ensure!(passed, "the drill failed (see its counts)");
     Ok(())
@@ -503,6 +521,137 @@ pub async fn duplicates(args: DuplicatesArgs) -> anyhow::Result<bool> {
             ("copies_acked", copies.to_string()),
         ],
     ) && copies == args.events * 4;
+    drop(gateway);
+    Ok(passed)
+}
+
+/// One overload request's outcome: status, seconds from send to answer, `Retry-After` set.
+type Answer = (Option<u16>, f64, bool);
+
+pub async fn overload(args: OverloadArgs) -> anyhow::Result<bool> {
+    let db = TestDatabase::new().await;
+    let gateway = GatewayProcess::start(&args.gateway, db.url()).await?;
+    let url = gateway.url();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()?;
+    let next = Arc::new(AtomicU64::new(0));
+
+    // Saturation: 64 senders back to back.
+    let acked = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_secs(args.measure_secs);
+    let mut senders = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let (client, url, next, acked) = (client.clone(), url.clone(), next.clone(), acked.clone());
+        senders.spawn(async move {
+            while Instant::now() < until {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if let Ok(r) = request(&client, &url, n, 0).send().await
+                    && r.status() == reqwest::StatusCode::OK
+                {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while senders.join_next().await.is_some() {}
+    let saturation = acked.load(Ordering::Relaxed) as f64 / args.measure_secs as f64;
+    let rate = (saturation * 2.0).max(1.0);
+    report::heading(&format!(
+        "drill: overload (saturation {saturation:.0} acked/s; {rate:.0}/s for {} s, open loop, \
+         each request once)",
+        args.overload_secs
+    ));
+
+    // Twice that, open loop.
+    let first = next.load(Ordering::Relaxed);
+    let total = (rate * args.overload_secs as f64) as u64;
+    let answers: Arc<Mutex<Vec<(u64, Answer)>>> = Arc::default();
+    let started = Instant::now();
+    let mut load = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let at = started + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(at.into()).await;
+        let (client, url, answers) = (client.clone(), url.clone(), answers.clone());
+        let n = first + i;
+        load.spawn(async move {
+            let sent = Instant::now();
+            let answer = match request(&client, &url, n, 0).send().await {
+                Ok(r) => (
+                    Some(r.status().as_u16()),
+                    sent.elapsed().as_secs_f64(),
+                    r.headers().contains_key(reqwest::header::RETRY_AFTER),
+                ),
+                Err(_) => (None, sent.elapsed().as_secs_f64(), false),
+            };
+            answers.lock().expect("lock").push((n, answer));
+        });
+    }
+    let sending = started.elapsed();
+    while load.join_next().await.is_some() {}
+    let answers = std::mem::take(&mut *answers.lock().expect("lock"));
+    let stored = stored(&db).await?;
+
+    let ok: Vec<u64> = answers
+        .iter()
+        .filter(|(_, (s, ..))| *s == Some(200))
+        .map(|(n, _)| *n)
+        .collect();
+    let mut shed: Vec<f64> = answers
+        .iter()
+        .filter(|(_, (s, ..))| *s == Some(503))
+        .map(|(_, (_, secs, _))| secs * 1000.0)
+        .collect();
+    shed.sort_by(f64::total_cmp);
+    let without_retry_after = answers
+        .iter()
+        .filter(|(_, (s, _, retry))| *s == Some(503) && !retry)
+        .count();
+    let unanswered = answers.iter().filter(|(_, (s, ..))| s.is_none()).count();
+    let other = answers.len() - ok.len() - shed.len() - unanswered;
+    let acked_not_stored = ok.iter().filter(|n| !stored.contains_key(n)).count();
+    let p = |q: f64| {
+        shed.get(((q * shed.len() as f64).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let (p99, max) = (p(0.99), shed.last().copied().unwrap_or(0.0));
+    let passed = !shed.is_empty()
+        && without_retry_after == 0
+        && p99 <= 100.0
+        && acked_not_stored == 0
+        && other == 0
+        && unanswered == 0;
+    for (label, value) in [
+        ("sent", answers.len().to_string()),
+        (
+            "send rate achieved (/s)",
+            format!("{:.0}", answers.len() as f64 / sending.as_secs_f64()),
+        ),
+        ("acked (200)", ok.len().to_string()),
+        ("shed (503)", shed.len().to_string()),
+        ("503 without Retry-After", without_retry_after.to_string()),
+        ("503 answer p50 (ms)", format!("{:.1}", p(0.5))),
+        ("503 answer p99 (ms)", format!("{p99:.1}")),
+        ("503 answer max (ms)", format!("{max:.1}")),
+        ("other statuses", other.to_string()),
+        (
+            "no answer (refused, reset, timed out)",
+            unanswered.to_string(),
+        ),
+        ("acked but not stored", acked_not_stored.to_string()),
+    ] {
+        report::line(&format!("{label:<40} {value:>12}"));
+    }
+    report::line(&format!(
+        "DRILL name=overload saturation={saturation:.0} rate={rate:.0} sent={} acked={} \
+         shed={} shed_p99_ms={p99:.1} shed_max_ms={max:.1} no_retry_after={without_retry_after} \
+         other={other} unanswered={unanswered} acked_not_stored={acked_not_stored} result={}",
+        answers.len(),
+        ok.len(),
+        shed.len(),
+        if passed { "pass" } else { "fail" }
+    ));
     drop(gateway);
     Ok(passed)
 }
