@@ -65,6 +65,12 @@ pub struct Config {
     #[arg(long, env = "WARREN_APPEND_QUEUE", default_value_t = 10_000)]
     pub append_queue: usize,
 
+    /// Longest an append should wait in the queue, milliseconds: while the last batch taken
+    /// had waited longer and more are queued, senders get 503 at once (with Retry-After)
+    /// instead of a long wait. 0 turns it off (only the queue's size limits).
+    #[arg(long, env = "WARREN_APPEND_MAX_QUEUE_WAIT_MS", default_value_t = 50)]
+    pub append_max_queue_wait_ms: u64,
+
     /// Most connections open at once; one more gets 503 with Retry-After and is closed.
     #[arg(long, env = "WARREN_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,

@@ -97,6 +97,8 @@ pub async fn run(
         pool.clone(),
         AppenderConfig {
             queue_capacity: config.append_queue,
+            max_queue_wait: (config.append_max_queue_wait_ms > 0)
+                .then(|| Duration::from_millis(config.append_max_queue_wait_ms)),
             ..AppenderConfig::default()
         },
     );

@@ -137,6 +137,20 @@ async fn slow_clients_are_shed_and_closed_and_the_port_serves_again() {
     let head = shed.to_lowercase();
     assert!(head.contains("retry-after: 1"), "{shed}");
     assert!(head.contains("connection: close"), "{shed}");
+    // A real HTTP client sending a whole request with a body gets the 503 as the answer to
+    // it: written before the request had arrived, it was a message the client had not asked
+    // for, and it reported a broken connection; closed with the body unread, a reset.
+    for _ in 0..5 {
+        let answer = reqwest::Client::new()
+            .post(format!("http://{}/slack/events", gateway.addr))
+            .header("content-type", "application/json")
+            .body(vec![b' '; 32 * 1024])
+            .send()
+            .await
+            .expect("an answer, not a broken connection");
+        assert_eq!(answer.status(), 503);
+        assert_eq!(answer.headers()["retry-after"], "1");
+    }
 
     // The slow ones are closed once their headers are late, however they trickle.
     let mut closed = tokio::task::JoinSet::new();

@@ -525,7 +525,11 @@ pub async fn duplicates(args: DuplicatesArgs) -> anyhow::Result<bool> {
     Ok(passed)
 }
 
-/// One overload request's outcome: status, seconds from send to answer, `Retry-After` set.
+/// The first error of a request that got no answer (logged once).
+static FIRST_ERROR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// One overload request's outcome: status (`None`: no answer), seconds from send to
+/// answer, `Retry-After` set (for no answer: whether it timed out).
 type Answer = (Option<u16>, f64, bool);
 
 pub async fn overload(args: OverloadArgs) -> anyhow::Result<bool> {
@@ -582,7 +586,12 @@ pub async fn overload(args: OverloadArgs) -> anyhow::Result<bool> {
                     sent.elapsed().as_secs_f64(),
                     r.headers().contains_key(reqwest::header::RETRY_AFTER),
                 ),
-                Err(_) => (None, sent.elapsed().as_secs_f64(), false),
+                Err(e) => {
+                    if FIRST_ERROR.set(format!("{e:?}")).is_ok() {
+                        tracing::warn!(error = ?e, "first request without an answer");
+                    }
+                    (None, sent.elapsed().as_secs_f64(), e.is_timeout())
+                }
             };
             answers.lock().expect("lock").push((n, answer));
         });
@@ -638,6 +647,14 @@ pub async fn overload(args: OverloadArgs) -> anyhow::Result<bool> {
         (
             "no answer (refused, reset, timed out)",
             unanswered.to_string(),
+        ),
+        (
+            "  of which timed out (5 s)",
+            answers
+                .iter()
+                .filter(|(_, (s, _, timed_out))| s.is_none() && *timed_out)
+                .count()
+                .to_string(),
         ),
         ("acked but not stored", acked_not_stored.to_string()),
     ] {

@@ -60,6 +60,48 @@ fn shed_response(retry_after_secs: u64) -> String {
     )
 }
 
+/// Waits for the request head of a connection about to be shed (at most 16 KiB, at most
+/// 200 ms): a 503 sent before the request is, to an HTTP client, a message it did not ask
+/// for, and it reports a broken connection instead of the answer.
+async fn read_head(tcp: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    head.extend_from_slice(&buf[..n]);
+                    if head.windows(4).any(|w| w == b"\r\n\r\n") || head.len() > 16 * 1024 {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(200), read).await;
+}
+
+/// A lingering close: reads and drops what the client still sends (at most 64 KiB, for at
+/// most a second) before the socket is closed. Closing with its request unread would make
+/// the kernel answer with a reset, which can reach the client before it has read the 503,
+/// so that it sees a broken connection instead of an answer with `Retry-After`.
+async fn linger(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 4096];
+    let mut left = 64 * 1024usize;
+    let drain = async {
+        while left > 0 {
+            match tcp.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
 /// Serves `app` on `listener` within `limits` until `shutdown` resolves; then stops
 /// accepting, lets every connection finish the request it is in, and returns once all are
 /// closed.
@@ -98,9 +140,11 @@ pub async fn serve(
             let answer = shed_response(limits.retry_after_secs);
             tokio::spawn(async move {
                 let mut tcp = tcp;
+                read_head(&mut tcp).await;
                 let write = tcp.write_all(answer.as_bytes());
                 let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
                 let _ = tcp.shutdown().await;
+                linger(tcp).await;
             });
             continue;
         };

@@ -19,6 +19,7 @@
 //!   well inside a sender's timeout instead of queueing without bound.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
@@ -42,6 +43,12 @@ pub struct AppenderConfig {
     pub queue_capacity: usize,
     /// Concurrent writer transactions (each holds a pool connection while it commits).
     pub writers: usize,
+    /// Admission by queue wait: while requests are queued and the last batch a writer took
+    /// had waited longer than this, new appends fail fast with `Overloaded` instead of
+    /// joining a queue they would wait in as long. A full queue of a slow database can hold
+    /// seconds of work; this keeps both the refusals and the accepted appends quick.
+    /// `None`: only `queue_capacity` limits.
+    pub max_queue_wait: Option<Duration>,
 }
 
 impl Default for AppenderConfig {
@@ -51,6 +58,7 @@ impl Default for AppenderConfig {
             max_wait: Duration::ZERO,
             queue_capacity: 10_000,
             writers: 2,
+            max_queue_wait: None,
         }
     }
 }
@@ -66,6 +74,9 @@ struct Job {
 #[derive(Debug, Clone)]
 pub struct Appender {
     queue: mpsc::Sender<Job>,
+    /// How long the oldest request of the batch a writer took last had waited, µs.
+    waited: Arc<AtomicU64>,
+    max_queue_wait: Option<Duration>,
 }
 
 /// The writer tasks; await [`AppenderTasks::join`] after dropping every [`Appender`] for a
@@ -89,21 +100,33 @@ impl Appender {
     pub fn start(pool: PgPool, config: AppenderConfig) -> (Self, AppenderTasks) {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let rx = Arc::new(Mutex::new(rx));
+        let waited = Arc::new(AtomicU64::new(0));
         let tasks = (0..config.writers.max(1))
             .map(|writer| {
                 let (pool, rx, config) = (pool.clone(), rx.clone(), config.clone());
+                let waited = waited.clone();
                 tokio::spawn(
-                    writer_loop(pool, rx, config)
+                    writer_loop(pool, rx, config, waited)
                         .instrument(info_span!("event_log_writer", writer)),
                 )
             })
             .collect();
-        (Self { queue: tx }, AppenderTasks(tasks))
+        let appender = Self {
+            queue: tx,
+            waited,
+            max_queue_wait: config.max_queue_wait,
+        };
+        (appender, AppenderTasks(tasks))
     }
 
     /// Appends one request; resolves after the batch holding it has committed.
     pub async fn append(&self, request: AppendRequest) -> Result<Vec<Appended>> {
         append::validate(&request)?;
+        if self.waits_too_long() {
+            metrics::counter!("warren_event_log_append_shed_total", "reason" => "queue_wait")
+                .increment(1);
+            return Err(Error::Overloaded);
+        }
         let (reply, answer) = oneshot::channel();
         let job = Job {
             request,
@@ -112,7 +135,8 @@ impl Appender {
         };
         self.queue.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
-                metrics::counter!("warren_event_log_append_shed_total").increment(1);
+                metrics::counter!("warren_event_log_append_shed_total", "reason" => "queue_full")
+                    .increment(1);
                 Error::Overloaded
             }
             mpsc::error::TrySendError::Closed(_) => Error::AppenderStopped,
@@ -124,14 +148,40 @@ impl Appender {
     pub fn queued(&self) -> usize {
         self.queue.max_capacity() - self.queue.capacity()
     }
+
+    /// Whether a new append would wait past `max_queue_wait` ([`sheds`]).
+    fn waits_too_long(&self) -> bool {
+        self.max_queue_wait.is_some_and(|max| {
+            sheds(
+                self.queued(),
+                Duration::from_micros(self.waited.load(Ordering::Relaxed)),
+                max,
+            )
+        })
+    }
 }
 
-async fn writer_loop(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>, config: AppenderConfig) {
+/// Admission by queue wait: shed while requests are queued and the last batch taken had
+/// waited past `max`. An empty queue admits whatever the last wait was (it is stale). Pure.
+pub fn sheds(queued: usize, last_wait: Duration, max: Duration) -> bool {
+    queued > 0 && last_wait > max
+}
+
+async fn writer_loop(
+    pool: PgPool,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    config: AppenderConfig,
+    waited: Arc<AtomicU64>,
+) {
     // Each writer keeps its connection between batches: taking one from the pool per batch
     // costs a health-check round trip (sqlx pings on acquire) on the hot path. A connection
     // that saw an error is dropped and a fresh one taken for the next batch.
     let mut conn: Option<PoolConnection<Postgres>> = None;
     while let Some(batch) = next_batch(&rx, &config).await {
+        if let Some(oldest) = batch.first() {
+            let micros = u64::try_from(oldest.enqueued.elapsed().as_micros()).unwrap_or(u64::MAX);
+            waited.store(micros, Ordering::Relaxed);
+        }
         if conn.is_none() {
             match pool.acquire().await {
                 Ok(c) => conn = Some(c),
@@ -240,4 +290,21 @@ fn reply(job: Job, outcome: Result<Vec<Appended>>) {
     // A caller that went away (a cancelled request) still had its event stored; its
     // sender's retry will be answered as a duplicate.
     let _ = job.reply.send(outcome);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_are_shed_while_the_queue_makes_them_wait_too_long() {
+        let max = Duration::from_millis(50);
+        assert!(sheds(3, Duration::from_millis(51), max));
+        assert!(!sheds(3, Duration::from_millis(50), max), "at the limit");
+        assert!(!sheds(3, Duration::from_millis(2), max));
+        assert!(
+            !sheds(0, Duration::from_secs(3), max),
+            "an empty queue: the last wait is stale"
+        );
+    }
 }
