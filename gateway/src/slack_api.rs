@@ -136,9 +136,12 @@ impl SlackApi {
         Ok(None)
     }
 
-    /// One Web API call with the bot token: 429 and 5xx as errors to retry, `ok: false` as
-    /// a refusal; the answer's JSON otherwise.
-    async fn call(&self, request: reqwest::RequestBuilder) -> Result<Value, SlackApiError> {
+    /// Sends `request` with the bot token: network errors and 5xx as errors to retry, 429
+    /// as a wait; any other answer is the caller's to read.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, SlackApiError> {
         let response = request
             .bearer_auth(self.token.expose())
             .send()
@@ -152,6 +155,13 @@ impl SlackApi {
         if status.is_server_error() {
             return Err(SlackApiError::Transient(format!("HTTP {status}")));
         }
+        Ok(response)
+    }
+
+    /// One Web API call with the bot token: 429 and 5xx as errors to retry, `ok: false` as
+    /// a refusal; the answer's JSON otherwise.
+    async fn call(&self, request: reqwest::RequestBuilder) -> Result<Value, SlackApiError> {
+        let response = self.send(request).await?;
         let answer: Value = response.json().await.map_err(|e| {
             SlackApiError::Transient(format!("unreadable response: {}", e.without_url()))
         })?;
@@ -173,21 +183,9 @@ impl SlackApi {
     /// The caller checks that `url` is Slack's: the token goes wherever `url` points. On a
     /// redirect to another host the client drops the `Authorization` header.
     pub async fn download(&self, url: &str, limit: u64) -> Result<Download, SlackApiError> {
-        let mut response = self
-            .http
-            .get(url)
-            .bearer_auth(self.token.expose())
-            .timeout(DOWNLOAD_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| SlackApiError::Transient(e.without_url().to_string()))?;
+        let request = self.http.get(url).timeout(DOWNLOAD_TIMEOUT);
+        let mut response = self.send(request).await?;
         let status = response.status();
-        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-            return Err(SlackApiError::RateLimited(retry_after(&response)));
-        }
-        if status.is_server_error() {
-            return Err(SlackApiError::Transient(format!("HTTP {status}")));
-        }
         if !status.is_success() {
             return Err(SlackApiError::Refused(format!("HTTP {status}")));
         }

@@ -15,6 +15,35 @@ use warren_schema::nats::Namespace;
 use warren_schema::testing::TestDatabase;
 use warren_schema::{AppendRequest, EventId, Metadata, NewEvent};
 
+/// The control plane's leader without a backend (the test runs the runtime), on NATS `url`
+/// with the namespace `ns` and the agents file `agents`.
+fn start_controller(
+    log: &warren_schema::EventLog,
+    holder: &str,
+    agents: std::path::PathBuf,
+    url: &str,
+    ns: &Namespace,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<warren_control_plane::error::Result<()>> {
+    tokio::spawn(controller::run(
+        log.clone(),
+        ControllerConfig {
+            holder: holder.into(),
+            lease_ttl: Duration::from_secs(5),
+            tick: Duration::from_millis(200),
+            policy: Policy::default(),
+            config_file: Some(agents),
+            backend: None,
+            nats: Some(NatsConfig {
+                url: url.to_owned(),
+                namespace: ns.clone(),
+                credentials: None,
+            }),
+        },
+        shutdown.clone(),
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_keeps_failing_is_dead_lettered_and_the_channel_told() {
     let db = TestDatabase::new().await;
@@ -32,23 +61,7 @@ async fn a_message_that_keeps_failing_is_dead_lettered_and_the_channel_told() {
     )
     .expect("config");
     let shutdown = CancellationToken::new();
-    let controller = tokio::spawn(controller::run(
-        log.clone(),
-        ControllerConfig {
-            holder: "dl".into(),
-            lease_ttl: Duration::from_secs(5),
-            tick: Duration::from_millis(200),
-            policy: Policy::default(),
-            config_file: Some(agents),
-            backend: None,
-            nats: Some(NatsConfig {
-                url: url.clone(),
-                namespace: ns.clone(),
-                credentials: None,
-            }),
-        },
-        shutdown.clone(),
-    ));
+    let controller = start_controller(&log, "dl", agents, &url, &ns, &shutdown);
     let deadline = Instant::now() + Duration::from_secs(15);
     while log
         .read_type("agent.configured", 0, 1)
@@ -164,23 +177,7 @@ async fn a_message_whose_runtime_dies_on_its_last_delivery_is_still_dead_lettere
     )
     .expect("config");
     let shutdown = CancellationToken::new();
-    let controller = tokio::spawn(controller::run(
-        log.clone(),
-        ControllerConfig {
-            holder: "dlx".into(),
-            lease_ttl: Duration::from_secs(5),
-            tick: Duration::from_millis(200),
-            policy: Policy::default(),
-            config_file: Some(agents),
-            backend: None,
-            nats: Some(NatsConfig {
-                url: url.clone(),
-                namespace: ns.clone(),
-                credentials: None,
-            }),
-        },
-        shutdown.clone(),
-    ));
+    let controller = start_controller(&log, "dlx", agents, &url, &ns, &shutdown);
     support::eventually("the agent configured", async || {
         !log.read_type("agent.configured", 0, 1)
             .await
