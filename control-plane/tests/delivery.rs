@@ -264,6 +264,7 @@ async fn a_routed_message_reaches_the_inbox_once_and_the_reply_comes_back_once()
 async fn remove_streams(js: &jetstream::Context, ns: &Namespace) {
     let _ = js.delete_stream(ns.inbox_stream()).await;
     let _ = js.delete_stream(ns.outbox_stream()).await;
+    let _ = js.delete_stream(ns.undelivered_stream()).await;
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! Files attached to Slack messages, downloaded for the agents.
 //!
-//! A follower of the log (checkpoint [`CHECKPOINT`]; one replica at a time, lease [`LEASE`],
-//! [`crate::leased`]). For each `message.received` from Slack with files it downloads each
+//! A follower of the log (checkpoint [`CHECKPOINT`]; one replica at a time, under the lease
+//! of the replica that talks to Slack, [`crate::replies::DELIVERY_LEASE`]). For each `message.received` from Slack with files it downloads each
 //! file with the bot token and stores it in `message_files`, with its `message.file_stored`
 //! event, in one transaction; or it records `message.file_refused` with the reason. The
 //! control plane serves stored files to the workspaces the message is routed to; the bot
@@ -32,9 +32,6 @@ use crate::slack_api::{Download, SlackApi, SlackApiError};
 
 /// The checkpoint of the file follower.
 pub const CHECKPOINT: &str = "gateway.files";
-
-/// The lease the downloading replica holds.
-pub const LEASE: &str = "gateway.files";
 
 /// Where files may come from and how large they may be.
 #[derive(Debug, Clone)]
@@ -130,23 +127,25 @@ enum Outcome {
 }
 
 /// Downloads and records files until `shutdown` is cancelled, while this replica holds
-/// [`LEASE`]. An error ends it (the caller restarts it). The gateway itself runs the
-/// downloads beside reply delivery under one lease ([`crate::run_slack_followers`]).
+/// the Slack lease. Without a bot token (`slack` is `None`) every file is recorded as
+/// refused, so that no turn waits for a file that cannot come. An error ends it (the
+/// caller restarts it). With a token the gateway runs the downloads beside reply delivery
+/// ([`crate::run_slack_followers`]).
 pub async fn run(
     log: EventLog,
-    slack: SlackApi,
+    slack: Option<SlackApi>,
     limits: FileLimits,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    crate::leased::run(&log, LEASE, &shutdown, || {
-        follow(&log, &slack, &limits, &shutdown)
+    crate::leased::run(&log, crate::replies::DELIVERY_LEASE, &shutdown, || {
+        follow(&log, slack.as_ref(), &limits, &shutdown)
     })
     .await
 }
 
 pub(crate) async fn follow(
     log: &EventLog,
-    slack: &SlackApi,
+    slack: Option<&SlackApi>,
     limits: &FileLimits,
     shutdown: &CancellationToken,
 ) -> Result<()> {
@@ -207,7 +206,7 @@ fn attached(event: &RecordedEvent) -> Option<Vec<FileRef>> {
 /// interrupted it (nothing recorded).
 async fn fetch_and_record(
     log: &EventLog,
-    slack: &SlackApi,
+    slack: Option<&SlackApi>,
     limits: &FileLimits,
     message: &RecordedEvent,
     file: &FileRef,
@@ -221,9 +220,14 @@ async fn fetch_and_record(
         // Stored or refused before (a restart passing the message again).
         return Ok(true);
     }
-    let outcome = match plan(file, limits) {
-        Plan::Refuse { reason } => Outcome::Refused { reason },
-        Plan::Download { url } => {
+    let outcome = match (plan(file, limits), slack) {
+        (Plan::Refuse { reason }, _) => Outcome::Refused { reason },
+        (Plan::Download { .. }, None) => Outcome::Refused {
+            reason: "the gateway has no Slack bot token (SLACK_BOT_TOKEN), so it downloads \
+                     no files"
+                .into(),
+        },
+        (Plan::Download { url }, Some(slack)) => {
             let Some(downloaded) = download(slack, &url, limits.max_bytes, shutdown).await else {
                 return Ok(false);
             };

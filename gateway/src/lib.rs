@@ -59,28 +59,33 @@ pub async fn run(
     if slack_signing_secret.is_none() {
         info!("no Slack signing secret configured: /slack/events answers 404");
     }
+    let log = EventLog::new(pool.clone());
+    let limits = files::FileLimits {
+        files_url: config.slack_files_url.clone(),
+        max_bytes: config.max_file_bytes,
+    };
+    let stop = shutdown.clone();
     let followers = match config.slack_bot_token()? {
         Some(token) => {
             let slack = slack_api::SlackApi::new(&config.slack_api_url, token)?;
-            let log = EventLog::new(pool.clone());
-            let limits = files::FileLimits {
-                files_url: config.slack_files_url.clone(),
-                max_bytes: config.max_file_bytes,
-            };
-            let stop = shutdown.clone();
-            Some(tokio::spawn(
+            tokio::spawn(
                 leased::supervise("Slack followers", shutdown.clone(), move || {
                     run_slack_followers(log.clone(), slack.clone(), limits.clone(), stop.clone())
                 })
                 .instrument(tracing::info_span!("slack_out")),
-            ))
+            )
         }
         None => {
             info!(
                 "no Slack bot token configured: agents' replies are recorded but not sent, \
-                 and files attached to messages are not downloaded"
+                 and files attached to messages are recorded as refused"
             );
-            None
+            tokio::spawn(
+                leased::supervise("file refusals", shutdown.clone(), move || {
+                    files::run(log.clone(), None, limits.clone(), stop.clone())
+                })
+                .instrument(tracing::info_span!("slack_files")),
+            )
         }
     };
     let webhooks = webhook::registry::Registry::new(match &config.webhooks_file {
@@ -136,9 +141,7 @@ pub async fn run(
     .await?;
     // The router (and its Appender) is gone: the writers drain the queue and stop.
     writers.join().await;
-    if let Some(followers) = followers {
-        followers.await?;
-    }
+    followers.await?;
     Ok(())
 }
 
@@ -156,7 +159,7 @@ pub async fn run_slack_followers(
     leased::run(&log, replies::DELIVERY_LEASE, &shutdown, || async {
         tokio::try_join!(
             replies::deliver(&log, &slack, &shutdown),
-            files::follow(&log, &slack, &limits, &shutdown)
+            files::follow(&log, Some(&slack), &limits, &shutdown)
         )
         .map(|_| ())
     })

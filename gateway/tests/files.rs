@@ -228,7 +228,7 @@ async fn attached_files_are_downloaded_once_with_the_bot_token_or_refused_with_a
         .map(|_| {
             tokio::spawn(files::run(
                 log.clone(),
-                slack.clone(),
+                Some(slack.clone()),
                 limits.clone(),
                 shutdown.clone(),
             ))
@@ -341,7 +341,12 @@ async fn attached_files_are_downloaded_once_with_the_bot_token_or_refused_with_a
     )
     .await;
     let shutdown = CancellationToken::new();
-    let replica = tokio::spawn(files::run(log.clone(), slack, limits, shutdown.clone()));
+    let replica = tokio::spawn(files::run(
+        log.clone(),
+        Some(slack),
+        limits,
+        shutdown.clone(),
+    ));
     wait_until("the later message's file", async || {
         outcomes(&log).await.0.iter().any(|s| s.message_id == later)
     })
@@ -359,4 +364,37 @@ async fn attached_files_are_downloaded_once_with_the_bot_token_or_refused_with_a
     );
     shutdown.cancel();
     replica.await.expect("join").expect("stopped cleanly");
+}
+
+/// A gateway without a bot token downloads nothing, and says so for each file at once: a
+/// turn does not wait minutes for a file that cannot come.
+#[tokio::test]
+async fn without_a_bot_token_every_file_is_refused_at_once() {
+    let db = TestDatabase::new().await;
+    let log = db.log();
+    let (files_url, host) = file_host().await;
+    let url = format!("{files_url}files-pri/T1-FNOTES/notes.txt");
+    message(
+        &log,
+        1,
+        slack_origin(),
+        vec![file("FNOTES", "notes.txt", url, Some(30))],
+    )
+    .await;
+    let shutdown = CancellationToken::new();
+    let limits = FileLimits {
+        files_url,
+        max_bytes: LIMIT,
+    };
+    let follower = tokio::spawn(files::run(log.clone(), None, limits, shutdown.clone()));
+    wait_until("the refusal", async || !outcomes(&log).await.1.is_empty()).await;
+    let (stored, refused) = outcomes(&log).await;
+    assert!(stored.is_empty());
+    assert!(refused[0].reason.contains("SLACK_BOT_TOKEN"), "{refused:?}");
+    assert!(
+        host.hits.lock().expect("lock").is_empty(),
+        "nothing fetched"
+    );
+    shutdown.cancel();
+    follower.await.expect("join").expect("stopped cleanly");
 }

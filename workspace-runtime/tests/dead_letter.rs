@@ -147,10 +147,7 @@ async fn a_message_that_keeps_failing_is_dead_lettered_and_the_channel_told() {
     controller.await.expect("join").expect("controller");
     runtime.await.expect("join").expect("runtime");
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("nats"));
-    let _ = js.delete_stream(ns.inbox_stream()).await;
-    let _ = js.delete_stream(ns.outbox_stream()).await;
-    let _ = js.delete_key_value(ns.workspace_bucket("w")).await;
-    let _ = js.delete_key_value(ns.shared_bucket()).await;
+    support::remove(&js, &ns, &["w"]).await;
 }
 
 /// A runtime that stops during a message's last delivery reports nothing, and the server
@@ -270,9 +267,5 @@ async fn a_message_whose_runtime_dies_on_its_last_delivery_is_still_dead_lettere
     stop_runtime.cancel();
     shutdown.cancel();
     controller.await.expect("join").expect("controller");
-    let _ = js.delete_stream(ns.inbox_stream()).await;
-    let _ = js.delete_stream(ns.outbox_stream()).await;
-    let _ = js.delete_stream(ns.undelivered_stream()).await;
-    let _ = js.delete_key_value(ns.workspace_bucket("w")).await;
-    let _ = js.delete_key_value(ns.shared_bucket()).await;
+    support::remove(&js, &ns, &["w"]).await;
 }

@@ -161,15 +161,7 @@ async fn a_slack_message_is_answered_by_two_agents_in_its_thread() {
     .await;
     let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.expect("nats"));
     let ns = Namespace::new(&prefix);
-    let _ = js.delete_stream(ns.inbox_stream()).await;
-    let _ = js.delete_stream(ns.outbox_stream()).await;
-    for bucket in [
-        ns.workspace_bucket("research"),
-        ns.workspace_bucket("ops"),
-        ns.shared_bucket(),
-    ] {
-        let _ = js.delete_key_value(bucket).await;
-    }
+    support::remove(&js, &ns, &["research", "ops"]).await;
 }
 
 /// A file attached to a Slack message: the gateway downloads it with the bot token, the
@@ -299,13 +291,5 @@ async fn a_file_attached_in_slack_is_saved_in_the_agents_workspace_and_named_in_
     shutdown.cancel();
     controller.await.expect("join").expect("controller");
     let js = async_nats::jetstream::new(client);
-    let _ = js.delete_stream(ns.inbox_stream()).await;
-    let _ = js.delete_stream(ns.outbox_stream()).await;
-    for bucket in [
-        ns.workspace_bucket("research"),
-        ns.workspace_bucket("ops"),
-        ns.shared_bucket(),
-    ] {
-        let _ = js.delete_key_value(bucket).await;
-    }
+    support::remove(&js, &ns, &["research", "ops"]).await;
 }

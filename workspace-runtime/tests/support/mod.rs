@@ -131,10 +131,12 @@ pub async fn acknowledged(inbox: &stream::Stream, workspace: &str, agent: &str) 
     }
 }
 
-/// Removes the streams and the buckets of `workspaces` and the shared one.
+/// Removes the streams (the control plane's too) and the buckets of `workspaces` and the
+/// shared one.
 pub async fn remove(js: &jetstream::Context, ns: &Namespace, workspaces: &[&str]) {
     let _ = js.delete_stream(ns.inbox_stream()).await;
     let _ = js.delete_stream(ns.outbox_stream()).await;
+    let _ = js.delete_stream(ns.undelivered_stream()).await;
     for bucket in workspaces
         .iter()
         .map(|w| ns.workspace_bucket(w))
