@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tracing::Instrument;
 use warren_schema::Secret;
 
 /// Why a call failed.
@@ -73,7 +74,7 @@ impl SlackApi {
             .http
             .post(format!("{}/chat.postMessage", self.base_url))
             .json(&body);
-        let answer = self.call(request).await?;
+        let answer = self.call("chat.postMessage", request).await?;
         match answer["ts"].as_str() {
             Some(ts) => Ok(ts.to_owned()),
             None => Err(SlackApiError::Transient("ok response without ts".into())),
@@ -114,7 +115,7 @@ impl SlackApi {
             let query = serde_urlencoded::to_string(&query)
                 .map_err(|e| SlackApiError::Refused(e.to_string()))?;
             let request = self.http.get(format!("{}/{method}?{query}", self.base_url));
-            let page = self.call(request).await?;
+            let page = self.call(method, request).await?;
             let messages = page["messages"]
                 .as_array()
                 .map(Vec::as_slice)
@@ -160,7 +161,17 @@ impl SlackApi {
 
     /// One Web API call with the bot token: 429 and 5xx as errors to retry, `ok: false` as
     /// a refusal; the answer's JSON otherwise.
-    async fn call(&self, request: reqwest::RequestBuilder) -> Result<Value, SlackApiError> {
+    async fn call(
+        &self,
+        method: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Value, SlackApiError> {
+        self.call_once(request)
+            .instrument(tracing::info_span!("slack_api", method))
+            .await
+    }
+
+    async fn call_once(&self, request: reqwest::RequestBuilder) -> Result<Value, SlackApiError> {
         let response = self.send(request).await?;
         let answer: Value = response.json().await.map_err(|e| {
             SlackApiError::Transient(format!("unreadable response: {}", e.without_url()))

@@ -225,6 +225,24 @@ pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: &str) {
     let _ = span.set_parent(context);
 }
 
+/// Makes `span` the root of a trace of its own (not a child of whatever span is current),
+/// linked to `cause`'s trace when `cause` is a valid `traceparent`: what a time-based
+/// decision (an idle stop, a restart, an admission) is recorded in, so its trace is not
+/// the conversation's yet leads to it.
+pub fn start_linked_trace(span: &tracing::Span, cause: Option<&str>) {
+    use opentelemetry::trace::TraceContextExt;
+    // Fails only when the span has no OpenTelemetry layer (no exporter): nothing to do.
+    let _ = span.set_parent(opentelemetry::Context::new());
+    if let Some(cause) = cause {
+        let carrier = TraceparentCarrier(Some(cause.to_owned()));
+        let context = TraceContextPropagator::new().extract(&carrier);
+        let linked = context.span().span_context().clone();
+        if linked.is_valid() {
+            span.add_link(linked);
+        }
+    }
+}
+
 /// A carrier holding just `traceparent` (Warren does not propagate `tracestate`).
 struct TraceparentCarrier(Option<String>);
 

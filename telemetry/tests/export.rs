@@ -60,6 +60,43 @@ async fn spans_are_exported_over_otlp_and_metrics_render() {
     assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736", "same trace");
     assert_ne!(parts[2], "00f067aa0ba902b7", "a new span id");
 
+    // The same inside another span (a long-lived worker's): the inbound trace wins.
+    let nested = {
+        let worker = tracing::info_span!("worker");
+        let _worker = worker.enter();
+        let span = tracing::info_span!("handle_event");
+        warren_telemetry::set_parent_from_traceparent(&span, INBOUND);
+        let _entered = span.enter();
+        warren_telemetry::current_traceparent().expect("a traceparent inside a span")
+    };
+    assert_eq!(
+        nested.split('-').nth(1),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+        "{nested}"
+    );
+
+    // A time-based decision inside the worker: a trace of its own, linked to its cause.
+    let linked = {
+        let worker = tracing::info_span!("worker");
+        let _worker = worker.enter();
+        let outer = warren_telemetry::current_traceparent().expect("the worker's");
+        let span = tracing::info_span!(parent: None, "tick");
+        warren_telemetry::start_linked_trace(&span, Some(INBOUND));
+        let own = span
+            .in_scope(warren_telemetry::current_traceparent)
+            .expect("its own");
+        (outer, own)
+    };
+    assert_ne!(
+        linked.0.split('-').nth(1),
+        linked.1.split('-').nth(1),
+        "{linked:?}"
+    );
+    assert_ne!(
+        linked.1.split('-').nth(1),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    );
+
     metrics::counter!("warren_test_requests_total", "outcome" => "ok").increment(3);
     let exposition = telemetry.render_metrics();
     assert!(

@@ -138,47 +138,11 @@ impl Setup {
     }
 }
 
-/// A local OTLP/HTTP receiver: the spans of every export request, as (trace id, name).
-async fn otlp_receiver() -> (
-    String,
-    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
-) {
-    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use prost::Message;
-    let spans: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
-    let sink = spans.clone();
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let sink = sink.clone();
-            async move {
-                let request = ExportTraceServiceRequest::decode(body).expect("an OTLP body");
-                let mut sink = sink.lock().expect("lock");
-                for span in request
-                    .resource_spans
-                    .iter()
-                    .flat_map(|r| &r.scope_spans)
-                    .flat_map(|s| &s.spans)
-                {
-                    sink.push((hex::encode(&span.trace_id), span.name.clone()));
-                }
-                ""
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, spans)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slack_message_is_answered_by_an_agent_in_a_pod() {
     // Spans go to a local OTLP receiver (the only test here that installs telemetry). The
     // filter is the exporter's too: the gateway's and the control plane's info spans.
-    let (otlp, spans) = otlp_receiver().await;
+    let (otlp, spans) = support::otlp_receiver().await;
     let telemetry = warren_telemetry::Telemetry::init(
         "warren-kubernetes-test",
         &warren_telemetry::TelemetryOptions {
@@ -290,8 +254,8 @@ async fn a_slack_message_is_answered_by_an_agent_in_a_pod() {
         .lock()
         .expect("lock")
         .iter()
-        .filter(|(t, _)| *t == trace)
-        .map(|(_, name)| name.clone())
+        .filter(|span| span.trace_id == trace)
+        .map(|span| span.name.clone())
         .collect();
     for name in ["decide", "reconcile.start", "kubernetes.api"] {
         assert!(

@@ -546,7 +546,13 @@ impl Backend for LocalBackend {
                 };
                 backend.exited(&name, pid, status, decision);
             }
-            .instrument(info_span!("local_runtime", workspace = %spec.name, pid)),
+            .instrument({
+                // The process's life is a span of its own, following from the start: as a
+                // child it would hold the start's span open (and unexported) until it exits.
+                let span = info_span!(parent: None, "local_runtime", workspace = %spec.name, pid);
+                span.follows_from(tracing::Span::current());
+                span
+            }),
         );
         Ok(())
     }

@@ -97,7 +97,14 @@ impl Decider {
                 warren_telemetry::set_parent_from_traceparent(&span, parent);
             }
             let _entered = span.enter();
-            let made = decide::decide(&next, event, now, &self.policy);
+            let mut made = decide::decide(&next, event, now, &self.policy);
+            // The decisions continue the trace from this span: what acts on them (the
+            // reconcile, the publish to an inbox) is its child.
+            if let Some(own) = warren_telemetry::current_traceparent() {
+                for d in &mut made {
+                    d.metadata.traceparent = Some(own.clone());
+                }
+            }
             span.record("decisions", made.len());
             debug!(decisions = made.len(), "decided");
             next.apply(event);
@@ -106,7 +113,21 @@ impl Decider {
             }
             decisions.extend(made);
         }
-        let due = decide::tick(&next, now, &self.policy);
+        let mut due = decide::tick(&next, now, &self.policy);
+        for d in &mut due {
+            // A decision the clock made is a trace of its own, linked to the work it follows
+            // from (the traceparent `tick` gave it).
+            let span = info_span!(
+                parent: None,
+                "decide_tick",
+                event_type = %d.event_type,
+                cause = ?d.metadata.causation_id,
+            );
+            warren_telemetry::start_linked_trace(&span, d.metadata.traceparent.as_deref());
+            if let Some(own) = span.in_scope(warren_telemetry::current_traceparent) {
+                d.metadata.traceparent = Some(own);
+            }
+        }
         for d in &due {
             next.apply_own(d, now);
         }

@@ -198,7 +198,7 @@ pub fn tick(state: &State, now: DateTime<Utc>, policy: &Policy) -> Vec<NewEvent>
                 if w.failures <= policy.max_restarts
                     && now >= failed_at + policy.backoff(w.failures)
                 {
-                    let mut out = Decisions::new(Cause::id(cause), now);
+                    let mut out = Decisions::new(Cause::timed(cause, w.start_trace.as_ref()), now);
                     out.push(
                         &["restart", &cause.to_string()],
                         &WorkspaceStartRequested {
@@ -221,7 +221,7 @@ pub fn tick(state: &State, now: DateTime<Utc>, policy: &Policy) -> Vec<NewEvent>
                 let timeout = TimeDelta::seconds(i64::try_from(timeout).unwrap_or(i64::MAX));
                 if now - w.last_activity >= timeout {
                     let cause = w.last_activity_event;
-                    let mut out = Decisions::new(Cause::id(cause), now);
+                    let mut out = Decisions::new(Cause::timed(cause, w.start_trace.as_ref()), now);
                     out.push(
                         &["stop_idle", &w.name, &cause.to_string()],
                         &WorkspaceStopRequested {
@@ -256,12 +256,14 @@ impl Cause {
         }
     }
 
-    /// A cause known only by id (time-based decisions).
-    fn id(id: EventId) -> Self {
+    /// The cause of a time-based decision: an event, and the trace of the work it follows
+    /// from. The decider records such a decision in a trace of its own, linked to that one
+    /// (`controller::decider`).
+    fn timed(id: EventId, trace: Option<&String>) -> Self {
         Self {
             id,
             correlation: None,
-            traceparent: None,
+            traceparent: trace.cloned(),
         }
     }
 }
@@ -590,7 +592,7 @@ fn admit_queued(state: &State, now: DateTime<Utc>, policy: &Policy) -> Vec<NewEv
             .map(|(i, _)| i);
         let Some(i) = next else { break };
         let q = remaining.remove(i);
-        let mut out = Decisions::new(Cause::id(q.queued_by), now);
+        let mut out = Decisions::new(Cause::timed(q.queued_by, q.trace.as_ref()), now);
         out.push(
             &["admit", &q.queued_by.to_string()],
             &WorkspaceStartRequested {

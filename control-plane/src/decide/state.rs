@@ -103,6 +103,8 @@ pub struct Workspace {
     /// The trace of the start decision (its `traceparent`: the message's trace), which the
     /// reconcile and the backend's calls for it join.
     pub start_trace: Option<String>,
+    /// The trace of the stop decision in force, which the reconcile of the stop joins.
+    pub stop_trace: Option<String>,
     /// Failed starts since it was last ready.
     pub failures: u32,
     /// When the last failure was observed (phase `BackingOff`; the restart is due a
@@ -131,6 +133,8 @@ pub struct QueuedStart {
     pub channel: Option<String>,
     /// The `workspace.start_queued` event: the cause of the eventual start.
     pub queued_by: EventId,
+    /// Its trace (the message's that woke the workspace), which the admission links to.
+    pub trace: Option<String>,
 }
 
 /// Everything the decisions read.
@@ -277,6 +281,7 @@ impl State {
                             team: q.team,
                             channel: q.channel,
                             queued_by: event.id,
+                            trace: event.metadata.traceparent.clone(),
                         });
                     }
                 }
@@ -300,6 +305,7 @@ impl State {
                 if let Ok(s) = event.decode::<WorkspaceStopRequested>() {
                     self.queue.retain(|q| q.workspace != s.workspace);
                     let w = self.workspace_mut(&s.workspace, at, event.id);
+                    w.stop_trace = event.metadata.traceparent.clone();
                     match w.phase {
                         Phase::Failed => {}
                         // Never started: nothing to wait for.
@@ -472,6 +478,7 @@ impl State {
                 last_activity_event: by,
                 start_decision: None,
                 start_trace: None,
+                stop_trace: None,
                 failures: 0,
                 failed_at: None,
                 failure_event: None,

@@ -326,6 +326,9 @@ fn an_idle_workspace_is_stopped_after_its_agents_shortest_timeout() {
     c.advance(1);
     let d = c.tick();
     assert_eq!(of_type::<WorkspaceStopRequested>(&d)[0].reason, "idle");
+    // The clock's decision carries the trace of the start it ends: the decider records it
+    // in a trace of its own, linked to that one.
+    assert_eq!(d[0].metadata.traceparent.as_deref(), Some(TRACE));
     assert_eq!(c.phase("research"), Phase::Stopping);
     assert!(c.tick().is_empty(), "stopping: not stopped twice");
     c.observe("research", WorkspacePhase::Exited);

@@ -352,7 +352,15 @@ pub async fn run(
             .as_ref()
             .and_then(|h| h.get(TRACEPARENT))
             .map(|v| v.to_string());
+        // The turn that published the output is the parent; the events recorded from it
+        // carry the ingest's own context, so the reply's post joins the same trace.
         let span = info_span!("ingest", subject = %message.subject);
+        if let Some(parent) = &traceparent {
+            warren_telemetry::set_parent_from_traceparent(&span, parent);
+        }
+        let traceparent = span
+            .in_scope(warren_telemetry::current_traceparent)
+            .or(traceparent);
         async {
             let parsed = serde_json::from_slice::<OutboxMessage>(&message.payload)
                 .map_err(|e| format!("unreadable: {e}"))

@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use tokio_util::sync::CancellationToken;
-use tracing::{instrument, warn};
+use tracing::{Instrument, instrument, warn};
 use warren_schema::event_log::projection::store_checkpoint;
 use warren_schema::event_log::{Subscription, SubscriptionOptions};
 use warren_schema::events::*;
@@ -345,10 +345,20 @@ impl Publisher {
             );
             return Ok(None);
         };
-        let headers = message_headers(
-            &routed.id.to_string(),
-            routed.metadata.traceparent.as_deref(),
+        // In the message's trace: the routing decision is the publish's parent, and the
+        // publish is the parent of the turn that takes the message (its header).
+        let span = tracing::info_span!(
+            "nats_publish",
+            subject = %self.ns.inbox_subject(&r.workspace, &r.agent),
+            agent = %r.agent,
         );
+        if let Some(parent) = &routed.metadata.traceparent {
+            warren_telemetry::set_parent_from_traceparent(&span, parent);
+        }
+        let traceparent = span
+            .in_scope(warren_telemetry::current_traceparent)
+            .or_else(|| routed.metadata.traceparent.clone());
+        let headers = message_headers(&routed.id.to_string(), traceparent.as_deref());
         let payload = serde_json::to_vec(&message)
             .map_err(|e| Error::Nats(format!("encoding an inbox message: {e}")))?;
         let ack = self
@@ -358,6 +368,7 @@ impl Publisher {
                 headers,
                 payload.into(),
             )
+            .instrument(span)
             .await
             .map_err(|e| nats("publishing to an inbox")(&e))?;
         Ok(Some(ack))

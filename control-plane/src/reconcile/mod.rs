@@ -30,7 +30,12 @@ use crate::error::Result;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Start(WorkspaceSpec),
-    Stop(String),
+    /// Stop the workspace; `trace` is the stop decision's `traceparent` (none for an
+    /// instance no decision wants, found running or ended).
+    Stop {
+        workspace: String,
+        trace: Option<String>,
+    },
 }
 
 impl Action {
@@ -38,7 +43,7 @@ impl Action {
     pub fn workspace(&self) -> &str {
         match self {
             Self::Start(spec) => &spec.name,
-            Self::Stop(name) => name,
+            Self::Stop { workspace, .. } => workspace,
         }
     }
 }
@@ -95,7 +100,13 @@ pub fn plan(state: &State, present: &Present, acted: &BTreeMap<String, EventId>)
             .get(name)
             .is_some_and(|w| wants_running(w.phase));
         if !wanted {
-            actions.push(Action::Stop(name.clone()));
+            actions.push(Action::Stop {
+                workspace: name.clone(),
+                trace: state
+                    .workspaces
+                    .get(name)
+                    .and_then(|w| w.stop_trace.clone()),
+            });
         }
     }
     // An ended instance is kept while a decision may still explain it (a failed pod stays
@@ -107,7 +118,13 @@ pub fn plan(state: &State, present: &Present, acted: &BTreeMap<String, EventId>)
             .get(name)
             .is_some_and(|w| !matches!(w.phase, Phase::Stopped | Phase::Stopping));
         if !explained {
-            actions.push(Action::Stop(name.clone()));
+            actions.push(Action::Stop {
+                workspace: name.clone(),
+                trace: state
+                    .workspaces
+                    .get(name)
+                    .and_then(|w| w.stop_trace.clone()),
+            });
         }
     }
     actions
@@ -280,10 +297,14 @@ impl<B: Backend> Reconciler<B> {
                 }
                 self.start(spec).instrument(span).await
             }
-            Action::Stop(name) => {
-                self.stop(&name, explained)
-                    .instrument(info_span!("reconcile.stop", workspace = %name))
-                    .await
+            Action::Stop { workspace, trace } => {
+                // In the trace of the stop decision (an idle stop's own, linked to the work
+                // it ends).
+                let span = info_span!("reconcile.stop", %workspace);
+                if let Some(parent) = &trace {
+                    warren_telemetry::set_parent_from_traceparent(&span, parent);
+                }
+                self.stop(&workspace, explained).instrument(span).await
             }
         }
     }
@@ -418,6 +439,13 @@ mod tests {
     use crate::decide::{Agent, Workspace};
     use chrono::Utc;
 
+    fn stop(workspace: &str) -> Action {
+        Action::Stop {
+            workspace: workspace.into(),
+            trace: None,
+        }
+    }
+
     fn state(phases: &[(&str, Phase)]) -> State {
         let mut s = State::default();
         for (name, phase) in phases {
@@ -430,6 +458,7 @@ mod tests {
                     last_activity_event: EventId::random(),
                     start_decision: Some(EventId::derive(&["start", name])),
                     start_trace: None,
+                    stop_trace: None,
                     failures: 0,
                     failed_at: None,
                     failure_event: None,
@@ -486,9 +515,9 @@ mod tests {
                     decision: Some(EventId::derive(&["start", "a"])),
                     traceparent: None,
                 }),
-                Action::Stop("c".into()),
-                Action::Stop("d".into()),
-                Action::Stop("zombie".into()),
+                stop("c"),
+                stop("d"),
+                stop("zombie"),
             ]
         );
     }
@@ -530,11 +559,7 @@ mod tests {
         };
         assert_eq!(
             plan(&s, &present, &BTreeMap::new()),
-            vec![
-                Action::Stop("stopped".into()),
-                Action::Stop("stopping".into()),
-                Action::Stop("stray".into()),
-            ]
+            vec![stop("stopped"), stop("stopping"), stop("stray"),]
         );
     }
 
@@ -554,7 +579,7 @@ mod tests {
                 Action::Start(spec) => {
                     Some((spec.name, spec.agents.into_iter().map(|a| a.name).collect()))
                 }
-                Action::Stop(_) => None,
+                Action::Stop { .. } => None,
             })
             .collect();
         assert_eq!(

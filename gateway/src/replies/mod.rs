@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 use warren_schema::event_log::projection::{self, Projection};
 use warren_schema::event_log::{SubscriptionOptions, append_in_tx};
 use warren_schema::events::{
@@ -206,18 +206,29 @@ pub(crate) async fn deliver(
                 }
             }
             let text = broadcasters.text(&reply);
-            let outcome = match log.get(ReplyPostStarted::event_id(event.id)).await? {
-                Some(started) => {
-                    repost(
-                        slack, channel, thread_ts, &text, event.id, &started, shutdown,
-                    )
-                    .await
-                }
-                None => {
-                    record_post_started(log, event, channel, thread_ts).await?;
-                    post(slack, channel, thread_ts, &text, event.id, shutdown).await
-                }
-            };
+            // In the conversation's trace: the turn that wrote the reply is its parent.
+            let span = info_span!("reply", position = event.position, %channel);
+            if let Some(parent) = &event.metadata.traceparent {
+                warren_telemetry::set_parent_from_traceparent(&span, parent);
+            }
+            let outcome = async {
+                Ok::<_, warren_schema::Error>(
+                    match log.get(ReplyPostStarted::event_id(event.id)).await? {
+                        Some(started) => {
+                            repost(
+                                slack, channel, thread_ts, &text, event.id, &started, shutdown,
+                            )
+                            .await
+                        }
+                        None => {
+                            record_post_started(log, event, channel, thread_ts).await?;
+                            post(slack, channel, thread_ts, &text, event.id, shutdown).await
+                        }
+                    },
+                )
+            }
+            .instrument(span)
+            .await?;
             match outcome {
                 Some(Ok(ts)) => {
                     info!(position = event.position, %channel, %ts, "reply delivered");
@@ -280,7 +291,11 @@ async fn record_post_started(
             channel: channel.to_owned(),
             thread_ts: thread_ts.map(str::to_owned),
         },
-        Metadata::caused_by(reply, "gateway/replies"),
+        {
+            let mut metadata = Metadata::caused_by(reply, "gateway/replies");
+            metadata.traceparent = warren_telemetry::current_traceparent().or(metadata.traceparent);
+            metadata
+        },
     )
     .map_err(|e| warren_schema::Error::InvalidEvent(e.to_string()))?;
     log.append(&AppendRequest::new(reply.stream.clone(), vec![record]))

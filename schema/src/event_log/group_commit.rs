@@ -119,7 +119,13 @@ impl Appender {
         (appender, AppenderTasks(tasks))
     }
 
-    /// Appends one request; resolves after the batch holding it has committed.
+    /// Appends one request; resolves after the batch holding it has committed. Its span,
+    /// in the caller's trace, lasts until then (the wait for a batch included).
+    #[tracing::instrument(
+        name = "event_log_append",
+        skip_all,
+        fields(stream = %request.stream, events = request.events.len())
+    )]
     pub async fn append(&self, request: AppendRequest) -> Result<Vec<Appended>> {
         append::validate(&request)?;
         if self.waits_too_long() {

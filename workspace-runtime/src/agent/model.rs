@@ -9,7 +9,7 @@ use serde_json::Value;
 use warren_schema::Secret;
 use warren_schema::events::TurnUsage;
 
-use tracing::warn;
+use tracing::{Instrument, warn};
 
 use super::{DriverError, TurnContext};
 
@@ -200,15 +200,26 @@ pub async fn send_with_retry(
 ) -> Result<reqwest::Response, DriverError> {
     let mut backoff = Duration::from_millis(500);
     for attempt in 1..=ATTEMPTS {
+        // Each call is a span in the turn's trace (up to the response's status; a stream is
+        // read in the turn), and the provider is sent its context.
+        // The address without its query: a query may carry a key.
+        let endpoint = url.split('?').next().unwrap_or_default();
+        let span =
+            tracing::info_span!("model_call", %endpoint, attempt, status = tracing::field::Empty);
         let mut request = build();
-        if let Some(tp) = &ctx.traceparent {
+        if let Some(tp) = span
+            .in_scope(warren_telemetry::current_traceparent)
+            .or_else(|| ctx.traceparent.clone())
+        {
             request = request.header("traceparent", tp);
         }
         let response = request
             .send()
+            .instrument(span.clone())
             .await
             .map_err(|e| api_error(format!("calling {url}: {e}")))?;
         let status = response.status();
+        span.record("status", status.as_u16());
         if status.is_success() {
             return Ok(response);
         }

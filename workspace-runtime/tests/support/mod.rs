@@ -642,3 +642,94 @@ pub fn local_leader_on(
         shutdown.clone(),
     ))
 }
+
+/// One span as an OTLP/HTTP receiver got it (ids in hex; `parent` empty for a root).
+#[derive(Debug, Clone)]
+pub struct ExportedSpan {
+    /// The exporting process's `service.name`.
+    pub service: String,
+    pub name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent: String,
+    /// (trace id, span id) of each link.
+    pub links: Vec<(String, String)>,
+    /// String and integer attributes, as text.
+    pub attributes: Vec<(String, String)>,
+}
+
+impl ExportedSpan {
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What a local OTLP receiver collected so far.
+pub type Spans = std::sync::Arc<std::sync::Mutex<Vec<ExportedSpan>>>;
+
+/// A local OTLP/HTTP receiver (`POST /v1/traces`, protobuf, as the exporters send it):
+/// every span of every export request. Returns the endpoint to give as
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`.
+#[allow(dead_code)]
+pub async fn otlp_receiver() -> (String, Spans) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::KeyValue;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+    use prost::Message;
+    fn text(kv: &KeyValue) -> Option<(String, String)> {
+        let value = match kv.value.as_ref()?.value.as_ref()? {
+            AnyValue::StringValue(s) => s.clone(),
+            AnyValue::IntValue(i) => i.to_string(),
+            AnyValue::BoolValue(b) => b.to_string(),
+            _ => return None,
+        };
+        Some((kv.key.clone(), value))
+    }
+    let spans = Spans::default();
+    let sink = spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let request = ExportTraceServiceRequest::decode(body).expect("an OTLP body");
+                let mut sink = sink.lock().expect("lock");
+                for resource in &request.resource_spans {
+                    let service = resource
+                        .resource
+                        .iter()
+                        .flat_map(|r| &r.attributes)
+                        .filter_map(text)
+                        .find(|(k, _)| k == "service.name")
+                        .map(|(_, v)| v)
+                        .unwrap_or_default();
+                    for span in resource.scope_spans.iter().flat_map(|s| &s.spans) {
+                        sink.push(ExportedSpan {
+                            service: service.clone(),
+                            name: span.name.clone(),
+                            trace_id: hex::encode(&span.trace_id),
+                            span_id: hex::encode(&span.span_id),
+                            parent: hex::encode(&span.parent_span_id),
+                            links: span
+                                .links
+                                .iter()
+                                .map(|l| (hex::encode(&l.trace_id), hex::encode(&l.span_id)))
+                                .collect(),
+                            attributes: span.attributes.iter().filter_map(text).collect(),
+                        });
+                    }
+                }
+                ""
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, spans)
+}

@@ -37,7 +37,9 @@ pub fn file_content(path: &str) -> String {
     }
 }
 
-async fn fake_slack() -> (String, Posts) {
+/// A local Slack: the Web API's `chat.postMessage` under `{url}` (the `SLACK_API_URL`),
+/// recording each post, and the file host under `{url without /api}/files-pri/`.
+pub async fn slack_server() -> (String, Posts) {
     let posts: Posts = Arc::default();
     let seen = posts.clone();
     let app = Router::new()
@@ -95,7 +97,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(db: &TestDatabase, shutdown: &CancellationToken) -> Self {
-        let (slack_url, posts) = fake_slack().await;
+        let (slack_url, posts) = slack_server().await;
         // The gateway's own pool, as its own process has (8 connections, its default): it
         // shares the database with the control plane, not the connections.
         let pool = sqlx::postgres::PgPoolOptions::new()
