@@ -965,6 +965,7 @@ async fn the_running_leader_routes_to_an_agent_created_through_the_api_and_obeys
             backend: "local".into(),
             instance: None,
             detail: None,
+            replaced: false,
         },
     )
     .await;
@@ -1372,6 +1373,7 @@ async fn usage_counts_turns_by_agent_team_and_workspace_and_runtime_seconds() {
             backend: "local".into(),
             instance: Some("4242".into()),
             detail: None,
+            replaced: false,
         },
         warren_schema::Metadata::new("test"),
     )

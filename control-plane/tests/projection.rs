@@ -81,6 +81,7 @@ fn observed(workspace: &str, phase: WorkspacePhase) -> WorkspaceObserved {
         backend: "local".into(),
         instance: Some(format!("pid-{workspace}")),
         detail: None,
+        replaced: false,
     }
 }
 

@@ -195,6 +195,11 @@ pub struct WorkspaceObserved {
     /// Pod name or process id.
     pub instance: Option<String>,
     pub detail: Option<String>,
+    /// The instance was stopped by a control plane taking over from one that died (which
+    /// cannot be asked about its processes), to be started again at once under the start
+    /// decision in force: a replacement, not a failure to back off from.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replaced: bool,
 }
 
 /// An agent's reply to a conversation.

@@ -117,6 +117,7 @@ fn samples() -> Vec<Sample> {
             backend: "local".into(),
             instance: Some("4242".into()),
             detail: None,
+            replaced: false,
         }),
         entry(AgentReplied {
             workspace: "research".into(),

@@ -274,6 +274,7 @@ mod tests {
             backend: "local".into(),
             instance: None,
             detail: None,
+            replaced: false,
         }
     }
 

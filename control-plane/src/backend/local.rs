@@ -29,8 +29,9 @@
 //! - Exit: reported as `exited` when a stop was asked for or it exited 0, `failed` otherwise.
 //! - Stop: SIGTERM, then SIGKILL after the grace period.
 //! - A previous control plane's processes (found by their pid files, checked against
-//!   `/proc/{pid}/environ`) are stopped at start and reported `gone`, so the decisions
-//!   restart what should run; nothing is left running that no one tracks.
+//!   `/proc/{pid}/environ`) are stopped at start and reported `gone` as `replaced`: the
+//!   reconciler starts what should run again under the start decision in force (not a
+//!   failure, no restart decision), and nothing is left running that no one tracks.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
@@ -269,6 +270,8 @@ impl LocalBackend {
                 phase: WorkspacePhase::Gone,
                 instance: Some(pid.to_string()),
                 detail: Some(detail),
+                // This control plane starts it again under the decision in force.
+                replaced: true,
                 decision: None,
             });
         }
@@ -488,6 +491,7 @@ impl Backend for LocalBackend {
             phase: WorkspacePhase::Starting,
             instance: Some(pid.to_string()),
             detail: None,
+            replaced: false,
             decision: spec.decision,
         });
         let decision = spec.decision;
@@ -517,6 +521,7 @@ impl Backend for LocalBackend {
                                     phase: WorkspacePhase::Ready,
                                     instance: Some(pid.to_string()),
                                     detail: None,
+                                    replaced: false,
                                     decision,
                                 });
                             }
@@ -694,6 +699,7 @@ impl LocalBackend {
             phase,
             instance: Some(pid.to_string()),
             detail,
+            replaced: false,
             decision,
         });
     }

@@ -44,6 +44,9 @@ pub struct Observation {
     /// Process id or pod name.
     pub instance: Option<String>,
     pub detail: Option<String>,
+    /// Stopped at a takeover to be started again under the decision in force (see
+    /// [`WorkspaceObserved::replaced`](warren_schema::events::WorkspaceObserved)).
+    pub replaced: bool,
     /// The start decision the instance was made for: the observation's cause, so that
     /// `explain` leads from the decision to the process or pod.
     pub decision: Option<warren_schema::EventId>,

@@ -416,6 +416,9 @@ impl State {
             }
             // Ready after a stop was decided or a give-up: the reconciler will stop it.
             (WorkspacePhase::Ready, _) => {}
+            // Stopped by a control plane that took over, and started again by it under the
+            // start decision in force: the start's observations follow, nothing to decide.
+            (WorkspacePhase::Gone, Phase::Starting | Phase::Ready) if o.replaced => {}
             (WorkspacePhase::Exited | WorkspacePhase::Gone, Phase::Stopping) => {
                 w.phase = Phase::Stopped;
                 self.forget_if_deleted(&o.workspace);

@@ -122,6 +122,7 @@ impl Controller {
             backend: "local".into(),
             instance: Some("1".into()),
             detail: Some("exit status 1".into()),
+            replaced: false,
         })
     }
 
@@ -138,6 +139,7 @@ impl Controller {
             backend: "kubernetes".into(),
             instance: Some(format!("warren-{workspace}/{decision}")),
             detail: None,
+            replaced: false,
         };
         let mut meta = Metadata::new("test");
         meta.causation_id = Some(decision);
@@ -368,6 +370,33 @@ fn a_workspace_whose_agent_is_in_a_long_turn_is_busy_not_idle() {
     c.advance(120);
     let d = c.tick();
     assert_eq!(of_type::<WorkspaceStopRequested>(&d)[0].reason, "idle");
+}
+
+#[test]
+fn a_runtime_replaced_at_a_takeover_is_not_a_failure_to_restart() {
+    let mut c = two_agents();
+    c.when(slack_message("CGEN", "@alice hi", &["alice"]));
+    c.observe("research", WorkspacePhase::Ready);
+    // The new leader stopped the dead leader's runtime and starts it again itself.
+    c.when(WorkspaceObserved {
+        workspace: "research".into(),
+        phase: WorkspacePhase::Gone,
+        backend: "local".into(),
+        instance: Some("41".into()),
+        detail: Some("left by a previous control plane; stopped".into()),
+        replaced: true,
+    });
+    assert_eq!(c.phase("research"), Phase::Ready);
+    // Past any backoff (not past the idle timeout).
+    c.advance(120);
+    let d = c.tick();
+    assert!(
+        of_type::<WorkspaceStartRequested>(&d).is_empty(),
+        "no second start: {d:?}"
+    );
+    // A runtime that is gone on its own is a failure, as before.
+    c.observe("research", WorkspacePhase::Gone);
+    assert_eq!(c.phase("research"), Phase::BackingOff);
 }
 
 #[test]

@@ -333,6 +333,7 @@ impl<B: Backend> Reconciler<B> {
                 phase: WorkspacePhase::Failed,
                 instance: None,
                 detail: Some(detail),
+                replaced: false,
                 decision: spec.decision,
             })
             .await?;
@@ -354,6 +355,7 @@ impl<B: Backend> Reconciler<B> {
                 phase: WorkspacePhase::Gone,
                 instance: None,
                 detail: Some("orphan: no decision wants it running; deleted".into()),
+                replaced: false,
                 decision: None,
             })
             .await?;
@@ -424,6 +426,7 @@ impl<B: Backend> Reconciler<B> {
             backend: self.backend.name().to_owned(),
             instance: o.instance.clone(),
             detail: o.detail.clone(),
+            replaced: o.replaced,
         };
         let mut meta = Metadata::new("control-plane.reconcile");
         meta.causation_id = o.decision;

@@ -565,6 +565,7 @@ impl Shared {
                 phase,
                 instance: Some(instance_of(&pod)),
                 detail,
+                replaced: false,
                 decision: decision_of(&pod),
             });
             self.observed.notify_one();
@@ -603,6 +604,7 @@ impl Shared {
             phase,
             instance: Some(instance_of(pod)),
             detail: Some(detail.into()),
+            replaced: false,
             decision: decision_of(pod),
         });
         drop(w);

@@ -11,6 +11,8 @@
 //!   twice that rate, open loop, each request sent once: what is not taken must be refused
 //!   fast (503 with `Retry-After` within 100 ms), and nothing acked may be missing.
 //!
+//! - `leader-kill`: control-plane replicas SIGKILLed during a burst ([`leader_kill`]).
+//!
 //! At the end, the log is counted: every acked delivery stored exactly once, every delivery
 //! eventually stored, no duplicates, nothing acked that is not stored (an ack before the
 //! commit would show as acked but lost after PostgreSQL's crash). Each drill ends with one
@@ -28,6 +30,9 @@ use warren_schema::testing::TestDatabase;
 
 use crate::report;
 
+mod leader_kill;
+pub use leader_kill::{Counts as LeaderKillCounts, LeaderKillArgs};
+
 const SECRET: &str = "drill-signing-secret";
 
 #[derive(Debug, clap::Parser)]
@@ -44,6 +49,8 @@ pub enum Drill {
     Duplicates(DuplicatesArgs),
     /// Twice the saturation rate: fast 503s with Retry-After, nothing acked unstored.
     Overload(OverloadArgs),
+    /// Control-plane leaders SIGKILLed during a burst: nothing skipped, nothing started twice.
+    LeaderKill(LeaderKillArgs),
 }
 
 #[derive(Debug, Clone, clap::Parser)]
@@ -106,6 +113,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Drill::Crash(a) => crash(a).await?,
         Drill::Duplicates(a) => duplicates(a).await?,
         Drill::Overload(a) => overload(a).await?,
+        Drill::LeaderKill(a) => leader_kill::leader_kill(a).await?,
     };
     anyhow::ensure!(passed, "the drill failed (see its counts)");
     Ok(())
