@@ -302,7 +302,10 @@ async fn processes_left_by_a_previous_control_plane_are_stopped_and_reported_gon
         seen[0].detail.as_deref(),
         Some("left by a previous control plane; stopped")
     );
-    assert!(seen[0].replaced, "a replacement, not a failure to back off from");
+    assert!(
+        seen[0].replaced,
+        "a replacement, not a failure to back off from"
+    );
     assert_eq!(seen[0].instance, Some(leftover.id().to_string()));
     assert!(!dir.join("runtime.pid").exists());
     assert!(backend.running().await.is_empty());
