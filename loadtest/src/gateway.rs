@@ -41,6 +41,9 @@ pub struct Args {
     /// gateway's hardened listener: the comparison for what the listener costs.
     #[arg(long)]
     pub plain_listener: bool,
+    /// Draws the open loop's ack latency (over time, and its histogram) as an SVG here.
+    #[arg(long)]
+    pub svg: Option<std::path::PathBuf>,
 }
 
 struct Gateway {
@@ -120,7 +123,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     report::heading("gateway: open-loop ack latency");
     let gw = start_gateway(args.writers, args.plain_listener).await?;
-    let (hist, ok, failed, elapsed) = open_loop(&client, &gw.url, &args).await?;
+    let (hist, ok, failed, elapsed, samples) = open_loop(&client, &gw.url, &args).await?;
+    if let Some(path) = &args.svg {
+        let title = format!(
+            "gateway ack latency, open loop at {} req/s for {} s ({} acked)",
+            args.rate, args.seconds, ok
+        );
+        std::fs::write(path, crate::svg::ack_latency(&title, &samples))?;
+        report::line(&format!("ack latency drawn: {}", path.display()));
+    }
     report::figure("offered rate", args.rate as f64, "req/s");
     report::figure("acked rate", ok as f64 / elapsed.as_secs_f64(), "req/s");
     report::figure("failed or non-200", failed as f64, "requests");
@@ -175,7 +186,7 @@ async fn open_loop(
     client: &reqwest::Client,
     url: &str,
     args: &Args,
-) -> anyhow::Result<(Histogram<u64>, u64, u64, Duration)> {
+) -> anyhow::Result<(Histogram<u64>, u64, u64, Duration, Vec<(f64, f64)>)> {
     let total = args.rate * args.seconds;
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
     let started = Instant::now();
@@ -196,16 +207,22 @@ async fn open_loop(
     }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let (mut ok, mut failed) = (0, 0);
-    for h in handles {
+    // (seconds into the load when it was due, ack latency in ms) of each acked request.
+    let mut samples = Vec::with_capacity(handles.len());
+    for (n, h) in handles.into_iter().enumerate() {
         let (success, latency) = h.await?;
         if success {
             ok += 1;
             hist.record(latency.as_micros() as u64)?;
+            samples.push((
+                (interval * n as u32).as_secs_f64(),
+                latency.as_secs_f64() * 1000.0,
+            ));
         } else {
             failed += 1;
         }
     }
-    Ok((hist, ok, failed, started.elapsed()))
+    Ok((hist, ok, failed, started.elapsed(), samples))
 }
 
 async fn saturate(

@@ -14,6 +14,7 @@ pub mod kubernetes;
 mod pgbench;
 mod report;
 pub mod runtime;
+pub mod svg;
 
 use clap::{Parser, Subcommand};
 

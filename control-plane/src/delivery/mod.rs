@@ -261,6 +261,10 @@ impl Publisher {
                     Ok(()) => break,
                     Err(Error::Nats(e)) => {
                         warn!(error = %e, "publishing to NATS failed; retrying");
+                        // A lost store is not waited out: a stream that is gone is an
+                        // error (the publisher starts again, makes it anew and recovers
+                        // first), one that lost what it had acknowledged is recovered now.
+                        self.recover_if_reset().await?;
                         tokio::select! {
                             () = shutdown.cancelled() => return Ok(()),
                             () = tokio::time::sleep(backoff) => {}

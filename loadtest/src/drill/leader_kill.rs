@@ -17,18 +17,14 @@
 //! outnumber workspaces: that is a restart, reported, not a twin.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
-use warren_schema::events::MessageReceived;
-use warren_schema::events::Origin;
-use warren_schema::nats::Namespace;
 use warren_schema::testing::TestDatabase;
-use warren_schema::{AppendRequest, EventId, Metadata, NewEvent};
 
-use super::sibling;
+use super::installation::{Installation, Options, runtimes};
 use crate::report;
 
 #[derive(Debug, Clone, clap::Parser)]
@@ -142,48 +138,6 @@ impl Counts {
     }
 }
 
-/// One control-plane replica: its own process, its log in a file.
-struct Replica {
-    name: String,
-    child: tokio::process::Child,
-}
-
-/// How every replica is started.
-struct Replicas {
-    binary: PathBuf,
-    env: Vec<(&'static str, String)>,
-    dir: PathBuf,
-    started: usize,
-}
-
-impl Replicas {
-    fn spawn(&mut self) -> anyhow::Result<Replica> {
-        let name = format!("r{}", self.started);
-        self.started += 1;
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
-        let free = || -> anyhow::Result<String> {
-            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .to_string())
-        };
-        let child = tokio::process::Command::new(&self.binary)
-            .arg("run")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("WARREN_REPLICA", &name)
-            .env("WARREN_CONTROL_PLANE_METRICS_LISTEN", free()?)
-            .env("WARREN_ADMIN_LISTEN", free()?)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("starting {}: {e}", self.binary.display()))?;
-        Ok(Replica { name, child })
-    }
-}
-
 /// The lease holder now: (replica, fence).
 async fn leader(db: &TestDatabase) -> anyhow::Result<Option<(String, i64)>> {
     Ok(
@@ -192,38 +146,6 @@ async fn leader(db: &TestDatabase) -> anyhow::Result<Option<(String, i64)>> {
             .fetch_optional(&db.pool)
             .await?,
     )
-}
-
-/// The runtime processes alive now, by workspace: each process whose program is `binary`,
-/// its workspace read from its launch contract.
-fn runtimes(binary: &Path) -> HashMap<String, Vec<u32>> {
-    let mut found: HashMap<String, Vec<u32>> = HashMap::new();
-    let Ok(proc) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in proc.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if std::fs::read_link(entry.path().join("exe")).ok().as_deref() != Some(binary) {
-            continue;
-        }
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        let launch = environ
-            .split(|b| *b == 0)
-            .find_map(|var| var.strip_prefix(b"WARREN_LAUNCH="))
-            .and_then(|json| serde_json::from_slice::<serde_json::Value>(json).ok());
-        if let Some(workspace) = launch.as_ref().and_then(|l| l["workspace"].as_str()) {
-            found.entry(workspace.to_owned()).or_default().push(pid);
-        }
-    }
-    found
 }
 
 /// What the sampler saw: every runtime pid by workspace, and the workspaces seen with two
@@ -250,64 +172,17 @@ fn sample_runtimes(binary: PathBuf, stop: CancellationToken) -> tokio::task::Joi
     })
 }
 
-fn message(n: u64, workspaces: usize) -> anyhow::Result<NewEvent> {
-    let agent = format!("agent{}", n as usize % workspaces);
-    let event = MessageReceived {
-        origin: Origin::Slack {
-            team_id: "TDRILL".into(),
-            channel: "CDRILL".into(),
-            thread_ts: "1700000000.000000".into(),
-            ts: format!("1700000001.{n:06}"),
-            user: "U1".into(),
-        },
-        text: format!("@{agent} message {n}"),
-        addressed_agents: vec![agent],
-        files: vec![],
-    };
-    Ok(NewEvent::from_domain(
-        EventId::derive(&["drill-leader-kill", &n.to_string()]),
-        &event,
-        Metadata::new("drill"),
-    )?)
-}
-
-async fn column_pairs(
-    db: &TestDatabase,
-    sql: &'static str,
-) -> anyhow::Result<Vec<(String, String)>> {
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .fetch_all(&db.pool)
-        .await?)
-}
-
 pub async fn leader_kill(args: LeaderKillArgs) -> anyhow::Result<bool> {
     report::heading("drill leader-kill");
-    let control_plane = match &args.control_plane_binary {
-        Some(b) => b.clone(),
-        None => sibling("warren-control-plane")?,
-    };
-    let runtime = match &args.runtime_binary {
-        Some(b) => b.clone(),
-        None => sibling("warren-workspace-runtime")?,
-    }
-    .canonicalize()?;
-    let db = TestDatabase::new().await;
-    let dir = std::env::temp_dir().join(format!("warren-drill-leader-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let prefix = format!("drillleader{}", std::process::id());
-    let names: Vec<String> = (0..args.workspaces).map(|i| format!("ws{i}")).collect();
-    let agents: Vec<serde_json::Value> = (0..args.workspaces)
-        .map(|i| {
-            serde_json::json!({"name": format!("agent{i}"), "workspace": names[i],
-                               "driver": "echo", "idle_timeout_secs": 3600})
-        })
-        .collect();
-    let agents_file = dir.join("agents.json");
-    std::fs::write(
-        &agents_file,
-        serde_json::json!({ "agents": agents }).to_string(),
-    )?;
+    let mut install = Installation::new(Options {
+        name: "leader",
+        workspaces: args.workspaces,
+        nats_url: &args.nats_url,
+        lease_ttl_secs: args.lease_ttl_secs,
+        control_plane_binary: args.control_plane_binary.as_deref(),
+        runtime_binary: args.runtime_binary.as_deref(),
+    })
+    .await?;
     report::line(&format!(
         "{} messages at {}/s to {} agents (a workspace each), {} leader SIGKILLs, lease TTL {} s; logs in {}",
         args.messages,
@@ -315,65 +190,19 @@ pub async fn leader_kill(args: LeaderKillArgs) -> anyhow::Result<bool> {
         args.workspaces,
         args.kills,
         args.lease_ttl_secs,
-        dir.display()
+        install.dir.display()
     ));
-
     let stop_sampling = CancellationToken::new();
-    let sampler = sample_runtimes(runtime.clone(), stop_sampling.clone());
-    let mut replicas = Replicas {
-        binary: control_plane,
-        env: vec![
-            ("DATABASE_URL", db.url()),
-            ("NATS_URL", args.nats_url.clone()),
-            ("WARREN_NATS_PREFIX", prefix.clone()),
-            ("WARREN_CONFIG", agents_file.display().to_string()),
-            ("WARREN_BACKEND", "local".into()),
-            ("WARREN_LOCAL_ROOT", dir.join("local").display().to_string()),
-            ("WARREN_RUNTIME_COMMAND", runtime.display().to_string()),
-            ("WARREN_LOCAL_SAME_USER", "true".into()),
-            ("WARREN_LEASE_TTL_SECS", args.lease_ttl_secs.to_string()),
-            ("WARREN_TICK_MS", "100".into()),
-            ("WARREN_LOG_FORMAT", "text".into()),
-            ("RUST_LOG", "info".into()),
-        ],
-        dir: dir.clone(),
-        started: 0,
-    };
-    let mut running = vec![replicas.spawn()?, replicas.spawn()?];
-    let log = db.log();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while log.read_type("agent.configured", 0, 10_000).await?.len() < args.workspaces {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no replica configured the agents within 60 s; see {}",
-            dir.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let sampler = sample_runtimes(install.runtime.clone(), stop_sampling.clone());
+    let mut running = vec![install.spawn()?, install.spawn()?];
+    install.configured().await?;
 
     // The burst, on its schedule, while leaders are killed.
-    let burst = tokio::spawn({
-        let (log, messages, rate, workspaces) =
-            (log.clone(), args.messages, args.rate, args.workspaces);
-        async move {
-            let start = Instant::now();
-            let mut ids = Vec::new();
-            for n in 0..messages {
-                let due = start + Duration::from_secs_f64(n as f64 / rate.max(1) as f64);
-                tokio::time::sleep_until(due.into()).await;
-                let event = message(n, workspaces)?;
-                ids.push(event.id.to_string());
-                log.append(&AppendRequest::new("slack:TDRILL:CDRILL", vec![event]))
-                    .await?;
-            }
-            anyhow::Ok(ids)
-        }
-    });
-
+    let burst = install.burst(args.messages, args.rate);
     let mut takeovers: Vec<Duration> = Vec::new();
     for _ in 0..args.kills {
         let (holder, fence) = loop {
-            if let Some(h) = leader(&db).await? {
+            if let Some(h) = leader(&install.db).await? {
                 break h;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -387,9 +216,9 @@ pub async fn leader_kill(args: LeaderKillArgs) -> anyhow::Result<bool> {
         let mut killed = running.remove(i);
         killed.child.kill().await?;
         let at = Instant::now();
-        running.push(replicas.spawn()?);
+        running.push(install.spawn()?);
         loop {
-            if let Some((_, f)) = leader(&db).await?
+            if let Some((_, f)) = leader(&install.db).await?
                 && f > fence
             {
                 break;
@@ -397,112 +226,46 @@ pub async fn leader_kill(args: LeaderKillArgs) -> anyhow::Result<bool> {
             anyhow::ensure!(
                 at.elapsed() < Duration::from_secs(60),
                 "no takeover within 60 s of killing {holder}; see {}",
-                dir.display()
+                install.dir.display()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         takeovers.push(at.elapsed());
     }
     let sent = burst.await??;
-
-    // Every message routed and answered, or the deadline.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let (routed, answered) = loop {
-        let routed = column_pairs(
-            &db,
-            "SELECT payload->>'message_id', event_id::text FROM events \
-             WHERE event_type = 'message.routed'",
-        )
-        .await?;
-        let answered: HashSet<String> = column_pairs(
-            &db,
-            "SELECT payload->>'routing_id', event_id::text FROM events \
-             WHERE event_type = 'agent.turn_completed'",
+    let (routed, answered) = install.outcome(&sent, Duration::from_secs(120)).await?;
+    let dead_lettered = install.count("message.dead_lettered").await?;
+    let starts: HashMap<String, usize> = install
+        .pairs(
+            "SELECT payload->>'workspace', count(*)::text FROM events \
+             WHERE event_type = 'workspace.start_requested' GROUP BY 1",
         )
         .await?
         .into_iter()
-        .map(|(routing, _)| routing)
+        .map(|(w, n)| (w, n.parse().unwrap_or(0)))
         .collect();
-        if answered.len() >= sent.len() || Instant::now() > deadline {
-            break (routed, answered);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let dead_lettered: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM events WHERE event_type = 'message.dead_lettered'",
-    )
-    .fetch_one(&db.pool)
-    .await?;
-    let starts: HashMap<String, usize> = column_pairs(
-        &db,
-        "SELECT payload->>'workspace', count(*)::text FROM events \
-         WHERE event_type = 'workspace.start_requested' GROUP BY 1",
-    )
-    .await?
-    .into_iter()
-    .map(|(w, n)| (w, n.parse().unwrap_or(0)))
-    .collect();
-
     // Why a workspace was started more than once, for the report.
-    let start_reasons = column_pairs(
-        &db,
-        "SELECT payload->>'workspace', string_agg(payload->>'reason', ',' ORDER BY position) \
-         FROM events WHERE event_type = 'workspace.start_requested' GROUP BY 1 ORDER BY 1",
-    )
-    .await?;
-    let observed = column_pairs(
-        &db,
-        "SELECT payload->>'workspace', string_agg(payload->>'phase', ',' ORDER BY position) \
-         FROM events WHERE event_type = 'workspace.observed' GROUP BY 1 ORDER BY 1",
-    )
-    .await?;
-
-    // Stop: the replicas (their runtimes die with them), then anything left.
-    for replica in &mut running {
-        if let Some(pid) = replica.child.id() {
-            let _ = std::process::Command::new("kill")
-                .arg(pid.to_string())
-                .status();
-        }
-    }
-    for mut replica in running {
-        let _ = tokio::time::timeout(Duration::from_secs(20), replica.child.wait()).await;
-    }
+    let start_reasons = install
+        .pairs(
+            "SELECT payload->>'workspace', string_agg(payload->>'reason', ',' ORDER BY position) \
+             FROM events WHERE event_type = 'workspace.start_requested' GROUP BY 1 ORDER BY 1",
+        )
+        .await?;
+    let observed = install
+        .pairs(
+            "SELECT payload->>'workspace', string_agg(payload->>'phase', ',' ORDER BY position) \
+             FROM events WHERE event_type = 'workspace.observed' GROUP BY 1 ORDER BY 1",
+        )
+        .await?;
     stop_sampling.cancel();
     let seen = sampler.await?;
-    for pids in runtimes(&runtime).values() {
-        for pid in pids {
-            let _ = std::process::Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
-        }
-    }
-    if let Ok(client) = async_nats::connect(&args.nats_url).await {
-        let js = async_nats::jetstream::new(client);
-        let ns = Namespace::new(&prefix);
-        for stream in [
-            ns.inbox_stream(),
-            ns.outbox_stream(),
-            ns.undelivered_stream(),
-        ] {
-            let _ = js.delete_stream(stream).await;
-        }
-        for bucket in names
-            .iter()
-            .map(|w| ns.workspace_bucket(w))
-            .chain([ns.shared_bucket()])
-        {
-            let _ = js.delete_key_value(bucket).await;
-        }
-    }
 
     let counts = Counts::of(
         &sent,
         &routed,
         &answered,
-        usize::try_from(dead_lettered).unwrap_or(usize::MAX),
-        &names,
+        dead_lettered,
+        &install.workspaces,
         &starts,
         seen.twins.len(),
     );
@@ -513,7 +276,7 @@ pub async fn leader_kill(args: LeaderKillArgs) -> anyhow::Result<bool> {
     for (label, value) in [
         ("messages", counts.messages.to_string()),
         ("leader SIGKILLs", takeovers.len().to_string()),
-        ("replicas started", replicas.started.to_string()),
+        ("replicas started", install.started.to_string()),
         ("never routed (skipped)", counts.never_routed.to_string()),
         ("routed twice", counts.routed_twice.to_string()),
         (
@@ -560,9 +323,7 @@ pub async fn leader_kill(args: LeaderKillArgs) -> anyhow::Result<bool> {
         ms(takeovers.last()),
         if passed { "pass" } else { "fail" }
     ));
-    if passed {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    install.remove(running, passed).await;
     Ok(passed)
 }
 

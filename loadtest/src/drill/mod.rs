@@ -12,6 +12,8 @@
 //!   fast (503 with `Retry-After` within 100 ms), and nothing acked may be missing.
 //!
 //! - `leader-kill`: control-plane replicas SIGKILLed during a burst ([`leader_kill`]).
+//! - `nats-loss`: the NATS store deleted under a control plane during a burst
+//!   ([`nats_loss`]).
 //!
 //! At the end, the log is counted: every acked delivery stored exactly once, every delivery
 //! eventually stored, no duplicates, nothing acked that is not stored (an ack before the
@@ -30,8 +32,11 @@ use warren_schema::testing::TestDatabase;
 
 use crate::report;
 
+mod installation;
 mod leader_kill;
+mod nats_loss;
 pub use leader_kill::{Counts as LeaderKillCounts, LeaderKillArgs};
+pub use nats_loss::NatsLossArgs;
 
 const SECRET: &str = "drill-signing-secret";
 
@@ -51,6 +56,8 @@ pub enum Drill {
     Overload(OverloadArgs),
     /// Control-plane leaders SIGKILLed during a burst: nothing skipped, nothing started twice.
     LeaderKill(LeaderKillArgs),
+    /// The NATS store lost during a burst: every message answered once, memory restored.
+    NatsLoss(NatsLossArgs),
 }
 
 #[derive(Debug, Clone, clap::Parser)]
@@ -114,6 +121,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Drill::Duplicates(a) => duplicates(a).await?,
         Drill::Overload(a) => overload(a).await?,
         Drill::LeaderKill(a) => leader_kill::leader_kill(a).await?,
+        Drill::NatsLoss(a) => nats_loss::nats_loss(a).await?,
     };
     anyhow::ensure!(passed, "the drill failed (see its counts)");
     Ok(())
