@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::ExportedSpan;
-use support::slack::{BOT_TOKEN, SIGNING_SECRET, signed};
+use support::slack::{BOT_TOKEN, SIGNING_SECRET};
 use warren_schema::events::MessageReceived;
 use warren_schema::nats::Namespace;
 use warren_schema::testing::TestDatabase;
@@ -110,18 +110,7 @@ fn mention(event_id: &str, ts: &str, text: &str) -> Value {
 }
 
 async fn send_slack(gateway: &str, body: &Value) {
-    let body = body.to_string();
-    let (ts, sig) = signed(&body);
-    let status = reqwest::Client::new()
-        .post(format!("http://{gateway}/slack/events"))
-        .header("content-type", "application/json")
-        .header("x-slack-request-timestamp", ts)
-        .header("x-slack-signature", sig)
-        .body(body)
-        .send()
-        .await
-        .expect("the gateway answers")
-        .status();
+    let status = support::slack::post_slack_event(&format!("http://{gateway}"), body).await;
     assert_eq!(status, 200);
 }
 

@@ -39,6 +39,17 @@ pub enum Action {
 }
 
 impl Action {
+    /// Stop `workspace`, in the trace of the stop decision `state` holds for it (if any).
+    fn stop(state: &State, workspace: &str) -> Self {
+        Self::Stop {
+            workspace: workspace.to_owned(),
+            trace: state
+                .workspaces
+                .get(workspace)
+                .and_then(|w| w.stop_trace.clone()),
+        }
+    }
+
     /// The workspace it acts on.
     pub fn workspace(&self) -> &str {
         match self {
@@ -100,13 +111,7 @@ pub fn plan(state: &State, present: &Present, acted: &BTreeMap<String, EventId>)
             .get(name)
             .is_some_and(|w| wants_running(w.phase));
         if !wanted {
-            actions.push(Action::Stop {
-                workspace: name.clone(),
-                trace: state
-                    .workspaces
-                    .get(name)
-                    .and_then(|w| w.stop_trace.clone()),
-            });
+            actions.push(Action::stop(state, name));
         }
     }
     // An ended instance is kept while a decision may still explain it (a failed pod stays
@@ -118,13 +123,7 @@ pub fn plan(state: &State, present: &Present, acted: &BTreeMap<String, EventId>)
             .get(name)
             .is_some_and(|w| !matches!(w.phase, Phase::Stopped | Phase::Stopping));
         if !explained {
-            actions.push(Action::Stop {
-                workspace: name.clone(),
-                trace: state
-                    .workspaces
-                    .get(name)
-                    .and_then(|w| w.stop_trace.clone()),
-            });
+            actions.push(Action::stop(state, name));
         }
     }
     actions

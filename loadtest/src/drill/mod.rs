@@ -113,6 +113,11 @@ pub struct GatewayArgs {
     /// The gateway binary (default: `warren-gateway` beside this program).
     #[arg(long)]
     pub gateway_binary: Option<PathBuf>,
+    /// CPUs the gateway may run on (a `taskset -c` list, e.g. `0`): with the drill itself
+    /// pinned to the others, the sender does not take the gateway's CPU, as on a machine
+    /// of its own.
+    #[arg(long)]
+    pub gateway_cpus: Option<String>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -131,6 +136,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 /// restarts.
 struct GatewayProcess {
     binary: PathBuf,
+    cpus: Option<String>,
     database_url: String,
     port: u16,
     log: PathBuf,
@@ -149,6 +155,7 @@ impl GatewayProcess {
         let log = std::env::temp_dir().join(format!("warren-drill-gateway-{port}.log"));
         let mut gateway = Self {
             binary,
+            cpus: args.gateway_cpus.clone(),
             database_url,
             port,
             log,
@@ -167,7 +174,15 @@ impl GatewayProcess {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = tokio::process::Command::new(&self.binary)
+        let mut command = match &self.cpus {
+            Some(cpus) => {
+                let mut c = tokio::process::Command::new("taskset");
+                c.arg("-c").arg(cpus).arg(&self.binary);
+                c
+            }
+            None => tokio::process::Command::new(&self.binary),
+        };
+        let child = command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("DATABASE_URL", &self.database_url)

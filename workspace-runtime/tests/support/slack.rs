@@ -86,6 +86,22 @@ pub fn signed(body: &str) -> (String, String) {
     )
 }
 
+/// Posts `body` to the gateway at `gateway_url` as Slack does (signed now); its status.
+pub async fn post_slack_event(gateway_url: &str, body: &Value) -> reqwest::StatusCode {
+    let body = body.to_string();
+    let (ts, sig) = signed(&body);
+    reqwest::Client::new()
+        .post(format!("{gateway_url}/slack/events"))
+        .header("content-type", "application/json")
+        .header("x-slack-request-timestamp", ts)
+        .header("x-slack-signature", sig)
+        .body(body)
+        .send()
+        .await
+        .expect("gateway answers")
+        .status()
+}
+
 /// The gateway (Slack events in, replies out) and the Slack server it posts to.
 pub struct Gateway {
     pub url: String,
@@ -149,18 +165,7 @@ impl Gateway {
 
     /// Posts a signed Slack event; the gateway's status.
     pub async fn slack_event(&self, body: &Value) -> reqwest::StatusCode {
-        let body = body.to_string();
-        let (ts, sig) = signed(&body);
-        reqwest::Client::new()
-            .post(format!("{}/slack/events", self.url))
-            .header("content-type", "application/json")
-            .header("x-slack-request-timestamp", ts)
-            .header("x-slack-signature", sig)
-            .body(body)
-            .send()
-            .await
-            .expect("gateway answers")
-            .status()
+        post_slack_event(&self.url, body).await
     }
 
     /// What was posted to Slack so far.
