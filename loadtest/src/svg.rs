@@ -164,10 +164,13 @@ fn axes(svg: &mut String, left: f64, x_label: &str, y_label: &str) {
     );
 }
 
-/// The powers of ten between `low` and `high` (axis ticks).
+/// Axis ticks between `low` and `high`: 1, 2 and 5 times the powers of ten.
 fn decades(low: f64, high: f64) -> Vec<f64> {
-    let (from, to) = (low.log10().ceil() as i32, high.log10().floor() as i32);
-    (from..=to).map(|e| 10f64.powi(e)).collect()
+    let (from, to) = (low.log10().floor() as i32, high.log10().ceil() as i32);
+    (from..=to)
+        .flat_map(|e| [1.0, 2.0, 5.0].map(|m| m * 10f64.powi(e)))
+        .filter(|t| (low..=high).contains(t))
+        .collect()
 }
 
 fn label(ms: f64) -> String {
