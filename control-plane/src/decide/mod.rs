@@ -682,10 +682,11 @@ fn give_up_if_exhausted(
     let Some(w) = state.workspaces.get(&observed.workspace) else {
         return;
     };
+    // A runtime replaced at a takeover is started again under its decision: no failure.
     let failed = matches!(
         observed.phase,
         WorkspacePhase::Exited | WorkspacePhase::Failed | WorkspacePhase::Gone
-    );
+    ) && !observed.replaced;
     if !failed || !matches!(w.phase, Phase::Starting | Phase::Ready) {
         return;
     }

@@ -377,8 +377,10 @@ fn a_runtime_replaced_at_a_takeover_is_not_a_failure_to_restart() {
     let mut c = two_agents();
     c.when(slack_message("CGEN", "@alice hi", &["alice"]));
     c.observe("research", WorkspacePhase::Ready);
-    // The new leader stopped the dead leader's runtime and starts it again itself.
-    c.when(WorkspaceObserved {
+    // The new leader stopped the dead leader's runtime and starts it again itself. With
+    // no restarts allowed, a failure would end the workspace; a replacement does not.
+    c.policy.max_restarts = 0;
+    let d = c.when(WorkspaceObserved {
         workspace: "research".into(),
         phase: WorkspacePhase::Gone,
         backend: "local".into(),
@@ -386,7 +388,12 @@ fn a_runtime_replaced_at_a_takeover_is_not_a_failure_to_restart() {
         detail: Some("left by a previous control plane; stopped".into()),
         replaced: true,
     });
+    assert!(
+        of_type::<WorkspaceFailed>(&d).is_empty(),
+        "not given up on: {d:?}"
+    );
     assert_eq!(c.phase("research"), Phase::Ready);
+    c.policy.max_restarts = Policy::default().max_restarts;
     // Past any backoff (not past the idle timeout).
     c.advance(120);
     let d = c.tick();
