@@ -225,6 +225,17 @@ pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: &str) {
     let _ = span.set_parent(context);
 }
 
+/// Joins `span` to the trace `parent` names (when there is one) and returns the context the
+/// work inside it hands on to the next process: the span's own `traceparent` when traces are
+/// exported, otherwise `parent` as received, so the trace still travels.
+pub fn join_trace(span: &tracing::Span, parent: Option<&str>) -> Option<String> {
+    if let Some(parent) = parent {
+        set_parent_from_traceparent(span, parent);
+    }
+    span.in_scope(current_traceparent)
+        .or_else(|| parent.map(str::to_owned))
+}
+
 /// Makes `span` the root of a trace of its own (not a child of whatever span is current),
 /// linked to `cause`'s trace when `cause` is a valid `traceparent`: what a time-based
 /// decision (an idle stop, a restart, an admission) is recorded in, so its trace is not

@@ -220,9 +220,7 @@ impl Worker {
             .as_ref()
             .and_then(|h| h.get(TRACEPARENT))
             .map(|v| v.to_string());
-        if let Some(tp) = &sent_with {
-            warren_telemetry::set_parent_from_traceparent(&span, tp);
-        }
+        let traceparent = warren_telemetry::join_trace(&span, sent_with.as_deref());
         if delivered > 1 {
             metrics::counter!("warren_runtime_redeliveries_total", "agent" => self.agent.clone())
                 .increment(1);
@@ -231,9 +229,6 @@ impl Worker {
         let (turn, result) = match serde_json::from_slice::<InboxMessage>(&message.payload) {
             Ok(inbox) => {
                 let turn = TurnRef::of(&inbox, &self.workspace, &self.agent);
-                let traceparent = span
-                    .in_scope(warren_telemetry::current_traceparent)
-                    .or(sent_with);
                 let result = self
                     .turn_with_heartbeats(&message, &inbox, &turn, traceparent.as_deref())
                     .instrument(span.clone())

@@ -355,12 +355,7 @@ pub async fn run(
         // The turn that published the output is the parent; the events recorded from it
         // carry the ingest's own context, so the reply's post joins the same trace.
         let span = info_span!("ingest", subject = %message.subject);
-        if let Some(parent) = &traceparent {
-            warren_telemetry::set_parent_from_traceparent(&span, parent);
-        }
-        let traceparent = span
-            .in_scope(warren_telemetry::current_traceparent)
-            .or(traceparent);
+        let traceparent = warren_telemetry::join_trace(&span, traceparent.as_deref());
         async {
             let parsed = serde_json::from_slice::<OutboxMessage>(&message.payload)
                 .map_err(|e| format!("unreadable: {e}"))

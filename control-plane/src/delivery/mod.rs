@@ -356,12 +356,8 @@ impl Publisher {
             subject = %self.ns.inbox_subject(&r.workspace, &r.agent),
             agent = %r.agent,
         );
-        if let Some(parent) = &routed.metadata.traceparent {
-            warren_telemetry::set_parent_from_traceparent(&span, parent);
-        }
-        let traceparent = span
-            .in_scope(warren_telemetry::current_traceparent)
-            .or_else(|| routed.metadata.traceparent.clone());
+        let traceparent =
+            warren_telemetry::join_trace(&span, routed.metadata.traceparent.as_deref());
         let headers = message_headers(&routed.id.to_string(), traceparent.as_deref());
         let payload = serde_json::to_vec(&message)
             .map_err(|e| Error::Nats(format!("encoding an inbox message: {e}")))?;

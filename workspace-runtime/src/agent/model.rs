@@ -207,10 +207,7 @@ pub async fn send_with_retry(
         let span =
             tracing::info_span!("model_call", %endpoint, attempt, status = tracing::field::Empty);
         let mut request = build();
-        if let Some(tp) = span
-            .in_scope(warren_telemetry::current_traceparent)
-            .or_else(|| ctx.traceparent.clone())
-        {
+        if let Some(tp) = warren_telemetry::join_trace(&span, ctx.traceparent.as_deref()) {
             request = request.header("traceparent", tp);
         }
         let response = request
