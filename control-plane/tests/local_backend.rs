@@ -472,3 +472,54 @@ async fn a_slow_backend_call_does_not_hold_up_the_decisions() {
     task.await.expect("join").expect("controller");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// What the backend reported and a recording could not write (the database went away, or
+/// the leadership ended mid-way) goes back to the backend, and the next recording (the
+/// next leader's) writes it. The backend reports each change once: dropped, a pod's failure
+/// was never recorded, and the decisions waited on that workspace for ever.
+#[tokio::test]
+async fn observations_a_failed_recording_could_not_write_are_written_by_the_next() {
+    use warren_control_plane::reconcile::Reconciler;
+    let db = TestDatabase::new().await;
+    let log = db.log();
+    let root = temp_root("unrecorded");
+    let backend = LocalBackend::new(LocalConfig {
+        stop_grace: Duration::from_secs(5),
+        ..LocalConfig::new(root.clone(), sh("echo ready; exec sleep 600"))
+    })
+    .expect("backend");
+    let spec = warren_control_plane::backend::WorkspaceSpec {
+        name: "research".into(),
+        agents: vec![],
+        tuning: Default::default(),
+        decision: None,
+        traceparent: None,
+    };
+    // The start reports `starting` before it returns; `ready` follows.
+    backend.start(&spec).await.expect("start");
+
+    // A database nobody listens on: every append fails.
+    let unreachable = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy("postgres://warren@127.0.0.1:1/none")
+        .expect("lazy pool");
+    let failing = Reconciler::new(backend.clone(), EventLog::new(unreachable));
+    failing
+        .record_observations()
+        .await
+        .expect_err("nothing can be written");
+
+    let next = Reconciler::new(backend.clone(), log.clone());
+    wait_for("the start and the runtime's ready recorded", async || {
+        next.record_observations().await.expect("record");
+        let phases: Vec<WorkspacePhase> = observed(&log, "research")
+            .await
+            .iter()
+            .map(|o| o.phase)
+            .collect();
+        phases.contains(&WorkspacePhase::Starting) && phases.contains(&WorkspacePhase::Ready)
+    })
+    .await;
+    backend.stop("research").await.expect("stop");
+    let _ = std::fs::remove_dir_all(&root);
+}

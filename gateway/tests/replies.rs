@@ -236,6 +236,62 @@ async fn a_reply_is_posted_in_its_thread_after_a_429_and_recorded_once() {
     assert_eq!(record["ts"], held, "Slack's ts of the posted message");
 }
 
+/// The control plane's own notices ("workspace failed ...") are recorded in its decisions
+/// stream, whose version is the leader's fence: the gateway's records of their delivery go
+/// in a stream of its own. A record in the decisions stream made the leader's next
+/// decision a version conflict, and deposed it.
+#[tokio::test]
+async fn delivering_a_control_plane_notice_leaves_the_decisions_stream_alone() {
+    const DECISIONS: &str = "control-plane:decisions";
+    let db = TestDatabase::new().await;
+    let log = db.log();
+    let (url, fake) = fake_slack(0).await;
+    let notice = NewEvent::from_domain(
+        EventId::derive(&["test-notice"]),
+        &AgentReplied {
+            workspace: "w".into(),
+            agent: "warren".into(),
+            reply_to: Origin::Slack {
+                team_id: "T1".into(),
+                channel: "C1".into(),
+                thread_ts: "1700000000.000100".into(),
+                ts: "1700000000.000100".into(),
+                user: "U1".into(),
+            },
+            text: "Workspace w failed 2 times in a row and was stopped".into(),
+        },
+        Metadata::new("control-plane"),
+    )
+    .expect("event");
+    log.append(&AppendRequest::new(DECISIONS, vec![notice]))
+        .await
+        .expect("append");
+    let before = log.stream_version(DECISIONS).await.expect("version");
+
+    let shutdown = CancellationToken::new();
+    let slack = SlackApi::new(&url, Secret::new(TOKEN)).expect("client");
+    let runner = tokio::spawn(replies::run(log.clone(), slack, shutdown.clone()));
+    wait_until("the notice delivered", async || {
+        delivered(&db).await.len() == 1
+    })
+    .await;
+    shutdown.cancel();
+    runner.await.expect("task").expect("clean stop");
+
+    assert_eq!(fake.lock().expect("lock").messages.len(), 1, "posted once");
+    assert_eq!(
+        log.stream_version(DECISIONS).await.expect("version"),
+        before,
+        "the leader's fence did not move"
+    );
+    let records = log
+        .read_stream(warren_schema::events::REPLIES_STREAM, 0, 10)
+        .await
+        .expect("read");
+    let types: Vec<&str> = records.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, ["reply.post_started", "reply.delivered"]);
+}
+
 /// Every gateway replica runs the reply follower (the chart runs two). One delivers; the
 /// other waits, and takes over when the first stops. Slack sees each reply once.
 #[tokio::test]

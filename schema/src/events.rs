@@ -225,6 +225,12 @@ pub struct AgentMentioned {
     pub reply_to: Origin,
 }
 
+/// The stream of `reply.post_started` and `reply.delivered`: the gateway's own. It never
+/// appends to the stream of the reply it follows: the control plane's notices are in its
+/// decisions stream, whose version is the leader's fence, and a record there deposed the
+/// leader at its next decision.
+pub const REPLIES_STREAM: &str = "gateway:replies";
+
 /// The gateway is about to post a reply to Slack (recorded before the call). A reply with
 /// this record and no `reply.delivered` may have reached Slack before a crash: the gateway
 /// looks for it in its conversation (by the reply's id in the message's metadata) before

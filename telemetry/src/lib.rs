@@ -96,7 +96,11 @@ impl Telemetry {
             .as_deref()
             .and_then(|f| EnvFilter::try_new(f).ok())
             .unwrap_or_else(|| EnvFilter::new("info"));
-        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        // Colours on a terminal only: in a file, a journal or a pod's log (whose last line
+        // becomes a failed workspace's recorded reason) escape codes are noise.
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
         let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
         match options.log_format {
             LogFormat::Json => registry.with(fmt.json()).try_init()?,

@@ -473,14 +473,42 @@ async fn each_pod_failure_is_recorded_with_its_reason_and_given_up_on() {
             ))
             .await;
     }
-    eventually("every workspace given up on", async || {
-        log.read_type("workspace.failed", 0, 100)
+    let given_up = tokio::time::timeout(Duration::from_secs(30), async {
+        while log
+            .read_type("workspace.failed", 0, 100)
             .await
             .expect("read")
             .len()
-            == cases.len()
+            < cases.len()
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     })
     .await;
+    if given_up.is_err() {
+        let head = log.head().await.expect("head");
+        let history: Vec<String> = log
+            .read_positions(0, head, 10_000)
+            .await
+            .expect("read")
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} {}@{} {} {} {:.300}",
+                    e.position,
+                    e.stream,
+                    e.stream_version,
+                    e.event_type,
+                    e.metadata.source,
+                    e.payload.to_string()
+                )
+            })
+            .collect();
+        panic!(
+            "not every workspace was given up on within 30 s; the log:\n{}",
+            history.join("\n")
+        );
+    }
     let observed: Vec<WorkspaceObserved> = log
         .read_type("workspace.observed", 0, 1000)
         .await
@@ -500,6 +528,13 @@ async fn each_pod_failure_is_recorded_with_its_reason_and_given_up_on() {
         assert_eq!(
             failures, 2,
             "{workspace}: the first run and one restart, each with its reason: {observed:#?}"
+        );
+        assert!(
+            observed
+                .iter()
+                .filter_map(|o| o.detail.as_deref())
+                .all(|d| !d.contains('\u{1b}')),
+            "reasons are plain text, without a terminal's escape codes: {observed:#?}"
         );
     }
 

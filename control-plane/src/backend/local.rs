@@ -600,6 +600,13 @@ impl Backend for LocalBackend {
             .unwrap_or_default()
     }
 
+    fn return_observations(&self, unrecorded: Vec<Observation>) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.observations.splice(0..0, unrecorded);
+        }
+        self.notify.notify_one();
+    }
+
     fn observed(&self) -> &Notify {
         &self.notify
     }

@@ -95,6 +95,11 @@ pub trait Backend: Send + Sync {
     fn stop(&self, workspace: &str) -> impl Future<Output = Result<(), BackendError>> + Send;
     /// What happened since the last call, oldest first.
     fn drain_observations(&self) -> Vec<Observation>;
+    /// Puts back observations that were drained but not recorded (the leadership ended, or
+    /// the log failed, in between): they are the oldest, so they go first, and the next
+    /// drain hands them out again. The backend reports each change once; one it dropped
+    /// would never be recorded.
+    fn return_observations(&self, unrecorded: Vec<Observation>);
     /// Notified whenever an observation is added.
     fn observed(&self) -> &tokio::sync::Notify;
     /// This replica stops leading (shut down): what the backend does with the workspaces it
@@ -189,6 +194,13 @@ impl Backend for AnyBackend {
         match self {
             Self::Local(b) => b.drain_observations(),
             Self::Kubernetes(b) => b.drain_observations(),
+        }
+    }
+
+    fn return_observations(&self, unrecorded: Vec<Observation>) {
+        match self {
+            Self::Local(b) => b.return_observations(unrecorded),
+            Self::Kubernetes(b) => b.return_observations(unrecorded),
         }
     }
 

@@ -138,6 +138,27 @@ pub struct Present {
     pub ended: BTreeSet<String>,
 }
 
+/// Observations drained from a backend and not yet recorded: given back when dropped.
+struct Unrecorded<'a, B: Backend> {
+    backend: &'a B,
+    observations: Vec<Observation>,
+    /// How many of them, from the first, are in the log.
+    recorded: usize,
+}
+
+impl<B: Backend> Drop for Unrecorded<'_, B> {
+    fn drop(&mut self) {
+        if self.recorded < self.observations.len() {
+            let left = self.observations.split_off(self.recorded);
+            warn!(
+                observations = left.len(),
+                "observations not recorded; given back to the backend"
+            );
+            self.backend.return_observations(left);
+        }
+    }
+}
+
 /// Observations recorded in one transaction, at most.
 pub const OBSERVATIONS_PER_COMMIT: usize = 500;
 
@@ -366,10 +387,19 @@ impl<B: Backend> Reconciler<B> {
     /// [`OBSERVATIONS_PER_COMMIT`], each workspace's in the order seen. Under a backlog
     /// thousands arrive at once; a transaction each would be as many commits, and as many
     /// writers in flight that the decisions' subscription must wait to settle.
+    ///
+    /// What is not recorded goes back to the backend, whether an append fails or this
+    /// future is dropped mid-way (the leadership ended): the next leader records it.
     pub async fn record_observations(&self) -> Result<usize> {
-        let observations = self.backend.drain_observations();
-        let n = observations.len();
-        for chunk in observations.chunks(OBSERVATIONS_PER_COMMIT) {
+        let mut pending = Unrecorded {
+            backend: &self.backend,
+            observations: self.backend.drain_observations(),
+            recorded: 0,
+        };
+        let n = pending.observations.len();
+        while pending.recorded < n {
+            let end = n.min(pending.recorded + OBSERVATIONS_PER_COMMIT);
+            let chunk = &pending.observations[pending.recorded..end];
             let mut by_workspace: BTreeMap<&str, Vec<NewEvent>> = BTreeMap::new();
             for o in chunk {
                 by_workspace
@@ -387,6 +417,7 @@ impl<B: Backend> Reconciler<B> {
             for outcome in self.log.append_all(&refs).await? {
                 outcome?;
             }
+            pending.recorded = end;
         }
         Ok(n)
     }

@@ -3,7 +3,8 @@
 //! A follower of the log: for each `agent.replied` addressed to Slack it posts the reply
 //! with `chat.postMessage` (in the originating thread), then records `reply.delivered`
 //! with Slack's `ts`, in the same transaction that advances its checkpoint
-//! (`gateway.replies`). So a restart neither loses a reply (the checkpoint has not moved)
+//! (`gateway.replies`). Its records go in its own stream,
+//! [`REPLIES_STREAM`], never in the reply's. So a restart neither loses a reply (the checkpoint has not moved)
 //! nor records one twice (the record's id derives from the reply's).
 //!
 //! Exactly once, across a crash between Slack's accept and the record: before posting, the
@@ -31,8 +32,8 @@ use tracing::{Instrument, info, info_span, warn};
 use warren_schema::event_log::projection::{self, Projection};
 use warren_schema::event_log::{SubscriptionOptions, append_in_tx};
 use warren_schema::events::{
-    AgentConfigured, AgentRemoved, AgentReplied, DomainEvent, Origin, ReplyDelivered,
-    ReplyPostStarted,
+    AgentConfigured, AgentRemoved, AgentReplied, DomainEvent, Origin, REPLIES_STREAM,
+    ReplyDelivered, ReplyPostStarted,
 };
 use warren_schema::{AppendRequest, EventId, EventLog, Metadata, NewEvent, RecordedEvent, Result};
 
@@ -142,7 +143,7 @@ impl Projection for Recorder {
             Metadata::caused_by(event, "gateway/replies"),
         )
         .map_err(|e| warren_schema::Error::InvalidEvent(e.to_string()))?;
-        let request = AppendRequest::new(event.stream.clone(), vec![record]);
+        let request = AppendRequest::new(REPLIES_STREAM, vec![record]);
         append_in_tx(tx, &[&request]).await?.remove(0)?;
         Ok(())
     }
@@ -298,7 +299,7 @@ async fn record_post_started(
         },
     )
     .map_err(|e| warren_schema::Error::InvalidEvent(e.to_string()))?;
-    log.append(&AppendRequest::new(reply.stream.clone(), vec![record]))
+    log.append(&AppendRequest::new(REPLIES_STREAM, vec![record]))
         .await?;
     Ok(())
 }

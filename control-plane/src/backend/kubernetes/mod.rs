@@ -526,6 +526,13 @@ impl Backend for KubernetesBackend {
             .unwrap_or_default()
     }
 
+    fn return_observations(&self, unrecorded: Vec<Observation>) {
+        if let Ok(mut w) = self.shared.watched.lock() {
+            w.observations.splice(0..0, unrecorded);
+        }
+        self.shared.observed.notify_one();
+    }
+
     fn observed(&self) -> &Notify {
         &self.shared.observed
     }
