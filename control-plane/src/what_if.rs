@@ -59,6 +59,12 @@ pub async fn replay_range(
     crate::replay::fold_range(log, replay, after, up_to, Replay::step).await
 }
 
+/// Whether `event` is a decision. Logs written before the gateway had a stream of its own
+/// also hold its `reply.*` records in the decisions stream.
+fn is_decision(event: &RecordedEvent) -> bool {
+    event.stream == DECISIONS_STREAM && !event.event_type.starts_with("reply.")
+}
+
 /// The ids of the decisions recorded in `(after, up_to]`: what [`Replay::new`] compares with.
 pub async fn recorded_ids(
     log: &warren_schema::EventLog,
@@ -66,7 +72,8 @@ pub async fn recorded_ids(
     up_to: i64,
 ) -> warren_schema::Result<HashSet<EventId>> {
     let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
-        "SELECT event_id FROM events WHERE stream = $1 AND position > $2 AND position <= $3",
+        "SELECT event_id FROM events WHERE stream = $1 AND position > $2 AND position <= $3 \
+           AND event_type NOT LIKE 'reply.%'",
     )
     .bind(DECISIONS_STREAM)
     .bind(after)
@@ -153,7 +160,7 @@ impl Replay {
         // not depend on when it was made).
         let due = tick(&self.state, now, &self.policy);
         self.decided(due, now);
-        if event.stream == DECISIONS_STREAM {
+        if is_decision(event) {
             // Made already (at its cause), or perhaps later (kept until the end).
             if !self.matched.contains(&event.id) {
                 self.unmatched.push(event.clone());
@@ -284,6 +291,52 @@ mod tests {
         let d = replay(&log, Policy::default());
         assert!(d.only_new.is_empty() && d.only_recorded.is_empty(), "{d:?}");
         assert_eq!(d.same, 6, "three routings and three starts");
+    }
+
+    /// Before the gateway had a stream of its own, its records of a notice's delivery went
+    /// in the decisions stream: they are not decisions the replay failed to make.
+    #[test]
+    fn the_gateways_old_records_in_the_decisions_stream_are_not_decisions() {
+        let mut log = history(&Policy::default());
+        let delivered = NewEvent::from_domain(
+            EventId::random(),
+            &warren_schema::events::ReplyDelivered {
+                reply_id: EventId::random(),
+                channel: "C1".into(),
+                ts: "1.0".into(),
+            },
+            Metadata::new("gateway/replies"),
+        )
+        .expect("e");
+        log.push(RecordedEvent {
+            position: log.len() as i64 + 1,
+            id: delivered.id,
+            stream: DECISIONS_STREAM.into(),
+            stream_version: 7,
+            event_type: delivered.event_type,
+            event_version: delivered.event_version,
+            payload: delivered.payload,
+            metadata: delivered.metadata,
+            recorded_at: log.last().expect("history").recorded_at,
+        });
+        let recorded = log
+            .iter()
+            .filter(|e| is_decision(e))
+            .map(|e| e.id)
+            .collect();
+        let mut r = Replay::new(
+            State::default(),
+            Policy::default(),
+            None,
+            Vec::new(),
+            recorded,
+        );
+        for e in &log {
+            r.step(e);
+        }
+        let d = r.finish();
+        assert!(d.only_new.is_empty() && d.only_recorded.is_empty(), "{d:?}");
+        assert_eq!(d.same, 6);
     }
 
     #[test]
