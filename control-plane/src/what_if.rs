@@ -300,7 +300,7 @@ mod tests {
         let mut log = history(&Policy::default());
         let delivered = NewEvent::from_domain(
             EventId::random(),
-            &warren_schema::events::ReplyDelivered {
+            &ReplyDelivered {
                 reply_id: EventId::random(),
                 channel: "C1".into(),
                 ts: "1.0".into(),

@@ -35,6 +35,8 @@ struct FakeSlack {
     stalled: Arc<tokio::sync::Notify>,
     /// `conversations.replies` / `.history` calls.
     lookups: usize,
+    /// Answer lookups as Slack does for an app without the `*:history` scopes.
+    refuse_lookups: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -113,6 +115,11 @@ async fn lookup(
     }
     let mut fake = fake.lock().expect("lock");
     fake.lookups += 1;
+    if fake.refuse_lookups {
+        return Json(json!({"ok": false, "error": "missing_scope",
+                           "needed": "channels:history", "provided": "chat:write"}))
+        .into_response();
+    }
     let oldest: f64 = q.get("oldest").and_then(|o| o.parse().ok()).unwrap_or(0.0);
     let matching: Vec<Value> = fake
         .messages
@@ -548,4 +555,57 @@ async fn a_crash_around_slacks_accept_leaves_each_reply_in_slack_once() {
         2,
         "one intent per reply, whatever the restarts"
     );
+}
+
+/// Without the `*:history` scopes Slack refuses the lookup (`missing_scope`). A restart that
+/// cannot look posts the reply again: at least once rather than lost, as documented. It
+/// is recorded delivered once, with the `ts` of the post it made.
+#[tokio::test]
+async fn a_refused_lookup_after_a_crash_posts_the_reply_again_rather_than_lose_it() {
+    let db = TestDatabase::new().await;
+    let log = db.log();
+    let (url, fake) = fake_slack(0).await;
+    let slack = SlackApi::new(&url, Secret::new(TOKEN)).expect("client");
+    let id = reply(&log, 1, "C1").await;
+    let stalled = {
+        let mut f = fake.lock().expect("lock");
+        f.stall = Some(Stall::AfterAccept);
+        f.refuse_lookups = true;
+        f.stalled.clone()
+    };
+    let crashed = tokio::spawn(replies::run(
+        log.clone(),
+        slack.clone(),
+        CancellationToken::new(),
+    ));
+    tokio::time::timeout(Duration::from_secs(20), stalled.notified())
+        .await
+        .expect("the post reached Slack");
+    crashed.abort();
+    let _ = crashed.await;
+    sqlx::query("UPDATE leases SET expires_at = now() - interval '1 second' WHERE name = $1")
+        .bind(replies::DELIVERY_LEASE)
+        .execute(&db.pool)
+        .await
+        .expect("expire");
+
+    let shutdown = CancellationToken::new();
+    let restarted = tokio::spawn(replies::run(log.clone(), slack, shutdown.clone()));
+    wait_until("the delivery record", async || {
+        delivered(&db).await.len() == 1
+    })
+    .await;
+    shutdown.cancel();
+    restarted.await.expect("task").expect("stop");
+
+    let record = delivered(&db).await.pop().expect("record");
+    let fake = fake.lock().expect("lock");
+    assert!(fake.lookups > 0, "the restart asked Slack first");
+    let in_slack: Vec<&Value> = fake
+        .messages
+        .iter()
+        .filter(|m| m["metadata"]["event_payload"]["reply_id"] == json!(id.to_string()))
+        .collect();
+    assert_eq!(in_slack.len(), 2, "posted again: the lookup was refused");
+    assert_eq!(record["ts"], in_slack[1]["ts"], "the post the restart made");
 }
