@@ -61,8 +61,8 @@ pub async fn replay_range(
 
 /// Whether `event` is a decision. Logs written before the gateway had a stream of its own
 /// also hold its `reply.*` records in the decisions stream.
-fn is_decision(event: &RecordedEvent) -> bool {
-    event.stream == DECISIONS_STREAM && !event.event_type.starts_with("reply.")
+fn is_decision(stream: &str, event_type: &str) -> bool {
+    stream == DECISIONS_STREAM && !event_type.starts_with("reply.")
 }
 
 /// The ids of the decisions recorded in `(after, up_to]`: what [`Replay::new`] compares with.
@@ -71,9 +71,9 @@ pub async fn recorded_ids(
     after: i64,
     up_to: i64,
 ) -> warren_schema::Result<HashSet<EventId>> {
-    let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
-        "SELECT event_id FROM events WHERE stream = $1 AND position > $2 AND position <= $3 \
-           AND event_type NOT LIKE 'reply.%'",
+    let rows: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+        "SELECT event_id, event_type FROM events \
+          WHERE stream = $1 AND position > $2 AND position <= $3",
     )
     .bind(DECISIONS_STREAM)
     .bind(after)
@@ -83,7 +83,11 @@ pub async fn recorded_ids(
     .map_err(warren_schema::Error::db(
         "reading the decisions recorded in a stretch",
     ))?;
-    Ok(ids.into_iter().map(EventId).collect())
+    Ok(rows
+        .into_iter()
+        .filter(|(_, event_type)| is_decision(DECISIONS_STREAM, event_type))
+        .map(|(id, _)| EventId(id))
+        .collect())
 }
 
 /// The decisions that differ.
@@ -160,7 +164,7 @@ impl Replay {
         // not depend on when it was made).
         let due = tick(&self.state, now, &self.policy);
         self.decided(due, now);
-        if is_decision(event) {
+        if is_decision(&event.stream, &event.event_type) {
             // Made already (at its cause), or perhaps later (kept until the end).
             if !self.matched.contains(&event.id) {
                 self.unmatched.push(event.clone());
@@ -321,7 +325,7 @@ mod tests {
         });
         let recorded = log
             .iter()
-            .filter(|e| is_decision(e))
+            .filter(|e| is_decision(&e.stream, &e.event_type))
             .map(|e| e.id)
             .collect();
         let mut r = Replay::new(

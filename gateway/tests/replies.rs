@@ -211,6 +211,48 @@ async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut done: F) {
     }
 }
 
+/// Runs a reply follower until `n` deliveries are recorded, then stops it.
+async fn deliver_until(db: &TestDatabase, slack: &SlackApi, n: usize) {
+    let shutdown = CancellationToken::new();
+    let runner = tokio::spawn(replies::run(db.log(), slack.clone(), shutdown.clone()));
+    wait_until("the delivery records", async || {
+        delivered(db).await.len() == n
+    })
+    .await;
+    shutdown.cancel();
+    runner.await.expect("task").expect("clean stop");
+}
+
+/// A follower that dies while its post is in flight, `stall` (before or after Slack
+/// accepted it); its lease, which would run out after the TTL, is ended at once.
+async fn crash_while_posting(
+    db: &TestDatabase,
+    slack: &SlackApi,
+    fake: &Mutex<FakeSlack>,
+    stall: Stall,
+) {
+    let stalled = {
+        let mut f = fake.lock().expect("lock");
+        f.stall = Some(stall);
+        f.stalled.clone()
+    };
+    let crashed = tokio::spawn(replies::run(
+        db.log(),
+        slack.clone(),
+        CancellationToken::new(),
+    ));
+    tokio::time::timeout(Duration::from_secs(20), stalled.notified())
+        .await
+        .expect("the post reached Slack");
+    crashed.abort();
+    let _ = crashed.await;
+    sqlx::query("UPDATE leases SET expires_at = now() - interval '1 second' WHERE name = $1")
+        .bind(replies::DELIVERY_LEASE)
+        .execute(&db.pool)
+        .await
+        .expect("expire");
+}
+
 #[tokio::test]
 async fn a_reply_is_posted_in_its_thread_after_a_429_and_recorded_once() {
     let db = TestDatabase::new().await;
@@ -275,15 +317,8 @@ async fn delivering_a_control_plane_notice_leaves_the_decisions_stream_alone() {
         .expect("append");
     let before = log.stream_version(DECISIONS).await.expect("version");
 
-    let shutdown = CancellationToken::new();
     let slack = SlackApi::new(&url, Secret::new(TOKEN)).expect("client");
-    let runner = tokio::spawn(replies::run(log.clone(), slack, shutdown.clone()));
-    wait_until("the notice delivered", async || {
-        delivered(&db).await.len() == 1
-    })
-    .await;
-    shutdown.cancel();
-    runner.await.expect("task").expect("clean stop");
+    deliver_until(&db, &slack, 1).await;
 
     assert_eq!(fake.lock().expect("lock").messages.len(), 1, "posted once");
     assert_eq!(
@@ -499,37 +534,8 @@ async fn a_crash_around_slacks_accept_leaves_each_reply_in_slack_once() {
 
     for (n, stall) in [(1, Stall::AfterAccept), (2, Stall::BeforeAccept)] {
         let id = reply(&log, n, "C1").await;
-        let stalled = {
-            let mut f = fake.lock().expect("lock");
-            f.stall = Some(stall);
-            f.stalled.clone()
-        };
-        // The gateway posts, and dies while Slack has not answered.
-        let crashed = tokio::spawn(replies::run(
-            log.clone(),
-            slack.clone(),
-            CancellationToken::new(),
-        ));
-        tokio::time::timeout(Duration::from_secs(20), stalled.notified())
-            .await
-            .expect("the post reached Slack");
-        crashed.abort();
-        let _ = crashed.await;
-        // Its lease would run out after the TTL; end it now.
-        sqlx::query("UPDATE leases SET expires_at = now() - interval '1 second' WHERE name = $1")
-            .bind(replies::DELIVERY_LEASE)
-            .execute(&db.pool)
-            .await
-            .expect("expire");
-
-        let shutdown = CancellationToken::new();
-        let restarted = tokio::spawn(replies::run(log.clone(), slack.clone(), shutdown.clone()));
-        wait_until("the delivery record", async || {
-            delivered(&db).await.len() == n as usize
-        })
-        .await;
-        shutdown.cancel();
-        restarted.await.expect("task").expect("stop");
+        crash_while_posting(&db, &slack, &fake, stall).await;
+        deliver_until(&db, &slack, n as usize).await;
 
         let (in_slack, lookups) = {
             let fake = fake.lock().expect("lock");
@@ -567,36 +573,9 @@ async fn a_refused_lookup_after_a_crash_posts_the_reply_again_rather_than_lose_i
     let (url, fake) = fake_slack(0).await;
     let slack = SlackApi::new(&url, Secret::new(TOKEN)).expect("client");
     let id = reply(&log, 1, "C1").await;
-    let stalled = {
-        let mut f = fake.lock().expect("lock");
-        f.stall = Some(Stall::AfterAccept);
-        f.refuse_lookups = true;
-        f.stalled.clone()
-    };
-    let crashed = tokio::spawn(replies::run(
-        log.clone(),
-        slack.clone(),
-        CancellationToken::new(),
-    ));
-    tokio::time::timeout(Duration::from_secs(20), stalled.notified())
-        .await
-        .expect("the post reached Slack");
-    crashed.abort();
-    let _ = crashed.await;
-    sqlx::query("UPDATE leases SET expires_at = now() - interval '1 second' WHERE name = $1")
-        .bind(replies::DELIVERY_LEASE)
-        .execute(&db.pool)
-        .await
-        .expect("expire");
-
-    let shutdown = CancellationToken::new();
-    let restarted = tokio::spawn(replies::run(log.clone(), slack, shutdown.clone()));
-    wait_until("the delivery record", async || {
-        delivered(&db).await.len() == 1
-    })
-    .await;
-    shutdown.cancel();
-    restarted.await.expect("task").expect("stop");
+    fake.lock().expect("lock").refuse_lookups = true;
+    crash_while_posting(&db, &slack, &fake, Stall::AfterAccept).await;
+    deliver_until(&db, &slack, 1).await;
 
     let record = delivered(&db).await.pop().expect("record");
     let fake = fake.lock().expect("lock");
