@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::context::{ConsumerInfoError, ConsumerInfoErrorKind};
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -118,6 +118,69 @@ impl Outcome {
     }
 }
 
+/// How often the server tells a waiting pull that it is alive. Two missed in a row and the
+/// pull is taken as lost: a consumer deleted as a pull reaches it drops the pull without an
+/// answer, and only the missing heartbeats tell. Each running agent costs the server one
+/// small message per heartbeat while idle.
+pub const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+/// A pull lost while its consumer still exists is made again at once, then after a delay
+/// that doubles between these bounds until a message comes.
+const REOPEN_DELAY_MIN: Duration = Duration::from_millis(100);
+const REOPEN_DELAY_MAX: Duration = Duration::from_secs(5);
+
+/// What the server says of the agent's consumer, asked after a pull went unanswered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lookup {
+    Exists,
+    /// Deleted under the runtime, or lost with the NATS store.
+    Gone,
+    /// Not known: NATS away, the request timed out.
+    Unknown,
+}
+
+async fn lookup(consumer: &consumer::PullConsumer) -> (Lookup, Option<ConsumerInfoError>) {
+    match consumer.get_info().await {
+        Ok(_) => (Lookup::Exists, None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+            ) =>
+        {
+            (Lookup::Gone, Some(e))
+        }
+        Err(_) => (Lookup::Unknown, None),
+    }
+}
+
+/// What comes after an error reading the inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadOn {
+    /// The consumer is gone: the agent stops, and with it the runtime, which its backend
+    /// starts again with its consumers made anew.
+    Stop,
+    /// The pull is lost but the consumer may still be there: a new pull, rather than
+    /// waiting for the lost one to expire (its stream sends no other until then).
+    Reopen,
+    /// The stream goes on by itself (a refused pull while NATS restarts...).
+    GoOn,
+}
+
+/// Whether `kind` calls for asking the server about the consumer.
+fn needs_lookup(kind: consumer::pull::MessagesErrorKind) -> bool {
+    use consumer::pull::MessagesErrorKind as Kind;
+    matches!(kind, Kind::NoResponders | Kind::MissingHeartbeat)
+}
+
+fn after_read_error(kind: consumer::pull::MessagesErrorKind, lookup: Option<Lookup>) -> ReadOn {
+    use consumer::pull::MessagesErrorKind as Kind;
+    match (kind, lookup) {
+        (Kind::ConsumerDeleted, _) | (_, Some(Lookup::Gone)) => ReadOn::Stop,
+        (Kind::NoResponders | Kind::MissingHeartbeat, _) => ReadOn::Reopen,
+        _ => ReadOn::GoOn,
+    }
+}
+
 /// Runs one agent's turns.
 #[derive(Debug, Clone)]
 pub struct Worker {
@@ -155,52 +218,61 @@ impl Worker {
         consumer: consumer::PullConsumer,
         shutdown: CancellationToken,
     ) -> Result<()> {
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| Error::jetstream(format!("reading the inbox of {}", self.agent), e))?;
+        let mut messages = self.pull(&consumer).await?;
+        let mut reopen_delay = Duration::ZERO;
         loop {
             let next = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 next = messages.next() => next,
             };
-            let message = match next {
+            let error = match next {
                 None => return Ok(()),
-                Some(Ok(message)) => message,
-                Some(Err(e)) if e.kind() == consumer::pull::MessagesErrorKind::ConsumerDeleted => {
-                    return Err(Error::jetstream(
-                        format!("the inbox consumer of {}", self.agent),
-                        e,
-                    ));
-                }
-                Some(Err(e)) => {
-                    // Missed heartbeats, a refused pull while NATS restarts: the stream
-                    // goes on by itself, unless the consumer is gone with a lost NATS
-                    // store (the server no longer knows it: it answers no pull again).
-                    // Then the runtime stops, and the control plane starts it again with
-                    // its consumers made anew.
-                    use consumer::pull::MessagesErrorKind as Kind;
-                    if matches!(e.kind(), Kind::NoResponders | Kind::MissingHeartbeat)
-                        && let Err(gone) = consumer.get_info().await
-                        && matches!(
-                            gone.kind(),
-                            ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
-                        )
-                    {
-                        return Err(Error::jetstream(
-                            format!(
-                                "the inbox consumer of {} (the NATS store lost it)",
-                                self.agent
-                            ),
-                            gone,
-                        ));
-                    }
-                    warn!(error = %e, "reading the inbox; going on");
+                Some(Ok(message)) => {
+                    reopen_delay = Duration::ZERO;
+                    self.take(message).await;
                     continue;
                 }
+                Some(Err(e)) => e,
             };
-            self.take(message).await;
+            let lookup = if needs_lookup(error.kind()) {
+                Some(lookup(&consumer).await)
+            } else {
+                None
+            };
+            match after_read_error(error.kind(), lookup.as_ref().map(|(l, _)| *l)) {
+                ReadOn::Stop => {
+                    let what = format!("the inbox consumer of {}", self.agent);
+                    return Err(match lookup {
+                        Some((_, Some(gone))) => Error::jetstream(
+                            format!("{what} (deleted, or lost with the NATS store)"),
+                            gone,
+                        ),
+                        _ => Error::jetstream(what, error),
+                    });
+                }
+                ReadOn::Reopen => {
+                    warn!(error = %error, delay_ms = reopen_delay.as_millis() as u64,
+                        "the inbox pull went unanswered; pulling again");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(reopen_delay) => {}
+                    }
+                    reopen_delay = (reopen_delay * 2).clamp(REOPEN_DELAY_MIN, REOPEN_DELAY_MAX);
+                    messages = self.pull(&consumer).await?;
+                }
+                ReadOn::GoOn => warn!(error = %error, "reading the inbox; going on"),
+            }
         }
+    }
+
+    /// A pull on the agent's consumer, with the server's heartbeat every [`PULL_HEARTBEAT`].
+    async fn pull(&self, consumer: &consumer::PullConsumer) -> Result<consumer::pull::Stream> {
+        consumer
+            .stream()
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await
+            .map_err(|e| Error::jetstream(format!("reading the inbox of {}", self.agent), e))
     }
 
     /// One message: its turn, then its ack (answered), a delayed nak (failed, to be
@@ -447,6 +519,28 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unanswered_pull_stops_the_agent_only_when_its_consumer_is_gone() {
+        use consumer::pull::MessagesErrorKind as Kind;
+        for kind in [Kind::NoResponders, Kind::MissingHeartbeat] {
+            assert!(needs_lookup(kind), "{kind:?}");
+            assert_eq!(after_read_error(kind, Some(Lookup::Gone)), ReadOn::Stop);
+            // A consumer deleted as the pull reached it may still answer its lookup: the
+            // lost pull is made again, and the next one learns it is gone.
+            assert_eq!(after_read_error(kind, Some(Lookup::Exists)), ReadOn::Reopen);
+            assert_eq!(
+                after_read_error(kind, Some(Lookup::Unknown)),
+                ReadOn::Reopen
+            );
+        }
+        assert!(!needs_lookup(Kind::ConsumerDeleted));
+        assert_eq!(after_read_error(Kind::ConsumerDeleted, None), ReadOn::Stop);
+        for kind in [Kind::Pull, Kind::Other] {
+            assert!(!needs_lookup(kind));
+            assert_eq!(after_read_error(kind, None), ReadOn::GoOn, "{kind:?}");
+        }
+    }
 
     #[test]
     fn an_error_with_a_provider_body_is_a_valid_header_value() {

@@ -1,6 +1,11 @@
 //! A runtime whose agent stops taking messages (here: its inbox consumer deleted under it)
 //! ends, with an error naming the agent, instead of running on without it: its backend
 //! then restarts it whole. Real NATS (NATS_URL).
+//!
+//! The deletion races the runtime's first pull, as a control plane's cleanup would. NATS
+//! answers a pull that finds its consumer being deleted with nothing at all (about one in
+//! forty, measured against nats-server 2.15), so some rounds end only on missed heartbeats:
+//! each round must end within two of them and a margin.
 
 mod support;
 
@@ -12,8 +17,14 @@ use warren_schema::nats::Namespace;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runtime_ends_when_one_of_its_agents_stops() {
+    for round in 0..10 {
+        runtime_ends_when_bob_stops(round).await;
+    }
+}
+
+async fn runtime_ends_when_bob_stops(round: u32) {
     let url = support::nats_url();
-    let prefix = format!("stop{}", std::process::id());
+    let prefix = format!("stop{}r{round}", std::process::id());
     let ns = Namespace::new(&prefix);
     let js = jetstream::new(async_nats::connect(&url).await.expect("nats"));
     let (inbox, _) = support::streams(&js, &ns).await;
@@ -54,9 +65,10 @@ async fn a_runtime_ends_when_one_of_its_agents_stops() {
         .delete_consumer(&bob)
         .await
         .expect("delete bob's consumer");
-    let ended = tokio::time::timeout(Duration::from_secs(30), runtime)
+    let within = 2 * warren_workspace_runtime::inbox::PULL_HEARTBEAT + Duration::from_secs(5);
+    let ended = tokio::time::timeout(within, runtime)
         .await
-        .expect("the runtime ended instead of running on without bob")
+        .unwrap_or_else(|_| panic!("round {round}: the runtime ran on without bob"))
         .expect("join");
     let error = ended.expect_err("an agent stopping is an error");
     assert!(
