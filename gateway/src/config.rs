@@ -75,6 +75,12 @@ pub struct Config {
     #[arg(long, env = "WARREN_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
+    /// Connections the kernel holds, handshake done, until the gateway accepts them (capped
+    /// by the kernel's `net.core.somaxconn`). Past it the kernel drops handshakes, and the
+    /// client tries again only after a second.
+    #[arg(long, env = "WARREN_LISTEN_BACKLOG", default_value_t = 4096)]
+    pub listen_backlog: u32,
+
     /// Longest a client may take to send a request's headers (and an idle kept-alive
     /// connection may stay open), milliseconds.
     #[arg(long, env = "WARREN_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
@@ -136,6 +142,7 @@ impl Config {
             header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
             request_timeout: std::time::Duration::from_millis(self.request_timeout_ms),
             retry_after_secs: 1,
+            listen_backlog: self.listen_backlog,
         }
     }
 }

@@ -117,12 +117,14 @@ pub async fn run(
         queued_bytes: http::QueuedBytes::new(config.append_queue_bytes),
     };
     let app = http::router(state, config.max_body_bytes);
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let limits = config.limits();
+    let listener = http::bind(config.listen, limits.listen_backlog)
         .with_context(|| format!("binding {}", config.listen))?;
-    let admin_listener = tokio::net::TcpListener::bind(config.metrics_listen)
-        .await
-        .with_context(|| format!("binding {}", config.metrics_listen))?;
+    let admin_listener = http::bind(
+        config.metrics_listen,
+        http::Limits::default().listen_backlog,
+    )
+    .with_context(|| format!("binding {}", config.metrics_listen))?;
     let admin_shutdown = shutdown.clone();
     tokio::spawn(http::serve(
         admin_listener,
@@ -130,7 +132,6 @@ pub async fn run(
         http::Limits::default(),
         async move { admin_shutdown.cancelled().await },
     ));
-    let limits = config.limits();
     info!(listen = %config.listen, metrics = %config.metrics_listen, ?limits, "gateway listening");
     http::serve(
         listener,

@@ -226,3 +226,73 @@ async fn a_queue_budget_smaller_than_a_body_stops_the_gateway_at_start() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("WARREN_APPEND_QUEUE_BYTES"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_accepts_no_more_and_answers_the_request_in_flight() {
+    use hmac::{Hmac, KeyInit, Mac};
+    let db = TestDatabase::new().await;
+    let mut gateway = Gateway::start(&db).await;
+    let now = chrono::Utc::now().timestamp();
+    let body = serde_json::json!({
+        "type": "event_callback", "team_id": "T1", "event_id": "EvInFlight",
+        "event_time": now, "authorizations": [{"user_id": "UAPP"}],
+        "event": {"type": "app_mention", "user": "U1", "channel": "C1",
+                  "text": "<@UAPP> @alice hello", "ts": "1700000000.000100"},
+    })
+    .to_string();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"public-port-test").expect("key");
+    mac.update(format!("v0:{now}:{body}").as_bytes());
+    let signature = hex::encode(mac.finalize().into_bytes());
+
+    // A kept-alive connection, being served (it has had an answer)...
+    let mut tcp = TcpStream::connect(gateway.addr).await.expect("connect");
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buffer = [0u8; 4096];
+    let n = tcp.read(&mut buffer).await.expect("read");
+    assert!(buffer[..n].starts_with(b"HTTP/1.1 200"));
+    // ...is halfway through a signed event when the gateway is told to stop.
+    let (first, rest) = body.as_bytes().split_at(body.len() / 2);
+    let head = format!(
+        "POST /slack/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         x-slack-request-timestamp: {now}\r\nx-slack-signature: v0={signature}\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    tcp.write_all(first).await.expect("first half");
+    let pid = gateway.child.id().expect("the gateway's pid");
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+
+    // It stops accepting...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(gateway.addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...yet answers the request in flight once it is whole, after storing it, and exits.
+    tcp.write_all(rest).await.expect("the rest");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 10 s")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let status = tokio::time::timeout(Duration::from_secs(10), gateway.child.wait())
+        .await
+        .expect("the gateway exited within 10 s")
+        .expect("its status");
+    assert!(status.success(), "{status}");
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE payload->>'event_id' = 'EvInFlight'")
+            .fetch_one(db.log().pool())
+            .await
+            .expect("count");
+    assert_eq!(stored, 1);
+}

@@ -10,6 +10,13 @@
 //!   [`Limits::request_timeout`]; past it the sender gets `408` and the connection closes: a
 //!   body trickled byte by byte holds nothing for long.
 //!
+//! Connections are accepted on a thread of their own ([`serve`]), which also answers the
+//! shed ones: under overload the request tasks fill the runtime's queue, and an accept loop
+//! among them fell behind, so the kernel's accept queue overflowed and dropped handshakes
+//! that the client sent again only after its 1 s retransmission timeout (measured in the
+//! overload drill: 10,674 listen overflows, shed p99 1.7 s). The listen backlog is
+//! [`Limits::listen_backlog`] (the kernel caps it at `net.core.somaxconn`).
+//!
 //! HTTP/1.1 only (Slack and webhook senders speak it); every accepted socket gets
 //! TCP_NODELAY (without it, a response written in two segments waited for the client's
 //! delayed ACK: a flat ~100 ms on a tenth of the acks in the gateway benchmark).
@@ -25,7 +32,8 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
@@ -37,6 +45,8 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// `Retry-After` of a shed connection, seconds.
     pub retry_after_secs: u64,
+    /// Connections the kernel may hold, handshake done, until they are accepted.
+    pub listen_backlog: u32,
 }
 
 impl Default for Limits {
@@ -46,8 +56,21 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(15),
             retry_after_secs: 1,
+            listen_backlog: 4096,
         }
     }
+}
+
+/// A listener on `addr` with room for `backlog` connections not yet accepted (tokio's own
+/// `bind` keeps 1024).
+pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// The answer to a connection past the limit: complete, and closing.
@@ -105,6 +128,9 @@ async fn linger(mut tcp: tokio::net::TcpStream) {
 /// Serves `app` on `listener` within `limits` until `shutdown` resolves; then stops
 /// accepting, lets every connection finish the request it is in, and returns once all are
 /// closed.
+///
+/// Accepting, and answering the connections past the limit, happens on a thread of its own
+/// with a runtime of its own; the connections admitted are served on the caller's runtime.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -117,10 +143,63 @@ pub async fn serve(
     }));
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let (stop, stopped) = watch::channel(false);
-    tokio::pin!(shutdown);
+    let listener = listener.into_std()?;
+    let end_accepting = CancellationToken::new();
+    let (accepting_ended, ended) = oneshot::channel();
+    let admit = Admit {
+        app,
+        limits,
+        stopped,
+        runtime: tokio::runtime::Handle::current(),
+    };
+    let (accept_slots, end) = (slots.clone(), end_accepting.clone());
+    std::thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .and_then(|runtime| runtime.block_on(accept(listener, accept_slots, admit, end)));
+            let _ = accepting_ended.send(result);
+        })?;
+    tokio::pin!(ended);
+    let accepting = tokio::select! {
+        () = shutdown => {
+            end_accepting.cancel();
+            (&mut ended).await
+        }
+        // Only a listener the accept thread cannot use ends it first.
+        ended = &mut ended => ended,
+    };
+    // Accepting has stopped; tell every connection, then wait until each has given its
+    // slot back.
+    let _ = stop.send(true);
+    let all = u32::try_from(limits.max_connections.max(1)).unwrap_or(u32::MAX);
+    let _ = slots.acquire_many(all).await;
+    accepting.unwrap_or_else(|_| Err(std::io::Error::other("the accept thread panicked")))
+}
+
+/// What serving an admitted connection needs.
+struct Admit {
+    app: Router,
+    limits: Limits,
+    stopped: watch::Receiver<bool>,
+    /// The runtime the connections are served on.
+    runtime: tokio::runtime::Handle,
+}
+
+/// The accept loop, on the accept thread's runtime, until `end`: a connection within the
+/// limit goes to the serving runtime, one past it is answered 503 here.
+async fn accept(
+    listener: std::net::TcpListener,
+    slots: Arc<Semaphore>,
+    admit: Admit,
+    end: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     loop {
         let (tcp, peer) = tokio::select! {
-            () = &mut shutdown => break,
+            () = end.cancelled() => return Ok(()),
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 // Out of file descriptors and the like: pause instead of spinning.
@@ -137,24 +216,33 @@ pub async fn serve(
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics::counter!("warren_gateway_connections_shed_total").increment(1);
             debug!(%peer, "connection limit reached; shedding");
-            let answer = shed_response(limits.retry_after_secs);
-            tokio::spawn(async move {
-                let mut tcp = tcp;
-                read_head(&mut tcp).await;
-                let write = tcp.write_all(answer.as_bytes());
-                let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
-                let _ = tcp.shutdown().await;
-                linger(tcp).await;
-            });
+            tokio::spawn(shed(tcp, shed_response(admit.limits.retry_after_secs)));
             continue;
         };
+        // Moved to the serving runtime's reactor.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                debug!(%peer, error = %e, "could not hand the connection over");
+                continue;
+            }
+        };
         let service = TowerToHyperService::new(
-            app.clone()
+            admit
+                .app
+                .clone()
                 .map_request(|r: Request<hyper::body::Incoming>| r.map(axum::body::Body::new)),
         );
-        let mut stopped = stopped.clone();
-        tokio::spawn(async move {
+        let (limits, mut stopped) = (admit.limits, admit.stopped.clone());
+        admit.runtime.spawn(async move {
             let _slot = slot;
+            let tcp = match tokio::net::TcpStream::from_std(tcp) {
+                Ok(tcp) => tcp,
+                Err(e) => {
+                    debug!(%peer, error = %e, "could not take the connection over");
+                    return;
+                }
+            };
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
@@ -173,11 +261,16 @@ pub async fn serve(
             }
         });
     }
-    // Stop: tell every connection, then wait until each has given its slot back.
-    let _ = stop.send(true);
-    let all = u32::try_from(limits.max_connections.max(1)).unwrap_or(u32::MAX);
-    let _ = slots.acquire_many(all).await;
-    Ok(())
+}
+
+/// Answers a connection past the limit: its request head read, the 503 written, a
+/// lingering close.
+async fn shed(mut tcp: tokio::net::TcpStream, answer: String) {
+    read_head(&mut tcp).await;
+    let write = tcp.write_all(answer.as_bytes());
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+    let _ = tcp.shutdown().await;
+    linger(tcp).await;
 }
 
 /// Middleware: the whole request within `limit`, or 408 and the connection closed.

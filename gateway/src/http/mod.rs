@@ -82,7 +82,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
-pub use listener::{Limits, serve};
+pub use listener::{Limits, bind, serve};
 
 /// A refusal, as the sender sees it.
 #[derive(Debug)]
