@@ -202,6 +202,17 @@ pub struct WorkspaceObserved {
     pub replaced: bool,
 }
 
+impl WorkspaceObserved {
+    /// The instance ended (exited, failed or vanished) other than by a replacement at a
+    /// takeover. Unasked, it is a failure to back off from, then to restart or give up on.
+    pub fn ended(&self) -> bool {
+        matches!(
+            self.phase,
+            WorkspacePhase::Exited | WorkspacePhase::Failed | WorkspacePhase::Gone
+        ) && !self.replaced
+    }
+}
+
 /// An agent's reply to a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentReplied {

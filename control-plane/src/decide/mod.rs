@@ -683,11 +683,7 @@ fn give_up_if_exhausted(
         return;
     };
     // A runtime replaced at a takeover is started again under its decision: no failure.
-    let failed = matches!(
-        observed.phase,
-        WorkspacePhase::Exited | WorkspacePhase::Failed | WorkspacePhase::Gone
-    ) && !observed.replaced;
-    if !failed || !matches!(w.phase, Phase::Starting | Phase::Ready) {
+    if !observed.ended() || !matches!(w.phase, Phase::Starting | Phase::Ready) {
         return;
     }
     let failures = w.failures + 1;

@@ -416,18 +416,14 @@ impl State {
             }
             // Ready after a stop was decided or a give-up: the reconciler will stop it.
             (WorkspacePhase::Ready, _) => {}
-            // Stopped by a control plane that took over, and started again by it under the
-            // start decision in force: the start's observations follow, nothing to decide.
-            (WorkspacePhase::Gone, Phase::Starting | Phase::Ready) if o.replaced => {}
             (WorkspacePhase::Exited | WorkspacePhase::Gone, Phase::Stopping) => {
                 w.phase = Phase::Stopped;
                 self.forget_if_deleted(&o.workspace);
             }
-            // It stopped without being asked to: back off, then restart (or give up).
-            (
-                WorkspacePhase::Exited | WorkspacePhase::Failed | WorkspacePhase::Gone,
-                Phase::Starting | Phase::Ready,
-            ) => {
+            // It stopped without being asked to: back off, then restart (or give up). One
+            // stopped by a control plane that took over is started again by it under the
+            // start decision in force: the start's observations follow, nothing to decide.
+            (_, Phase::Starting | Phase::Ready) if o.ended() => {
                 w.phase = Phase::BackingOff;
                 w.failures += 1;
                 w.failed_at = Some(at);
