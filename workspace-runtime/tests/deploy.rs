@@ -99,7 +99,9 @@ async fn the_rendered_control_plane_runs_under_its_role_and_starts_a_workspace_t
     // and a NATS of theirs (nats.enabled=false), the database URL, as Secrets.
     let ns = Namespace::new(&format!("c{}", std::process::id()));
     Bootstrap::new().write(&dir, &ns).expect("nats-auth init");
-    let nats = support::NatsServer::start(&dir, "include ./auth.conf").await;
+    let nats = warren_test_nats::NatsServer::start(&dir, "include ./auth.conf")
+        .await
+        .expect("a private nats-server");
     let db = TestDatabase::new().await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect("nats-auth file");
@@ -295,7 +297,7 @@ async fn the_rendered_control_plane_runs_under_its_role_and_starts_a_workspace_t
         ]),
         Some(&rendered),
     );
-    nats.stop().await;
+    nats.stop().await.expect("stop nats-server");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -147,7 +147,7 @@ fn runtime_config(
 struct Prepared {
     ns: Namespace,
     dir: PathBuf,
-    server: support::NatsServer,
+    server: warren_test_nats::NatsServer,
     url: String,
     issuer: Issuer,
     admin: jetstream::Context,
@@ -188,7 +188,7 @@ impl Prepared {
     }
 
     async fn stop(self) {
-        self.server.stop().await;
+        self.server.stop().await.expect("stop nats-server");
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -241,12 +241,14 @@ fn operator_mode_controller(
 }
 
 /// A fresh directory with a new trust chain (`nats-auth init`) and a server trusting it.
-async fn operator_mode(test: &str, ns: &Namespace) -> (PathBuf, support::NatsServer) {
+async fn operator_mode(test: &str, ns: &Namespace) -> (PathBuf, warren_test_nats::NatsServer) {
     let dir = std::env::temp_dir().join(format!("warren-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     Bootstrap::new().write(&dir, ns).expect("nats-auth init");
-    let server = support::NatsServer::start(&dir, "include ./auth.conf").await;
+    let server = warren_test_nats::NatsServer::start(&dir, "include ./auth.conf")
+        .await
+        .expect("a private nats-server");
     (dir, server)
 }
 
@@ -444,7 +446,7 @@ async fn a_workspace_reaches_its_own_subjects_and_nothing_of_another() {
         .await
         .expect("join")
         .expect("a's runtime stops cleanly");
-    server.stop().await;
+    server.stop().await.expect("stop nats-server");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -772,7 +774,7 @@ async fn the_control_plane_starts_each_workspace_with_credentials_of_its_own() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    server.stop().await;
+    server.stop().await.expect("stop nats-server");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -899,7 +901,7 @@ async fn expiring_credentials_are_renewed_in_time_and_refused_once_expired() {
     renewing.abort();
     shutdown.cancel();
     runtime.await.expect("join").expect("runtime");
-    server.stop().await;
+    server.stop().await.expect("stop nats-server");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1109,7 +1111,7 @@ echo "== done""#,
 
     shutdown.cancel();
     controller.await.expect("join").expect("controller");
-    server.stop().await;
+    server.stop().await.expect("stop nats-server");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -23,7 +23,9 @@ async fn routed_messages_and_memory_survive_a_lost_nats_store() {
     let dir = std::env::temp_dir().join(format!("warren-nats-loss-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
-    let mut server = support::NatsServer::start(&dir, "").await;
+    let mut server = warren_test_nats::NatsServer::start(&dir, "")
+        .await
+        .expect("a private nats-server");
     let db = TestDatabase::new().await;
     let log = db.log();
     let prefix = format!("loss{}", std::process::id());
@@ -113,7 +115,10 @@ async fn routed_messages_and_memory_survive_a_lost_nats_store() {
     assert!(gateway.posted().len() < 4, "some still wait in the inbox");
 
     // The store goes.
-    server.crash_wipe_and_restart().await;
+    server
+        .crash_wipe_and_restart()
+        .await
+        .expect("nats-server wiped and restarted");
 
     eventually("all four answered", async || gateway.posted().len() >= 4).await;
     let recovered = log.read_type("nats.recovered", 0, 10).await.expect("r");
@@ -182,6 +187,6 @@ async fn routed_messages_and_memory_survive_a_lost_nats_store() {
 
     shutdown.cancel();
     controller.await.expect("join").expect("controller");
-    server.stop().await;
+    server.stop().await.expect("stop nats-server");
     let _ = std::fs::remove_dir_all(&dir);
 }

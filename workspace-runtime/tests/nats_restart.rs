@@ -28,7 +28,9 @@ async fn agents_go_on_answering_after_nats_crashes_and_comes_back() {
     let dir = std::env::temp_dir().join(format!("warren-nats-restart-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
-    let mut server = support::NatsServer::start(&dir, "").await;
+    let mut server = warren_test_nats::NatsServer::start(&dir, "")
+        .await
+        .expect("a private nats-server");
     let ns = Namespace::default();
     let url = server.url.clone();
     let connect = || async {
@@ -65,7 +67,10 @@ async fn agents_go_on_answering_after_nats_crashes_and_comes_back() {
     );
     drop(outputs);
 
-    server.crash_and_restart().await;
+    server
+        .crash_and_restart()
+        .await
+        .expect("nats-server restarted");
 
     // A new client (the old one reconnects on its own, too); the streams are on disk.
     let js = connect().await;
@@ -92,6 +97,6 @@ async fn agents_go_on_answering_after_nats_crashes_and_comes_back() {
         .await
         .expect("join")
         .expect("the runtime stops cleanly");
-    server.stop().await;
+    server.stop().await.expect("stop nats-server");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,7 +9,7 @@
 //! for each loss, and how long after the restart it came.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -47,76 +47,7 @@ pub struct NatsLossArgs {
     pub runtime_binary: Option<PathBuf>,
 }
 
-/// A private `nats-server` with JetStream, its store in `{dir}/js`.
-struct NatsServer {
-    bin: PathBuf,
-    conf: PathBuf,
-    url: String,
-    child: tokio::process::Child,
-}
-
-impl NatsServer {
-    async fn start(dir: &Path, bin: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let conf = dir.join("server.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n",
-                dir.join("js")
-            ),
-        )?;
-        let child = Self::spawn(bin, &conf)?;
-        let server = Self {
-            bin: bin.to_owned(),
-            conf,
-            url: format!("nats://127.0.0.1:{port}"),
-            child,
-        };
-        server.wait_listening().await?;
-        Ok(server)
-    }
-
-    fn spawn(bin: &Path, conf: &Path) -> anyhow::Result<tokio::process::Child> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(conf.with_file_name("server.log"))?;
-        tokio::process::Command::new(bin)
-            .arg("-c")
-            .arg(conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("running {} ({e}): set NATS_SERVER_BIN", bin.display()))
-    }
-
-    async fn wait_listening(&self) -> anyhow::Result<()> {
-        let addr = self.url.trim_start_matches("nats://").to_owned();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while tokio::net::TcpStream::connect(&addr).await.is_err() {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "nats-server did not listen on {addr}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
-    }
-
-    /// SIGKILL, the store deleted, and a new server on the same port: a server replaced
-    /// without its data.
-    async fn crash_wipe_and_restart(&mut self) -> anyhow::Result<()> {
-        self.child.kill().await?;
-        std::fs::remove_dir_all(self.conf.with_file_name("js"))?;
-        self.child = Self::spawn(&self.bin, &self.conf)?;
-        self.wait_listening().await
-    }
-}
+use warren_test_nats::NatsServer;
 
 /// Writes `key` in the shared memory as `agent` of `workspace` would, until the control
 /// plane says it is written (it may still be reconnecting after a loss).
@@ -159,7 +90,7 @@ pub async fn nats_loss(args: NatsLossArgs) -> anyhow::Result<bool> {
     report::heading("drill nats-loss");
     let server_dir = std::env::temp_dir().join(format!("warren-drill-nats-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&server_dir);
-    let mut server = NatsServer::start(&server_dir, &args.nats_server_bin).await?;
+    let mut server = NatsServer::start_with(&args.nats_server_bin, &server_dir, "").await?;
     let mut install = Installation::new(Options {
         name: "natsloss",
         workspaces: args.workspaces,
