@@ -29,6 +29,14 @@ use crate::events::Origin;
 /// `traceparent` header name on NATS messages.
 pub const TRACEPARENT: &str = "traceparent";
 
+/// How often the server tells a waiting pull that it is alive; every Warren pull asks for
+/// it. Two missed in a row and the client takes the pull as lost: a consumer deleted as a
+/// pull reaches it drops the pull without an answer (about one in forty in that race,
+/// against nats-server 2.15), and only the missing heartbeats tell. async-nats' own default,
+/// 15 s, took 30 s to tell. Each waiting pull costs the server one small message per
+/// heartbeat while idle.
+pub const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// The subject and stream names of one installation (`warren` unless several share a NATS
 /// account; tests use a prefix of their own).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, AckKind, consumer, stream};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
-use warren_schema::nats::{InboxMessage, Namespace, TRACEPARENT};
+use warren_schema::nats::{InboxMessage, Namespace, PULL_HEARTBEAT, TRACEPARENT};
 
 use crate::agent;
 use crate::error::{Error, Result};
@@ -118,11 +118,6 @@ impl Outcome {
     }
 }
 
-/// How often the server tells a waiting pull that it is alive. Two missed in a row and the
-/// pull is taken as lost: a consumer deleted as a pull reaches it drops the pull without an
-/// answer, and only the missing heartbeats tell. Each running agent costs the server one
-/// small message per heartbeat while idle.
-pub const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 /// A pull lost while its consumer still exists is made again at once, then after a delay
 /// that doubles between these bounds until a message comes.
 const REOPEN_DELAY_MIN: Duration = Duration::from_millis(100);

@@ -65,7 +65,7 @@ async fn runtime_ends_when_bob_stops(round: u32) {
         .delete_consumer(&bob)
         .await
         .expect("delete bob's consumer");
-    let within = 2 * warren_workspace_runtime::inbox::PULL_HEARTBEAT + Duration::from_secs(5);
+    let within = 2 * warren_schema::nats::PULL_HEARTBEAT + Duration::from_secs(5);
     let ended = tokio::time::timeout(within, runtime)
         .await
         .unwrap_or_else(|_| panic!("round {round}: the runtime ran on without bob"))

@@ -334,6 +334,8 @@ pub async fn run(
         .await
         .map_err(|e| nats("creating the outbox consumer")(&e))?;
     let mut messages = consumer
+        .stream()
+        .heartbeat(warren_schema::nats::PULL_HEARTBEAT)
         .messages()
         .await
         .map_err(|e| nats("reading the outbox")(&e))?;

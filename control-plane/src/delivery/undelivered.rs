@@ -94,6 +94,8 @@ pub async fn run(
         .await
         .map_err(|e| nats("reading the inbox stream")(&e))?;
     let mut messages = consumer
+        .stream()
+        .heartbeat(warren_schema::nats::PULL_HEARTBEAT)
         .messages()
         .await
         .map_err(|e| nats("reading the undelivered advisories")(&e))?;
