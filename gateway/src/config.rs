@@ -138,6 +138,7 @@ impl Config {
     /// What one client may hold on the public port.
     pub fn limits(&self) -> crate::http::Limits {
         crate::http::Limits {
+            listener: "public",
             max_connections: self.max_connections,
             header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
             request_timeout: std::time::Duration::from_millis(self.request_timeout_ms),

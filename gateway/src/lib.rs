@@ -129,7 +129,10 @@ pub async fn run(
     tokio::spawn(http::serve(
         admin_listener,
         admin,
-        http::Limits::default(),
+        http::Limits {
+            listener: "admin",
+            ..http::Limits::default()
+        },
         async move { admin_shutdown.cancelled().await },
     ));
     info!(listen = %config.listen, metrics = %config.metrics_listen, ?limits, "gateway listening");

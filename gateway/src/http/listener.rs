@@ -40,6 +40,8 @@ use tracing::{debug, warn};
 /// What one client may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
+    /// The listener's name in metrics (`listener` label): `public`, `admin`.
+    pub listener: &'static str,
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub request_timeout: Duration,
@@ -52,6 +54,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
+            listener: "public",
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(15),
@@ -234,8 +237,9 @@ async fn accept(
                 .map_request(|r: Request<hyper::body::Incoming>| r.map(axum::body::Body::new)),
         );
         let (limits, mut stopped) = (admit.limits, admit.stopped.clone());
+        let open = Open::new(limits.listener);
         admit.runtime.spawn(async move {
-            let _slot = slot;
+            let _held = (slot, open);
             let tcp = match tokio::net::TcpStream::from_std(tcp) {
                 Ok(tcp) => tcp,
                 Err(e) => {
@@ -260,6 +264,23 @@ async fn accept(
                 debug!(%peer, error = %e, "connection ended");
             }
         });
+    }
+}
+
+/// One connection counted in `warren_gateway_connections_open` while it lives.
+struct Open(metrics::Gauge);
+
+impl Open {
+    fn new(listener: &'static str) -> Self {
+        let gauge = metrics::gauge!("warren_gateway_connections_open", "listener" => listener);
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 
