@@ -275,44 +275,8 @@ async fn a_publisher_that_lost_its_checkpoint_does_not_duplicate_the_inbox() {
     let js = jetstream::new(client.clone());
     let ns = namespace("republish");
     // The log: an agent, a message, and its routing decision.
-    let configured = NewEvent::from_domain(
-        EventId::random(),
-        &AgentConfigured {
-            name: "bob".into(),
-            workspace: "ops".into(),
-            driver: "echo".into(),
-            settings: serde_json::json!({}),
-            idle_timeout_secs: 60,
-        },
-        Metadata::new("test"),
-    )
-    .expect("e");
-    let m = EventId::random();
-    let message = NewEvent::from_domain(
-        m,
-        &MessageReceived {
-            origin: Origin::Webhook {
-                endpoint: "ci".into(),
-                delivery_id: "1".into(),
-            },
-            text: "build failed".into(),
-            addressed_agents: vec!["bob".into()],
-            files: vec![],
-        },
-        Metadata::new("test"),
-    )
-    .expect("e");
-    let routed = NewEvent::from_domain(
-        EventId::derive(&["routed", &m.to_string()]),
-        &MessageRouted {
-            message_id: m,
-            agent: "bob".into(),
-            workspace: "ops".into(),
-            reason: "mention".into(),
-        },
-        Metadata::new("test"),
-    )
-    .expect("e");
+    let configured = bob_configured();
+    let [message, routed] = message_and_routing(1);
     log.append(&AppendRequest::new("s", vec![configured, message, routed]))
         .await
         .expect("append");
@@ -338,6 +302,111 @@ async fn a_publisher_that_lost_its_checkpoint_does_not_duplicate_the_inbox() {
         inbox_count(&js, &ns).await,
         1,
         "the server dropped the duplicate"
+    );
+    remove_streams(&js, &ns).await;
+}
+
+/// The agent bob, an echo agent in the workspace ops.
+fn bob_configured() -> NewEvent {
+    NewEvent::from_domain(
+        EventId::random(),
+        &AgentConfigured {
+            name: "bob".into(),
+            workspace: "ops".into(),
+            driver: "echo".into(),
+            settings: serde_json::json!({}),
+            idle_timeout_secs: 60,
+        },
+        Metadata::new("test"),
+    )
+    .expect("e")
+}
+
+/// A webhook message to bob and its routing decision, as the log holds them.
+fn message_and_routing(n: u32) -> [NewEvent; 2] {
+    let m = EventId::random();
+    let message = NewEvent::from_domain(
+        m,
+        &MessageReceived {
+            origin: Origin::Webhook {
+                endpoint: "ci".into(),
+                delivery_id: n.to_string(),
+            },
+            text: format!("build {n} failed"),
+            addressed_agents: vec!["bob".into()],
+            files: vec![],
+        },
+        Metadata::new("test"),
+    )
+    .expect("e");
+    let routed = NewEvent::from_domain(
+        EventId::derive(&["routed", &m.to_string()]),
+        &MessageRouted {
+            message_id: m,
+            agent: "bob".into(),
+            workspace: "ops".into(),
+            reason: "mention".into(),
+        },
+        Metadata::new("test"),
+    )
+    .expect("e");
+    [message, routed]
+}
+
+/// The NATS store lost, and the inbox stream made anew by another part (the undelivered
+/// reader, a runtime) before the publisher's next publish: that publish succeeds, into the
+/// new stream, and its acknowledgement is what shows the loss. The publisher recovers
+/// then, not at its next idle check.
+#[tokio::test]
+async fn a_publish_into_an_inbox_stream_made_anew_recovers_at_once() {
+    let db = TestDatabase::new().await;
+    let log = EventLog::new(db.pool.clone());
+    let js = jetstream::new(connect().await);
+    let ns = namespace("remade");
+    let configured = bob_configured();
+    let mut first = vec![configured];
+    first.extend(message_and_routing(1));
+    first.extend(message_and_routing(2));
+    log.append(&AppendRequest::new("s", first))
+        .await
+        .expect("append");
+    let events = log.read_positions(0, i64::MAX, 10).await.expect("read");
+    let mut publisher = Publisher::new(js.clone(), ns.clone(), log.clone())
+        .await
+        .expect("publisher");
+    publisher.publish_batch(&events).await.expect("publish");
+    assert_eq!(inbox_count(&js, &ns).await, 2);
+
+    // The store goes; another part makes the stream again, empty.
+    js.delete_stream(ns.inbox_stream())
+        .await
+        .expect("delete the inbox stream");
+    js.get_or_create_stream(ns.inbox_stream_config())
+        .await
+        .expect("the stream made anew");
+    let after = events.last().expect("events").position;
+    log.append(&AppendRequest::new("s", message_and_routing(3).to_vec()))
+        .await
+        .expect("append");
+    let third = log
+        .read_positions(after + 1, i64::MAX, 10)
+        .await
+        .expect("read");
+    publisher.publish_batch(&third).await.expect("publish");
+
+    // Recovered by that publish: the two lost are back beside the third, once each.
+    let recovered = log.read_type("nats.recovered", 0, 10).await.expect("read");
+    assert_eq!(recovered.len(), 1, "recovered by the publish itself");
+    let recovered: NatsRecovered = recovered[0].decode().expect("decode");
+    assert_eq!((recovered.acknowledged, recovered.found), (2, 1));
+    assert_eq!(
+        recovered.republished, 3,
+        "every unfinished routing, the third too"
+    );
+    assert_eq!(
+        inbox_count(&js, &ns).await,
+        3,
+        "the third was not published twice"
     );
     remove_streams(&js, &ns).await;
 }

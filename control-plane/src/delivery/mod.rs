@@ -293,10 +293,13 @@ impl Publisher {
             acks.extend(self.publish(event, batch).await?);
         }
         let mut highest = self.acknowledged;
+        let mut reset = false;
         for ack in acks {
             let ack = ack
                 .await
                 .map_err(|e| nats("awaiting an inbox PubAck")(&e))?;
+            reset |=
+                recovery::fresh_ack_shows_reset(self.acknowledged, ack.sequence, ack.duplicate);
             highest = highest.max(ack.sequence);
             metrics::counter!("warren_control_plane_inbox_published_total").increment(1);
         }
@@ -316,6 +319,11 @@ impl Publisher {
             .map_err(LogError::db("committing the delivery checkpoint"))?;
         self.position = last;
         self.acknowledged = highest;
+        // The stream was made anew under the publishes (by another part, before one could
+        // fail): recovered now, not at the next idle check.
+        if reset {
+            self.recover_if_reset().await?;
+        }
         Ok(())
     }
 

@@ -43,6 +43,14 @@ pub fn was_reset(acknowledged: u64, last_sequence: u64) -> bool {
     last_sequence < acknowledged
 }
 
+/// Whether a new message's acknowledgement shows the inbox stream made anew: the server
+/// gives a new message (not a repeat it dropped) a sequence above every one before, so one
+/// at or below the highest acknowledged comes from a stream that lost its messages, made
+/// again by another part before this publish could fail. Pure.
+pub fn fresh_ack_shows_reset(acknowledged: u64, sequence: u64, duplicate: bool) -> bool {
+    !duplicate && sequence <= acknowledged
+}
+
 /// The routing decisions (in log order) that were published (`position <= published`) and
 /// not answered by a turn's end or a dead letter. Pure.
 pub fn open_routings(
@@ -133,6 +141,19 @@ mod tests {
         assert!(!was_reset(120, 120));
         assert!(!was_reset(120, 130), "published after the record");
         assert!(!was_reset(0, 0), "a new installation");
+    }
+
+    #[test]
+    fn a_new_message_numbered_below_what_was_acknowledged_shows_a_reset() {
+        assert!(
+            fresh_ack_shows_reset(120, 1, false),
+            "the first into a stream made anew"
+        );
+        assert!(fresh_ack_shows_reset(120, 120, false));
+        assert!(!fresh_ack_shows_reset(120, 121, false), "the next one");
+        // A repeat the server dropped keeps the sequence it had the first time.
+        assert!(!fresh_ack_shows_reset(120, 7, true));
+        assert!(!fresh_ack_shows_reset(0, 1, false), "a new installation");
     }
 
     #[test]
