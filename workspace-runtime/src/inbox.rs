@@ -124,27 +124,27 @@ const REOPEN_DELAY_MIN: Duration = Duration::from_millis(100);
 const REOPEN_DELAY_MAX: Duration = Duration::from_secs(5);
 
 /// What the server says of the agent's consumer, asked after a pull went unanswered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum Lookup {
     Exists,
-    /// Deleted under the runtime, or lost with the NATS store.
-    Gone,
+    /// Deleted under the runtime, or lost with the NATS store: the server's answer.
+    Gone(ConsumerInfoError),
     /// Not known: NATS away, the request timed out.
     Unknown,
 }
 
-async fn lookup(consumer: &consumer::PullConsumer) -> (Lookup, Option<ConsumerInfoError>) {
+async fn lookup(consumer: &consumer::PullConsumer) -> Lookup {
     match consumer.get_info().await {
-        Ok(_) => (Lookup::Exists, None),
+        Ok(_) => Lookup::Exists,
         Err(e)
             if matches!(
                 e.kind(),
                 ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
             ) =>
         {
-            (Lookup::Gone, Some(e))
+            Lookup::Gone(e)
         }
-        Err(_) => (Lookup::Unknown, None),
+        Err(_) => Lookup::Unknown,
     }
 }
 
@@ -167,10 +167,10 @@ fn needs_lookup(kind: consumer::pull::MessagesErrorKind) -> bool {
     matches!(kind, Kind::NoResponders | Kind::MissingHeartbeat)
 }
 
-fn after_read_error(kind: consumer::pull::MessagesErrorKind, lookup: Option<Lookup>) -> ReadOn {
+fn after_read_error(kind: consumer::pull::MessagesErrorKind, lookup: Option<&Lookup>) -> ReadOn {
     use consumer::pull::MessagesErrorKind as Kind;
     match (kind, lookup) {
-        (Kind::ConsumerDeleted, _) | (_, Some(Lookup::Gone)) => ReadOn::Stop,
+        (Kind::ConsumerDeleted, _) | (_, Some(Lookup::Gone(_))) => ReadOn::Stop,
         (Kind::NoResponders | Kind::MissingHeartbeat, _) => ReadOn::Reopen,
         _ => ReadOn::GoOn,
     }
@@ -234,11 +234,11 @@ impl Worker {
             } else {
                 None
             };
-            match after_read_error(error.kind(), lookup.as_ref().map(|(l, _)| *l)) {
+            match after_read_error(error.kind(), lookup.as_ref()) {
                 ReadOn::Stop => {
                     let what = format!("the inbox consumer of {}", self.agent);
                     return Err(match lookup {
-                        Some((_, Some(gone))) => Error::jetstream(
+                        Some(Lookup::Gone(gone)) => Error::jetstream(
                             format!("{what} (deleted, or lost with the NATS store)"),
                             gone,
                         ),
@@ -520,12 +520,16 @@ mod tests {
         use consumer::pull::MessagesErrorKind as Kind;
         for kind in [Kind::NoResponders, Kind::MissingHeartbeat] {
             assert!(needs_lookup(kind), "{kind:?}");
-            assert_eq!(after_read_error(kind, Some(Lookup::Gone)), ReadOn::Stop);
+            let gone = Lookup::Gone(ConsumerInfoError::new(ConsumerInfoErrorKind::NotFound));
+            assert_eq!(after_read_error(kind, Some(&gone)), ReadOn::Stop);
             // A consumer deleted as the pull reached it may still answer its lookup: the
             // lost pull is made again, and the next one learns it is gone.
-            assert_eq!(after_read_error(kind, Some(Lookup::Exists)), ReadOn::Reopen);
             assert_eq!(
-                after_read_error(kind, Some(Lookup::Unknown)),
+                after_read_error(kind, Some(&Lookup::Exists)),
+                ReadOn::Reopen
+            );
+            assert_eq!(
+                after_read_error(kind, Some(&Lookup::Unknown)),
                 ReadOn::Reopen
             );
         }
